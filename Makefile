@@ -1,0 +1,29 @@
+# Entry points for what people do with this repo. Each target sets up .venv itself when needed.
+PY := .venv/bin/python
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: setup serve test test-gpu bench model lint
+
+setup:
+	@bash scripts/setup_venv.sh
+
+# Start tritonserver in the foreground with model_repository/ and the default Gemma 3 270M model.
+serve: setup
+	@HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) bash scripts/serve.sh
+
+# The whole CPU suite: unit, HF-parity, engine, and integration tests against a real tritonserver.
+test: setup
+	$(PY) -m pytest -q tests
+
+# GPU tests (TransformerEngine); run on a CUDA machine, see docs/gpu.md.
+test-gpu:
+	python3 -m pytest -q -m gpu tests
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+# Convert the packaged GGUF into a cached HF checkpoint directory and print its path.
+model: setup
+	@$(PY) -m backend.default_model

@@ -1,0 +1,121 @@
+"""The tensor I/O contract between Triton clients and the Gemma model: one table, no dependencies.
+
+The server's `auto_complete_config`, its request parser and validation, the client library and
+docs/api.md all read these tables, so a name or type is written exactly once.
+
+Sampling parameters arrive either as one JSON object in `sampling_parameters` (vLLM backend style)
+or as scalar tensors (TensorRT-LLM style). When a field is given both ways, the scalar tensor wins.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    triton_type: str  # as written in config.pbtxt, e.g. "TYPE_STRING"
+    dims: tuple[int, ...]
+    optional: bool = True
+    doc: str = ""
+
+    @property
+    def datatype(self) -> str:
+        """The wire datatype tritonclient uses ("BYTES", "INT32", ...)."""
+        t = self.triton_type.removeprefix("TYPE_")
+        return "BYTES" if t == "STRING" else t
+
+
+@dataclass(frozen=True)
+class SamplingField:
+    """One sampling parameter: its JSON key, Python type, default and optional scalar tensor."""
+    key: str
+    kind: type  # int, float, bool, str (list fields use `kind` for the element type)
+    default: Any
+    doc: str
+    is_list: bool = False
+    nullable: bool = False
+    tensor: Optional[TensorSpec] = None
+
+
+SAMPLING_FIELDS: tuple[SamplingField, ...] = (
+    SamplingField("max_tokens", int, 64, "most tokens to generate (>= 1)",
+                  tensor=TensorSpec("max_tokens", "TYPE_INT32", (1,))),
+    SamplingField("min_tokens", int, 0, "stop strings, stop ids and EOS are ignored before this many tokens",
+                  tensor=TensorSpec("min_tokens", "TYPE_INT32", (1,))),
+    SamplingField("temperature", float, 1.0, "0 means greedy; otherwise logits are divided by it",
+                  tensor=TensorSpec("temperature", "TYPE_FP32", (1,))),
+    SamplingField("top_k", int, 0, "keep the k most likely tokens; 0 keeps all",
+                  tensor=TensorSpec("top_k", "TYPE_INT32", (1,))),
+    SamplingField("top_p", float, 1.0, "nucleus sampling mass in (0, 1]",
+                  tensor=TensorSpec("top_p", "TYPE_FP32", (1,))),
+    SamplingField("repetition_penalty", float, 1.0, "> 1 discourages tokens already in prompt or output",
+                  tensor=TensorSpec("repetition_penalty", "TYPE_FP32", (1,))),
+    SamplingField("seed", int, None, "per-request RNG seed: same seed, same output, whatever the batch",
+                  nullable=True, tensor=TensorSpec("seed", "TYPE_UINT64", (1,))),
+    SamplingField("stop", str, (), "strings that end generation (not included in the output)",
+                  is_list=True, tensor=TensorSpec("stop_words", "TYPE_STRING", (-1,))),
+    SamplingField("stop_token_ids", int, (), "token ids that end generation", is_list=True),
+    SamplingField("ignore_eos", bool, False, "keep generating past EOS until max_tokens or a stop"),
+)
+
+INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("text_input", "TYPE_STRING", (1,), optional=False, doc="the prompt"),
+    TensorSpec("stream", "TYPE_BOOL", (1,), doc="true: one response per text delta; false (default): one response"),
+    TensorSpec("sampling_parameters", "TYPE_STRING", (1,), doc="JSON object with any of the sampling keys"),
+    TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,),
+               doc="false (default): a non-streaming response starts with the prompt; streams never echo it"),
+) + tuple(f.tensor for f in SAMPLING_FIELDS if f.tensor is not None)
+
+OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("text_output", "TYPE_STRING", (-1,), doc="text delta (streaming) or whole completion"),
+    TensorSpec("finish_reason", "TYPE_STRING", (-1,), doc="'stop', 'length' or 'cancelled' on the last response, else ''"),
+    TensorSpec("num_input_tokens", "TYPE_UINT32", (1,), doc="prompt length in tokens"),
+    TensorSpec("num_output_tokens", "TYPE_UINT32", (-1,), doc="tokens generated so far"),
+    TensorSpec("output_ids", "TYPE_INT32", (-1,), doc="token ids generated since the previous response"),
+)
+
+FIELDS_BY_KEY = {f.key: f for f in SAMPLING_FIELDS}
+FIELDS_BY_TENSOR = {f.tensor.name: f for f in SAMPLING_FIELDS if f.tensor is not None}
+
+
+class ProtocolError(ValueError):
+    """A request that does not fit the contract; the message names the offending field."""
+
+
+def check_value(field: SamplingField, value: Any) -> Any:
+    """Type-check one sampling value (ranges are the engine's business) and normalise it."""
+    if value is None and field.nullable:
+        return None
+    if field.is_list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ProtocolError(f"'{field.key}' must be a list of {field.kind.__name__}")
+        return tuple(_check_scalar(field, v) for v in value)
+    return _check_scalar(field, value)
+
+
+def _check_scalar(field: SamplingField, value: Any) -> Any:
+    kind = field.kind
+    # bool is an int in Python; JSON true must not pass as max_tokens=1.
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ProtocolError(f"'{field.key}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def parse_sampling_json(text: str) -> dict[str, Any]:
+    """Parse the `sampling_parameters` JSON into checked values; unknown keys are errors."""
+    try:
+        obj = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"'sampling_parameters' is not valid JSON: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("'sampling_parameters' must be a JSON object")
+    unknown = sorted(set(obj) - set(FIELDS_BY_KEY))
+    if unknown:
+        raise ProtocolError(f"unknown sampling parameter(s) {unknown}; known: {sorted(FIELDS_BY_KEY)}")
+    return {k: check_value(FIELDS_BY_KEY[k], v) for k, v in obj.items()}
