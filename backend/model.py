@@ -1,0 +1,183 @@
+"""Reference Gemma 1/2/3 decoder in plain PyTorch, reading and writing a paged KV cache.
+
+The math is HF transformers' (our correctness oracle), written where it happens: RMSNorm
+`x * (1 + w)` in fp32, embeddings scaled by sqrt(hidden) in the model dtype, tanh-GELU GeGLU with the
+gate first, query scaling per family, optional logit softcapping, per-layer sliding windows and
+RoPE bases. Parameter layouts are TransformerEngine's (fused QKV grouped per KV head, fc1 = [gate; up],
+raw norm weights for zero-centred gamma) so both paths load the same mapped tensors.
+
+One forward call runs one engine step: the new tokens of every scheduled sequence, flattened.
+Linear layers see all of them at once; attention runs batched for single-token decodes and per
+sequence for prefill chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GemmaConfig, RopeSpec
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences whose attention is computed together: `q_index` rows of the flattened tokens
+    attend to cache slots `kv_slots`; masks[window] is additive, one per distinct sliding window."""
+    q_index: torch.Tensor  # [B, n] rows of the step's tokens, n new tokens per sequence
+    kv_slots: torch.Tensor  # [B, ctx] flat cache slots of each sequence's context (padded)
+    masks: dict[int | None, torch.Tensor]  # window -> [B, n, ctx] additive mask
+
+
+@dataclass
+class StepLayout:
+    """Where the step's flattened tokens sit: their positions, cache slots, attention groups, and
+    which rows need logits (the last token of each sequence that samples this step)."""
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T]
+    groups: list[AttentionGroup]
+    logit_rows: torch.Tensor  # [S]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # raw: the scale is (1 + weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(spec: RopeSpec, head_dim: int, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin for `positions` ([T] -> [T, head_dim]), computed in fp32 as HF does."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (spec.theta ** exponent) / spec.linear_factor
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; rotate-half RoPE as in HF Gemma."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.window = cfg.layers[layer_idx].sliding_window
+        qkv_rows = cfg.num_kv_heads * (cfg.queries_per_kv + 2) * cfg.head_dim
+        # TE's fused QKV layout: for each KV group, its query heads, then its key, then its value.
+        self.qkv_weight = nn.Parameter(torch.empty(qkv_rows, cfg.hidden_size))
+        self.o_weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.num_heads * cfg.head_dim))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor], kv_cache):
+        cfg = self.cfg
+        T = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight).view(T, cfg.num_kv_heads, cfg.queries_per_kv + 2, cfg.head_dim)
+        q = qkv[:, :, : cfg.queries_per_kv].reshape(T, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, :, cfg.queries_per_kv]
+        v = qkv[:, :, cfg.queries_per_kv + 1]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        k_slots, v_slots = kv_cache.layer(self.layer_idx)
+        k_slots.index_copy_(0, layout.slot_mapping, k.to(k_slots.dtype))
+        v_slots.index_copy_(0, layout.slot_mapping, v.to(v_slots.dtype))
+
+        out = torch.empty_like(q)
+        for group in layout.groups:
+            out[group.q_index] = self._attend(q[group.q_index], k_slots[group.kv_slots],
+                                              v_slots[group.kv_slots], group.masks[self.window])
+        return F.linear(out.view(T, -1), self.o_weight)
+
+    def _attend(self, q, k, v, mask):
+        """q: [B, n, H, D]; k, v: [B, ctx, KV, D]; mask: [B, n, ctx] -> [B, n, H, D]."""
+        cfg = self.cfg
+        B, n = q.shape[:2]
+        q = q.view(B, n, cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim).permute(0, 2, 3, 1, 4)
+        k = k.to(q.dtype).permute(0, 2, 3, 1)  # [B, KV, D, ctx]
+        v = v.to(q.dtype).transpose(1, 2)  # [B, KV, ctx, D]
+        scores = torch.matmul(q, k.unsqueeze(2)) * cfg.query_scale  # [B, KV, G, n, ctx]
+        if cfg.attn_softcap is not None:
+            scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        scores = scores + mask[:, None, None]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v.unsqueeze(2))  # [B, KV, G, n, D]
+        return out.permute(0, 3, 1, 2, 4).reshape(B, n, cfg.num_heads, cfg.head_dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.fc1_weight = nn.Parameter(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size))  # [gate; up]
+        self.fc2_weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
+
+    def forward(self, x):
+        gate, up = F.linear(x, self.fc1_weight).chunk(2, dim=-1)
+        return F.linear(F.gelu(gate, approximate="tanh") * up, self.fc2_weight)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.sandwich = cfg.sandwich_norms
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        if self.sandwich:
+            self.attn_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.mlp_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, layout, rope, kv_cache):
+        h = self.attn(self.attn_norm(x), layout, rope, kv_cache)
+        x = x + (self.attn_out_norm(h) if self.sandwich else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_out_norm(h) if self.sandwich else h)
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope_specs = sorted({layer.rope for layer in cfg.layers}, key=lambda s: (s.theta, s.linear_factor))
+        # Optional [hidden, vocab] copy of the tied embedding: on CPU a single-row product reads it
+        # almost twice as fast as the [vocab, hidden] layout (see lm_head_layout in the engine).
+        self.lm_head_t: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+        """token_ids: [T] -> float32 logits [S, vocab] for `layout.logit_rows`."""
+        dtype = self.embed.dtype
+        x = F.embedding(token_ids, self.embed) * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=dtype)
+        ropes = {s: rope_cos_sin(s, self.cfg.head_dim, layout.positions, dtype) for s in self.rope_specs}
+        for layer, spec in zip(self.layers, self.cfg.layers):
+            x = layer(x, layout, ropes[spec.rope], kv_cache)
+        x = self.final_norm(x[layout.logit_rows])
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_t is not None and hidden.shape[0] == 1:
+            logits = hidden @ self.lm_head_t
+        else:
+            logits = F.linear(hidden, self.embed)
+        logits = logits.float()
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
