@@ -145,12 +145,14 @@ class Engine:
         else:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {config.dtype!r}")
         model = load_model(config, path, device, dtype)
-        return cls(model, Tokenizer.from_pretrained(path), config, device)
+        return cls(model, Tokenizer(path), config, device)
 
     # --- API (any thread) -------------------------------------------------------------------------
 
     def submit(self, prompt: Union[str, Seq[int]], params: SamplingParams,
                on_output: Optional[Callable[[RequestOutput], None]] = None) -> RequestHandle:
+        if isinstance(prompt, str) and not prompt:
+            raise InvalidRequestError("prompt is empty")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(prompt_ids, params)
         outputs = None

@@ -1,0 +1,200 @@
+"""The engine end to end on a tiny random Gemma 3 with the real tokenizer: continuous batching,
+KV cache accounting, cancellation, admission under cache pressure, bad requests."""
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from backend.engine import Engine, EngineConfig
+from backend.errors import EngineOverloadedError, InvalidRequestError
+from backend.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, again and again and",
+           "1 2 3 4 5", "Über naïve café — 東京"]
+
+
+def make_engine(checkpoint, **kw) -> Engine:
+    kw.setdefault("max_num_batched_tokens", 16)  # small: the long prompt is prefilled in chunks
+    return Engine.from_config(EngineConfig(checkpoint=str(checkpoint), **kw))
+
+
+@pytest.fixture(scope="module")
+def engine(servable_checkpoint):
+    eng = make_engine(servable_checkpoint)
+    yield eng
+    eng.shutdown()
+
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0:
+            return stats
+        time.sleep(0.01)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_staggered_requests_match_solo_runs(engine, params):
+    solo = [engine.submit(p, params).result() for p in PROMPTS]
+    # Join the running batch at different steps: each request is submitted once the previous one
+    # has produced output, so prefills and decodes of different requests share steps.
+    outputs = [[] for _ in PROMPTS]
+    done = [threading.Event() for _ in PROMPTS]
+    for i, prompt in enumerate(PROMPTS):
+        started = threading.Event()
+
+        def collect(out, i=i, started=started):
+            outputs[i].append(out)
+            started.set()
+            if out.finish_reason:
+                done[i].set()
+
+        engine.submit(prompt, params, on_output=collect)
+        assert started.wait(30)
+    assert all(d.wait(60) for d in done)
+    together = [SimpleNamespace(token_ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
+                                finish_reason=outs[-1].finish_reason, num_output_tokens=outs[-1].num_output_tokens)
+                for outs in outputs]
+    for a, b in zip(solo, together):
+        assert b.token_ids == a.token_ids
+        assert b.text == a.text
+        assert b.finish_reason == "length" and b.num_output_tokens == 12
+    assert wait_idle(engine).kv_cache.used_blocks == 0
+
+
+def test_stream_deltas_concatenate_to_result(engine):
+    deltas = list(engine.submit(PROMPTS[1], GREEDY))
+    assert deltas[-1].finish_reason == "length"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    whole = engine.submit(PROMPTS[1], GREEDY).result()
+    assert "".join(d.text for d in deltas) == whole.text
+    assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+    assert whole.text == engine.tokenizer.decode(whole.token_ids)
+
+
+def test_cancel_frees_blocks(engine):
+    handle = engine.submit(PROMPTS[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    seen = []
+    for out in handle:
+        seen.append(out)
+        if len(seen) == 3:
+            handle.cancel()
+    assert seen[-1].finish_reason == "cancelled"
+    assert seen[-1].num_output_tokens < 400
+    assert wait_idle(engine).kv_cache.used_blocks == 0
+
+
+def test_cancel_while_waiting(servable_checkpoint):
+    eng = make_engine(servable_checkpoint, max_num_seqs=1)
+    try:
+        long = eng.submit(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        queued = eng.submit(PROMPTS[1], GREEDY)
+        queued.cancel()
+        out = queued.result()
+        assert out.finish_reason == "cancelled" and out.num_output_tokens == 0
+        long.cancel()
+        assert long.result().finish_reason == "cancelled"
+        assert wait_idle(eng).kv_cache.used_blocks == 0
+    finally:
+        eng.shutdown()
+
+
+def test_full_cache_makes_requests_wait(servable_checkpoint):
+    # Room for one request (prompt + 40 tokens = 3 blocks of 16) at a time: the others wait, then run.
+    from backend.kv_cache import bytes_per_block
+    from backend.config import GemmaConfig
+
+    cfg = GemmaConfig.from_checkpoint(servable_checkpoint)
+    budget = 4 * bytes_per_block(cfg, 16, __import__("torch").float32)
+    eng = make_engine(servable_checkpoint, kv_cache_bytes=budget)
+    try:
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        handles = [eng.submit(PROMPTS[0], params) for _ in range(3)]
+        time.sleep(0.05)
+        stats = eng.stats()
+        assert stats.num_running <= 1 and stats.kv_cache.used_blocks <= 4
+        results = [h.result() for h in handles]
+        assert all(r.finish_reason == "length" and r.num_output_tokens == 40 for r in results)
+        assert len({tuple(r.token_ids) for r in results}) == 1
+        assert wait_idle(eng).kv_cache.used_blocks == 0
+        with pytest.raises(InvalidRequestError, match="whole KV cache"):
+            eng.submit(PROMPTS[0], SamplingParams(max_tokens=100))
+    finally:
+        eng.shutdown()
+
+
+def test_queue_bound_refuses_with_overloaded(servable_checkpoint):
+    eng = make_engine(servable_checkpoint, max_num_seqs=1, max_queue_size=2)
+    try:
+        params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+        handles = [eng.submit(PROMPTS[0], params)]
+        time.sleep(0.05)  # the first one is running, so it no longer counts as waiting
+        handles += [eng.submit(PROMPTS[0], params) for _ in range(2)]
+        with pytest.raises(EngineOverloadedError):
+            eng.submit(PROMPTS[0], params)
+        for h in handles:
+            h.cancel()
+        assert all(h.result().finish_reason == "cancelled" for h in handles)
+    finally:
+        eng.shutdown()
+
+
+def test_bad_requests(engine):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.submit("", GREEDY)
+    with pytest.raises(InvalidRequestError, match="exceeds the context"):
+        engine.submit("word " * 600, SamplingParams(max_tokens=10))  # tiny model: 512 positions
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.submit([5, 10**7], GREEDY)
+
+
+def test_stop_strings_and_min_tokens(engine):
+    base = engine.submit(PROMPTS[3], GREEDY).result()
+    assert len(base.text) > 4
+    stop = base.text[2:4]
+    cut = engine.submit(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                  stop=(stop,))).result()
+    assert cut.finish_reason == "stop"
+    assert cut.text == base.text[: base.text.index(stop)]
+    first = base.token_ids[0]
+    stopped = engine.submit(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(first,)))
+    assert stopped.result().num_output_tokens == 1
+    delayed = engine.submit(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, min_tokens=3,
+                                                      stop_token_ids=(first,))).result()
+    assert delayed.num_output_tokens >= 3
+
+
+def test_shutdown_cancels_in_flight(servable_checkpoint):
+    eng = make_engine(servable_checkpoint)
+    handle = eng.submit(PROMPTS[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    next(iter(handle))
+    eng.shutdown()
+    assert handle.result().finish_reason == "cancelled"
+    with pytest.raises(EngineOverloadedError):
+        eng.submit(PROMPTS[0], GREEDY)
+
+
+def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint):
+    eng = make_engine(servable_checkpoint)
+    try:
+        real_forward = eng.model.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected fault")
+            return real_forward(*args, **kw)
+
+        eng.model.forward = flaky
+        failed = eng.submit(PROMPTS[0], GREEDY).result()
+        assert failed.finish_reason == "error" and "injected fault" in failed.error
+        assert eng.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"
+        assert wait_idle(eng).kv_cache.used_blocks == 0
+    finally:
+        eng.shutdown()
