@@ -30,7 +30,7 @@ def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None]
         ctx_slots = _slots(chunk.block_table, ctx, block_size)
         token_ids += chunk.token_ids
         positions += range(chunk.start, ctx)
-        slots += ctx_slots[chunk.start:]
+        slots.append(ctx_slots[chunk.start:])
         if chunk.needs_logits:
             logit_rows.append(row + n - 1)
         if n == 1:
@@ -45,23 +45,28 @@ def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None]
                              [len(c) - 1 for c in decode_ctx], windows, device))
     layout = StepLayout(
         positions=torch.tensor(positions, dtype=torch.long, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        slot_mapping=torch.cat(slots).to(device),
         groups=groups,
         logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
     )
     return torch.tensor(token_ids, dtype=torch.long, device=device), layout
 
 
-def _slots(block_table: list[int], num_tokens: int, block_size: int) -> list[int]:
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+def _slots(block_table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions 0..num_tokens-1: block_table[p // block_size] * block_size + p % block_size."""
+    blocks = torch.tensor(block_table[: -(-num_tokens // block_size)], dtype=torch.long)
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]
 
 
-def _group(q_rows: list[list[int]], ctx_slots: list[list[int]], first_pos: list[int],
+def _group(q_rows: list[list[int]], ctx_slots: list[torch.Tensor], first_pos: list[int],
            windows: set[int | None], device) -> AttentionGroup:
     """q_rows[b]: step rows of sequence b's new tokens, at positions first_pos[b] + i;
     ctx_slots[b]: cache slots of its positions 0..ctx-1 (padded to the longest with slot 0, masked)."""
     max_ctx = max(len(s) for s in ctx_slots)
-    kv_slots = torch.tensor([s + [0] * (max_ctx - len(s)) for s in ctx_slots], dtype=torch.long, device=device)
+    kv_slots = torch.zeros(len(ctx_slots), max_ctx, dtype=torch.long)
+    for row, s in zip(kv_slots, ctx_slots):
+        row[: len(s)] = s
+    kv_slots = kv_slots.to(device)
     ctx_len = torch.tensor([len(s) for s in ctx_slots], device=device)
     n = len(q_rows[0])
     q_pos = torch.tensor(first_pos, device=device)[:, None] + torch.arange(n, device=device)  # [B, n]
