@@ -1,0 +1,239 @@
+"""Sampling parameters, and the batched sampler that turns one decode step's logits into tokens.
+
+The logits pipeline is HF transformers' logits processors, in HF's order, so HF is the oracle:
+min_tokens masking -> repetition penalty -> temperature -> top-k -> top-p -> draw.
+Each sampled row draws from its own torch.Generator, so a seeded request gets the same tokens
+whatever else shares its batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from gemma_client.protocol import FIELDS_BY_KEY, ProtocolError, check_value
+
+from backend.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+
+
+def _default(key: str) -> Any:
+    return FIELDS_BY_KEY[key].default
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling parameters; the fields and defaults are protocol.SAMPLING_FIELDS."""
+    max_tokens: int = _default("max_tokens")
+    min_tokens: int = _default("min_tokens")
+    temperature: float = _default("temperature")
+    top_k: int = _default("top_k")
+    top_p: float = _default("top_p")
+    repetition_penalty: float = _default("repetition_penalty")
+    seed: Optional[int] = _default("seed")
+    stop: tuple[str, ...] = _default("stop")
+    stop_token_ids: tuple[int, ...] = _default("stop_token_ids")
+    ignore_eos: bool = _default("ignore_eos")
+
+    def __post_init__(self) -> None:
+        # Lists are accepted but stored as tuples, so the params stay immutable and hashable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for ok, message in self._range_checks():
+            if not ok:
+                raise InvalidRequestError(message)
+
+    def _range_checks(self) -> tuple[tuple[bool, str], ...]:
+        return (
+            (self.max_tokens >= 1, f"'max_tokens' must be >= 1, got {self.max_tokens}"),
+            (0 <= self.min_tokens <= self.max_tokens,
+             f"'min_tokens' must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"'temperature' must be a finite number >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"'top_k' must be >= 0 (0 keeps all tokens), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p}"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"'repetition_penalty' must be a finite number > 0, got {self.repetition_penalty}"),
+            (self.seed is None or 0 <= self.seed < 2**64, f"'seed' must be in [0, 2**64), got {self.seed}"),
+            (len(self.stop) <= MAX_STOP_STRINGS,
+             f"'stop' has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"),
+            (all(self.stop), "'stop' strings must be non-empty"),
+            (all(t >= 0 for t in self.stop_token_ids), f"'stop_token_ids' must be >= 0, got {self.stop_token_ids}"),
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SamplingParams:
+        """Build from JSON-like values, type-checked by the protocol table; unknown keys are errors."""
+        unknown = sorted(set(values) - set(FIELDS_BY_KEY))
+        if unknown:
+            raise InvalidRequestError(f"unknown sampling parameter(s) {unknown}; known: {sorted(FIELDS_BY_KEY)}")
+        try:
+            checked = {key: check_value(FIELDS_BY_KEY[key], value) for key, value in values.items()}
+        except ProtocolError as e:
+            raise InvalidRequestError(str(e)) from None
+        return cls(**checked)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence in the batch at this step."""
+    params: SamplingParams
+    generator: Optional[torch.Generator] = None  # None: the global torch RNG (unseeded requests)
+    # Prompt + output ids so far, for the repetition penalty; a tensor on the logits' device is cheapest.
+    seen_token_ids: Union[torch.Tensor, Sequence[int]] = ()
+    num_output_tokens: int = 0
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+def make_generator(seed: Optional[int], device: Union[torch.device, str]) -> torch.Generator:
+    """A generator on `device` seeded with `seed`, or with fresh OS entropy when seed is None."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+    return generator
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+    """Pick one token per row of `logits` [B, V]; rows[i] describes row i."""
+    if not any(_needs_processing(row) for row in rows):
+        return logits.argmax(dim=-1).tolist()  # all-greedy batch: no float copy, no Python per row
+    scores = _penalized_scores(logits, rows)
+    token_ids = scores.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if sampled:
+        index = _on_device(sampled, scores.device)
+        warped = _warp(scores[index], [rows[i].params for i in sampled])
+        token_ids[index] = _draw(warped, [rows[i].generator for i in sampled])
+    return token_ids.tolist()
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The float32 scores `sample` draws from: greedy rows are penalised only, sampled rows also warped."""
+    scores = _penalized_scores(logits, rows)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if sampled:
+        index = _on_device(sampled, scores.device)
+        scores[index] = _warp(scores[index], [rows[i].params for i in sampled])
+    return scores
+
+
+def _on_device(values: Sequence, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A short per-row list as a tensor on `device`. torch.tensor(values, device=cuda) would wait for
+    all queued GPU work before copying; a non-blocking copy from a fresh CPU tensor does not."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    return (not row.params.greedy or row.params.repetition_penalty != 1.0
+            or row.num_output_tokens < row.params.min_tokens)
+
+
+def _penalized_scores(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    scores = logits.to(torch.float32, copy=True)
+    _mask_early_stops(scores, rows)
+    _apply_repetition_penalty(scores, rows)
+    return scores
+
+
+def _mask_early_stops(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Before min_tokens, EOS and stop_token_ids get -inf (HF MinNewTokensLengthLogitsProcessor)."""
+    row_index: list[int] = []
+    token_index: list[int] = []
+    for i, row in enumerate(rows):
+        if row.num_output_tokens < row.params.min_tokens:
+            banned = row.eos_token_ids.union(row.params.stop_token_ids)
+            row_index += [i] * len(banned)
+            token_index += banned
+    if row_index:
+        device = scores.device
+        scores[_on_device(row_index, device), _on_device(token_index, device)] = -math.inf
+
+
+def _apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """HF RepetitionPenaltyLogitsProcessor: seen tokens' negative scores are multiplied, positive divided."""
+    penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not penalized:
+        return
+    device = scores.device
+    seen = [_token_ids_on(rows[i].seen_token_ids, device) for i in penalized]
+    counts = _on_device([len(ids) for ids in seen], device)
+    total = sum(len(ids) for ids in seen)
+    # Each seen id beside its batch row and penalty: one gather and one scatter for the whole batch,
+    # touching only seen scores. An id seen twice is written twice with the same value, so every
+    # seen id is penalised once, as in HF.
+    batch_rows = torch.repeat_interleave(_on_device(penalized, device), counts, output_size=total)
+    penalty = torch.repeat_interleave(_on_device([rows[i].params.repetition_penalty for i in penalized], device),
+                                      counts, output_size=total)
+    token_ids = torch.cat(seen)
+    seen_scores = scores[batch_rows, token_ids]
+    scores[batch_rows, token_ids] = torch.where(seen_scores < 0, seen_scores * penalty, seen_scores / penalty)
+
+
+def _token_ids_on(ids: Union[torch.Tensor, Sequence[int]], device: torch.device) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        return ids.to(device=device, dtype=torch.long, non_blocking=True)
+    return _on_device(ids, device, torch.long)
+
+
+def _warp(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, on the sampled rows' scores [n, V] (modified in place)."""
+    device, vocab_size = scores.device, scores.shape[-1]
+    scores /= _on_device([p.temperature for p in params], device)[:, None]
+
+    top_k = [min(p.top_k, vocab_size) for p in params]
+    if any(top_k):
+        # HF TopKLogitsWarper: drop scores below the k-th largest (ties with it survive); k == 0 keeps all.
+        k = _on_device(top_k, device)[:, None]
+        top_values = torch.topk(scores, max(top_k), dim=-1).values
+        kth_value = top_values.gather(1, (k - 1).clamp_min(0))
+        threshold = torch.where(k > 0, kth_value, -math.inf)
+        scores.masked_fill_(scores < threshold, -math.inf)
+
+    nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        index = _on_device(nucleus, device)
+        scores[index] = _top_p(scores[index], [params[j].top_p for j in nucleus])
+    return scores
+
+
+# A nucleus almost always lies within this many most likely tokens; ranking only them is several
+# times cheaper than sorting a 262144-token vocabulary.
+NUCLEUS_CANDIDATES = 4096
+
+
+def _top_p(scores: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
+    """HF TopPLogitsWarper: keep tokens, most likely first, while the mass before them is < top_p.
+
+    (HF drops tokens whose ascending cumulative mass is <= 1 - top_p: the same set, up to rounding.)
+    """
+    vocab_size = scores.shape[-1]
+    threshold = _on_device(top_p, scores.device)[:, None]
+    probs = scores.softmax(dim=-1)
+    top_probs, top_ids = probs.topk(min(NUCLEUS_CANDIDATES, vocab_size), dim=-1)
+    # Checking that the candidates hold every nucleus waits for the GPU once; worth it to skip the sort.
+    if top_ids.shape[-1] < vocab_size and not bool((top_probs.sum(-1, keepdim=True) >= threshold).all()):
+        top_probs, top_ids = probs.sort(dim=-1, descending=True)  # a wider nucleus: rank everything
+    keep = top_probs.cumsum(dim=-1) - top_probs < threshold  # the most likely token always stays
+    kept_scores = torch.where(keep, scores.gather(1, top_ids), -math.inf)
+    return torch.full_like(scores, -math.inf).scatter_(1, top_ids, kept_scores)
+
+
+def _draw(scores: torch.Tensor, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """Sample each row: argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race).
+
+    Noise for a seeded row comes only from its own generator, so its draw ignores the other rows.
+    """
+    probs = scores.softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    if any(g is None for g in generators):
+        noise.exponential_()  # one global-RNG draw for all unseeded rows; seeded rows overwrite theirs
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
