@@ -47,9 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # raw: the scale is (1 + weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        # HF: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32; one fused kernel does the same.
+        return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
 def rope_cos_sin(spec: RopeSpec, head_dim: int, positions: torch.Tensor, dtype: torch.dtype):
@@ -97,26 +96,34 @@ class Attention(nn.Module):
         k_slots.index_copy_(0, layout.slot_mapping, k.to(k_slots.dtype))
         v_slots.index_copy_(0, layout.slot_mapping, v.to(v_slots.dtype))
 
-        out = torch.empty_like(q)
-        for group in layout.groups:
-            out[group.q_index] = self._attend(q[group.q_index], k_slots[group.kv_slots],
-                                              v_slots[group.kv_slots], group.masks[self.window])
-        return F.linear(out.view(T, -1), self.o_weight)
+        if len(layout.groups) == 1:  # the common all-decode (or single-prefill) step: no scatter
+            group = layout.groups[0]
+            out = self._attend(q.view(*group.q_index.shape, *q.shape[1:]), k_slots[group.kv_slots],
+                               v_slots[group.kv_slots], group.masks[self.window])
+        else:
+            out = torch.empty_like(q)
+            for group in layout.groups:
+                out[group.q_index] = self._attend(q[group.q_index], k_slots[group.kv_slots],
+                                                  v_slots[group.kv_slots], group.masks[self.window])
+        return F.linear(out.reshape(T, -1), self.o_weight)
 
     def _attend(self, q, k, v, mask):
-        """q: [B, n, H, D]; k, v: [B, ctx, KV, D]; mask: [B, n, ctx] -> [B, n, H, D]."""
+        """q: [B, n, H, D]; k, v: [B, ctx, KV, D]; mask: [B, n, ctx] additive -> [B, n, H, D]."""
         cfg = self.cfg
-        B, n = q.shape[:2]
-        q = q.view(B, n, cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim).permute(0, 2, 3, 1, 4)
-        k = k.to(q.dtype).permute(0, 2, 3, 1)  # [B, KV, D, ctx]
-        v = v.to(q.dtype).transpose(1, 2)  # [B, KV, ctx, D]
-        scores = torch.matmul(q, k.unsqueeze(2)) * cfg.query_scale  # [B, KV, G, n, ctx]
-        if cfg.attn_softcap is not None:
-            scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-        scores = scores + mask[:, None, None]
+        q, k, v = q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2)
+        mask = mask[:, None].to(q.dtype)
+        if cfg.attn_softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.query_scale, enable_gqa=True)
+            return out.transpose(1, 2)
+        # Gemma 2 caps the scores with tanh before the mask; SDPA has no hook for that.
+        B, H, n, D = q.shape
+        q = q.reshape(B, cfg.num_kv_heads, cfg.queries_per_kv * n, D)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * cfg.query_scale  # [B, KV, G*n, ctx]
+        scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        scores = scores.view(B, H, n, -1) + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v.unsqueeze(2))  # [B, KV, G, n, D]
-        return out.permute(0, 3, 1, 2, 4).reshape(B, n, cfg.num_heads, cfg.head_dim)
+        out = torch.matmul(probs.view(B, cfg.num_kv_heads, cfg.queries_per_kv * n, -1), v)
+        return out.view(B, H, n, D).transpose(1, 2)
 
 
 class MLP(nn.Module):

@@ -17,18 +17,17 @@ def hf_config(family: str, vocab_size: int = 512, **overrides):
                   head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6, pad_token_id=0,
                   bos_token_id=2, eos_token_id=1)
     if family == "gemma":  # multi-head like gemma-7b
-        cfg = GemmaConfig(**common, num_hidden_layers=3, num_key_value_heads=4)
+        cls, kw = GemmaConfig, dict(num_hidden_layers=3, num_key_value_heads=4)
     elif family == "gemma2":  # multi-query like gemma-2b-class, with both softcaps
-        cfg = Gemma2Config(**common, num_hidden_layers=4, num_key_value_heads=1, sliding_window=8,
-                           query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+        cls, kw = Gemma2Config, dict(num_hidden_layers=4, num_key_value_heads=1, sliding_window=8,
+                                     query_pre_attn_scalar=24, attn_logit_softcapping=50.0,
+                                     final_logit_softcapping=30.0)
     elif family == "gemma3_text":  # grouped-query, 5 local : 1 global
-        cfg = Gemma3TextConfig(**common, num_hidden_layers=6, num_key_value_heads=2, sliding_window=8,
-                               query_pre_attn_scalar=24)
+        cls, kw = Gemma3TextConfig, dict(num_hidden_layers=6, num_key_value_heads=2, sliding_window=8,
+                                         query_pre_attn_scalar=24)
     else:
         raise ValueError(family)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    return cls(**(common | kw | overrides))
 
 
 def hf_model(family: str, seed: int = 0, **config_kw):
