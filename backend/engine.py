@@ -167,8 +167,11 @@ class Engine:
                     f"{self.config.max_queue_size} requests are already waiting; retry later")
             seq = Sequence(
                 request_id=self._next_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids),
-                params=params, generator=make_generator(params.seed, self.device),
-                text_stream=TextStream(self.tokenizer, prompt_ids, params.stop), on_output=on_output)
+                # Unseeded requests share the global RNG (one batched draw); a seed gets its own
+                # generator so its output does not depend on what else is in the batch.
+                params=params, generator=None if params.seed is None else make_generator(params.seed, self.device),
+                text_stream=TextStream(self.tokenizer, prompt_ids, params.stop, min_tokens=params.min_tokens),
+                on_output=on_output)
             self._next_id += 1
             self._submitted.append(seq)
             self._lock.notify()
@@ -204,8 +207,11 @@ class Engine:
         if self.kv_cache.blocks_for(total) > self.kv_cache.pool.num_blocks:
             raise InvalidRequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache "
                                       f"({self.kv_cache.pool.num_blocks * self.kv_cache.block_size} tokens)")
-        if max(prompt_ids) >= self.model.cfg.vocab_size or min(prompt_ids) < 0:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
+        vocab = self.model.cfg.vocab_size
+        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
 
     # --- engine thread ----------------------------------------------------------------------------
 

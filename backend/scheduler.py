@@ -25,7 +25,7 @@ class Sequence:
     token_ids: list[int]  # prompt, then generated tokens
     num_prompt_tokens: int
     params: SamplingParams
-    generator: torch.Generator
+    generator: Optional[torch.Generator]  # None: the global RNG (unseeded requests)
     text_stream: object  # backend.tokenizer.TextStream
     on_output: Callable
     arrival_time: float = field(default_factory=time.monotonic)

@@ -151,6 +151,8 @@ def test_bad_requests(engine):
         engine.submit("word " * 600, SamplingParams(max_tokens=10))  # tiny model: 512 positions
     with pytest.raises(InvalidRequestError, match="token ids"):
         engine.submit([5, 10**7], GREEDY)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        engine.submit("hi", SamplingParams(max_tokens=4, stop_token_ids=(10**7,)))
 
 
 def test_stop_strings_and_min_tokens(engine):
