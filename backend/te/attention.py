@@ -1,0 +1,104 @@
+"""Attention over the engine's paged KV cache, in plain torch (no TE needed, CPU-testable).
+
+TE's own KV cache (InferenceParams + PagedKVCacheManager) owns page allocation and advances every
+cached sequence by exactly one token per step, which cannot express our scheduler's chunked
+prefill next to decodes (see docs/gpu.md). So the TE model computes its projections, norms and
+MLP with TE modules and attends here, reading and writing `backend.kv_cache.PagedKVCache` slots
+exactly as the reference model does. Every op is a fixed-shape tensor op, so a decode step can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from backend.model import AttentionGroup
+
+
+@dataclass
+class StepContext:
+    """What every layer of one step shares: RoPE tables, where to write K/V, who attends to what."""
+    ropes: dict  # RopeSpec -> (cos [T, D], sin [T, D])
+    slot_mapping: torch.Tensor  # [T_real] cache slot of each real token
+    groups: list[AttentionGroup]  # q_index None: one query per row, row b of kv_slots (graph decode)
+    # Graph decode only: [T] bool, False for padding rows (they rewrite row 0's K/V into row 0's slot).
+    row_valid: Optional[torch.Tensor] = None
+    padded: bool = False  # rows beyond the groups exist (FP8 row padding): zero their attention output
+
+
+def write_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor, row_valid: Optional[torch.Tensor] = None) -> None:
+    """Store the step's keys/values ([T, KV, D]) at their cache slots.
+
+    With `row_valid` (fixed-shape graph steps), padding rows carry row 0's slot and are given row
+    0's values, so the duplicate writes are identical and no other slot is touched."""
+    n = slot_mapping.shape[0]
+    k, v = k[:n], v[:n]
+    if row_valid is not None:
+        keep = row_valid[:n, None, None]
+        k = torch.where(keep, k, k[:1])
+        v = torch.where(keep, v, v[:1])
+    k_slots.index_copy_(0, slot_mapping, k.to(k_slots.dtype))
+    v_slots.index_copy_(0, slot_mapping, v.to(v_slots.dtype))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           softcap: Optional[float]) -> torch.Tensor:
+    """q: [B, n, H, D]; k, v: [B, ctx, KV, D]; mask: [B, n, ctx] additive -> [B, n, H, D].
+
+    Grouped-query without repeating K/V: queries are viewed as [B, KV, H/KV, n, D]. Scores and
+    softmax in fp32 as in HF; the tanh softcap (Gemma 2) is applied before the mask."""
+    B, n, H, D = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(B, n, kv_heads, H // kv_heads, D).permute(0, 2, 3, 1, 4)  # [B, KV, G, n, D]
+    k = k.to(q.dtype).permute(0, 2, 3, 1)  # [B, KV, D, ctx]
+    v = v.to(q.dtype).transpose(1, 2)  # [B, KV, ctx, D]
+    scores = torch.matmul(q, k.unsqueeze(2)).float() * scale  # [B, KV, G, n, ctx]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask[:, None, None]
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v.unsqueeze(2))  # [B, KV, G, n, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, n, H, D)
+
+
+def attend_sdpa(q, k, v, mask, scale: float):
+    """Prefill chunks without softcap: torch SDPA (memory-efficient kernel takes the float mask)."""
+    B, n, H, D = q.shape
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
+        attn_mask=mask[:, None].to(q.dtype), scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def paged_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, ctx: StepContext,
+                    window: Optional[int], scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D]: each group's queries against its sequences' cached context."""
+    if len(ctx.groups) == 1 and ctx.groups[0].q_index is None:  # graph decode: row b is sequence b
+        g = ctx.groups[0]
+        out = attend(q[:, None], k_slots[g.kv_slots], v_slots[g.kv_slots], g.masks[window], scale, softcap)
+        return out[:, 0]
+    out = torch.zeros_like(q) if ctx.padded else torch.empty_like(q)
+    for g in ctx.groups:
+        qg, kg, vg, mask = q[g.q_index], k_slots[g.kv_slots], v_slots[g.kv_slots], g.masks[window]
+        if qg.shape[1] > 1 and softcap is None and q.is_cuda:
+            out[g.q_index] = attend_sdpa(qg, kg, vg, mask, scale)
+        else:
+            out[g.q_index] = attend(qg, kg, vg, mask, scale, softcap)
+    return out
+
+
+def decode_masks(positions: torch.Tensor, ctx_len: int, windows) -> dict:
+    """Additive masks [B, 1, ctx_len] for one new token per sequence at `positions` [B], whose
+    context is the sequence's own slots for positions 0..ctx_len-1 (build_step's decode layout)."""
+    k_pos = torch.arange(ctx_len, device=positions.device)
+    q_pos = positions[:, None, None]
+    visible = k_pos[None, None, :] <= q_pos
+    masks = {}
+    for window in windows:
+        allowed = visible if window is None else visible & (k_pos[None, None, :] > q_pos - window)
+        masks[window] = torch.zeros(allowed.shape, device=positions.device).masked_fill_(~allowed, float("-inf"))
+    return masks

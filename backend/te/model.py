@@ -1,0 +1,160 @@
+"""TEGemmaModel: the engine's model contract, computed with TransformerEngine layers on the GPU.
+
+    forward(token_ids [T], layout: StepLayout, kv_cache: PagedKVCache) -> fp32 logits [S, vocab]
+
+Same contract and math as backend.model.GemmaModel (the reference): embedding scaled by
+sqrt(hidden) in the model dtype, TEGemmaDecoderLayer.step per layer (TE GEMMs/norms/MLP, attention
+over the paged cache), final zero-centred RMSNorm on the rows that need logits, tied LM head in
+the model dtype, optional final softcap, fp32 logits.
+
+Decode-only steps replay CUDA graphs (graphs.py) when enabled; everything else (prefill chunks,
+mixed steps, batches beyond the largest bucket) runs eagerly. With fp8=True the TE GEMMs run in
+FP8 (Hopper) with FP8 weights (the LM head stays in the model dtype); FP8 GEMMs need a multiple
+of 8 rows, so eager steps pad the token rows and graph buckets are multiples of 8.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backend.config import GemmaConfig
+from backend.model import StepLayout, rope_cos_sin
+
+from . import import_te
+from .attention import StepContext
+from .layers import TEGemmaDecoderLayer, strict_copy
+
+FP8_ROWS = 8  # TE's FP8 GEMMs need the product of leading dims divisible by 8
+
+
+def make_fp8_recipe(name: str):
+    """"current": per-tensor current scaling (amax of this very tensor: no history, graph-safe);
+    "block": 1x128 / 128x128 block scaling (Hopper, closer to bf16); "delayed": TE's classic
+    amax-history recipe (not recommended for inference: scales lag one step)."""
+    from transformer_engine.common import recipe
+
+    if name == "current":
+        return recipe.Float8CurrentScaling()
+    if name == "block":
+        return recipe.Float8BlockScaling()
+    if name == "delayed":
+        return recipe.DelayedScaling()
+    raise ValueError(f"fp8 recipe must be current, block or delayed, not {name!r}")
+
+
+class TEGemmaModel(nn.Module):
+    def __init__(self, cfg: GemmaConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda",
+                 fp8: bool = False, fp8_recipe: str = "current"):
+        super().__init__()
+        te = import_te()
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        # Registered first: the engine reads the model dtype from next(model.parameters()).
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))
+        self.fp8 = fp8
+        self.fp8_recipe = make_fp8_recipe(fp8_recipe) if fp8 else None
+        # FP8 weights: TE modules created here hold only FP8 copies of their GEMM weights (quantized
+        # when the checkpoint is copied in), so a decode step reads half the bytes.
+        # Built without autograd: FP8 weights then get no transposed (backward-only) copy.
+        with te.quantized_model_init(enabled=fp8, recipe=self.fp8_recipe), torch.no_grad():
+            self.layers = nn.ModuleList(TEGemmaDecoderLayer(cfg, i, dtype=dtype, device=device)
+                                        for i in range(cfg.num_layers))
+        self.final_norm = te.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, zero_centered_gamma=True,
+                                     device=device, dtype=dtype)
+        self.rope_specs = sorted({layer.rope for layer in cfg.layers}, key=lambda s: (s.theta, s.linear_factor))
+        self.windows = sorted({layer.sliding_window for layer in cfg.layers}, key=lambda w: (w is not None, w or 0))
+        # sqrt(hidden) rounded to the model dtype, as HF multiplies by a tensor of that dtype.
+        self.embed_scale = float(torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype))
+        self.graphs = None  # graphs.DecodeGraphs once enable_cuda_graphs() is called
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `backend.weights.load_mapped_state` output (reference names and layouts), strictly:
+        every tensor lands in a TE parameter of the same shape and every parameter is filled."""
+        per_layer: list[dict] = [{} for _ in self.layers]
+        top = {}
+        for name, tensor in state.items():
+            if name.startswith("layers."):
+                _, idx, rest = name.split(".", 2)
+                if not idx.isdigit() or int(idx) >= len(self.layers):
+                    raise KeyError(f"checkpoint tensor {name!r} names no layer of this model")
+                per_layer[int(idx)][rest] = tensor
+            else:
+                top[name] = tensor
+        if set(top) != {"embed", "final_norm.weight"}:
+            raise KeyError(f"top-level tensors {sorted(top)}; expected ['embed', 'final_norm.weight']")
+        for layer, layer_state in zip(self.layers, per_layer):
+            layer.load_reference_state(layer_state)
+        strict_copy(self.final_norm, {"weight": top["final_norm.weight"]}, "final_norm")
+        if tuple(self.embed.shape) != tuple(top["embed"].shape):
+            raise ValueError(f"embed is {tuple(self.embed.shape)}, the checkpoint's {tuple(top['embed'].shape)}")
+        with torch.no_grad():
+            self.embed.copy_(top["embed"].to(device=self.device, dtype=self.dtype))
+
+    # --- engine contract --------------------------------------------------------------------------
+
+    def enable_cuda_graphs(self, max_batch: int = 256) -> None:
+        from .graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self, max_batch=max_batch)
+
+    def autocast(self):
+        if not self.fp8:
+            return contextlib.nullcontext()
+        return import_te().autocast(enabled=True, recipe=self.fp8_recipe)
+
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+        """token_ids: [T] -> float32 logits [len(layout.logit_rows), vocab]."""
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            torch.cuda.set_device(self.device)  # the engine thread starts on device 0
+        if self.graphs is not None and self.graphs.can_run(token_ids, layout):
+            return self.graphs.run(token_ids, layout, kv_cache)
+        with self.autocast():
+            return self.forward_eager(token_ids, layout, kv_cache)
+
+    def forward_eager(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+        T = token_ids.shape[0]
+        padded_rows = (-T) % FP8_ROWS if self.fp8 else 0
+        positions = layout.positions
+        x = self.embed_tokens(token_ids)
+        if padded_rows:  # zero rows: RMSNorm keeps them zero, attention skips them, no cache writes
+            x = F.pad(x, (0, 0, 0, padded_rows))
+            positions = F.pad(positions, (0, padded_rows))
+        ctx = StepContext(ropes=self.ropes(positions), slot_mapping=layout.slot_mapping, groups=layout.groups,
+                          padded=padded_rows > 0)
+        for layer in self.layers:
+            x = layer.step(x, ctx, kv_cache)
+        return self.logits(self.final_norm(x[layout.logit_rows]))
+
+    # --- pieces shared with the graph path --------------------------------------------------------
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed) * self.embed_scale
+
+    def ropes(self, positions: torch.Tensor) -> dict:
+        return {s: rope_cos_sin(s, self.cfg.head_dim, positions, self.dtype) for s in self.rope_specs}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.embed).float()
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
+
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one decode step must read: every layer's parameters plus the LM head
+        (the embedding lookup reads only a few rows)."""
+        total = 0
+        for p in self.layers.parameters():
+            data = getattr(p, "_data", None)  # Float8Tensor: 1 byte per element
+            total += p.numel() * (1 if data is not None else p.element_size())
+        return total + self.embed.numel() * self.embed.element_size() + \
+            self.final_norm.weight.numel() * self.final_norm.weight.element_size()

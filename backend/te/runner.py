@@ -1,0 +1,50 @@
+"""Load a checkpoint into the TransformerEngine model (what backend.engine calls for engine="te").
+
+    model = load_te_model(path, torch.bfloat16, "cuda", fp8=False, cuda_graphs=True)
+    logits = model(token_ids, layout, kv_cache)   # backend.model.GemmaModel's contract
+
+Importing this module does not import TransformerEngine; calling load_te_model does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from backend.config import GemmaConfig
+from backend.weights import load_mapped_state
+
+from . import te_available
+
+
+def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
+                  cuda_graphs: bool = True, fp8_recipe: str = "current", max_graph_batch: int = 256):
+    """Build TEGemmaModel from an HF Gemma checkpoint directory (strict safetensors loading).
+
+    fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype`).
+    cuda_graphs: replay captured graphs for decode-only steps of up to `max_graph_batch` sequences."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"the TransformerEngine model runs on CUDA devices, not {device}")
+    if not te_available():
+        raise RuntimeError("TransformerEngine is not importable or CUDA is unavailable; use engine='torch'")
+    from .model import TEGemmaModel
+
+    if fp8:
+        import transformer_engine.pytorch as te
+
+        ok, why = te.is_fp8_available(return_reason=True)
+        if not ok:
+            raise RuntimeError(f"fp8=True but this GPU cannot run TE FP8: {why}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    cfg = GemmaConfig.from_checkpoint(path)
+    state = load_mapped_state(path, cfg, dtype)
+    model = TEGemmaModel(cfg, dtype=dtype, device=device, fp8=fp8, fp8_recipe=fp8_recipe)
+    model.load_reference_state(state)
+    del state
+    model.eval()
+    if cuda_graphs:
+        model.enable_cuda_graphs(max_batch=max_graph_batch)
+    return model

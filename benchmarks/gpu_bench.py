@@ -1,0 +1,307 @@
+"""GPU benchmark: gemma-2b shapes with random bf16 weights; our TE engine path against HF transformers.
+
+    python3 -m benchmarks.gpu_bench [--batches 1,8,32,64] [--prompt 64] [--new 64] [--no-fp8] [--hf-compile]
+
+Prints one JSON object per line (also appended to --out); the last line is the summary.
+
+What is measured, per batch size B (B prompts of --prompt random tokens, --new greedy tokens each):
+- te: our engine's step loop, as backend.engine runs it minus sampling: build_step on the host,
+  model(token_ids, layout, kv_cache) (CUDA-graph replay for decode steps), argmax, .tolist() (the
+  host sync every engine step has). decode tok/s = B * (new - 1) / decode time. Also the GPU time
+  of the forward alone (CUDA events) and the host time of build_step.
+- hf_eager: GemmaForCausalLM.generate (same weights, bf16, dynamic cache, greedy); decode time =
+  time(new tokens) - time(1 token), so both sides exclude the prefill.
+- hf_compile (--hf-compile): generate with a static cache, which HF compiles with torch.compile.
+- floor: bytes of weights one decode step reads / datasheet HBM bandwidth (H100 SXM: 3.35 TB/s,
+  H200: 4.8 TB/s), and the same bytes over the copy bandwidth measured here.
+- fp8: the TE model with FP8 weights and GEMMs (Float8CurrentScaling); accuracy against bf16 on
+  the same (teacher-forced) tokens: logits relative error and top-1 agreement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Datasheet HBM bandwidth per GPU name (the floor's denominator); H100 SXM5 unless named here.
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12}
+H100_SXM_BYTES_PER_S = 3.35e12
+
+
+def datasheet_bandwidth(name: str) -> float:
+    for key, value in HBM_BYTES_PER_S.items():
+        if key in name:
+            return value
+    return H100_SXM_BYTES_PER_S
+
+
+def emit(out_file, **fields) -> dict:
+    line = json.dumps(fields)
+    print(line, flush=True)
+    if out_file:
+        with open(out_file, "a") as f:
+            f.write(line + "\n")
+    return fields
+
+
+def gemma_2b_config(layers: int):
+    from transformers import GemmaConfig
+
+    return GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=layers,
+                       num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192,
+                       rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+
+
+def make_checkpoint(path: Path, layers: int):
+    """Random gemma-2b-shaped weights, initialised on the GPU in bf16, saved as safetensors."""
+    from transformers import GemmaForCausalLM
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = GemmaForCausalLM(gemma_2b_config(layers))
+    finally:
+        torch.set_default_dtype(default)
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB: bytes read + written per second."""
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * src.numel() * 2 / (start.elapsed_time(end) / 1e3)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _GpuTimer:
+    """CUDA events around a region (host clock on CPU, for dry runs)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def start(self):
+        if self.cuda:
+            self.events[0].record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.events[1].record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:  # call after a sync
+        return self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else self.t1 - self.t0
+
+
+def te_run(model, cfg, batch: int, prompt_len: int, new: int, seed: int = 0, forced=None, keep_logits=False):
+    """The engine's step loop for `batch` sequences: one prefill step, then new-1 decode steps."""
+    from backend.batch import SeqChunk, build_step
+    from backend.kv_cache import PagedKVCache
+
+    block, device = 16, model.device
+    per_seq = math.ceil((prompt_len + new) / block)
+    kv = PagedKVCache(cfg, num_blocks=batch * per_seq + 1, block_size=block, dtype=model.dtype, device=device)
+    tables = [kv.pool.allocate(per_seq) for _ in range(batch)]
+    windows = {layer.sliding_window for layer in cfg.layers}
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen).tolist()
+    timer = _GpuTimer(device)
+    logits_kept, chosen = [], []
+
+    _sync(device)
+    t0 = time.perf_counter()
+    ids, layout = build_step([SeqChunk(p, 0, t, True) for p, t in zip(prompts, tables)], block, windows, device)
+    logits = model(ids, layout, kv)
+    tokens = logits.argmax(-1).tolist() if forced is None else forced[0]
+    t_prefill = time.perf_counter() - t0
+    chosen.append(tokens)
+    host_build = gpu_fwd = 0.0
+    t1 = time.perf_counter()
+    for i in range(1, new):
+        h0 = time.perf_counter()
+        ids, layout = build_step([SeqChunk([tok], prompt_len + i - 1, t, True) for tok, t in zip(tokens, tables)],
+                                 block, windows, device)
+        host_build += time.perf_counter() - h0
+        timer.start()
+        logits = model(ids, layout, kv)
+        timer.stop()
+        if keep_logits:
+            logits_kept.append(logits)
+        tokens = logits.argmax(-1).tolist() if forced is None else forced[i]  # syncs, like the sampler
+        gpu_fwd += timer.seconds()
+        chosen.append(tokens)
+    t_decode = time.perf_counter() - t1
+    steps = new - 1
+    return dict(prefill_s=t_prefill, decode_s=t_decode, decode_tok_s=batch * steps / t_decode,
+                step_ms=1e3 * t_decode / steps, forward_gpu_ms=1e3 * gpu_fwd / steps,
+                build_step_ms=1e3 * host_build / steps), chosen, logits_kept
+
+
+def hf_generate_time(hf, batch: int, prompt_len: int, new: int, **kw) -> float:
+    ids = torch.randint(3, hf.config.vocab_size, (batch, prompt_len), device="cuda")
+    mask = torch.ones_like(ids)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
+    torch.cuda.synchronize()
+    assert out.shape[1] == prompt_len + new, out.shape
+    return time.perf_counter() - t0
+
+
+def hf_decode(hf, batch, prompt_len, new, **kw):
+    hf_generate_time(hf, batch, prompt_len, 4, **kw)  # warm-up
+    t1 = hf_generate_time(hf, batch, prompt_len, 1, **kw)
+    tn = hf_generate_time(hf, batch, prompt_len, new, **kw)
+    return dict(decode_tok_s=batch * (new - 1) / (tn - t1), step_ms=1e3 * (tn - t1) / (new - 1))
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                               "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return torch.cuda.get_device_name()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--layers", type=int, default=18)
+    p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--hf-compile", action="store_true", help="also HF static cache + torch.compile (slow to compile)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--checkpoint-dir", default=None)
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    out = args.out
+    import transformers
+
+    import transformer_engine
+
+    from backend.te.runner import load_te_model
+
+    emit(out, kind="env", gpu=gpu_name(), torch=torch.__version__, cuda=torch.version.cuda,
+         transformers=transformers.__version__, transformer_engine=transformer_engine.__version__,
+         prompt=args.prompt, new=args.new, layers=args.layers, argv=sys.argv[1:])
+    ckpt = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="gemma2b-random-"))
+    t0 = time.perf_counter()
+    hf = make_checkpoint(ckpt, args.layers)
+    emit(out, kind="setup", what="hf_model_and_checkpoint", seconds=time.perf_counter() - t0)
+    bw = copy_bandwidth()
+    hbm = datasheet_bandwidth(torch.cuda.get_device_name())
+    t0 = time.perf_counter()
+    te16 = load_te_model(ckpt, torch.bfloat16, "cuda", cuda_graphs=True)
+    cfg = te16.cfg
+    weight_bytes = te16.weight_bytes_per_step()
+    emit(out, kind="setup", what="te_bf16_load", seconds=time.perf_counter() - t0, weight_bytes=weight_bytes,
+         copy_bandwidth_GBs=bw / 1e9, floor_ms_datasheet=1e3 * weight_bytes / hbm,
+         floor_ms_measured_bw=1e3 * weight_bytes / bw)
+    results: dict = {"te_bf16": {}, "hf_eager": {}, "te_fp8": {}, "hf_compile": {}}
+
+    for b in batches:
+        try:
+            te_run(te16, cfg, b, args.prompt, args.new)  # warm-up: captures this batch's graphs
+            r, _, _ = te_run(te16, cfg, b, args.prompt, args.new, seed=1)
+            results["te_bf16"][b] = emit(out, kind="te_bf16", batch=b, graphs_disabled=te16.graphs.disabled, **r)
+        except Exception as e:  # noqa: BLE001 - a failed section must not hide the others
+            emit(out, kind="error", section="te_bf16", batch=b, error=repr(e))
+    if not args.no_hf:
+        for b in batches:
+            try:
+                results["hf_eager"][b] = emit(out, kind="hf_eager", batch=b,
+                                              **hf_decode(hf, b, args.prompt, args.new))
+            except Exception as e:  # noqa: BLE001
+                emit(out, kind="error", section="hf_eager", batch=b, error=repr(e))
+
+    if not args.no_fp8:
+        try:
+            t0 = time.perf_counter()
+            te8 = load_te_model(ckpt, torch.bfloat16, "cuda", fp8=True, cuda_graphs=True)
+            emit(out, kind="setup", what="te_fp8_load", seconds=time.perf_counter() - t0,
+                 weight_bytes=te8.weight_bytes_per_step())
+            for b in batches:
+                te_run(te8, cfg, b, args.prompt, args.new)
+                r, _, _ = te_run(te8, cfg, b, args.prompt, args.new, seed=1)
+                results["te_fp8"][b] = emit(out, kind="te_fp8", batch=b, graphs_disabled=te8.graphs.disabled, **r)
+            # Accuracy: the bf16 model's greedy tokens forced through both models.
+            acc_batch = 8
+            _, chosen, ref_logits = te_run(te16, cfg, acc_batch, args.prompt, args.new, seed=2, keep_logits=True)
+            _, _, fp8_logits = te_run(te8, cfg, acc_batch, args.prompt, args.new, seed=2, forced=chosen,
+                                      keep_logits=True)
+            a, f = torch.stack(ref_logits).float(), torch.stack(fp8_logits).float()
+            emit(out, kind="fp8_accuracy", batch=acc_batch, positions=a.shape[0] * a.shape[1],
+                 logits_rel_err=float((f - a).norm() / a.norm()),
+                 top1_agreement=float((f.argmax(-1) == a.argmax(-1)).float().mean()))
+            del te8
+        except Exception as e:  # noqa: BLE001
+            emit(out, kind="error", section="te_fp8", error=repr(e))
+
+    if args.hf_compile:
+        for b in batches:
+            try:
+                t0 = time.perf_counter()
+                hf_generate_time(hf, b, args.prompt, 4, cache_implementation="static")
+                compile_s = time.perf_counter() - t0
+                results["hf_compile"][b] = emit(out, kind="hf_compile", batch=b, first_call_s=compile_s,
+                                                **hf_decode(hf, b, args.prompt, args.new,
+                                                            cache_implementation="static"))
+            except Exception as e:  # noqa: BLE001
+                emit(out, kind="error", section="hf_compile", batch=b, error=repr(e))
+
+    summary = {"kind": "summary", "gpu": gpu_name(), "hbm_datasheet_TBs": hbm / 1e12,
+               "floor_ms": 1e3 * weight_bytes / hbm}
+    te_b = results["te_bf16"]
+    for b in batches:
+        row = {}
+        if b in te_b:
+            row["te_tok_s"] = round(te_b[b]["decode_tok_s"])
+            row["te_forward_gpu_ms"] = round(te_b[b]["forward_gpu_ms"], 3)
+        if b in results["hf_eager"] and b in te_b:
+            row["hf_eager_tok_s"] = round(results["hf_eager"][b]["decode_tok_s"])
+            row["te_over_hf_eager"] = round(te_b[b]["decode_tok_s"] / results["hf_eager"][b]["decode_tok_s"], 2)
+        if b in results["hf_compile"] and b in te_b:
+            row["te_over_hf_compile"] = round(te_b[b]["decode_tok_s"] / results["hf_compile"][b]["decode_tok_s"], 2)
+        if b in results["te_fp8"] and b in te_b:
+            row["fp8_tok_s"] = round(results["te_fp8"][b]["decode_tok_s"])
+            row["fp8_speedup_forward"] = round(te_b[b]["forward_gpu_ms"] / results["te_fp8"][b]["forward_gpu_ms"], 2)
+            row["fp8_speedup_loop"] = round(results["te_fp8"][b]["decode_tok_s"] / te_b[b]["decode_tok_s"], 2)
+        summary[f"batch{b}"] = row
+    if 1 in te_b:
+        summary["batch1_forward_over_floor"] = round(te_b[1]["forward_gpu_ms"] / summary["floor_ms"], 2)
+        summary["batch1_step_over_floor"] = round(te_b[1]["step_ms"] / summary["floor_ms"], 2)
+    emit(out, **summary)
+
+
+if __name__ == "__main__":
+    main()
