@@ -1,0 +1,238 @@
+"""Triton glue for the Gemma engine: declare the tensors, parse requests, stream responses back.
+
+No model math here. `execute` parses each request (backend/requests.py) and submits it to the
+engine, then returns at once (decoupled model): the engine thread hands each output to a queue,
+and two small threads do the Triton-side work, so IPC to the server never stalls a decode step:
+- the responder sends one response per text delta (stream=true) or one at the end, the last with
+  TRITONSERVER_RESPONSE_COMPLETE_FINAL, and polls for cancelled requests (then cancels them in
+  the engine, which frees their KV blocks and finishes them);
+- the monitor updates the metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from gemma_client.protocol import INPUTS, OUTPUTS, ProtocolError
+
+from backend.errors import EngineOverloadedError, InvalidRequestError
+from backend.metrics import GemmaMetrics, RequestRecord
+
+# torch is imported by initialize, not here: Triton also loads this file in a short-lived process
+# of its own just to call auto_complete_config, which then starts seconds sooner.
+if TYPE_CHECKING:
+    from backend.engine import EngineConfig
+    from backend.requests import GenerateRequest
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
+METRICS_PERIOD_S = 0.1
+
+
+def model_parameters(model_config: dict) -> dict[str, str]:
+    """config.pbtxt parameters, each overridden by the environment variable GEMMA_<KEY>."""
+    return {key: os.environ.get(f"GEMMA_{key.upper()}", value["string_value"])
+            for key, value in model_config.get("parameters", {}).items()}
+
+
+def engine_config(params: dict[str, str]) -> EngineConfig:
+    """EngineConfig from string parameters named like its fields; empty values keep the defaults."""
+    from backend.engine import EngineConfig
+
+    values = {}
+    for f in dataclasses.fields(EngineConfig):
+        text = params.pop(f.name, "").strip()
+        if text:
+            kind = type(f.default)
+            values[f.name] = (text.lower() in ("1", "true", "yes") if kind is bool
+                              else int(text) if kind is int else text)
+    if params:
+        raise ValueError(f"unknown model parameters {sorted(params)}")
+    return EngineConfig(**values)
+
+
+class _Request:
+    """One in-flight request: where its responses go and what it has produced so far."""
+
+    def __init__(self, sender, request: GenerateRequest):
+        self.sender = sender
+        self.stream = request.stream
+        self.echo = "" if request.stream or request.exclude_input_in_output else request.prompt
+        self.handle = None
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.submitted = time.monotonic()
+        self.last_token_at: float | None = None
+        self.record = RequestRecord("success")
+
+    def note_tokens(self) -> None:
+        now = time.monotonic()
+        if self.last_token_at is None:
+            self.record.ttft_s = now - self.submitted
+        else:
+            self.record.inter_token_s.append(now - self.last_token_at)
+        self.last_token_at = now
+
+
+def _response(text: str, finish_reason: str, out, token_ids) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
+        pb_utils.Tensor("num_input_tokens", np.array([out.num_prompt_tokens], dtype=np.uint32)),
+        pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], dtype=np.uint32)),
+        pb_utils.Tensor("output_ids", np.array(token_ids, dtype=np.int32)),
+    ])
+
+
+def _error(message: str, code) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config):
+        for spec in INPUTS:
+            config.add_input({"name": spec.name, "data_type": spec.triton_type,
+                              "dims": list(spec.dims), "optional": spec.optional})
+        for spec in OUTPUTS:
+            config.add_output({"name": spec.name, "data_type": spec.triton_type, "dims": list(spec.dims)})
+        config.set_max_batch_size(0)
+        config.set_model_transaction_policy({"decoupled": True})
+        return config
+
+    def initialize(self, args):
+        from backend.engine import Engine
+        from backend.requests import parse_request
+
+        self._parse_request = parse_request
+        params = model_parameters(json.loads(args["model_config"]))
+        if args["model_instance_kind"] == "GPU":  # Triton placed this instance on one GPU
+            params["device"] = f"cuda:{args['model_instance_device_id']}"
+        self.max_prompt_bytes = int(params.pop("max_prompt_bytes"))
+        self.engine = Engine.from_config(engine_config(params))
+        self.metrics = GemmaMetrics(args["model_name"], args["model_version"])
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # (request, RequestOutput) | None
+        self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
+        self._active: set[_Request] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._responder = threading.Thread(target=self._respond_loop, name="gemma-responder", daemon=True)
+        self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
+        self._responder.start()
+        self._monitor.start()
+        pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            tensors = {spec.name: t.as_numpy() for spec in INPUTS
+                       if (t := pb_utils.get_input_tensor_by_name(request, spec.name)) is not None}
+            try:
+                parsed = self._parse_request(tensors, self.max_prompt_bytes)
+            except ProtocolError as e:
+                self._refuse(sender, str(e), pb_utils.TritonError.INVALID_ARG, "invalid")
+                continue
+            req = _Request(sender, parsed)
+            with self._lock:  # registered first: its final output may arrive before submit returns
+                self._active.add(req)
+            try:
+                req.handle = self.engine.submit(parsed.prompt, parsed.params,
+                                                on_output=lambda out, r=req: self._outputs.put((r, out)))
+            except (InvalidRequestError, EngineOverloadedError) as e:
+                with self._lock:
+                    self._active.discard(req)
+                overloaded = isinstance(e, EngineOverloadedError)
+                self._refuse(sender, str(e),
+                             pb_utils.TritonError.UNAVAILABLE if overloaded else pb_utils.TritonError.INVALID_ARG,
+                             "overloaded" if overloaded else "invalid")
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()  # cancels what is in flight; their final outputs are still sent
+        self._outputs.put(None)
+        self._responder.join()
+        with self._lock:
+            orphans, self._active = self._active, set()
+        for req in orphans:  # only if the engine stopped without a final output for them
+            req.sender.send(_error("the model is shutting down", pb_utils.TritonError.CANCELLED), flags=FINAL)
+        self._stopping.set()
+        self._monitor.join()
+
+    def _refuse(self, sender, message: str, code, outcome: str) -> None:
+        sender.send(_error(message, code), flags=FINAL)
+        self._records.put(RequestRecord(outcome))
+
+    def _respond_loop(self) -> None:
+        """Owns the response senders of submitted requests: sends their responses and polls them for
+        cancellation. One thread, so a sender is never asked is_cancelled() while (or after) its
+        final response goes out, which crashes Triton 2.51 (the response factory is freed by then)."""
+        next_poll = time.monotonic() + CANCEL_POLL_S
+        while True:
+            try:
+                item = self._outputs.get(timeout=max(next_poll - time.monotonic(), 0))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            try:
+                if item:
+                    self._respond(*item)
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + CANCEL_POLL_S
+                    self._cancel_abandoned()
+            except Exception as e:  # a client gone mid-send must not stop the other streams
+                pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
+
+    def _cancel_abandoned(self) -> None:
+        with self._lock:
+            active = list(self._active)
+        for req in active:
+            if req.handle is not None and req.sender.is_cancelled():
+                req.handle.cancel()  # the engine frees its KV blocks and sends a final "cancelled"
+
+    def _respond(self, req: _Request, out) -> None:
+        if out.token_ids:
+            req.note_tokens()
+        if out.finish_reason is None:
+            if not req.stream:
+                req.text.append(out.text)
+                req.token_ids.extend(out.token_ids)
+            elif out.text or out.token_ids:
+                req.sender.send(_response(out.text, "", out, out.token_ids))
+            return
+        with self._lock:
+            self._active.discard(req)
+        record = req.record
+        record.prompt_tokens, record.output_tokens = out.num_prompt_tokens, out.num_output_tokens
+        if out.finish_reason == "cancelled":
+            record.outcome = "cancelled"
+            req.sender.send(_error("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
+        elif out.finish_reason == "error":
+            record.outcome = "error"
+            req.sender.send(_error(f"generation failed: {out.error}", pb_utils.TritonError.INTERNAL), flags=FINAL)
+        elif req.stream:
+            req.sender.send(_response(out.text, out.finish_reason, out, out.token_ids), flags=FINAL)
+        else:
+            text = req.echo + "".join(req.text) + out.text
+            req.sender.send(_response(text, out.finish_reason, out, req.token_ids + list(out.token_ids)),
+                            flags=FINAL)
+        self._records.put(record)
+
+    def _monitor_loop(self) -> None:
+        while not self._stopping.wait(METRICS_PERIOD_S):
+            try:
+                while True:
+                    try:
+                        self.metrics.record(self._records.get_nowait())
+                    except queue.Empty:
+                        break
+                self.metrics.set_engine_stats(self.engine.stats())
+            except Exception as e:
+                pb_utils.Logger.log_error(f"gemma: metrics: {e!r}")

@@ -1,0 +1,318 @@
+"""Real tritonservers on model_repository/, and a small client for them.
+
+By default the suite starts its own servers, running the shipped repository unchanged: GEMMA_*
+environment variables point it at a tiny seeded random Gemma 3 (tests/tiny_models.py, with the
+real Gemma tokenizer) so the suite stays fast on a CPU. When a test fails, the log tail of each
+server it used is attached to its report.
+
+With GEMMA_TEST_SERVER_URL=host:8001 (and GEMMA_TEST_HTTP_URL=host:8000,
+GEMMA_TEST_METRICS_URL=host:8002) the tests that work on any server run against that one instead
+(scripts/e2e.sh in the client container); those that need the suite's own servers (the tiny
+checkpoint, its small limits, an in-process reference engine) are skipped.
+
+Module-level imports stay within what the client image has (no torch): see docs/deploy.md.
+
+Triton 2.51's gRPC frontend (the one nvidia-pytriton bundles) has a use-after-free in the
+`triton_grpc_error` stream mode, fixed upstream in triton-inference-server/server#8708: once a
+request on a gRPC stream was cancelled, a later error in that mode can crash the server, and so can
+a stream in that mode that ends on one request's error while another request on it still sends. So
+the main test server never sees that header; status codes on the wire are checked on a second
+server that only gets requests that fail or finish by themselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from gemma_client.protocol import INPUTS  # noqa: E402
+from tritonclient.utils import triton_to_np_dtype  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "gemma"
+STARTUP_TIMEOUT_S = 300
+INPUT_TYPES = {spec.name: spec.datatype for spec in INPUTS}
+EXTERNAL_GRPC_URL = os.environ.get("GEMMA_TEST_SERVER_URL", "")
+
+# The tiny servers' limits: small, so the overload tests are cheap.
+TINY_SERVER_ENV = {
+    "GEMMA_MAX_NUM_SEQS": "8",
+    "GEMMA_MAX_QUEUE_SIZE": "16",
+    "GEMMA_MAX_MODEL_LEN": "512",
+    "GEMMA_KV_CACHE_BYTES": str(8 << 20),
+    "GEMMA_MAX_PROMPT_BYTES": str(64 << 10),
+}
+
+
+@dataclass
+class Result:
+    """A request's responses, concatenated."""
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    finish_reason: str = ""
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    responses: int = 0
+
+
+def make_inputs(prompt: str, **tensors) -> list:
+    """gRPC input tensors; `tensors` maps input names (protocol.INPUTS) to Python values."""
+    inputs = []
+    for name, value in {"text_input": prompt, **tensors}.items():
+        datatype = INPUT_TYPES[name]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if datatype == "BYTES":
+            array = np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=np.object_)
+        else:
+            array = np.array(values, dtype=triton_to_np_dtype(datatype))
+        t = grpcclient.InferInput(name, list(array.shape), datatype)
+        t.set_data_from_numpy(array)
+        inputs.append(t)
+    return inputs
+
+
+@dataclass
+class TritonServer:
+    grpc_url: str  # host:port
+    http_url: str  # http://host:port
+    metrics_url: str  # http://host:port/metrics
+    process: Optional[subprocess.Popen] = None  # None: a server this suite did not start
+    log_path: Optional[Path] = None
+
+    def log_tail(self, lines: int = 200) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log: this server was not started by the tests)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/{MODEL}/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stream(self, prompt: str, cancel_when=None, timeout: float = 120, grpc_error_status: bool = False,
+               **tensors) -> Result:
+        """One request on its own gRPC stream; a failure raises InferenceServerException.
+
+        cancel_when(result) is asked after each response; when true, the stream is stopped with
+        cancel_requests=True and the partial result returned. grpc_error_status sends the
+        `triton_grpc_error` header, so a failure carries its status code (else only its message);
+        read the note on that header at the top of this file before using it."""
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        responses: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                            headers={"triton_grpc_error": "true"} if grpc_error_status else None)
+        result = Result()
+        try:
+            client.async_stream_infer(MODEL, make_inputs(prompt, **tensors), enable_empty_final_response=True)
+            while True:
+                response, error = responses.get(timeout=timeout)
+                if error is not None:
+                    raise error
+                if response.get_response().outputs:
+                    result.responses += 1
+                    result.text += response.as_numpy("text_output")[0].decode()
+                    result.token_ids += response.as_numpy("output_ids").tolist()
+                    result.finish_reason = response.as_numpy("finish_reason")[0].decode()
+                    result.num_input_tokens = int(response.as_numpy("num_input_tokens")[0])
+                    result.num_output_tokens = int(response.as_numpy("num_output_tokens")[0])
+                    if cancel_when is not None and cancel_when(result):
+                        client.stop_stream(cancel_requests=True)
+                        return result
+                if response.get_response().parameters["triton_final_response"].bool_param:
+                    return result
+        finally:
+            client.stop_stream()
+            client.close()
+
+    def open_stream(self, on_error) -> grpcclient.InferenceServerClient:
+        """A client with a started stream for many requests; on_error(error) gets each failure.
+        Send with `send(client, prompt, **tensors)`."""
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client.start_stream(callback=lambda result, error: error is not None and on_error(error))
+        return client
+
+    @staticmethod
+    def send(client, prompt: str, **tensors) -> None:
+        client.async_stream_infer(MODEL, make_inputs(prompt, **tensors))
+
+    def post(self, path: str, payload: dict, timeout: float = 120) -> tuple[int, str]:
+        """POST JSON to the HTTP endpoint; returns (status, body)."""
+        request = urllib.request.Request(f"{self.http_url}{path}", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """gemma_* samples from /metrics, keyed by 'name{labels}' as Prometheus prints them."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        return {key: float(value) for key, _, value in
+                (line.rpartition(" ") for line in lines if line.startswith("gemma_"))}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        return sum(value for key, value in self.metrics().items()
+                   if key.partition("{")[0] == name and all(w in key for w in want))
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # Triton unloads the model: finalize() runs
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _launch(log_path: Path, env: dict[str, str]) -> TritonServer:
+    http_port, grpc_port, metrics_port = _free_ports(3)
+    # The model's GEMMA_<PARAMETER> overrides come only from `env`, never from the caller's shell.
+    overrides = {f"GEMMA_{key.upper()}" for key in
+                 re.findall(r'key:\s*"(\w+)"', (ROOT / "model_repository" / MODEL / "config.pbtxt").read_text())}
+    base_env = {k: v for k, v in os.environ.items() if k not in overrides}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "tritonserver.py"),
+             "--model-repository", str(ROOT / "model_repository"),
+             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+            stdout=log, stderr=subprocess.STDOUT, env={**base_env, **env}, cwd=ROOT)
+    return TritonServer(f"localhost:{grpc_port}", f"http://localhost:{http_port}",
+                        f"http://localhost:{metrics_port}/metrics", process, log_path)
+
+
+def start_servers(*configs: tuple[Path, dict[str, str]]) -> list[TritonServer]:
+    """Start scripts/tritonserver.py on model_repository/ once per (log path, added environment),
+    all at once; return when every model is ready."""
+    servers = [_launch(*config) for config in configs]
+    for i, config in enumerate(configs):
+        for attempt in range(3):
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while time.monotonic() < deadline and servers[i].process.poll() is None and not servers[i].ready():
+                time.sleep(0.25)
+            if servers[i].ready():
+                break
+            servers[i].stop()
+            # A free port can be taken by another process before the server binds it: retry.
+            if "already in use" not in servers[i].log_tail() or attempt == 2:
+                stop_servers(servers)
+                raise RuntimeError(f"tritonserver did not become ready; its log:\n{servers[i].log_tail()}")
+            servers[i] = _launch(*config)
+    return servers
+
+
+def stop_servers(servers: list[TritonServer]) -> None:
+    for s in servers:  # all at once: each takes a moment to unload
+        if s.process is not None and s.process.poll() is None:
+            s.process.send_signal(signal.SIGTERM)
+    for s in servers:
+        s.stop()
+
+
+def _own_servers_only() -> None:
+    if EXTERNAL_GRPC_URL:
+        pytest.skip("needs the suite's own tritonserver; GEMMA_TEST_SERVER_URL points at another one")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """tests/tiny_models.py's tiny Gemma 3 with the real Gemma tokenizer (as tests/conftest.py's
+    `servable_checkpoint`, which scripts/e2e.sh's --confcutdir leaves out)."""
+    _own_servers_only()
+    from backend.default_model import ensure_default_checkpoint
+    from tests.tiny_models import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3_text", seed=1,
+                            tokenizer_dir=ensure_default_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def tiny_servers(tmp_path_factory, tiny_checkpoint) -> dict[str, TritonServer]:
+    """The suite's two tiny-model servers, started in parallel: `tiny_server` and `status_server`."""
+    env = {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}
+    status_env = {**env, "GEMMA_MAX_NUM_SEQS": "1", "GEMMA_MAX_QUEUE_SIZE": "1"}
+    logs = tmp_path_factory.mktemp("triton")
+    servers = start_servers((logs / "server.log", env), (logs / "status_server.log", status_env))
+    yield dict(zip(("tiny_server", "status_server"), servers))
+    stop_servers(servers)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_servers) -> TritonServer:
+    """The suite's own tiny-model server (TINY_SERVER_ENV); it never sees the `triton_grpc_error`
+    header. Tests that rely on its checkpoint or limits use this fixture."""
+    return tiny_servers["tiny_server"]
+
+
+@pytest.fixture(scope="session")
+def server(request) -> TritonServer:
+    """The server under test: GEMMA_TEST_SERVER_URL's, else the suite's own tiny-model server."""
+    if not EXTERNAL_GRPC_URL:
+        return request.getfixturevalue("tiny_server")
+    host = EXTERNAL_GRPC_URL.rsplit(":", 1)[0]
+    http = os.environ.get("GEMMA_TEST_HTTP_URL", f"{host}:8000")
+    metrics = os.environ.get("GEMMA_TEST_METRICS_URL", f"{host}:8002")
+    s = TritonServer(EXTERNAL_GRPC_URL, f"http://{http}", f"http://{metrics}/metrics")
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not s.ready():
+        if time.monotonic() > deadline:
+            pytest.fail(f"model {MODEL!r} at {s.http_url} is not ready")
+        time.sleep(1)
+    return s
+
+
+@pytest.fixture(scope="session")
+def status_server(tiny_servers) -> TritonServer:
+    """The suite's tiny-model server for requests with the `triton_grpc_error` header (see the note
+    above): it only gets requests that fail or finish by themselves, never a cancelled one. One
+    running and one waiting request fill it."""
+    return tiny_servers["status_server"]
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory) -> TritonServer:
+    """model_repository/ as shipped: the packaged Gemma 3 270M with the default settings."""
+    _own_servers_only()
+    (s,) = start_servers((tmp_path_factory.mktemp("triton-default") / "server.log", {}))
+    yield s
+    stop_servers([s])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, TritonServer) and value.process is not None:
+                report.sections.append((f"tritonserver log ({name}, last 200 lines)", value.log_tail()))

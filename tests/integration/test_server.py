@@ -1,0 +1,254 @@
+"""The shipped model repository in a real tritonserver, over gRPC and HTTP (see conftest.py).
+
+`server` tests run on any server (the suite's own tiny-model one, or GEMMA_TEST_SERVER_URL's);
+`tiny_server` and `status_server` tests need the suite's own, with its checkpoint and small limits.
+A failed gRPC stream carries only its message unless the request has the `triton_grpc_error`
+header; status codes are checked with that header on `status_server` only (see conftest.py).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+PROMPT = "The quick brown fox"
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+LONG = 400  # max_tokens of a request that runs until it is cancelled (the tiny server's context is 512)
+
+
+def wait_for(predicate, timeout: float = 10, period: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(period)
+    return value
+
+
+def greedy_json(max_tokens: int) -> str:
+    return json.dumps({"max_tokens": max_tokens, **GREEDY})
+
+
+def test_streaming_text_equals_non_streaming_text(server):
+    whole = server.stream(PROMPT, sampling_parameters=greedy_json(16), exclude_input_in_output=True)
+    streamed = server.stream(PROMPT, sampling_parameters=greedy_json(16), stream=True)
+    assert whole.responses == 1 and streamed.responses > 1
+    assert streamed.text == whole.text and streamed.token_ids == whole.token_ids
+    assert len(whole.token_ids) == whole.num_output_tokens == 16
+    assert whole.finish_reason == streamed.finish_reason == "length"
+    assert whole.num_input_tokens == streamed.num_input_tokens > 0
+
+
+def test_non_streaming_response_echoes_prompt_unless_excluded(server):
+    echoed = server.stream(PROMPT, sampling_parameters=greedy_json(4))
+    bare = server.stream(PROMPT, sampling_parameters=greedy_json(4), exclude_input_in_output=True)
+    assert echoed.text == PROMPT + bare.text
+
+
+def test_scalar_tensors_win_over_json(server):
+    result = server.stream(PROMPT, sampling_parameters=greedy_json(16), max_tokens=3)
+    assert result.num_output_tokens == 3 and result.finish_reason == "length"
+
+
+def test_greedy_output_equals_in_process_engine(tiny_server, tiny_checkpoint):
+    from backend.engine import Engine, EngineConfig
+    from backend.sampling import SamplingParams
+
+    engine = Engine.from_config(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu"))
+    try:
+        outputs = list(engine.submit(PROMPT, SamplingParams(max_tokens=24, **GREEDY)))
+    finally:
+        engine.shutdown()
+    served = tiny_server.stream(PROMPT, sampling_parameters=greedy_json(24), exclude_input_in_output=True)
+    assert served.token_ids == [t for out in outputs for t in out.token_ids]
+    assert served.text == "".join(out.text for out in outputs)
+
+
+def test_http_generate(server):
+    status, body = server.post("/v2/models/gemma/generate",
+                               {"text_input": PROMPT, "max_tokens": 8, "temperature": 0.0,
+                                "exclude_input_in_output": True})
+    assert status == 200, body
+    reply = json.loads(body)
+    grpc = server.stream(PROMPT, sampling_parameters=greedy_json(8), exclude_input_in_output=True)
+    assert reply["finish_reason"] == "length" and reply["num_output_tokens"] == 8
+    assert reply["text_output"] == grpc.text
+
+
+def test_http_generate_stream(server):
+    status, body = server.post("/v2/models/gemma/generate_stream",
+                               {"text_input": PROMPT, "stream": True,
+                                "sampling_parameters": greedy_json(8)})
+    assert status == 200, body
+    events = [json.loads(line.removeprefix("data: ")) for line in body.splitlines() if line.startswith("data: ")]
+    assert len(events) > 1 and all("error" not in e for e in events)
+    grpc = server.stream(PROMPT, sampling_parameters=greedy_json(8), stream=True)
+    assert "".join(e["text_output"] for e in events) == grpc.text
+    assert events[-1]["finish_reason"] == "length"
+
+
+def _concurrent_streams(server, prompts: list[str]) -> dict:
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = server.stream(prompts[i], stream=True,
+                                       sampling_parameters=json.dumps({"max_tokens": 24 + i, **GREEDY}))
+        except Exception as e:  # noqa: BLE001 - reported by the caller's assertions
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def test_concurrent_streams(server):
+    prompts = [f"Story number {i}: once upon a time" for i in range(10)]
+    results = _concurrent_streams(server, prompts)
+    assert sorted(results) == list(range(len(prompts)))
+    for i, r in results.items():
+        assert not isinstance(r, Exception), f"stream {i}: {r}"
+        assert r.finish_reason == "length" and len(r.token_ids) == r.num_output_tokens == 24 + i
+
+
+def test_batched_greedy_equals_alone(tiny_server):
+    """In float32 on the CPU, a stream batched with nine others gets what it gets alone."""
+    prompts = [f"Story number {i}: once upon a time" for i in range(10)]
+    results = _concurrent_streams(tiny_server, prompts)
+    for i in (0, 3, 9):
+        alone = tiny_server.stream(prompts[i], stream=True,
+                                   sampling_parameters=json.dumps({"max_tokens": 24 + i, **GREEDY}))
+        assert alone.token_ids == results[i].token_ids, i
+
+
+def test_cancelled_stream_frees_kv_blocks(server):
+    cancelled_before = server.metric("gemma_requests_total", outcome="cancelled")
+    kv_in_use: list[float] = []
+
+    def once_kv_blocks_show(result) -> bool:
+        kv_in_use.append(server.metric("gemma_kv_blocks_used"))
+        return kv_in_use[-1] > 0
+
+    result = server.stream(PROMPT, cancel_when=once_kv_blocks_show, stream=True,
+                           sampling_parameters=greedy_json(LONG))
+    assert result.finish_reason == "" and kv_in_use[-1] > 0, "the stream ended before it was cancelled"
+    assert wait_for(lambda: server.metric("gemma_requests_total", outcome="cancelled") > cancelled_before)
+    assert wait_for(lambda: server.metric("gemma_kv_blocks_used") == 0)
+
+
+# Each bad request and the field its error message must name.
+BAD_REQUESTS = [
+    pytest.param(PROMPT, dict(sampling_parameters="{not json"), "sampling_parameters", id="malformed-json"),
+    pytest.param(PROMPT, dict(sampling_parameters='["max_tokens", 3]'), "sampling_parameters", id="json-not-object"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"bogus_key": 1}'), "bogus_key", id="unknown-key"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"max_tokens": "8"}'), "max_tokens", id="wrong-type-str"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"temperature": true}'), "temperature", id="wrong-type-bool"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"stop": "end"}'), "stop", id="wrong-type-list"),
+    pytest.param(PROMPT, dict(max_tokens=0), "max_tokens", id="max_tokens-0"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"max_tokens": -5}'), "max_tokens", id="max_tokens-negative-json"),
+    pytest.param(PROMPT, dict(temperature=-0.5), "temperature", id="temperature-negative"),
+    pytest.param(PROMPT, dict(top_p=0.0), "top_p", id="top_p-0"),
+    pytest.param(PROMPT, dict(top_p=1.5), "top_p", id="top_p-above-1"),
+    pytest.param(PROMPT, dict(top_k=-1), "top_k", id="top_k-negative"),
+    pytest.param("", dict(max_tokens=4), "text_input", id="empty-prompt"),
+    # Over the shipped max_prompt_bytes (256 KiB) and the tiny server's (64 KiB).
+    pytest.param("x" * 300_000, dict(max_tokens=4), "text_input", id="prompt-over-max-bytes"),
+    # Within both byte limits, over both contexts (shipped 8192 tokens, tiny server 512).
+    pytest.param("a " * 10_000, dict(max_tokens=1), "prompt", id="prompt-over-context"),
+    pytest.param(PROMPT, dict(max_tokens=100_000), "max_tokens", id="prompt-plus-max_tokens-over-context"),
+]
+
+
+@pytest.mark.parametrize("prompt, tensors, field", BAD_REQUESTS)
+def test_bad_request_is_refused_naming_the_field(server, prompt, tensors, field):
+    invalid_before = server.metric("gemma_requests_total", outcome="invalid")
+    with pytest.raises(InferenceServerException) as info:
+        server.stream(prompt, **tensors)
+    assert field in info.value.message()
+    # Counted as "invalid": the outcome the model records exactly where it sends INVALID_ARG.
+    assert wait_for(lambda: server.metric("gemma_requests_total", outcome="invalid") == invalid_before + 1)
+
+
+@pytest.mark.parametrize("prompt, tensors, field", BAD_REQUESTS)
+def test_bad_request_status_is_invalid_argument(status_server, prompt, tensors, field):
+    with pytest.raises(InferenceServerException) as info:
+        status_server.stream(prompt, grpc_error_status=True, **tensors)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
+    assert field in info.value.message()
+
+
+def test_overload_status_is_unavailable(status_server):
+    """One running and one waiting request fill this server; a third is refused with UNAVAILABLE."""
+    errors: list = []
+    client = status_server.open_stream(errors.append)
+    try:
+        # These two finish by themselves: no cancellation on this server (see conftest.py).
+        status_server.send(client, PROMPT, sampling_parameters=greedy_json(300))
+        assert wait_for(lambda: status_server.metric("gemma_running_requests") == 1)
+        status_server.send(client, PROMPT, sampling_parameters=greedy_json(300))
+        assert wait_for(lambda: status_server.metric("gemma_queue_depth") == 1)
+        with pytest.raises(InferenceServerException) as info:
+            status_server.stream(PROMPT, max_tokens=1, grpc_error_status=True)
+        assert info.value.status() == "StatusCode.UNAVAILABLE", info.value
+        assert wait_for(lambda: status_server.metric("gemma_running_requests") == 0, timeout=60)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert not errors
+
+
+def test_overload_is_refused_and_the_engine_recovers(tiny_server):
+    """8 running + 16 waiting fill the engine; more requests are refused, not queued."""
+    server = tiny_server
+    overloaded_before = server.metric("gemma_requests_total", outcome="overloaded")
+    errors: list = []
+    client = server.open_stream(errors.append)
+    try:
+        for i in range(30):  # a burst: some are refused before the engine admits the first ones
+            server.send(client, f"{PROMPT} {i}", stream=True, sampling_parameters=greedy_json(LONG))
+        assert wait_for(lambda: errors, timeout=30)
+        assert "waiting" in errors[0].message(), errors[0]
+        assert wait_for(lambda: server.metric("gemma_requests_total", outcome="overloaded")
+                        == overloaded_before + len(errors))
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    assert wait_for(lambda: server.metric("gemma_kv_blocks_used") == 0, timeout=30)
+
+
+def test_metrics_present_and_moving(server):
+    names = {key.partition("{")[0] for key in server.metrics()}
+    for name in ("gemma_requests_total", "gemma_prompt_tokens_total", "gemma_generated_tokens_total",
+                 "gemma_time_to_first_token_seconds_count", "gemma_inter_token_latency_seconds_bucket",
+                 "gemma_kv_blocks_used", "gemma_kv_blocks_total", "gemma_running_requests",
+                 "gemma_queue_depth"):
+        assert name in names
+    before = server.metrics()
+    result = server.stream(PROMPT, stream=True, sampling_parameters=greedy_json(10))
+
+    def moved(name, by, **labels):
+        return wait_for(lambda: server.metric(name, **labels) >= by + sum(
+            v for k, v in before.items() if k.partition("{")[0] == name
+            and all(f'{lk}="{lv}"' in k for lk, lv in labels.items())))
+
+    assert moved("gemma_requests_total", 1, outcome="success")
+    assert moved("gemma_generated_tokens_total", 10)
+    assert moved("gemma_prompt_tokens_total", result.num_input_tokens)
+    assert moved("gemma_time_to_first_token_seconds_count", 1)
+    assert moved("gemma_inter_token_latency_seconds_count", 1)
+    assert server.metric("gemma_kv_blocks_total") > 0
+
+
+def test_server_healthy_after_everything(server):
+    """Last in this file: after errors, cancellations and overload the model still serves."""
+    assert server.ready() and (server.process is None or server.process.poll() is None)
+    result = server.stream(PROMPT, sampling_parameters=greedy_json(6))
+    assert result.finish_reason == "length" and result.num_output_tokens == 6
+    assert wait_for(lambda: server.metric("gemma_kv_blocks_used") == 0)
+    assert wait_for(lambda: server.metric("gemma_running_requests") == 0
+                    and server.metric("gemma_queue_depth") == 0)
+    assert server.metric("gemma_requests_total", outcome="error") == 0
