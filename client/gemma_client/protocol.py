@@ -119,3 +119,28 @@ def parse_sampling_json(text: str) -> dict[str, Any]:
     if unknown:
         raise ProtocolError(f"unknown sampling parameter(s) {unknown}; known: {sorted(FIELDS_BY_KEY)}")
     return {k: check_value(FIELDS_BY_KEY[k], v) for k, v in obj.items()}
+
+
+# --- Errors inside a stream ------------------------------------------------------------------------
+# Triton hands a failed stream request to the client as a bare message: no gRPC status. (The
+# `triton_grpc_error` request header would end the stream with the real status, but the Triton 2.51
+# that nvidia-pytriton bundles segfaults when several such streams fail at once.) So the model writes
+# the status into the message - "[INVALID_ARGUMENT] 'top_p' must be in (0, 1]" - and clients read it
+# back with `split_error_status`. Names are gRPC's (grpc.StatusCode), not TritonError's.
+ERROR_STATUSES = ("INVALID_ARGUMENT", "UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "NOT_FOUND", "INTERNAL")
+
+
+def tag_error(status: str, message: str) -> str:
+    """The error message the model sends: `message` prefixed with its status name."""
+    if status not in ERROR_STATUSES:
+        raise ValueError(f"unknown error status {status!r}; known: {ERROR_STATUSES}")
+    return f"[{status}] {message}"
+
+
+def split_error_status(message: str) -> tuple[Optional[str], str]:
+    """(status, message without the tag) of a tagged error message; (None, message) otherwise."""
+    if message.startswith("["):
+        status, sep, rest = message[1:].partition("] ")
+        if sep and status in ERROR_STATUSES:
+            return status, rest
+    return None, message

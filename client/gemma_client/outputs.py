@@ -1,0 +1,56 @@
+"""What a request returns: `Delta` per streamed response, `Completion` for a whole generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One streamed piece of a completion.
+
+    `finish_reason` is None until the last delta ("stop", "length" or "cancelled"). `token_ids` and
+    the token counts are empty/None when the server does not send those optional outputs.
+    """
+    text: str
+    token_ids: Tuple[int, ...] = ()
+    finish_reason: Optional[str] = None
+    num_input_tokens: Optional[int] = None
+    num_output_tokens: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation (the prompt is never included)."""
+    text: str
+    finish_reason: Optional[str]
+    num_input_tokens: Optional[int]
+    num_output_tokens: Optional[int]
+    token_ids: Tuple[int, ...] = ()
+
+
+class CompletionBuilder:
+    """Folds deltas into a `Completion`; the sync and async clients share it."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.finish_reason: Optional[str] = None
+        self.num_input_tokens: Optional[int] = None
+        self.num_output_tokens: Optional[int] = None
+
+    def add(self, delta: Delta) -> None:
+        self.parts.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        if delta.num_input_tokens is not None:
+            self.num_input_tokens = delta.num_input_tokens
+        if delta.num_output_tokens is not None:
+            self.num_output_tokens = delta.num_output_tokens
+
+    def build(self) -> Completion:
+        num_output = self.num_output_tokens
+        if num_output is None and self.token_ids:
+            num_output = len(self.token_ids)
+        return Completion("".join(self.parts), self.finish_reason, self.num_input_tokens,
+                          num_output, tuple(self.token_ids))
