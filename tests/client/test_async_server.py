@@ -131,6 +131,7 @@ def test_overload_is_unavailable_error(idle_server):
 
     refused = run(main())
     assert refused and all(isinstance(e, UnavailableError) for e in refused)
+    assert refused[0].status == "StatusCode.UNAVAILABLE"
     assert wait_for(lambda: server.metric("gemma_requests_total", outcome="overloaded") > 0)
     assert wait_for(lambda: server.metric("gemma_kv_blocks_used") == 0, timeout=60)
 

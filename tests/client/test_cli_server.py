@@ -1,7 +1,7 @@
 """`gemma-client` as a subprocess against the real tritonserver: output and exit codes."""
 from __future__ import annotations
 
-from gemma_client import GemmaClient, errors
+from gemma_client import Conversation, GemmaClient, errors
 
 from .conftest import GREEDY, LONG
 from .test_cli_args import run_cli
@@ -76,8 +76,6 @@ def test_error_exit_codes(server):
 
 def test_chat_over_piped_stdin(server):
     client = GemmaClient(server.grpc_url)
-    from gemma_client import Conversation
-
     chat = Conversation(system="Be brief.")
     replies = ["".join(d.text for d in chat.send(client, message, max_tokens=6, temperature=0.0))
                for message in ("Hello", "Tell me more")]
