@@ -26,8 +26,9 @@ class RequestRecord:
 
 
 class GemmaMetrics:
-    def __init__(self, model: str, version: str):
-        labels = {"model": model, "version": version}
+    def __init__(self, model: str, version: str, instance: str):
+        # One engine per model instance (one per GPU): each has its own series, sum them for the model.
+        labels = {"model": model, "version": version, "instance": instance}
 
         def family(name: str, kind, doc: str):
             return pb_utils.MetricFamily(name=name, description=doc, kind=kind)

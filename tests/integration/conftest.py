@@ -12,12 +12,11 @@ checkpoint, its small limits, an in-process reference engine) are skipped.
 
 Module-level imports stay within what the client image has (no torch): see docs/deploy.md.
 
-Triton 2.51's gRPC frontend (the one nvidia-pytriton bundles) has a use-after-free in the
-`triton_grpc_error` stream mode, fixed upstream in triton-inference-server/server#8708: once a
-request on a gRPC stream was cancelled, a later error in that mode can crash the server, and so can
-a stream in that mode that ends on one request's error while another request on it still sends. So
-the main test server never sees that header; status codes on the wire are checked on a second
-server that only gets requests that fail or finish by themselves.
+No request here sends the `triton_grpc_error` header (which makes a failed gRPC stream end with its
+real status code): Triton 2.51's gRPC frontend, the one nvidia-pytriton bundles, has a
+use-after-free in that mode (fixed upstream in triton-inference-server/server#8708) and crashes
+within a few dozen failed streams, even for a trivial Python model. A stream error then carries its
+message alone, which the model prefixes with the status (protocol.tag_error).
 """
 from __future__ import annotations
 
@@ -106,18 +105,14 @@ class TritonServer:
         except OSError:
             return False
 
-    def stream(self, prompt: str, cancel_when=None, timeout: float = 120, grpc_error_status: bool = False,
-               **tensors) -> Result:
+    def stream(self, prompt: str, cancel_when=None, timeout: float = 120, **tensors) -> Result:
         """One request on its own gRPC stream; a failure raises InferenceServerException.
 
         cancel_when(result) is asked after each response; when true, the stream is stopped with
-        cancel_requests=True and the partial result returned. grpc_error_status sends the
-        `triton_grpc_error` header, so a failure carries its status code (else only its message);
-        read the note on that header at the top of this file before using it."""
+        cancel_requests=True and the partial result returned."""
         client = grpcclient.InferenceServerClient(self.grpc_url)
         responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                            headers={"triton_grpc_error": "true"} if grpc_error_status else None)
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
         result = Result()
         try:
             client.async_stream_infer(MODEL, make_inputs(prompt, **tensors), enable_empty_final_response=True)
@@ -258,21 +253,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_servers(tmp_path_factory, tiny_checkpoint) -> dict[str, TritonServer]:
-    """The suite's two tiny-model servers, started in parallel: `tiny_server` and `status_server`."""
-    env = {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}
-    status_env = {**env, "GEMMA_MAX_NUM_SEQS": "1", "GEMMA_MAX_QUEUE_SIZE": "1"}
-    logs = tmp_path_factory.mktemp("triton")
-    servers = start_servers((logs / "server.log", env), (logs / "status_server.log", status_env))
-    yield dict(zip(("tiny_server", "status_server"), servers))
-    stop_servers(servers)
-
-
-@pytest.fixture(scope="session")
-def tiny_server(tiny_servers) -> TritonServer:
-    """The suite's own tiny-model server (TINY_SERVER_ENV); it never sees the `triton_grpc_error`
-    header. Tests that rely on its checkpoint or limits use this fixture."""
-    return tiny_servers["tiny_server"]
+def tiny_server(tmp_path_factory, tiny_checkpoint) -> TritonServer:
+    """The suite's own tiny-model server (TINY_SERVER_ENV). Tests that rely on its checkpoint or
+    limits use this fixture."""
+    (s,) = start_servers((tmp_path_factory.mktemp("triton") / "server.log",
+                          {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}))
+    yield s
+    stop_servers([s])
 
 
 @pytest.fixture(scope="session")
@@ -290,14 +277,6 @@ def server(request) -> TritonServer:
             pytest.fail(f"model {MODEL!r} at {s.http_url} is not ready")
         time.sleep(1)
     return s
-
-
-@pytest.fixture(scope="session")
-def status_server(tiny_servers) -> TritonServer:
-    """The suite's tiny-model server for requests with the `triton_grpc_error` header (see the note
-    above): it only gets requests that fail or finish by themselves, never a cancelled one. One
-    running and one waiting request fill it."""
-    return tiny_servers["status_server"]
 
 
 @pytest.fixture(scope="module")

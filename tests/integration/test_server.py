@@ -1,9 +1,9 @@
 """The shipped model repository in a real tritonserver, over gRPC and HTTP (see conftest.py).
 
 `server` tests run on any server (the suite's own tiny-model one, or GEMMA_TEST_SERVER_URL's);
-`tiny_server` and `status_server` tests need the suite's own, with its checkpoint and small limits.
-A failed gRPC stream carries only its message unless the request has the `triton_grpc_error`
-header; status codes are checked with that header on `status_server` only (see conftest.py).
+`tiny_server` tests need the suite's own, with its checkpoint and small limits. A failed gRPC
+stream carries its message alone, prefixed by the model with its status (protocol.tag_error);
+see conftest.py for why no test asks Triton for the status code itself.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from gemma_client.protocol import split_error_status
 from tritonclient.utils import InferenceServerException
 
 PROMPT = "The quick brown fox"
@@ -55,7 +56,7 @@ def test_greedy_output_equals_in_process_engine(tiny_server, tiny_checkpoint):
     from backend.engine import Engine, EngineConfig
     from backend.sampling import SamplingParams
 
-    engine = Engine.from_config(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu"))
+    engine = Engine.from_config(EngineConfig(checkpoint=str(tiny_checkpoint)))  # device and dtype as served
     try:
         outputs = list(engine.submit(PROMPT, SamplingParams(max_tokens=24, **GREEDY)))
     finally:
@@ -164,44 +165,17 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("prompt, tensors, field", BAD_REQUESTS)
-def test_bad_request_is_refused_naming_the_field(server, prompt, tensors, field):
+def test_bad_request_is_invalid_argument_naming_the_field(server, prompt, tensors, field):
     invalid_before = server.metric("gemma_requests_total", outcome="invalid")
     with pytest.raises(InferenceServerException) as info:
         server.stream(prompt, **tensors)
-    assert field in info.value.message()
-    # Counted as "invalid": the outcome the model records exactly where it sends INVALID_ARG.
+    status, message = split_error_status(info.value.message())
+    assert status == "INVALID_ARGUMENT", info.value.message()
+    assert field in message
     assert wait_for(lambda: server.metric("gemma_requests_total", outcome="invalid") == invalid_before + 1)
 
 
-@pytest.mark.parametrize("prompt, tensors, field", BAD_REQUESTS)
-def test_bad_request_status_is_invalid_argument(status_server, prompt, tensors, field):
-    with pytest.raises(InferenceServerException) as info:
-        status_server.stream(prompt, grpc_error_status=True, **tensors)
-    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
-    assert field in info.value.message()
-
-
-def test_overload_status_is_unavailable(status_server):
-    """One running and one waiting request fill this server; a third is refused with UNAVAILABLE."""
-    errors: list = []
-    client = status_server.open_stream(errors.append)
-    try:
-        # These two finish by themselves: no cancellation on this server (see conftest.py).
-        status_server.send(client, PROMPT, sampling_parameters=greedy_json(300))
-        assert wait_for(lambda: status_server.metric("gemma_running_requests") == 1)
-        status_server.send(client, PROMPT, sampling_parameters=greedy_json(300))
-        assert wait_for(lambda: status_server.metric("gemma_queue_depth") == 1)
-        with pytest.raises(InferenceServerException) as info:
-            status_server.stream(PROMPT, max_tokens=1, grpc_error_status=True)
-        assert info.value.status() == "StatusCode.UNAVAILABLE", info.value
-        assert wait_for(lambda: status_server.metric("gemma_running_requests") == 0, timeout=60)
-    finally:
-        client.stop_stream()
-        client.close()
-    assert not errors
-
-
-def test_overload_is_refused_and_the_engine_recovers(tiny_server):
+def test_overload_is_unavailable_and_the_engine_recovers(tiny_server):
     """8 running + 16 waiting fill the engine; more requests are refused, not queued."""
     server = tiny_server
     overloaded_before = server.metric("gemma_requests_total", outcome="overloaded")
@@ -211,7 +185,8 @@ def test_overload_is_refused_and_the_engine_recovers(tiny_server):
         for i in range(30):  # a burst: some are refused before the engine admits the first ones
             server.send(client, f"{PROMPT} {i}", stream=True, sampling_parameters=greedy_json(LONG))
         assert wait_for(lambda: errors, timeout=30)
-        assert "waiting" in errors[0].message(), errors[0]
+        status, message = split_error_status(errors[0].message())
+        assert status == "UNAVAILABLE" and "waiting" in message, errors[0].message()
         assert wait_for(lambda: server.metric("gemma_requests_total", outcome="overloaded")
                         == overloaded_before + len(errors))
     finally:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from gemma_client.protocol import INPUTS, OUTPUTS, ProtocolError
+from gemma_client.protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
 from backend.metrics import GemmaMetrics, RequestRecord
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from backend.requests import GenerateRequest
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# The TritonError codes this model sends, by the gRPC status name that also prefixes each message
+# (protocol.tag_error): a gRPC stream error reaches the client as its message alone. Names, since
+# pb_utils.TritonError exists only once the stub has set the module up, after this file's import.
+ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", "CANCELLED": "CANCELLED",
+               "INTERNAL": "INTERNAL"}
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
 METRICS_PERIOD_S = 0.1
 
@@ -91,8 +96,9 @@ def _response(text: str, finish_reason: str, out, token_ids) -> pb_utils.Inferen
     ])
 
 
-def _error(message: str, code) -> pb_utils.InferenceResponse:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+def _error(status: str, message: str) -> pb_utils.InferenceResponse:
+    code = getattr(pb_utils.TritonError, ERROR_CODES[status])
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(tag_error(status, message), code))
 
 
 class TritonPythonModel:
@@ -117,7 +123,7 @@ class TritonPythonModel:
             params["device"] = f"cuda:{args['model_instance_device_id']}"
         self.max_prompt_bytes = int(params.pop("max_prompt_bytes"))
         self.engine = Engine.from_config(engine_config(params))
-        self.metrics = GemmaMetrics(args["model_name"], args["model_version"])
+        self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # (request, RequestOutput) | None
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
         self._active: set[_Request] = set()
@@ -137,7 +143,7 @@ class TritonPythonModel:
             try:
                 parsed = self._parse_request(tensors, self.max_prompt_bytes)
             except ProtocolError as e:
-                self._refuse(sender, str(e), pb_utils.TritonError.INVALID_ARG, "invalid")
+                self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
                 continue
             req = _Request(sender, parsed)
             with self._lock:  # registered first: its final output may arrive before submit returns
@@ -149,8 +155,7 @@ class TritonPythonModel:
                 with self._lock:
                     self._active.discard(req)
                 overloaded = isinstance(e, EngineOverloadedError)
-                self._refuse(sender, str(e),
-                             pb_utils.TritonError.UNAVAILABLE if overloaded else pb_utils.TritonError.INVALID_ARG,
+                self._refuse(sender, "UNAVAILABLE" if overloaded else "INVALID_ARGUMENT", str(e),
                              "overloaded" if overloaded else "invalid")
         return None
 
@@ -161,12 +166,12 @@ class TritonPythonModel:
         with self._lock:
             orphans, self._active = self._active, set()
         for req in orphans:  # only if the engine stopped without a final output for them
-            req.sender.send(_error("the model is shutting down", pb_utils.TritonError.CANCELLED), flags=FINAL)
+            req.sender.send(_error("CANCELLED", "the model is shutting down"), flags=FINAL)
         self._stopping.set()
         self._monitor.join()
 
-    def _refuse(self, sender, message: str, code, outcome: str) -> None:
-        sender.send(_error(message, code), flags=FINAL)
+    def _refuse(self, sender, status: str, message: str, outcome: str) -> None:
+        sender.send(_error(status, message), flags=FINAL)
         self._records.put(RequestRecord(outcome))
 
     def _respond_loop(self) -> None:
@@ -213,10 +218,10 @@ class TritonPythonModel:
         record.prompt_tokens, record.output_tokens = out.num_prompt_tokens, out.num_output_tokens
         if out.finish_reason == "cancelled":
             record.outcome = "cancelled"
-            req.sender.send(_error("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
+            req.sender.send(_error("CANCELLED", "request cancelled"), flags=FINAL)
         elif out.finish_reason == "error":
             record.outcome = "error"
-            req.sender.send(_error(f"generation failed: {out.error}", pb_utils.TritonError.INTERNAL), flags=FINAL)
+            req.sender.send(_error("INTERNAL", f"generation failed: {out.error}"), flags=FINAL)
         elif req.stream:
             req.sender.send(_response(out.text, out.finish_reason, out, out.token_ids), flags=FINAL)
         else:
