@@ -144,8 +144,8 @@ def _generate(client: GemmaClient, args: argparse.Namespace, out: TextIO) -> int
         builder = CompletionBuilder()
         try:
             for delta in client.stream(prompt, **sampling):
-                _write(out, delta.text)
                 builder.add(delta)
+                _write(out, delta.text)
         except BaseException:
             if builder.parts:  # end the partial line; the error goes to stderr
                 _write(out, "\n")

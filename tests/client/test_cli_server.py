@@ -1,9 +1,14 @@
 """`gemma-client` as a subprocess against the real tritonserver: output and exit codes."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 from gemma_client import Conversation, GemmaClient, errors
 
-from .conftest import GREEDY, LONG
+from .conftest import GREEDY, LONG, wait_for
 from .test_cli_args import run_cli
 
 PROMPT = "The quick brown fox"
@@ -91,3 +96,23 @@ def test_chat_error_exits_with_its_code(server):
     result = run_cli("--url", server.grpc_url, "chat", "--max-tokens", "0", stdin="Hello\n")
     assert result.returncode == errors.InvalidArgumentError.exit_code
     assert result.stderr.startswith("gemma-client: InvalidArgumentError: ")
+
+
+def test_ctrl_c_cancels_the_request_and_exits_130(idle_server):
+    server = idle_server
+    before = server.metric("gemma_requests_total", outcome="cancelled")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gemma_client.cli", "--url", server.grpc_url, "generate", PROMPT,
+         "--max-tokens", str(LONG), "--ignore-eos", *GREEDY_FLAGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert process.stdout.read(1), "no output before the interrupt"  # tokens are flowing
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert err == "gemma-client: interrupted\n"
+    assert out.endswith("\n"), repr(out)  # the partial line is ended
+    assert wait_for(lambda: server.metric("gemma_requests_total", outcome="cancelled") == before + 1)
+    assert wait_for(lambda: server.metric("gemma_kv_blocks_used") == 0)
