@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 import time
 from typing import Any, Iterator, Mapping, Optional
 
@@ -125,7 +126,8 @@ class GemmaClient(_ClientOptions):
     top_p, top_k, seed, stop, ...); per request, `timeout`, `headers` and `request_id` may be given.
     """
 
-    _admin_client: Optional[triton_grpc.InferenceServerClient] = None
+    _admin_client: Optional[triton_grpc.InferenceServerClient] = None  # for readiness checks
+    _admin_lock = threading.Lock()
 
     def generate(self, prompt: str, *, timeout: Optional[float] = None,
                  headers: Optional[Mapping[str, str]] = None, request_id: str = "",
@@ -183,9 +185,10 @@ class GemmaClient(_ClientOptions):
     # -- internals ---------------------------------------------------------------------------
 
     def _admin(self) -> triton_grpc.InferenceServerClient:
-        if self._admin_client is None:
-            self._admin_client = triton_grpc.InferenceServerClient(**self._connection)
-        return self._admin_client
+        with self._admin_lock:
+            if self._admin_client is None:
+                self._admin_client = triton_grpc.InferenceServerClient(**self._connection)
+            return self._admin_client
 
     def _run(self, inputs, timeout: Optional[float], headers: dict, request_id: str) -> Iterator[Delta]:
         """One request, retried on connection failure while nothing has been yielded yet."""
