@@ -117,18 +117,29 @@ class _GpuTimer:
         else:
             self.t1 = time.perf_counter()
 
-    def seconds(self) -> float:  # call after a sync
-        return self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else self.t1 - self.t0
+    def seconds(self) -> float:
+        if not self.cuda:
+            return self.t1 - self.t0
+        self.events[1].synchronize()
+        return self.events[0].elapsed_time(self.events[1]) / 1e3
 
 
-def te_run(model, cfg, batch: int, prompt_len: int, new: int, seed: int = 0, forced=None, keep_logits=False):
-    """The engine's step loop for `batch` sequences: one prefill step, then new-1 decode steps."""
-    from backend.batch import SeqChunk, build_step
+def make_cache(model, max_batch: int, prompt_len: int, new: int):
+    """One paged cache per model for the whole run: CUDA graphs bake in its address, so a new
+    cache per run would recapture them."""
     from backend.kv_cache import PagedKVCache
 
-    block, device = 16, model.device
+    per_seq = math.ceil((prompt_len + new) / 16)
+    return PagedKVCache(model.cfg, num_blocks=max_batch * per_seq + 1, block_size=16, dtype=model.dtype,
+                        device=model.device)
+
+
+def te_run(model, cfg, kv, batch: int, prompt_len: int, new: int, seed: int = 0, forced=None, keep_logits=False):
+    """The engine's step loop for `batch` sequences: one prefill step, then new-1 decode steps."""
+    from backend.batch import SeqChunk, build_step
+
+    block, device = kv.block_size, model.device
     per_seq = math.ceil((prompt_len + new) / block)
-    kv = PagedKVCache(cfg, num_blocks=batch * per_seq + 1, block_size=block, dtype=model.dtype, device=device)
     tables = [kv.pool.allocate(per_seq) for _ in range(batch)]
     windows = {layer.sliding_window for layer in cfg.layers}
     gen = torch.Generator().manual_seed(seed)
@@ -159,10 +170,47 @@ def te_run(model, cfg, batch: int, prompt_len: int, new: int, seed: int = 0, for
         gpu_fwd += timer.seconds()
         chosen.append(tokens)
     t_decode = time.perf_counter() - t1
+    for table in tables:
+        kv.pool.release(table)
     steps = new - 1
     return dict(prefill_s=t_prefill, decode_s=t_decode, decode_tok_s=batch * steps / t_decode,
                 step_ms=1e3 * t_decode / steps, forward_gpu_ms=1e3 * gpu_fwd / steps,
                 build_step_ms=1e3 * host_build / steps), chosen, logits_kept
+
+
+def profile_step(model, cfg, kv, batch: int, prompt_len: int, steps: int = 20) -> dict:
+    """Kernel time inside decode steps (CUDA-graph replays) against their wall time: is a step
+    bound by kernel work (GEMM efficiency) or by gaps between kernels?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from backend.batch import SeqChunk, build_step
+
+    per_seq = math.ceil((prompt_len + steps + 1) / kv.block_size)
+    tables = [kv.pool.allocate(per_seq) for _ in range(batch)]
+    windows = {layer.sliding_window for layer in cfg.layers}
+    ids, layout = build_step([SeqChunk(list(range(3, 3 + prompt_len)), 0, t, True) for t in tables],
+                             kv.block_size, windows, model.device)
+    model(ids, layout, kv)
+    inputs = [build_step([SeqChunk([5], prompt_len + i, t, True) for t in tables], kv.block_size, windows,
+                         model.device) for i in range(steps)]
+    model(*inputs[0], kv)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for ids, layout in inputs:
+            model(ids, layout, kv)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    for table in tables:
+        kv.pool.release(table)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / 1e3 / steps  # ms per step
+    by_name: dict = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
+    top = sorted(by_name.items(), key=lambda kv_: -kv_[1])[:8]
+    return dict(wall_ms=1e3 * wall, kernel_ms=total, kernels_per_step=len(kernels) / steps,
+                top=[(name[:80], round(ms, 4)) for name, ms in top])
 
 
 def hf_generate_time(hf, batch: int, prompt_len: int, new: int, **kw) -> float:
@@ -200,6 +248,7 @@ def main() -> None:
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="also HF static cache + torch.compile (slow to compile)")
+    p.add_argument("--profile", action="store_true", help="kernel time vs wall time of decode steps")
     p.add_argument("--out", default=None)
     p.add_argument("--checkpoint-dir", default=None)
     args = p.parse_args()
@@ -229,13 +278,20 @@ def main() -> None:
          floor_ms_measured_bw=1e3 * weight_bytes / bw)
     results: dict = {"te_bf16": {}, "hf_eager": {}, "te_fp8": {}, "hf_compile": {}}
 
+    kv16 = make_cache(te16, max(batches + [8]), args.prompt, args.new)
     for b in batches:
         try:
-            te_run(te16, cfg, b, args.prompt, args.new)  # warm-up: captures this batch's graphs
-            r, _, _ = te_run(te16, cfg, b, args.prompt, args.new, seed=1)
+            te_run(te16, cfg, kv16, b, args.prompt, args.new)  # warm-up: captures this batch's graphs
+            r, _, _ = te_run(te16, cfg, kv16, b, args.prompt, args.new, seed=1)
             results["te_bf16"][b] = emit(out, kind="te_bf16", batch=b, graphs_disabled=te16.graphs.disabled, **r)
         except Exception as e:  # noqa: BLE001 - a failed section must not hide the others
             emit(out, kind="error", section="te_bf16", batch=b, error=repr(e))
+    if args.profile:
+        for b in (1, max(batches)):
+            try:
+                emit(out, kind="profile", batch=b, **profile_step(te16, cfg, kv16, b, args.prompt))
+            except Exception as e:  # noqa: BLE001
+                emit(out, kind="error", section="profile", batch=b, error=repr(e))
     if not args.no_hf:
         for b in batches:
             try:
@@ -250,14 +306,16 @@ def main() -> None:
             te8 = load_te_model(ckpt, torch.bfloat16, "cuda", fp8=True, cuda_graphs=True)
             emit(out, kind="setup", what="te_fp8_load", seconds=time.perf_counter() - t0,
                  weight_bytes=te8.weight_bytes_per_step())
+            kv8 = make_cache(te8, max(batches + [8]), args.prompt, args.new)
             for b in batches:
-                te_run(te8, cfg, b, args.prompt, args.new)
-                r, _, _ = te_run(te8, cfg, b, args.prompt, args.new, seed=1)
+                te_run(te8, cfg, kv8, b, args.prompt, args.new)
+                r, _, _ = te_run(te8, cfg, kv8, b, args.prompt, args.new, seed=1)
                 results["te_fp8"][b] = emit(out, kind="te_fp8", batch=b, graphs_disabled=te8.graphs.disabled, **r)
             # Accuracy: the bf16 model's greedy tokens forced through both models.
             acc_batch = 8
-            _, chosen, ref_logits = te_run(te16, cfg, acc_batch, args.prompt, args.new, seed=2, keep_logits=True)
-            _, _, fp8_logits = te_run(te8, cfg, acc_batch, args.prompt, args.new, seed=2, forced=chosen,
+            _, chosen, ref_logits = te_run(te16, cfg, kv16, acc_batch, args.prompt, args.new, seed=2,
+                                           keep_logits=True)
+            _, _, fp8_logits = te_run(te8, cfg, kv8, acc_batch, args.prompt, args.new, seed=2, forced=chosen,
                                       keep_logits=True)
             a, f = torch.stack(ref_logits).float(), torch.stack(fp8_logits).float()
             emit(out, kind="fp8_accuracy", batch=acc_batch, positions=a.shape[0] * a.shape[1],

@@ -49,20 +49,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            softcap: Optional[float]) -> torch.Tensor:
     """q: [B, n, H, D]; k, v: [B, ctx, KV, D]; mask: [B, n, ctx] additive -> [B, n, H, D].
 
-    Grouped-query without repeating K/V: queries are viewed as [B, KV, H/KV, n, D]. Scores and
-    softmax in fp32 as in HF; the tanh softcap (Gemma 2) is applied before the mask."""
+    Grouped-query without repeating K/V: each KV head's H/KV query heads and n tokens form the rows
+    of one [B, KV] batch of matrix products (no broadcast batch dims, which torch.matmul would
+    materialise H/KV times over). Scores and softmax in fp32 as in HF; the tanh softcap (Gemma 2)
+    is applied before the mask."""
     B, n, H, D = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(B, n, kv_heads, H // kv_heads, D).permute(0, 2, 3, 1, 4)  # [B, KV, G, n, D]
-    k = k.to(q.dtype).permute(0, 2, 3, 1)  # [B, KV, D, ctx]
-    v = v.to(q.dtype).transpose(1, 2)  # [B, KV, ctx, D]
-    scores = torch.matmul(q, k.unsqueeze(2)).float() * scale  # [B, KV, G, n, ctx]
+    kv_heads, ctx = k.shape[2], k.shape[1]
+    group = H // kv_heads
+    q = q.reshape(B, n, kv_heads, group, D).permute(0, 2, 3, 1, 4).reshape(B, kv_heads, group * n, D)
+    k = k.to(q.dtype).transpose(1, 2)  # [B, KV, ctx, D]
+    v = v.to(q.dtype).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(2, 3)).float() * scale  # [B, KV, G*n, ctx]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores + mask[:, None, None]
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v.unsqueeze(2))  # [B, KV, G, n, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(B, n, H, D)
+    scores = scores.view(B, kv_heads, group, n, ctx) + mask[:, None, None]
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, kv_heads, group * n, ctx)
+    out = torch.matmul(probs, v)  # [B, KV, G*n, D]
+    return out.view(B, kv_heads, group, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, H, D)
 
 
 def attend_sdpa(q, k, v, mask, scale: float):

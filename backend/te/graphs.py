@@ -75,7 +75,10 @@ class DecodeGraphs:
 
     def run(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
         if self.cache_ptr != kv_cache.slots.data_ptr():  # graphs bake in the cache's address
+            # Dropping every graph of the shared pool frees the pool: later captures need a new one
+            # (reusing the old handle trips the caching allocator's use_count assertion).
             self.entries.clear()
+            self.pool = None
             self.cache_ptr = kv_cache.slots.data_ptr()
         group = layout.groups[0]
         batch, ctx = token_ids.shape[0], group.kv_slots.shape[1]

@@ -133,6 +133,8 @@ class TEGemmaModel(nn.Module):
                           padded=padded_rows > 0)
         for layer in self.layers:
             x = layer.step(x, ctx, kv_cache)
+        if layout.logit_rows.numel() == 0:  # a prefill chunk that does not end its prompt
+            return torch.empty(0, self.cfg.vocab_size, device=x.device)  # (TE's RMSNorm rejects 0 rows)
         return self.logits(self.final_norm(x[layout.logit_rows]))
 
     # --- pieces shared with the graph path --------------------------------------------------------

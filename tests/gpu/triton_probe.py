@@ -137,8 +137,19 @@ def main() -> None:
     p.add_argument("--grpc-port", type=int, default=8101)
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from scripts.tritonserver import server_command
+    import importlib.util
+
     import tritonclient.grpc as grpcclient
+
+    from scripts import tritonserver
+
+    # `import pytriton` needs gevent (absent on the GPU machine); the bundled server only needs
+    # the package's files, so find them without importing it.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.submodule_search_locations:
+        bundled = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+        tritonserver._bundled_triton = lambda: bundled
+    server_command = tritonserver.server_command
 
     repo = Path(tempfile.mkdtemp(prefix="triton-probe-"))
     names = write_repository(repo)
