@@ -13,9 +13,11 @@ setup:
 serve: setup
 	@HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) bash scripts/serve.sh
 
-# The whole CPU suite: unit, HF-parity, engine, and integration tests against a real tritonserver.
+# The whole CPU suite: unit, HF-parity and engine tests, then the end-to-end tests against a real
+# tritonserver (scripts/e2e.sh: the same script the compose client container runs).
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/integration
+	bash scripts/e2e.sh
 
 # GPU tests (TransformerEngine); run on a CUDA machine, see docs/gpu.md.
 test-gpu:

@@ -162,7 +162,11 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise EngineOverloadedError("the engine is shutting down")
-            if len(self.scheduler.waiting) + len(self._submitted) >= self.config.max_queue_size:
+            # Requests the engine thread has not admitted yet count as waiting only beyond the free
+            # running slots: a burst that fits the batch is never refused.
+            not_admitted = len(self.scheduler.waiting) + len(self._submitted)
+            free_slots = self.config.max_num_seqs - len(self.scheduler.running)
+            if not_admitted - free_slots >= self.config.max_queue_size:
                 raise EngineOverloadedError(
                     f"{self.config.max_queue_size} requests are already waiting; retry later")
             seq = Sequence(

@@ -171,13 +171,21 @@ class TritonServer:
                    if key.partition("{")[0] == name and all(w in key for w in want))
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)  # Triton unloads the model: finalize() runs
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # The server runs in its own session: whatever is left of it (Python backend stubs of a
+        # server that crashed or was killed) goes with the group instead of living on as orphans.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _free_ports(n: int) -> list[int]:
@@ -202,7 +210,7 @@ def _launch(log_path: Path, env: dict[str, str]) -> TritonServer:
             [sys.executable, str(ROOT / "scripts" / "tritonserver.py"),
              "--model-repository", str(ROOT / "model_repository"),
              "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
-            stdout=log, stderr=subprocess.STDOUT, env={**base_env, **env}, cwd=ROOT)
+            stdout=log, stderr=subprocess.STDOUT, env={**base_env, **env}, cwd=ROOT, start_new_session=True)
     return TritonServer(f"localhost:{grpc_port}", f"http://localhost:{http_port}",
                         f"http://localhost:{metrics_port}/metrics", process, log_path)
 

@@ -1,18 +1,11 @@
-"""The client tests run against the same real tritonserver fixtures as tests/integration/.
-
-Its fixtures are imported, not redefined: `server` (session scope) is tritonserver on the shipped
-model repository with a tiny seeded Gemma 3, and the report hook attaches the server log to
-failures. Everything public is imported so the fixtures `server` depends on come along, whatever
-they are. (A separate conftest means a separate fixture instance: when tests/client and
-tests/integration run in one session, each starts its own servers.)
-"""
+"""Helpers for the client tests; the `server` fixtures come from tests/integration/conftest.py,
+so the whole integration run shares one set of tritonservers."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from tests.integration.conftest import *  # noqa: F401,F403 (fixtures and the report hook)
 
 # Greedy and EOS ignored: outputs are reproducible and exactly max_tokens long.
 GREEDY = dict(temperature=0.0, ignore_eos=True)
