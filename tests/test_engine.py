@@ -1,6 +1,5 @@
 """The engine end to end on a tiny random Gemma 3 with the real tokenizer: continuous batching,
 KV cache accounting, cancellation, admission under cache pressure, bad requests."""
-import threading
 import time
 from types import SimpleNamespace
 
@@ -9,6 +8,7 @@ import pytest
 from backend.engine import Engine, EngineConfig
 from backend.errors import EngineOverloadedError, InvalidRequestError
 from backend.sampling import SamplingParams
+from tests.engine_runs import run_staggered, token_ids, wait_idle
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
@@ -28,38 +28,13 @@ def engine(servable_checkpoint):
     eng.shutdown()
 
 
-def wait_idle(engine, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats.num_running == 0 and stats.num_waiting == 0:
-            return stats
-        time.sleep(0.01)
-    raise AssertionError(f"engine not idle: {engine.stats()}")
-
-
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_staggered_requests_match_solo_runs(engine, params):
     solo = [engine.submit(p, params).result() for p in PROMPTS]
-    # Join the running batch at different steps: each request is submitted once the previous one
-    # has produced output, so prefills and decodes of different requests share steps.
-    outputs = [[] for _ in PROMPTS]
-    done = [threading.Event() for _ in PROMPTS]
-    for i, prompt in enumerate(PROMPTS):
-        started = threading.Event()
-
-        def collect(out, i=i, started=started):
-            outputs[i].append(out)
-            started.set()
-            if out.finish_reason:
-                done[i].set()
-
-        engine.submit(prompt, params, on_output=collect)
-        assert started.wait(30)
-    assert all(d.wait(60) for d in done)
-    together = [SimpleNamespace(token_ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
+    # Join the running batch at different steps (prefills and decodes of different requests mix).
+    together = [SimpleNamespace(token_ids=token_ids(outs), text="".join(o.text for o in outs),
                                 finish_reason=outs[-1].finish_reason, num_output_tokens=outs[-1].num_output_tokens)
-                for outs in outputs]
+                for outs in run_staggered(engine, PROMPTS, params)]
     for a, b in zip(solo, together):
         assert b.token_ids == a.token_ids
         assert b.text == a.text

@@ -6,10 +6,10 @@ batch size, so batching changes only fp32 accumulation order (~1e-6), far below 
 bf16 batching can flip near-ties (GEMM kernels differ by batch size); those runs are reported.
 """
 import threading
-import time
 
 import pytest
 
+from tests.engine_runs import run_staggered, token_ids, wait_idle
 from tests.gpu.helpers import FAMILIES, add_wordlevel_tokenizer, prompts_for, report, requires_te, save_tiny
 
 pytestmark = [pytest.mark.gpu, requires_te]
@@ -32,36 +32,6 @@ def servable(tmp_path_factory):
     return out
 
 
-def run_staggered(engine, prompts, params):
-    """Submit each prompt once the previous one has produced output, so prefills and decodes of
-    different requests share steps; return each request's token ids."""
-    outputs = [[] for _ in prompts]
-    done = [threading.Event() for _ in prompts]
-    for i, prompt in enumerate(prompts):
-        started = threading.Event()
-
-        def collect(out, i=i, started=started):
-            outputs[i].append(out)
-            started.set()
-            if out.finish_reason:
-                done[i].set()
-
-        engine.submit(prompt, params, on_output=collect)
-        assert started.wait(60)
-    assert all(d.wait(120) for d in done)
-    return [[t for o in outs for t in o.token_ids] for outs in outputs]
-
-
-def wait_idle(engine, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats.num_running == 0 and stats.num_waiting == 0:
-            return stats
-        time.sleep(0.01)
-    raise AssertionError(f"engine not idle: {engine.stats()}")
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_continuous_batching_matches_single_requests(family, dtype, servable):
@@ -73,7 +43,7 @@ def test_continuous_batching_matches_single_requests(family, dtype, servable):
     try:
         assert type(engine.model).__name__ == "TEGemmaModel"
         solo = [engine.submit(p, params).result().token_ids for p in prompts]
-        together = run_staggered(engine, prompts, params)
+        together = [token_ids(outs) for outs in run_staggered(engine, prompts, params)]
         stats = wait_idle(engine)
         graphs = engine.model.graphs
         same = [a == b for a, b in zip(solo, together)]

@@ -1,0 +1,38 @@
+"""Driving an Engine the way concurrent clients do; shared by the CPU and GPU engine tests."""
+import threading
+import time
+
+
+def run_staggered(engine, prompts, params, timeout: float = 60.0):
+    """Submit each prompt once the previous one has produced output, so prefills and decodes of
+    different requests share steps; return each request's outputs in order."""
+    outputs = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+    for i, prompt in enumerate(prompts):
+        started = threading.Event()
+
+        def collect(out, i=i, started=started):
+            outputs[i].append(out)
+            started.set()
+            if out.finish_reason:
+                done[i].set()
+
+        engine.submit(prompt, params, on_output=collect)
+        assert started.wait(timeout)
+    assert all(d.wait(2 * timeout) for d in done)
+    return outputs
+
+
+def token_ids(outputs) -> list[int]:
+    return [t for out in outputs for t in out.token_ids]
+
+
+def wait_idle(engine, timeout: float = 30.0):
+    """Engine stats once nothing runs or waits (fails after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0:
+            return stats
+        time.sleep(0.01)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
