@@ -40,6 +40,13 @@ class StepLayout:
     logit_rows: torch.Tensor  # [S]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T; a weight prepacked by `prepare_for_cpu` runs on oneDNN's kernel."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -84,7 +91,7 @@ class Attention(nn.Module):
     def forward(self, x, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor], kv_cache):
         cfg = self.cfg
         T = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight).view(T, cfg.num_kv_heads, cfg.queries_per_kv + 2, cfg.head_dim)
+        qkv = linear(x, self.qkv_weight).view(T, cfg.num_kv_heads, cfg.queries_per_kv + 2, cfg.head_dim)
         q = qkv[:, :, : cfg.queries_per_kv].reshape(T, cfg.num_heads, cfg.head_dim)
         k = qkv[:, :, cfg.queries_per_kv]
         v = qkv[:, :, cfg.queries_per_kv + 1]
@@ -105,7 +112,7 @@ class Attention(nn.Module):
             for group in layout.groups:
                 out[group.q_index] = self._attend(q[group.q_index], k_slots[group.kv_slots],
                                                   v_slots[group.kv_slots], group.masks[self.window])
-        return F.linear(out.reshape(T, -1), self.o_weight)
+        return linear(out.reshape(T, -1), self.o_weight)
 
     def _attend(self, q, k, v, mask):
         """q: [B, n, H, D]; k, v: [B, ctx, KV, D]; mask: [B, n, ctx] additive -> [B, n, H, D]."""
@@ -133,8 +140,8 @@ class MLP(nn.Module):
         self.fc2_weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, x):
-        gate, up = F.linear(x, self.fc1_weight).chunk(2, dim=-1)
-        return F.linear(F.gelu(gate, approximate="tanh") * up, self.fc2_weight)
+        gate, up = linear(x, self.fc1_weight).chunk(2, dim=-1)
+        return linear(F.gelu(gate, approximate="tanh") * up, self.fc2_weight)
 
 
 class DecoderLayer(nn.Module):
@@ -164,9 +171,9 @@ class GemmaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope_specs = sorted({layer.rope for layer in cfg.layers}, key=lambda s: (s.theta, s.linear_factor))
-        # Optional [hidden, vocab] copy of the tied embedding: on CPU (MKL) a product with one or two
-        # rows runs about twice as fast on this layout; from ~4 rows on, [vocab, hidden] is faster.
+        # CPU copies of the tied embedding for the LM head (see prepare_for_cpu).
         self.lm_head_t: torch.Tensor | None = None
+        self.lm_head_packed: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
@@ -183,8 +190,26 @@ class GemmaModel(nn.Module):
         if self.lm_head_t is not None and hidden.shape[0] <= 2:
             logits = hidden @ self.lm_head_t
         else:
-            logits = F.linear(hidden, self.embed)
+            logits = linear(hidden, self.embed if self.lm_head_packed is None else self.lm_head_packed)
         logits = logits.float()
         if self.cfg.final_softcap is not None:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
+
+
+@torch.no_grad()
+def prepare_for_cpu(model: GemmaModel, expected_rows: int = 8) -> GemmaModel:
+    """Reorder the weights for fast CPU matmuls (same values, same dtype; ~3x the weight memory of
+    the LM head). Measured on a 2-core AMD EPYC (fp32, one thread): MKL reads [out, in] weights
+    slowly when a few rows multiply them (Gemma 3 270M LM head: 57 ms for 1 row, 123 ms for 8);
+    oneDNN's prepacked layout takes 48 / 50 ms, and a [hidden, vocab] copy takes 36 ms for 1 row."""
+    if not torch.backends.mkldnn.is_available():
+        return model
+    for module in model.modules():
+        for name in ("qkv_weight", "o_weight", "fc1_weight", "fc2_weight"):
+            if name in module._parameters:
+                packed = torch.ops.mkldnn._reorder_linear_weight(module._parameters.pop(name).data, expected_rows)
+                setattr(module, name, packed)
+    model.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(model.embed.data, expected_rows)
+    model.lm_head_t = model.embed.detach().t().contiguous()
+    return model
