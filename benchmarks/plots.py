@@ -1,0 +1,90 @@
+"""PNG plots from the benchmark's records: throughput vs concurrency, latency percentiles."""
+from __future__ import annotations
+
+from pathlib import Path
+
+STYLE = {  # system -> (label, color, marker)
+    "engine": ("engine", "tab:blue", "o"),
+    "hf_sequential": ("HF generate, one after another", "tab:orange", "s"),
+    "hf_batched": ("HF generate, batched (left-padded)", "tab:green", "^"),
+    "server": ("server (gRPC)", "tab:red", "o"),
+    "engine_direct": ("engine in-process", "tab:blue", "s"),
+}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _line(ax, system, xs, ys, **kw):
+    label, color, marker = STYLE[system]
+    pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    if pts:
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=color, label=label, **kw)
+
+
+def throughput(engine_rows: list[dict], server_rows: list[dict], path: Path, title: str) -> Path:
+    """Left: engine-level total tokens/s vs batch size; right: server vs engine-direct vs concurrency."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in ("engine", "hf_sequential", "hf_batched"):
+        rows = sorted((r for r in engine_rows if r["system"] == system), key=lambda r: r["batch_size"])
+        _line(left, system, [r["batch_size"] for r in rows], [r["total_tok_s"] for r in rows])
+    left.set(title="engine vs HF transformers (median)", xlabel="concurrent requests (batch size)",
+             ylabel="output tokens/s")
+    closed = [r for r in server_rows if r["mode"] == "closed"]
+    for system in ("server", "engine_direct"):
+        rows = sorted((r for r in closed if r["system"] == system), key=lambda r: r["concurrency"])
+        _line(right, system, [r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows])
+    right.set(title="serving: closed loop", xlabel="concurrent streaming clients", ylabel="output tokens/s")
+    for ax in (left, right):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latency(engine_rows: list[dict], server_rows: list[dict], path: Path, title: str) -> Path:
+    """Left: per-step decode latency vs batch size. Middle, right: TTFT and inter-token p50/p99 vs
+    concurrency (closed loop); the open-loop runs' p50 as dotted horizontal lines."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for system in ("engine", "hf_sequential", "hf_batched"):
+        rows = sorted((r for r in engine_rows if r["system"] == system), key=lambda r: r["batch_size"])
+        _line(axes[0], system, [r["batch_size"] for r in rows], [r["step_ms"] for r in rows])
+    axes[0].set(title="decode step latency (median)", xlabel="batch size", ylabel="ms per step")
+    closed = [r for r in server_rows if r["mode"] == "closed"]
+    opened = [r for r in server_rows if r["mode"] == "open"]
+    for ax, metric, name in ((axes[1], "ttft_ms", "time to first token"), (axes[2], "itl_ms", "inter-token latency")):
+        for system in ("server", "engine_direct"):
+            rows = sorted((r for r in closed if r["system"] == system), key=lambda r: r["concurrency"])
+            xs = [r["concurrency"] for r in rows]
+            label, color, marker = STYLE[system]
+            for q, style in (("p50", "-"), ("p99", "--")):
+                ys = [r[metric][q] for r in rows]
+                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker=marker, color=color, label=f"{label} {q}")
+            for r in (r for r in opened if r["system"] == system and r[metric]["p50"] is not None):
+                ax.axhline(r[metric]["p50"], color=color, linestyle=":", linewidth=1,
+                           label=f"{label} p50, Poisson {r['rate_per_s']}/s")
+        ax.set(title=f"{name}: p50 solid, p99 dashed", xlabel="concurrent streaming clients (closed loop)",
+               ylabel="ms")
+    for ax in axes:
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,279 @@
+"""`make bench`: engine vs HF transformers, then the Triton server under load, on this machine's CPU.
+
+    python -m benchmarks.run [--quick] [--only engine|server] [--out results] [--publish]
+
+Writes one JSON line per measurement to stdout and OUT/bench.jsonl (the last line is the summary),
+OUT/throughput.png, OUT/latency.png and OUT/table.md; progress goes to stderr. --publish copies the
+plots, the JSON lines and the table to docs/benchmarks/ (the committed results, docs/benchmarks.md).
+The GPU variant is benchmarks/gpu_bench.py (docs/gpu.md).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import engine_level, plots, serving
+from .stats import json_line, poisson_arrivals, ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISH_DIR = ROOT / "docs" / "benchmarks"
+GOALS = {"engine_vs_hf_single": 1.5, "engine_vs_hf_concurrent": 3.0}
+SUMMARY_KEYS = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_engine_throughput", "ttft_p50_ms",
+                "itl_p50_ms")
+
+
+@dataclass(frozen=True)
+class Settings:
+    engine_tokens: int = 32  # tokens per request, engine level
+    reps: int = 3  # engine-level repetitions (medians); each runs every (system, batch size) once
+    single_pairs: int = 3  # (engine b=1, HF b=1) pairs per repetition: the cheapest, noisiest comparison
+    batch_sizes: tuple[int, ...] = engine_level.BATCH_SIZES
+    server_tokens: int = 32  # tokens per request, server level
+    concurrencies: tuple[int, ...] = (1, 4, 8)
+    requests_per_client: int = 2  # closed loop: concurrency * this many requests (at least 3)
+    open_requests: int = 8  # open loop: this many Poisson arrivals ...
+    rate_per_s: float = 0.3  # ... at this rate
+    time_limit_s: float = 240  # per load run; later requests are cancelled and counted as errors
+    server_reps: int = 2  # closed-loop repetitions (medians); the open loop runs once
+
+
+QUICK = Settings(engine_tokens=8, reps=1, single_pairs=1, server_tokens=8, requests_per_client=1, open_requests=4,
+                 rate_per_s=1.0, time_limit_s=90, server_reps=1)
+
+
+class Report:
+    """JSON lines to stdout and a file; progress to stderr."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w")
+        self.records: list[dict] = []
+        self.t0 = time.monotonic()
+
+    def emit(self, record: dict) -> dict:
+        record = {**record, "loadavg": list(os.getloadavg())} if "loadavg" not in record else record
+        line = json_line(record)
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+        self.records.append(record)
+        return record
+
+    def progress(self, message: str) -> None:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"[bench {time.monotonic() - self.t0:6.0f}s, load {load}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def run_engine_level(report: Report, engine, s: Settings) -> list[dict]:
+    report.progress("loading HF transformers model (same checkpoint, float32)")
+    hf = engine_level.load_hf(engine_checkpoint(engine))
+    try:
+        records = [report.emit(r) for r in engine_level.run(engine, hf, s.engine_tokens, s.reps, s.batch_sizes,
+                                                            s.single_pairs, report.progress)]
+    finally:
+        del hf
+        gc.collect()
+    return records
+
+
+def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dict]:
+    prompts = engine_level.PROMPTS
+    report.progress(f"starting tritonserver (log: {out / 'server.log'})")
+    server = serving.start_server(out / "server.log")
+    records = []
+    try:
+        report.progress(f"server ready at {server.grpc_url}")
+        targets = [serving.ServerTarget(server.grpc_url, timeout_s=s.time_limit_s), serving.EngineTarget(engine)]
+        for target in targets:  # warm-up: first gRPC connection, first steps
+            serving.measure(target, "closed", prompts[:1], 2, 60, concurrency=1, num_requests=1)
+        flip = 0  # alternates which target goes first
+        for rep in range(s.server_reps):
+            for c in s.concurrencies:
+                n = max(3, c * s.requests_per_client)
+                for target in (targets if flip % 2 == 0 else targets[::-1]):
+                    report.progress(f"server level: rep {rep + 1}/{s.server_reps}: closed loop, {c} clients, "
+                                    f"{n} requests x {s.server_tokens} tokens -> {target.name}")
+                    records.append(report.emit({**serving.measure(
+                        target, "closed", prompts, s.server_tokens, s.time_limit_s, concurrency=c, num_requests=n),
+                        "rep": rep}))
+                flip += 1
+        arrivals = poisson_arrivals(s.rate_per_s, s.open_requests, seed=0)
+        for target in (targets if flip % 2 == 0 else targets[::-1]):
+            report.progress(f"server level: open loop, {s.open_requests} Poisson arrivals at {s.rate_per_s}/s "
+                            f"-> {target.name}")
+            records.append(report.emit({**serving.measure(
+                target, "open", prompts, s.server_tokens, s.time_limit_s, arrivals_s=arrivals,
+                rate_per_s=s.rate_per_s), "rep": 0}))
+        for target in targets:
+            serving.close(target)
+    finally:
+        server.stop()
+    return records
+
+
+def engine_checkpoint(engine) -> Path:
+    from backend.default_model import ensure_default_checkpoint
+    return Path(engine.config.checkpoint) if engine.config.checkpoint else ensure_default_checkpoint()
+
+
+def summarize(engine_records: list[dict], server_records: list[dict], s: Settings, info: dict,
+              load_start: list[float], elapsed_s: float) -> dict:
+    summary: dict = {"type": "summary", **info, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
+                     "elapsed_s": elapsed_s, "settings": dataclasses.asdict(s)}
+    summary.update(dict.fromkeys(SUMMARY_KEYS))  # always present; null when that level did not run
+    if engine_records:
+        engine_rows = engine_level.table(engine_records)
+        summary.update(engine_level.ratios(engine_rows, s.batch_sizes))
+        summary["paired"] = engine_level.paired_ratios(engine_records, s.batch_sizes)
+        summary["engine_table"] = engine_rows
+    server_rows = serving.table(server_records)
+    closed = {(r["system"], r["concurrency"]): r for r in server_rows if r["mode"] == "closed"}
+    if closed:
+        by_c = {str(c): ratio(closed[("server", c)]["tokens_per_s"], closed[("engine_direct", c)]["tokens_per_s"])
+                for c in s.concurrencies}
+        top = max(s.concurrencies)
+        at = closed[("server", top)]
+        summary.update({
+            "server_vs_engine_throughput": by_c[str(top)],
+            "server_vs_engine_by_concurrency": by_c,
+            "server_tokens_per_s": at["tokens_per_s"],
+            "ttft_p50_ms": at["ttft_ms"]["p50"], "ttft_p99_ms": at["ttft_ms"]["p99"],
+            "itl_p50_ms": at["itl_ms"]["p50"], "itl_p99_ms": at["itl_ms"]["p99"],
+            "latency_at": f"server, closed loop, {top} clients",
+            "server_errors": sum(r["errors"] for r in server_rows if r["system"] == "server"),
+            "engine_direct_errors": sum(r["errors"] for r in server_rows if r["system"] == "engine_direct"),
+            "server_table": server_rows,
+        })
+    summary["goals"] = {name: {"target": target, "value": summary.get(name),
+                               "met": None if summary.get(name) is None else summary[name] >= target}
+                        for name, target in GOALS.items()}
+    return summary
+
+
+def _fmt(x: Optional[float], digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) -> str:
+    """The results tables for docs/benchmarks.md."""
+    lines = [f"{summary['cpu']}, {summary['cores']} cores, torch {summary['torch']} ({summary['torch_threads']} "
+             f"threads), transformers {summary['transformers']}; {summary['date']}; load average "
+             f"{' '.join(_fmt(x, 2) for x in summary['loadavg_start'])} at start, "
+             f"{' '.join(_fmt(x, 2) for x in summary['loadavg_end'])} at end.", ""]
+    if engine_rows:
+        st = summary["settings"]
+        lines += [f"Engine level: medians over {st['reps']} repetitions ({st['reps'] * st['single_pairs']} runs for "
+                  f"b = 1), {st['engine_tokens']} tokens per request.", "",
+                  "| system | batch | total tok/s | decode tok/s | step ms | TTFT ms | engine / this (total tok/s) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        engine = {r["batch_size"]: r for r in engine_rows if r["system"] == "engine"}
+        order = ("engine", "hf_sequential", "hf_batched")
+        for r in sorted(engine_rows, key=lambda r: (order.index(r["system"]), r["batch_size"])):
+            mine = engine.get(r["batch_size"], {}).get("total_tok_s")
+            rel = "" if r["system"] == "engine" else _fmt(ratio(mine, r["total_tok_s"]), 2) + "x"
+            lines.append(f"| {r['system']} | {r['batch_size']} | {_fmt(r['total_tok_s'])} | {_fmt(r['decode_tok_s'])} "
+                         f"| {_fmt(r['step_ms'])} | {_fmt(r['ttft_ms'])} | {rel} |")
+        lines.append("")
+    if server_rows:
+        st = summary["settings"]
+        lines += [f"Server level: {st['server_tokens']} tokens per request; closed loop: median of {st['server_reps']} "
+                  f"repetitions (requests and errors: all of them).", "",
+                  "| system | load | requests | errors | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sorted(server_rows, key=lambda r: (r["mode"], r.get("concurrency", 0), r["system"] != "server")):
+            load = (f"closed, {r['concurrency']} client{'s' * (r['concurrency'] > 1)}" if r["mode"] == "closed"
+                    else f"open, Poisson {r['rate_per_s']}/s")
+            lines.append(f"| {r['system']} | {load} | {r['requests']} | {r['errors']} | {_fmt(r['tokens_per_s'])} "
+                         f"| {_fmt(r['ttft_ms']['p50'], 0)} / {_fmt(r['ttft_ms']['p99'], 0)} "
+                         f"| {_fmt(r['itl_ms']['p50'], 0)} / {_fmt(r['itl_ms']['p99'], 0)} |")
+        lines.append("")
+    keys = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "engine_vs_hf_batched", "server_vs_engine_throughput")
+    lines.append("Ratios: " + ", ".join(f"`{k}` {_fmt(summary.get(k), 2)}" for k in keys) + ".")
+    paired = summary.get("paired", {})
+    if paired:
+        lines.append("Within each repetition (paired): " + ", ".join(
+            f"`{k}` {' / '.join(_fmt(x, 2) for x in v['pairs'])} (median {_fmt(v['median'], 2)})"
+            for k, v in paired.items()) + ".")
+    for name, goal in summary["goals"].items():
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[goal["met"]]
+        lines.append(f"- goal `{name}` >= {goal['target']}: {_fmt(goal['value'], 2)} - {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description="Engine and server benchmarks on CPU (see docs/benchmarks.md).")
+    p.add_argument("--quick", action="store_true", help="few tokens, one repetition: a smoke test")
+    p.add_argument("--only", choices=("engine", "server"), help="run one level only")
+    p.add_argument("--out", type=Path, default=ROOT / "results", help="output directory (default: results/)")
+    p.add_argument("--publish", action="store_true", help="copy plots, JSON lines and table to docs/benchmarks/")
+    p.add_argument("--reps", type=int, help="engine-level repetitions")
+    p.add_argument("--rate", type=float, help="open-loop arrival rate, requests/s")
+    args = p.parse_args(argv)
+    s = QUICK if args.quick else Settings()
+    if args.reps:
+        s = dataclasses.replace(s, reps=args.reps)
+    if args.rate:
+        s = dataclasses.replace(s, rate_per_s=args.rate)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    report = Report(args.out / "bench.jsonl")
+    info = machine()
+    load_start = list(os.getloadavg())
+    report.emit({"type": "run", **info, "settings": dataclasses.asdict(s), "only": args.only,
+                 "gemma_env": {k: v for k, v in os.environ.items() if k.startswith("GEMMA_")}})
+    report.progress(f"loading the engine (EngineConfig defaults) on {info['cpu']}")
+    from backend.engine import Engine, EngineConfig
+    engine = Engine.from_config(EngineConfig())
+    engine_records, server_records = [], []
+    try:
+        if args.only in (None, "engine"):
+            engine_records = run_engine_level(report, engine, s)
+        if args.only in (None, "server"):
+            server_records = run_server_level(report, engine, s, args.out)
+    finally:
+        engine.shutdown()
+    summary = summarize(engine_records, server_records, s, info, load_start, time.monotonic() - report.t0)
+    report.emit(summary)
+    engine_rows, server_rows = summary.get("engine_table", []), summary.get("server_table", [])
+
+    title = f"{info['cpu']}, {info['cores']} cores, {info['date']}, load avg {summary['loadavg_start'][0]:.1f}"
+    files = [args.out / "bench.jsonl",
+             plots.throughput(engine_rows, server_rows, args.out / "throughput.png", title),
+             plots.latency(engine_rows, server_rows, args.out / "latency.png", title)]
+    table = args.out / "table.md"
+    table.write_text(markdown(engine_rows, server_rows, summary))
+    files.append(table)
+    report.progress(f"wrote {', '.join(str(f) for f in files)}")
+    if args.publish:
+        PUBLISH_DIR.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy(f, PUBLISH_DIR / f"cpu_{f.name}")
+        report.progress(f"copied to {PUBLISH_DIR}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Server level: a load generator of streaming requests, run against the Triton server over gRPC and
+against the same engine in-process, so serving overhead is a measured ratio.
+
+A target is anything with `async stream(prompt, max_tokens, timeline)` that fills the timeline:
+- `ServerTarget`: `gemma_client.AsyncGemmaClient` on loopback gRPC (one channel, a stream per request);
+  token times are taken when a delta reaches the client;
+- `EngineTarget`: `Engine.submit` with a callback; token times are taken on the engine thread.
+Two load shapes, both bounded in requests and in time (late requests are cancelled, counted as errors):
+- closed loop: `concurrency` workers, each sends its next request when the previous one ends;
+- open loop: requests arrive at Poisson times (a seeded schedule, identical for both targets).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from .stats import Timeline, median, summarize_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+LOOPBACK = ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1")
+
+
+class ServerTarget:
+    name = "server"
+
+    def __init__(self, url: str, timeout_s: float):
+        from gemma_client import AsyncGemmaClient
+        self.client = AsyncGemmaClient(url, timeout=timeout_s)
+
+    async def stream(self, prompt: str, max_tokens: int, timeline: Timeline) -> None:
+        async for delta in self.client.stream(prompt, max_tokens=max_tokens, **GREEDY):
+            if delta.token_ids:
+                timeline.arrivals.append((time.perf_counter(), len(delta.token_ids)))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class EngineTarget:
+    name = "engine_direct"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def stream(self, prompt: str, max_tokens: int, timeline: Timeline) -> None:
+        from backend.sampling import SamplingParams
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def on_output(out):  # engine thread
+            if out.token_ids:
+                timeline.arrivals.append((time.perf_counter(), len(out.token_ids)))
+            if out.finish_reason is not None:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(out))
+
+        handle = self.engine.submit(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), on_output=on_output)
+        try:
+            out = await done
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+        if out.finish_reason not in ("length", "stop"):
+            raise RuntimeError(out.error or out.finish_reason)
+
+    async def close(self) -> None:
+        pass
+
+
+async def _one(target, prompt: str, max_tokens: int, timelines: list[Timeline]) -> None:
+    timeline = Timeline(time.perf_counter())
+    timelines.append(timeline)
+    try:
+        await target.stream(prompt, max_tokens, timeline)
+    except asyncio.CancelledError:
+        timeline.error = "timeout"
+        raise
+    except Exception as e:  # counted, not fatal: a load test reports errors
+        timeline.error = type(e).__name__
+
+
+async def _bounded(tasks: list[asyncio.Task], deadline: float) -> None:
+    """Wait for `tasks` until `deadline` (perf_counter), then cancel what is left."""
+    remaining = deadline - time.perf_counter()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=max(remaining, 0))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def closed_loop(target, prompts: list[str], concurrency: int, num_requests: int, max_tokens: int,
+                      time_limit_s: float) -> tuple[list[Timeline], float]:
+    """`concurrency` clients, `num_requests` in all, prompts taken round-robin."""
+    timelines: list[Timeline] = []
+    next_index = iter(range(num_requests))
+    start = time.perf_counter()
+    deadline = start + time_limit_s
+
+    async def worker():
+        for i in next_index:
+            if time.perf_counter() >= deadline:
+                return
+            await _one(target, prompts[i % len(prompts)], max_tokens, timelines)
+
+    await _bounded([asyncio.create_task(worker()) for _ in range(concurrency)], deadline)
+    return timelines, time.perf_counter() - start
+
+
+async def open_loop(target, prompts: list[str], arrivals_s: list[float], max_tokens: int,
+                    time_limit_s: float) -> tuple[list[Timeline], float]:
+    """One request at each offset in `arrivals_s`, whatever is still running."""
+    timelines: list[Timeline] = []
+    start = time.perf_counter()
+    deadline = start + time_limit_s
+
+    async def at(offset: float, prompt: str):
+        await asyncio.sleep(max(start + offset - time.perf_counter(), 0))
+        await _one(target, prompt, max_tokens, timelines)
+
+    tasks = [asyncio.create_task(at(offset, prompts[i % len(prompts)])) for i, offset in enumerate(arrivals_s)
+             if offset < time_limit_s]
+    await _bounded(tasks, deadline)
+    return timelines, time.perf_counter() - start
+
+
+def measure(target, mode: str, prompts: list[str], max_tokens: int, time_limit_s: float,
+            concurrency: int = 0, num_requests: int = 0, arrivals_s: Optional[list[float]] = None,
+            rate_per_s: Optional[float] = None) -> dict:
+    """Run one load shape on `target` and return its record (one JSON line)."""
+    async def go():
+        if mode == "closed":
+            return await closed_loop(target, prompts, concurrency, num_requests, max_tokens, time_limit_s)
+        return await open_loop(target, prompts, arrivals_s, max_tokens, time_limit_s)
+
+    timelines, wall = _run(go())
+    record = {"type": "server", "system": target.name, "mode": mode, "max_tokens": max_tokens}
+    if mode == "closed":
+        record["concurrency"] = concurrency
+    else:
+        record["rate_per_s"] = rate_per_s
+    return {**record, **summarize_requests(timelines, wall)}
+
+
+_loop: Optional[asyncio.AbstractEventLoop] = None
+
+
+def _run(coro):
+    """One event loop for the whole benchmark: the gRPC client's channel belongs to the loop it was made in."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+    return _loop.run_until_complete(coro)
+
+
+def close(target) -> None:
+    _run(target.close())
+
+
+class Server:
+    """`scripts/serve.sh` (what `make serve` runs) in a subprocess on free loopback ports."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        # The model's GEMMA_<KEY> overrides are dropped: the server runs config.pbtxt's defaults, which
+        # are EngineConfig's, like the in-process engine it is compared with.
+        keys = re.findall(r'key:\s*"(\w+)"', (ROOT / "model_repository" / "gemma" / "config.pbtxt").read_text())
+        env = {k: v for k, v in os.environ.items() if k not in {f"GEMMA_{key.upper()}" for key in keys}}
+        env.update(HTTP_PORT=str(self.http_port), GRPC_PORT=str(self.grpc_port), METRICS_PORT=str(self.metrics_port))
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), *LOOPBACK], stdout=log,
+                                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.http_port}/v2/models/gemma/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # serve.sh execs tritonserver: the signal reaches it
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def start_server(log_path: Path, timeout_s: float = 300) -> Server:
+    """Start the server and return once the model is ready (a port taken meanwhile: retried)."""
+    for _ in range(3):
+        server = Server(log_path)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and server.process.poll() is None and not server.ready():
+            time.sleep(0.5)
+        if server.ready():
+            return server
+        server.stop()
+        if "already in use" not in server.log_tail():
+            break
+    raise RuntimeError(f"tritonserver did not become ready; the end of {log_path}:\n{server.log_tail()}")
+
+
+def table(records: list[dict]) -> list[dict]:
+    """One row per (system, load): medians over repetitions of tokens/s and of each latency
+    percentile; requests and errors summed."""
+    def load(r):
+        return (r["system"], r["mode"], r.get("concurrency"), r.get("rate_per_s"))
+    rows = []
+    for key in dict.fromkeys(load(r) for r in records):
+        mine = [r for r in records if load(r) == key]
+        row = {k: v for k, v in mine[0].items() if k in ("type", "system", "mode", "concurrency", "rate_per_s",
+                                                          "max_tokens")}
+        row.update(reps=len(mine), requests=sum(r["requests"] for r in mine), errors=sum(r["errors"] for r in mine),
+                   tokens_per_s=median([r["tokens_per_s"] for r in mine if r["tokens_per_s"] is not None]))
+        for metric in ("ttft_ms", "itl_ms"):
+            row[metric] = {q: median([r[metric][q] for r in mine if r[metric][q] is not None]) for q in ("p50", "p99")}
+        rows.append(row)
+    return rows

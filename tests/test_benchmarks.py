@@ -1,0 +1,166 @@
+"""The benchmarks' pure parts on known inputs: percentiles, timelines, summaries, JSON lines, plots.
+Nothing here is timed; `make bench` is the benchmark itself."""
+import json
+import math
+
+import pytest
+
+from benchmarks import engine_level, run, serving
+from benchmarks.stats import (Timeline, batch_metrics, distribution, json_line, percentile, poisson_arrivals,
+                              read_json_lines, summarize_requests)
+
+
+def test_percentile_interpolates_like_numpy():
+    xs = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 100) == 4.0
+    assert percentile(xs, 50) == 2.5
+    assert percentile(xs, 99) == pytest.approx(3.97)  # numpy.percentile([1, 2, 3, 4], 99)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile(xs, 101)
+
+
+def test_distribution_scales_to_ms():
+    d = distribution([0.1, 0.2, 0.3], scale=1e3)
+    assert d["p50"] == pytest.approx(200.0)
+    assert d["mean"] == pytest.approx(200.0)
+    assert d["n"] == 3
+    assert distribution([])["p50"] is None
+
+
+def test_timeline_splits_a_multi_token_delivery_into_per_token_gaps():
+    t = Timeline(start=10.0, arrivals=[(10.5, 1), (10.7, 1), (11.3, 3)])
+    assert t.ttft == pytest.approx(0.5)
+    assert t.num_tokens == 5
+    assert t.end == 11.3
+    assert t.inter_token() == pytest.approx([0.2, 0.2, 0.2, 0.2])
+    assert Timeline(start=1.0).ttft is None
+
+
+def test_summarize_requests_counts_errors_and_keeps_them_out_of_latencies():
+    ok = Timeline(0.0, [(0.1, 1), (0.3, 1), (0.5, 1)])
+    ok2 = Timeline(1.0, [(1.3, 1), (1.4, 1)])
+    failed = Timeline(2.0, [(2.9, 1)], error="timeout")
+    s = summarize_requests([ok, ok2, failed], wall_s=3.0)
+    assert (s["requests"], s["errors"], s["error_kinds"]) == (3, 1, {"timeout": 1})
+    assert s["output_tokens"] == 6  # what a failed request produced still counts as throughput
+    assert s["tokens_per_s"] == pytest.approx(2.0)
+    assert s["ttft_ms"]["n"] == 2 and s["ttft_ms"]["p50"] == pytest.approx(200.0)
+    assert s["itl_ms"]["n"] == 3 and s["itl_ms"]["p50"] == pytest.approx(200.0)
+
+
+def test_batch_metrics_decode_rate_is_batch_over_step():
+    timelines = [Timeline(0.0, [(0.5, 1), (0.75, 1), (1.0, 1)]) for _ in range(4)]
+    m = batch_metrics(timelines, wall_s=1.0, in_flight=4)
+    assert m["total_tok_s"] == pytest.approx(12.0)
+    assert m["ttft_ms"] == pytest.approx(500.0)
+    assert m["step_ms"] == pytest.approx(250.0)
+    assert m["decode_tok_s"] == pytest.approx(16.0)
+
+
+def test_poisson_arrivals_are_seeded_increasing_and_near_the_rate():
+    a = poisson_arrivals(2.0, 2000, seed=3)
+    assert a == poisson_arrivals(2.0, 2000, seed=3)
+    assert all(x < y for x, y in zip(a, a[1:]))
+    assert 2000 / a[-1] == pytest.approx(2.0, rel=0.1)
+    with pytest.raises(ValueError):
+        poisson_arrivals(0, 1, seed=0)
+
+
+def test_json_line_is_one_parseable_line_with_rounded_floats():
+    line = json_line({"a": 1 / 3, "nested": {"b": [2 / 3, float("nan")]}, "s": "x\ny", "inf": math.inf})
+    assert "\n" not in line
+    (back,) = read_json_lines([line, ""])
+    assert back == {"a": 0.3333, "nested": {"b": [0.6667, None]}, "s": "x\ny", "inf": None}
+
+
+def _engine_records():
+    """Two repetitions of every (system, batch size); the engine is 2x HF sequential per request."""
+    records = []
+    for rep, noise in enumerate((1.0, 1.2)):
+        for b in (1, 4, 8):
+            records.append({"system": "engine", "batch_size": b, "rep": rep, "total_tok_s": 10.0 * b * noise,
+                            "decode_tok_s": 12.0 * b * noise, "step_ms": 100.0, "ttft_ms": 50.0})
+            records.append({"system": "hf_sequential", "batch_size": b, "rep": rep, "total_tok_s": 5.0 * noise,
+                            "decode_tok_s": 6.0 * noise, "step_ms": 200.0, "ttft_ms": 60.0})
+            if b > 1:
+                records.append({"system": "hf_batched", "batch_size": b, "rep": rep, "total_tok_s": 4.0 * b,
+                                "decode_tok_s": 5.0 * b, "step_ms": 250.0, "ttft_ms": None})
+        # a second single-stream pair in each repetition, where the engine is 3x
+        records.append({"system": "engine", "batch_size": 1, "rep": rep, "pair": 1, "total_tok_s": 15.0,
+                        "decode_tok_s": 18.0, "step_ms": 60.0, "ttft_ms": 50.0})
+        records.append({"system": "hf_sequential", "batch_size": 1, "rep": rep, "pair": 1, "total_tok_s": 5.0,
+                        "decode_tok_s": 6.0, "step_ms": 200.0, "ttft_ms": 60.0})
+    return records
+
+
+def _server_record(system, mode, tok_s, c=None):
+    rec = {"type": "server", "system": system, "mode": mode, "requests": 4, "errors": 0, "tokens_per_s": tok_s,
+           "ttft_ms": {"p50": 100.0, "p99": 150.0}, "itl_ms": {"p50": 20.0, "p99": 40.0}}
+    return {**rec, "concurrency": c} if mode == "closed" else {**rec, "rate_per_s": 0.5}
+
+
+def test_engine_table_takes_medians_and_ratios_follow_the_goals():
+    rows = engine_level.table(_engine_records())
+    engine8 = next(r for r in rows if r["system"] == "engine" and r["batch_size"] == 8)
+    assert engine8["runs"] == 2 and engine8["total_tok_s"] == pytest.approx(88.0)  # median of 80, 96
+    engine1 = next(r for r in rows if r["system"] == "engine" and r["batch_size"] == 1)
+    assert engine1["runs"] == 4 and engine1["decode_tok_s"] == pytest.approx(16.2)  # median of 12, 14.4, 18, 18
+    r = engine_level.ratios(rows)
+    assert r["engine_vs_hf_single"] == pytest.approx(16.2 / 6.0)
+    assert r["engine_vs_hf_concurrent"] == pytest.approx(16.0)  # 88 / 5.5
+    assert r["engine_vs_hf_batched"] == pytest.approx(88.0 / 32.0)
+    assert r["engine_vs_hf_by_batch"]["1"]["vs_batched"] is None
+
+
+def test_paired_ratios_compare_within_each_repetition():
+    paired = engine_level.paired_ratios(_engine_records())
+    assert paired["engine_vs_hf_single"]["pairs"] == pytest.approx([2.0, 3.0, 2.0, 3.0])  # (rep, pair) order
+    assert paired["engine_vs_hf_single"]["median"] == pytest.approx(2.5)
+    assert paired["engine_vs_hf_concurrent"]["pairs"] == pytest.approx([16.0, 16.0])
+    assert paired["engine_vs_hf_concurrent"]["median"] == pytest.approx(16.0)
+
+
+def test_server_table_takes_medians_over_repetitions_and_sums_errors():
+    a = _server_record("server", "closed", 10.0, 4)
+    b = {**_server_record("server", "closed", 14.0, 4), "errors": 1, "ttft_ms": {"p50": 300.0, "p99": None}}
+    other = _server_record("engine_direct", "closed", 1.0, 4)
+    rows = serving.table([a, other, b])
+    assert [(r["system"], r["reps"]) for r in rows] == [("server", 2), ("engine_direct", 1)]
+    server = rows[0]
+    assert (server["requests"], server["errors"], server["tokens_per_s"]) == (8, 1, 12.0)
+    assert server["ttft_ms"] == {"p50": 200.0, "p99": 150.0}  # a missing value is left out, not zero
+
+
+def test_summary_has_the_issue_keys_and_goal_verdicts(tmp_path):
+    records = _engine_records()
+    rows = engine_level.table(records)
+    server = [_server_record(s, "closed", tok, c) for c in (1, 4, 8)
+              for s, tok in (("server", 9.0 * c), ("engine_direct", 10.0 * c))]
+    server += [_server_record("server", "open", 5.0), _server_record("engine_direct", "open", 5.0)]
+    info = {"cpu": "Test CPU", "cores": 2, "torch": "x", "torch_threads": 2, "transformers": "y", "date": "today"}
+    summary = run.summarize(records, server, run.Settings(), info, [1.0, 1.0, 1.0], 10.0)
+    assert summary["engine_table"] == rows
+    for key in ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_engine_throughput",
+                "ttft_p50_ms", "itl_p50_ms"):
+        assert summary[key] is not None, key
+    assert summary["server_vs_engine_throughput"] == pytest.approx(0.9)
+    assert summary["goals"]["engine_vs_hf_single"]["met"] is True
+    assert json.loads(json_line(summary))["type"] == "summary"
+    assert summary["server_table"] == serving.table(server)
+    table = run.markdown(rows, summary["server_table"], summary)
+    assert "| engine | 8 |" in table and "closed, 8 clients" in table and "met" in table and "paired" in table
+
+    from benchmarks import plots
+    for draw in (plots.throughput, plots.latency):
+        path = draw(rows, summary["server_table"], tmp_path / f"{draw.__name__}.png", "test")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_without_server_level_has_its_keys_as_null():
+    summary = run.summarize(_engine_records(), [], run.Settings(),
+                            {"cpu": "c"}, [0.0, 0.0, 0.0], 1.0)
+    assert summary["server_vs_engine_throughput"] is None and summary["ttft_p50_ms"] is None
+    assert summary["goals"]["engine_vs_hf_concurrent"]["met"] is True
