@@ -171,8 +171,7 @@ class GemmaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope_specs = sorted({layer.rope for layer in cfg.layers}, key=lambda s: (s.theta, s.linear_factor))
-        # CPU copies of the tied embedding for the LM head (see prepare_for_cpu).
-        self.lm_head_t: torch.Tensor | None = None
+        # A CPU copy of the tied embedding prepacked for the LM head (see prepare_for_cpu).
         self.lm_head_packed: torch.Tensor | None = None
 
     @torch.inference_mode()
@@ -187,10 +186,7 @@ class GemmaModel(nn.Module):
         return self.logits(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head_t is not None and hidden.shape[0] <= 2:
-            logits = hidden @ self.lm_head_t
-        else:
-            logits = linear(hidden, self.embed if self.lm_head_packed is None else self.lm_head_packed)
+        logits = linear(hidden, self.embed if self.lm_head_packed is None else self.lm_head_packed)
         logits = logits.float()
         if self.cfg.final_softcap is not None:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
@@ -199,10 +195,12 @@ class GemmaModel(nn.Module):
 
 @torch.no_grad()
 def prepare_for_cpu(model: GemmaModel, expected_rows: int = 8) -> GemmaModel:
-    """Reorder the weights for fast CPU matmuls (same values, same dtype; ~3x the weight memory of
-    the LM head). Measured on a 2-core AMD EPYC (fp32, one thread): MKL reads [out, in] weights
-    slowly when a few rows multiply them (Gemma 3 270M LM head: 57 ms for 1 row, 123 ms for 8);
-    oneDNN's prepacked layout takes 48 / 50 ms, and a [hidden, vocab] copy takes 36 ms for 1 row."""
+    """Reorder the weights for oneDNN's CPU matmuls (same values and dtype; the LM head becomes a
+    second copy of the embedding). MKL reads [out, in] weights slowly when few rows multiply them.
+    Measured on a 2-core AMD EPYC, fp32, Gemma 3 270M LM head: MKL 57 / 123 ms for 1 / 8 rows on one
+    thread, prepacked 48 / 50 ms; on two threads prepacked 26 ms for 1 row, the memory-bandwidth floor
+    (a sum over the same tensor also takes 27 ms).
+    """
     if not torch.backends.mkldnn.is_available():
         return model
     for module in model.modules():
@@ -211,5 +209,4 @@ def prepare_for_cpu(model: GemmaModel, expected_rows: int = 8) -> GemmaModel:
                 packed = torch.ops.mkldnn._reorder_linear_weight(module._parameters.pop(name).data, expected_rows)
                 setattr(module, name, packed)
     model.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(model.embed.data, expected_rows)
-    model.lm_head_t = model.embed.detach().t().contiguous()
     return model
