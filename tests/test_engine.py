@@ -175,3 +175,15 @@ def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint):
         assert wait_idle(eng).kv_cache.used_blocks == 0
     finally:
         eng.shutdown()
+
+
+def test_load_failure_on_the_engine_thread_reaches_the_caller(servable_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    for f in servable_checkpoint.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
+        make_engine(tmp_path)
