@@ -17,6 +17,7 @@ wheel leaves undone, all done here for the Python interpreter running this scrip
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -27,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bundled_triton() -> Path:
-    try:
-        import pytriton
-    except ImportError:
+    # Located, not imported: importing pytriton needs packages (gevent) the server itself does not.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
         sys.exit("no tritonserver on PATH and nvidia-pytriton is not installed: run `make setup`")
-    return Path(pytriton.__file__).parent / "tritonserver"
+    return Path(spec.origin).parent / "tritonserver"
 
 
 def _python_backend_dir(triton: Path) -> Path:
