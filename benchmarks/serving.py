@@ -12,21 +12,13 @@ Two load shapes, both bounded in requests and in time (late requests are cancell
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
 from .stats import Timeline, median, summarize_requests
 
-ROOT = Path(__file__).resolve().parents[1]
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
-LOOPBACK = ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1")
 
 
 class ServerTarget:
@@ -165,70 +157,15 @@ def close(target) -> None:
     _run(target.close())
 
 
-class Server:
-    """`scripts/serve.sh` (what `make serve` runs) in a subprocess on free loopback ports."""
+def start_server(log_path: Path):
+    """tritonserver on model_repository/ with the default model and config.pbtxt's settings (which are
+    EngineConfig's, like the in-process engine it is compared with), started and stopped by the same
+    code as the integration tests' servers. Returns an object with `grpc_url` and `stop()`."""
+    from backend.default_model import ensure_default_checkpoint
+    from tests.integration.conftest import start_servers
 
-    def __init__(self, log_path: Path):
-        self.log_path = log_path
-        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
-        # The model's GEMMA_<KEY> overrides are dropped: the server runs config.pbtxt's defaults, which
-        # are EngineConfig's, like the in-process engine it is compared with.
-        keys = re.findall(r'key:\s*"(\w+)"', (ROOT / "model_repository" / "gemma" / "config.pbtxt").read_text())
-        env = {k: v for k, v in os.environ.items() if k not in {f"GEMMA_{key.upper()}" for key in keys}}
-        env.update(HTTP_PORT=str(self.http_port), GRPC_PORT=str(self.grpc_port), METRICS_PORT=str(self.metrics_port))
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), *LOOPBACK], stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def ready(self) -> bool:
-        url = f"http://127.0.0.1:{self.http_port}/v2/models/gemma/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # serve.sh execs tritonserver: the signal reaches it
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def start_server(log_path: Path, timeout_s: float = 300) -> Server:
-    """Start the server and return once the model is ready (a port taken meanwhile: retried)."""
-    for _ in range(3):
-        server = Server(log_path)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and server.process.poll() is None and not server.ready():
-            time.sleep(0.5)
-        if server.ready():
-            return server
-        server.stop()
-        if "already in use" not in server.log_tail():
-            break
-    raise RuntimeError(f"tritonserver did not become ready; the end of {log_path}:\n{server.log_tail()}")
+    (server,) = start_servers((log_path, {"GEMMA_CHECKPOINT": str(ensure_default_checkpoint())}))
+    return server
 
 
 def table(records: list[dict]) -> list[dict]:
