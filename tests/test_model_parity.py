@@ -103,3 +103,18 @@ def test_sharded_checkpoint_loads(tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(run_steps(model, cfg, prompt, prefill=9)[0], expected, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_prepacked_weights_match_hf(family, tmp_path):
+    """The engine's CPU model (oneDNN-prepacked weights) computes the same logits as HF."""
+    from backend.model import prepare_for_cpu
+
+    hf = hf_model(family, seed=6)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model, cfg = load_reference_model(tmp_path, torch.float32, "cpu")
+    prepare_for_cpu(model)
+    prompt = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(run_steps(model, cfg, prompt, prefill=12), expected[11:], atol=FP32_ATOL, rtol=0)
