@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence as Seq, Union
@@ -281,9 +280,7 @@ class Engine:
             for seq, _ in work:
                 self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
-        now = time.monotonic()
         for seq, token in zip(sampling, new_tokens):
-            seq.first_token_time = seq.first_token_time or now
             self._append_token(seq, token)
 
     def _append_token(self, seq: Sequence, token: int) -> None:

@@ -8,7 +8,6 @@ for a prefill, within a per-step token budget (decodes first, so prefills never 
 from __future__ import annotations
 
 import collections
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -28,13 +27,11 @@ class Sequence:
     generator: Optional[torch.Generator]  # None: the global RNG (unseeded requests)
     text_stream: object  # backend.tokenizer.TextStream
     on_output: Callable
-    arrival_time: float = field(default_factory=time.monotonic)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     cancel_requested: bool = False
     finish_reason: Optional[str] = None
     pending_token_ids: list[int] = field(default_factory=list)  # generated, not yet reported
-    first_token_time: Optional[float] = None
 
     @property
     def num_output_tokens(self) -> int:
