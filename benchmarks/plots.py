@@ -40,16 +40,7 @@ def throughput(engine_rows: list[dict], server_rows: list[dict], path: Path, tit
         rows = sorted((r for r in closed if r["system"] == system), key=lambda r: r["concurrency"])
         _line(right, system, [r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows])
     right.set(title="serving: closed loop", xlabel="concurrent streaming clients", ylabel="output tokens/s")
-    for ax in (left, right):
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, (left, right), path, title, legend_size=8)
 
 
 def latency(engine_rows: list[dict], server_rows: list[dict], path: Path, title: str) -> Path:
@@ -78,11 +69,16 @@ def latency(engine_rows: list[dict], server_rows: list[dict], path: Path, title:
                            label=f"{label} p50, Poisson {r['rate_per_s']}/s")
         ax.set(title=f"{name}: p50 solid, p99 dashed", xlabel="concurrent streaming clients (closed loop)",
                ylabel="ms")
+    return _save(plt, fig, axes, path, title, legend_size=7)
+
+
+def _save(plt, fig, axes, path: Path, title: str, legend_size: int) -> Path:
+    """Common finish of every figure: axes from zero, grid, legends, title; written as PNG."""
     for ax in axes:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=legend_size)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
