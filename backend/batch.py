@@ -58,7 +58,7 @@ def _group(members: list[tuple[int, SeqChunk]], block_size: int, windows: set[in
     n = len(members[0][1].token_ids)
     ctx_len = [c.start + n for _, c in members]
     num_blocks = -(-max(ctx_len) // block_size)
-    tables = [c.block_table[:num_blocks] + [0] * (num_blocks - len(c.block_table[:num_blocks])) for _, c in members]
+    tables = [(c.block_table + [0] * num_blocks)[:num_blocks] for _, c in members]
     block_table = _tensor(tables, device)  # [B, num_blocks], padded with block 0 (masked out)
     rows, starts, ctx = (_tensor(v, device) for v in ([r for r, _ in members], [c.start for _, c in members], ctx_len))
 

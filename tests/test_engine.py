@@ -81,11 +81,13 @@ def test_cancel_while_waiting(servable_checkpoint):
 
 def test_full_cache_makes_requests_wait(servable_checkpoint):
     # Room for one request (prompt + 40 tokens = 3 blocks of 16) at a time: the others wait, then run.
-    from backend.kv_cache import bytes_per_block
+    import torch
+
     from backend.config import GemmaConfig
+    from backend.kv_cache import bytes_per_block
 
     cfg = GemmaConfig.from_checkpoint(servable_checkpoint)
-    budget = 4 * bytes_per_block(cfg, 16, __import__("torch").float32)
+    budget = 4 * bytes_per_block(cfg, 16, torch.float32)
     eng = make_engine(servable_checkpoint, kv_cache_bytes=budget)
     try:
         params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
