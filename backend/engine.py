@@ -142,6 +142,9 @@ class Engine:
                                                  self.device)
         self.scheduler = Scheduler(self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self._windows = {layer.sliding_window for layer in cfg.layers}
+        warm_up = getattr(self.model, "warm_up", None)  # the TE model captures its CUDA graphs here
+        if warm_up is not None:
+            warm_up(self.kv_cache, self.config.max_num_seqs, self.max_model_len)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":

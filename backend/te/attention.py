@@ -6,6 +6,10 @@ prefill next to decodes (see docs/gpu.md). So the TE model computes its projecti
 MLP with TE modules and attends here, reading and writing `backend.kv_cache.PagedKVCache` slots
 exactly as the reference model does. Every op is a fixed-shape tensor op, so a decode step can be
 captured in a CUDA graph.
+
+Where Triton is installed (`StepContext.fused`), RoPE + the K/V write and decode attention run as
+fused kernels instead (fused_decode.py); prefill chunks still attend here, over the cache those
+kernels filled.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch.nn.functional as F
 
 from backend.model import AttentionGroup
 
+from . import fused_decode
+
 
 @dataclass
 class StepContext:
@@ -24,9 +30,12 @@ class StepContext:
     ropes: dict  # RopeSpec -> (cos [T, D], sin [T, D])
     slot_mapping: torch.Tensor  # [T_real] cache slot of each real token
     groups: list[AttentionGroup]  # q_index None: one query per row, row b of kv_slots (graph decode)
-    # Graph decode only: [T] bool, False for padding rows (they rewrite row 0's K/V into row 0's slot).
+    positions: torch.Tensor  # [T] position of each row's token
+    # Graph decode only: [T] bool, False for padding rows (they write no K/V of their own; write_kv
+    # gives them row 0's, the fused kernel skips them).
     row_valid: Optional[torch.Tensor] = None
     padded: bool = False  # rows beyond the groups exist (FP8 row padding): zero their attention output
+    fused: bool = False  # RoPE + K/V write and decode attention by the Triton kernels (fused_decode.py)
 
 
 def write_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, slot_mapping: torch.Tensor,
@@ -82,10 +91,18 @@ def paged_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tenso
     """q: [T, H, D] -> [T, H, D]: each group's queries against its sequences' cached context."""
     if len(ctx.groups) == 1 and ctx.groups[0].q_index is None:  # graph decode: row b is sequence b
         g = ctx.groups[0]
+        if ctx.fused:
+            return fused_decode.decode_attention(q, k_slots, v_slots, g.kv_slots, ctx.positions, scale, softcap,
+                                                 window)
         out = attend(q[:, None], k_slots[g.kv_slots], v_slots[g.kv_slots], g.masks[window], scale, softcap)
         return out[:, 0]
     out = torch.zeros_like(q) if ctx.padded else torch.empty_like(q)
     for g in ctx.groups:
+        if ctx.fused and g.q_index.shape[1] == 1:
+            rows = g.q_index[:, 0]
+            out[rows] = fused_decode.decode_attention(q[rows], k_slots, v_slots, g.kv_slots, ctx.positions[rows],
+                                                      scale, softcap, window)
+            continue
         qg, kg, vg, mask = q[g.q_index], k_slots[g.kv_slots], v_slots[g.kv_slots], g.masks[window]
         if qg.shape[1] > 1 and softcap is None and q.is_cuda:
             out[g.q_index] = attend_sdpa(qg, kg, vg, mask, scale)

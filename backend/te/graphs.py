@@ -5,15 +5,16 @@ attention) whose work at small batch is shorter than their launch cost; replayin
 removes the launch gaps. Graphs need fixed shapes and addresses, so each bucket owns static input
 buffers; a step copies its inputs into them (device-to-device, no host sync) and replays.
 
-Padding a batch of B decodes up to its bucket Bb: rows B..Bb-1 repeat row 0's cache slot and are
-given row 0's K/V (identical duplicate writes), attend over slot 0 only, and their logits are
-dropped. The context is padded to a power-of-two bucket C: columns past a sequence's length point
+Padding a batch of B decodes up to its bucket Bb: rows B..Bb-1 write no K/V (the fused kernel skips
+them; the torch path gives them row 0's slot and row 0's K/V, identical duplicate writes), attend
+over slot 0 only, and their logits are dropped. The context is padded to a power-of-two bucket C: columns past a sequence's length point
 at slot 0 and are masked. Masks are derived inside the graph from the positions, which is exact
 for decodes (build_step lays a decode's context out as its positions 0..ctx-1).
 
-Graphs are captured lazily the first time a bucket is needed (the capture's warm-up runs the real
-step, so it writes the same K/V the replay writes) and share one memory pool; each replay's logits
-are copied out before the next replay.
+The engine captures every reachable bucket when it starts (`capture_all`); a bucket still missing
+is captured the first time it is needed (the capture's warm-up runs the real step, so it writes the
+same K/V the replay writes). Graphs share one memory pool; each replay's logits are copied out
+before the next replay.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ from .attention import StepContext, decode_masks
 
 BF16_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MIN_CTX_BUCKET = 128
+
+
+def _ctx_bucket(ctx: int) -> int:
+    return max(MIN_CTX_BUCKET, 1 << (ctx - 1).bit_length())
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> Optional[int]:
@@ -58,7 +63,7 @@ class DecodeGraphs:
         self.model = model
         buckets = BF16_BUCKETS if not model.fp8 else tuple(b for b in BF16_BUCKETS if b % 8 == 0)
         self.buckets = tuple(b for b in buckets if b <= max(max_batch, buckets[0]))
-        self.max_ctx = max(MIN_CTX_BUCKET, 1 << (model.cfg.max_position_embeddings - 1).bit_length())
+        self.max_ctx = _ctx_bucket(model.cfg.max_position_embeddings)
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.pool = None
         self.cache_ptr: Optional[int] = None
@@ -73,32 +78,54 @@ class DecodeGraphs:
         return (n == 1 and batch == token_ids.shape[0] and batch <= self.buckets[-1]
                 and group.kv_slots.shape[1] <= self.max_ctx)
 
+    def capture_all(self, kv_cache, max_batch: int, max_len: int) -> int:
+        """Capture every bucket that steps of up to `max_batch` sequences and `max_len` tokens can
+        reach, before serving, so no request pays for a capture. The captures' warm-up steps have
+        no valid rows: the fused kernels write no K/V (the torch path writes slot 0, which every
+        sequence overwrites before reading). Returns the number of graphs."""
+        top_batch = _bucket(max_batch, self.buckets) or self.buckets[-1]
+        top_ctx = min(_ctx_bucket(max_len), self.max_ctx)
+        for batch in (b for b in self.buckets if b <= top_batch):
+            ctx = MIN_CTX_BUCKET
+            while ctx <= top_ctx and self._ready((batch, ctx), kv_cache):
+                ctx *= 2
+        return len(self.entries)
+
     def run(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+        batch, ctx = token_ids.shape[0], layout.groups[0].kv_slots.shape[1]
+        key = (_bucket(batch, self.buckets), _ctx_bucket(ctx))
+        entry = self._entry(key, kv_cache)
+        self._load(entry, token_ids, layout)
+        if not self._ready(key, kv_cache):
+            with self.model.autocast():
+                return self.model.forward_eager(token_ids, layout, kv_cache)
+        entry.graph.replay()
+        entry.replays += 1
+        return entry.logits.index_select(0, layout.logit_rows)
+
+    def _ready(self, key: tuple[int, int], kv_cache) -> bool:
+        """Capture the bucket's graph if it has none yet. A failed capture disables graphs (steps
+        then run eagerly) with a warning saying why, rather than failing requests."""
+        entry = self._entry(key, kv_cache)
+        if entry.graph is None and not self.disabled:
+            try:
+                self._capture(entry, kv_cache)
+            except Exception as exc:  # noqa: BLE001 - keep serving, eagerly, and say why
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                del self.entries[key]
+                warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: {self.disabled}")
+        return entry.graph is not None
+
+    def _entry(self, key: tuple[int, int], kv_cache) -> _Entry:
         if self.cache_ptr != kv_cache.slots.data_ptr():  # graphs bake in the cache's address
             # Dropping every graph of the shared pool frees the pool: later captures need a new one
             # (reusing the old handle trips the caching allocator's use_count assertion).
             self.entries.clear()
             self.pool = None
             self.cache_ptr = kv_cache.slots.data_ptr()
-        group = layout.groups[0]
-        batch, ctx = token_ids.shape[0], group.kv_slots.shape[1]
-        key = (_bucket(batch, self.buckets), max(MIN_CTX_BUCKET, 1 << (ctx - 1).bit_length()))
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = self._new_entry(*key)
-        self._load(entry, token_ids, layout)
-        if entry.graph is None:
-            try:
-                self._capture(entry, kv_cache)
-            except Exception as exc:  # keep serving, eagerly, and say why
-                self.disabled = f"{type(exc).__name__}: {exc}"
-                del self.entries[key]
-                warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: {self.disabled}")
-                with self.model.autocast():
-                    return self.model.forward_eager(token_ids, layout, kv_cache)
-        entry.graph.replay()
-        entry.replays += 1
-        return entry.logits.index_select(0, layout.logit_rows)
+        if key not in self.entries:
+            self.entries[key] = self._new_entry(*key)
+        return self.entries[key]
 
     def _new_entry(self, batch: int, ctx: int) -> _Entry:
         dev = self.model.device
@@ -124,10 +151,11 @@ class DecodeGraphs:
     def _body(self, entry: _Entry, kv_cache) -> torch.Tensor:
         model = self.model
         x = model.embed_tokens(entry.tokens)
-        group = AttentionGroup(q_index=None, kv_slots=entry.kv_slots,
-                               masks=decode_masks(entry.positions, entry.ctx, model.windows))
+        # The fused kernels derive the masks from the positions; the torch path needs them built.
+        masks = {} if model.fused else decode_masks(entry.positions, entry.ctx, model.windows)
+        group = AttentionGroup(q_index=None, kv_slots=entry.kv_slots, masks=masks)
         ctx = StepContext(ropes=model.ropes(entry.positions), slot_mapping=entry.slots, groups=[group],
-                          row_valid=entry.row_ids < entry.num_valid)
+                          positions=entry.positions, row_valid=entry.row_ids < entry.num_valid, fused=model.fused)
         for layer in model.layers:
             x = layer.step(x, ctx, kv_cache)
         return model.logits(model.final_norm(x))

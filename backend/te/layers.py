@@ -33,6 +33,7 @@ from backend.config import GemmaConfig, RopeSpec
 from backend.model import apply_rope
 
 from .attention import StepContext, paged_attention, write_kv
+from .fused_decode import rope_and_store
 
 # Our parameter names (backend.weights.load_mapped_state, per layer) -> this module's parameters.
 TE_PARAM_NAMES = {
@@ -155,14 +156,19 @@ class TEGemmaDecoderLayer(te.TransformerLayer):
         attn = self.self_attention
         group = cfg.queries_per_kv
         qkv = attn.layernorm_qkv(x).view(T, cfg.num_kv_heads, group + 2, cfg.head_dim)
-        q = qkv[:, :, :group].reshape(T, cfg.num_heads, cfg.head_dim)
+        q = qkv[:, :, :group]  # [T, KV, G, D]
         k, v = qkv[:, :, group], qkv[:, :, group + 1]
         if cfg.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k.contiguous())
+            q = attn.q_norm(q.reshape(T, cfg.num_heads, cfg.head_dim)).view(q.shape)
+            k = attn.k_norm(k.contiguous())
         cos, sin = ctx.ropes[self.rope_spec]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_slots, v_slots = kv_cache.layer(self.layer_idx)
-        write_kv(k_slots, v_slots, ctx.slot_mapping, k, v, ctx.row_valid)
+        if ctx.fused:
+            q = rope_and_store(q, k, v, cos, sin, k_slots, v_slots, ctx.slot_mapping, ctx.row_valid)
+        else:
+            q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            write_kv(k_slots, v_slots, ctx.slot_mapping, k, v, ctx.row_valid)
         out = paged_attention(q, k_slots, v_slots, ctx, self.sliding_window, self.query_scale, self.attn_softcap)
         h = _first(attn.proj(out.reshape(T, cfg.num_heads * cfg.head_dim)))
         x = x + (self.attn_out_norm(h) if self.sandwich else h)

@@ -23,7 +23,7 @@ from torch import nn
 from backend.config import GemmaConfig
 from backend.model import StepLayout, rope_cos_sin
 
-from . import import_te
+from . import fused_decode, import_te
 from .attention import StepContext
 from .layers import TEGemmaDecoderLayer, strict_copy
 
@@ -47,7 +47,7 @@ def make_fp8_recipe(name: str):
 
 class TEGemmaModel(nn.Module):
     def __init__(self, cfg: GemmaConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda",
-                 fp8: bool = False, fp8_recipe: str = "current"):
+                 fp8: bool = False, fp8_recipe: str = "current", fused: bool = True):
         super().__init__()
         te = import_te()
         device = torch.device(device)
@@ -73,6 +73,9 @@ class TEGemmaModel(nn.Module):
         # sqrt(hidden) rounded to the model dtype, as HF multiplies by a tensor of that dtype.
         self.embed_scale = float(torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype))
         self.graphs = None  # graphs.DecodeGraphs once enable_cuda_graphs() is called
+        # RoPE + K/V write and decode attention as Triton kernels (fused_decode.py) where Triton is
+        # installed; otherwise the plain-torch attention.py path.
+        self.fused = fused and fused_decode.available()
 
     # --- weights ----------------------------------------------------------------------------------
 
@@ -106,6 +109,11 @@ class TEGemmaModel(nn.Module):
 
         self.graphs = DecodeGraphs(self, max_batch=max_batch)
 
+    def warm_up(self, kv_cache, max_batch: int, max_len: int) -> None:
+        """Called by the engine once its cache exists: capture the decode graphs it can reach."""
+        if self.graphs is not None:
+            self.graphs.capture_all(kv_cache, max_batch, max_len)
+
     def autocast(self):
         if not self.fp8:
             return contextlib.nullcontext()
@@ -130,7 +138,7 @@ class TEGemmaModel(nn.Module):
             x = F.pad(x, (0, 0, 0, padded_rows))
             positions = F.pad(positions, (0, padded_rows))
         ctx = StepContext(ropes=self.ropes(positions), slot_mapping=layout.slot_mapping, groups=layout.groups,
-                          padded=padded_rows > 0)
+                          positions=positions, padded=padded_rows > 0, fused=self.fused)
         for layer in self.layers:
             x = layer.step(x, ctx, kv_cache)
         if layout.logit_rows.numel() == 0:  # a prefill chunk that does not end its prompt

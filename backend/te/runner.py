@@ -18,11 +18,13 @@ from . import te_available
 
 
 def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-                  cuda_graphs: bool = True, fp8_recipe: str = "current", max_graph_batch: int = 256):
+                  cuda_graphs: bool = True, fp8_recipe: str = "current", max_graph_batch: int = 256,
+                  fused: bool = True):
     """Build TEGemmaModel from an HF Gemma checkpoint directory (strict safetensors loading).
 
     fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype`).
-    cuda_graphs: replay captured graphs for decode-only steps of up to `max_graph_batch` sequences."""
+    cuda_graphs: replay captured graphs for decode-only steps of up to `max_graph_batch` sequences.
+    fused: RoPE, K/V writes and decode attention in Triton kernels (when Triton is installed)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"the TransformerEngine model runs on CUDA devices, not {device}")
@@ -41,7 +43,7 @@ def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     torch.cuda.set_device(device)
     cfg = GemmaConfig.from_checkpoint(path)
     state = load_mapped_state(path, cfg, dtype)
-    model = TEGemmaModel(cfg, dtype=dtype, device=device, fp8=fp8, fp8_recipe=fp8_recipe)
+    model = TEGemmaModel(cfg, dtype=dtype, device=device, fp8=fp8, fp8_recipe=fp8_recipe, fused=fused)
     model.load_reference_state(state)
     del state
     model.eval()

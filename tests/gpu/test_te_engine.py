@@ -42,14 +42,20 @@ def test_continuous_batching_matches_single_requests(family, dtype, servable):
     engine = make_engine(servable[family], dtype)
     try:
         assert type(engine.model).__name__ == "TEGemmaModel"
+        graphs = engine.model.graphs
+        captured_at_start = sorted(graphs.entries)
         solo = [engine.submit(p, params).result().token_ids for p in prompts]
         together = [token_ids(outs) for outs in run_staggered(engine, prompts, params)]
         stats = wait_idle(engine)
-        graphs = engine.model.graphs
         same = [a == b for a, b in zip(solo, together)]
         report(test="engine_batching", family=family, dtype=dtype, identical=same,
-               graph_buckets=sorted(graphs.entries), replays=sum(e.replays for e in graphs.entries.values()),
-               graphs_disabled=graphs.disabled)
+               graph_buckets=sorted(graphs.entries), captured_at_start=len(captured_at_start),
+               replays=sum(e.replays for e in graphs.entries.values()), graphs_disabled=graphs.disabled)
+        # The engine captured every reachable decode graph before serving; requests only replayed.
+        # (max_num_seqs 8 -> batch buckets 1..8; 512 positions -> context buckets 128..512.)
+        assert graphs.disabled is None and captured_at_start == sorted(graphs.entries)
+        assert captured_at_start == [(b, c) for b in (1, 2, 4, 8) for c in (128, 256, 512)]
+        assert sum(e.replays for e in graphs.entries.values()) > 0
         assert all(len(t) == 40 for t in together)
         assert stats.kv_cache.used_blocks == 0
         if dtype == "float32":

@@ -54,10 +54,12 @@ def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5):
     return torch.cat(out).float()
 
 
+@pytest.mark.parametrize("attention", ["fused", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_hf_and_reference(family, dtype, checkpoints):
-    te = load(checkpoints[family], DTYPES[dtype], cuda_graphs=False)
+def test_logits_match_hf_and_reference(family, dtype, attention, checkpoints):
+    te = load(checkpoints[family], DTYPES[dtype], cuda_graphs=False, fused=attention == "fused")
+    assert te.fused == (attention == "fused"), "Triton should be installed on the GPU machine"
     ref, cfg = load_reference(checkpoints[family], DTYPES[dtype])
     hf = tiny_hf(family, seed=3).to(DEVICE)  # the same seeded weights, fp32: the oracle
     prompt = prompts_for(cfg.vocab_size, [30])[0]  # 30 tokens > sliding window 8
@@ -67,7 +69,7 @@ def test_logits_match_hf_and_reference(family, dtype, checkpoints):
     ref_got = stepped_logits(ref, cfg, prompt, 17, DTYPES[dtype])
     te_err, ref_err, te_vs_ref = rel_err(got, expected), rel_err(ref_got, expected), rel_err(got, ref_got)
     top1 = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
-    report(test="logits", family=family, dtype=dtype, te_vs_hf32=te_err, ref_vs_hf32=ref_err, te_vs_ref=te_vs_ref,
+    report(test="logits", family=family, dtype=dtype, attention=attention, te_vs_hf32=te_err, ref_vs_hf32=ref_err, te_vs_ref=te_vs_ref,
            top1_vs_hf32=top1)
     if dtype == "fp32":
         assert te_err < 5e-3  # TF32 GEMMs: ~1e-3

@@ -1,0 +1,119 @@
+"""The GPU path's fused Triton kernels (backend/te/fused_decode.py) against the plain-torch attention
+they replace: compiled on a GPU, run by Triton's interpreter on CPU tensors elsewhere (CI)."""
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
+
+pytest.importorskip("triton")
+
+from backend.model import apply_rope, rope_cos_sin  # noqa: E402
+from backend.config import RopeSpec  # noqa: E402
+from backend.te import fused_decode  # noqa: E402
+from backend.te.attention import StepContext, attend, decode_masks, paged_attention, write_kv  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+from backend.model import AttentionGroup  # noqa: E402
+
+
+def qkv_views(T, kv_heads, group, D, gen):
+    """q, k, v as the TE layer slices them out of its fused projection [T, KV, G + 2, D]."""
+    qkv = torch.randn(T, kv_heads, group + 2, D, generator=gen).to(DEVICE)
+    return qkv[:, :, :group], qkv[:, :, group], qkv[:, :, group + 1]
+
+
+@pytest.mark.parametrize("kv_heads,group", [(1, 4), (2, 3), (4, 1)])
+def test_rope_and_store_matches_torch(kv_heads, group):
+    gen = torch.Generator().manual_seed(0)
+    T, D, num_slots = 7, 32, 40
+    q, k, v = qkv_views(T, kv_heads, group, D, gen)
+    positions = torch.tensor([0, 5, 9, 3, 17, 0, 0], device=DEVICE)
+    cos, sin = rope_cos_sin(RopeSpec(theta=10000.0), D, positions, torch.float32)
+    slots = torch.tensor([3, 11, 12, 30, 4], device=DEVICE)  # 5 stored rows; the last 2 are FP8 row padding
+    row_valid = torch.tensor([True, True, False, True, True, True, True], device=DEVICE)  # row 2: graph padding
+    caches = [torch.zeros(num_slots, kv_heads, D, device=DEVICE) for _ in range(2)]
+    q_out = fused_decode.rope_and_store(q, k, v, cos, sin, *caches, slots, row_valid)
+
+    want_q, want_k = apply_rope(q.reshape(T, kv_heads * group, D), cos, sin), apply_rope(k, cos, sin)
+    torch.testing.assert_close(q_out, want_q, atol=1e-6, rtol=1e-5)
+    keep = torch.tensor([0, 1, 3, 4], device=DEVICE)
+    want = [torch.zeros(num_slots, kv_heads, D, device=DEVICE) for _ in range(2)]
+    write_kv(*want, slots[keep], want_k[keep], v[keep])
+    torch.testing.assert_close(caches[0], want[0], atol=1e-6, rtol=1e-5)
+    assert torch.equal(caches[1], want[1])  # values are copied, not rotated
+
+
+def decode_case(B, kv_heads, group, D, lengths, width, gen):
+    """B decoding sequences with scattered cache slots; kv_slots padded to `width` columns."""
+    num_slots = B * width + 8
+    k_cache, v_cache = torch.randn(2, num_slots, kv_heads, D, generator=gen)
+    perm = torch.randperm(num_slots, generator=gen)
+    kv_slots = torch.zeros(B, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        kv_slots[b, :n] = perm[b * width:b * width + n]
+    q = torch.randn(B, kv_heads * group, D, generator=gen)
+    positions = torch.tensor(lengths) - 1
+    return tuple(t.to(DEVICE) for t in (q, k_cache, v_cache, kv_slots, positions))
+
+
+def reference(q, k_cache, v_cache, kv_slots, positions, scale, softcap, window):
+    mask = decode_masks(positions, kv_slots.shape[1], [window])[window]
+    return attend(q[:, None], k_cache[kv_slots], v_cache[kv_slots], mask, scale, softcap)[:, 0]
+
+
+@pytest.mark.parametrize("kv_heads,group,softcap,window", [
+    (1, 8, None, None),  # multi-query (gemma-2b)
+    (2, 4, 50.0, None),  # grouped-query with Gemma 2's softcap
+    (3, 1, None, 5),  # multi-head with a sliding window
+    (1, 5, None, 12),  # Gemma 3 style: 5 queries per KV head, window
+])
+def test_decode_attention_matches_torch(kv_heads, group, softcap, window):
+    gen = torch.Generator().manual_seed(1)
+    lengths = [1, 7, 40, 33]
+    q, k_cache, v_cache, kv_slots, positions = decode_case(4, kv_heads, group, 16, lengths, 48, gen)
+    args = (kv_slots, positions, 0.3, softcap, window)
+    got = fused_decode.decode_attention(q, k_cache, v_cache, *args)
+    torch.testing.assert_close(got, reference(q, k_cache, v_cache, *args), atol=2e-6, rtol=1e-5)
+
+
+def test_long_context_splits_merge(monkeypatch):
+    """Contexts longer than one split: partial softmaxes merged; a window can empty early splits."""
+    monkeypatch.setattr(fused_decode, "SPLIT_KEYS", 64)
+    gen = torch.Generator().manual_seed(2)
+    lengths = [200, 3, 129]
+    q, k_cache, v_cache, kv_slots, positions = decode_case(3, 1, 4, 16, lengths, 256, gen)
+    for window in (None, 70):
+        args = (kv_slots, positions, 0.25, None, window)
+        got = fused_decode.decode_attention(q, k_cache, v_cache, *args)
+        torch.testing.assert_close(got, reference(q, k_cache, v_cache, *args), atol=2e-6, rtol=1e-5)
+
+
+def test_padding_does_not_change_results():
+    """A graph bucket pads the slot list and the batch; real rows must come out bitwise equal."""
+    gen = torch.Generator().manual_seed(3)
+    q, k_cache, v_cache, kv_slots, positions = decode_case(2, 1, 4, 16, [30, 9], 30, gen)
+    narrow = fused_decode.decode_attention(q, k_cache, v_cache, kv_slots, positions, 0.25, None, None)
+    wide_slots = torch.cat([kv_slots, torch.zeros(2, 98, dtype=torch.long, device=DEVICE)], 1)
+    padded_q = torch.cat([q, q[:1]])
+    wide = fused_decode.decode_attention(padded_q, k_cache, v_cache, torch.cat([wide_slots, wide_slots[:1] * 0]),
+                                         torch.cat([positions, positions[:1] * 0]), 0.25, None, None)
+    assert torch.equal(wide[:2], narrow)
+
+
+def test_paged_attention_fused_decode_group_matches_torch():
+    """paged_attention picks the fused kernel for a decode group (eager steps and graph steps)."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = [5, 17]
+    q, k_cache, v_cache, kv_slots, positions = decode_case(2, 2, 2, 16, lengths, 17, gen)
+    q_index = torch.tensor([[1], [0]], device=DEVICE)  # rows of the step's tokens, in any order
+    group = AttentionGroup(q_index=q_index, kv_slots=kv_slots, masks=decode_masks(positions, 17, [None]))
+    step_positions = positions[[1, 0]]
+    base = StepContext(ropes={}, slot_mapping=positions, groups=[group], positions=step_positions)
+    fused = StepContext(**{**vars(base), "fused": True})
+    want = paged_attention(q, k_cache, v_cache, base, None, 0.3, None)
+    got = paged_attention(q, k_cache, v_cache, fused, None, 0.3, None)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
