@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .random_checkpoint import gemma_2b_config, make_checkpoint
+
 # Datasheet HBM bandwidth per GPU name (the floor's denominator); H100 SXM5 unless named here.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12}
 H100_SXM_BYTES_PER_S = 3.35e12
@@ -49,32 +51,6 @@ def emit(out_file, **fields) -> dict:
         with open(out_file, "a") as f:
             f.write(line + "\n")
     return fields
-
-
-def gemma_2b_config(layers: int):
-    from transformers import GemmaConfig
-
-    return GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=layers,
-                       num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192,
-                       rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-
-
-def make_checkpoint(path: Path, layers: int):
-    """Random gemma-2b-shaped weights, initialised on the GPU in bf16, saved as safetensors."""
-    from transformers import GemmaForCausalLM
-
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            hf = GemmaForCausalLM(gemma_2b_config(layers))
-    finally:
-        torch.set_default_dtype(default)
-    hf.eval()
-    hf.generation_config.eos_token_id = None  # random weights: never stop early
-    hf.save_pretrained(path, safe_serialization=True)
-    return hf
 
 
 def copy_bandwidth() -> float:
@@ -265,7 +241,7 @@ def main() -> None:
          prompt=args.prompt, new=args.new, layers=args.layers, argv=sys.argv[1:])
     ckpt = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="gemma2b-random-"))
     t0 = time.perf_counter()
-    hf = make_checkpoint(ckpt, args.layers)
+    hf = make_checkpoint(ckpt, gemma_2b_config(args.layers))
     emit(out, kind="setup", what="hf_model_and_checkpoint", seconds=time.perf_counter() - t0)
     bw = copy_bandwidth()
     hbm = datasheet_bandwidth(torch.cuda.get_device_name())
