@@ -52,18 +52,19 @@ class _ArrivalStreamer:
         pass
 
 
-def load_hf(checkpoint) -> "torch.nn.Module":
+def load_hf(checkpoint, dtype: torch.dtype, device: torch.device) -> "torch.nn.Module":
+    """The HF model of `checkpoint` in the engine's dtype, on the engine's device."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # generation-config notices on every call
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
 
 
 def hf_generate(model, prompts: list[list[int]], max_tokens: int, pad_id: int) -> list[Timeline]:
     """One HF `generate` call on `prompts` (left-padded when several); one timeline per prompt."""
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     start = time.perf_counter()
     timelines = [Timeline(start) for _ in prompts]
     with torch.inference_mode():

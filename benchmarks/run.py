@@ -1,11 +1,18 @@
-"""`make bench`: engine vs HF transformers, then the Triton server under load, on this machine's CPU.
+"""`make bench`: engine vs HF transformers, then the Triton server under load.
 
     python -m benchmarks.run [--quick] [--only engine|server] [--out results] [--publish]
+                             [--checkpoint DIR] [--engine auto|te|torch] [--dtype auto|float32|bfloat16|float16]
+                             [--max-num-seqs N] [--kv-cache-bytes N] [--concurrencies 1,4,8] [--server-tokens N]
+                             [--requests-per-client N] [--server-reps N] [--rate R] [--open-requests N]
+                             [--time-limit S]
 
-Writes one JSON line per measurement to stdout and OUT/bench.jsonl (the last line is the summary),
-OUT/throughput.png, OUT/latency.png and OUT/table.md; progress goes to stderr. --publish copies the
-plots, the JSON lines and the table to docs/benchmarks/ (the committed results, docs/benchmarks.md).
-The GPU variant is benchmarks/gpu_bench.py (docs/gpu.md).
+Without options: the packaged Gemma 3 270M with EngineConfig's defaults on this machine (its CPU).
+The engine options build the one EngineConfig that both the in-process engine and the server run
+(serving.server_env), so the same command measures a GPU server (docs/benchmarks.md, "GPU (H100)
+server level"). Writes one JSON line per measurement to stdout and OUT/bench.jsonl (the last line
+is the summary), OUT/throughput.png, OUT/latency.png and OUT/table.md; progress goes to stderr.
+--publish copies the plots, the JSON lines and the table to docs/benchmarks/ (the committed
+results, docs/benchmarks.md). The engine level on a GPU is benchmarks/gpu_bench.py (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import gc
+import importlib.util
 import os
 import platform
 import shutil
@@ -27,7 +35,7 @@ from .stats import json_line, poisson_arrivals, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISH_DIR = ROOT / "docs" / "benchmarks"
-GOALS = {"engine_vs_hf_single": 1.5, "engine_vs_hf_concurrent": 3.0}
+GOALS = {"engine_vs_hf_single": 1.5, "engine_vs_hf_concurrent": 3.0, "server_vs_engine_throughput": 0.9}
 SUMMARY_KEYS = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_engine_throughput", "ttft_p50_ms",
                 "itl_p50_ms")
 
@@ -73,7 +81,8 @@ class Report:
         print(f"[bench {time.monotonic() - self.t0:6.0f}s, load {load}] {message}", file=sys.stderr, flush=True)
 
 
-def machine() -> dict:
+def machine(device) -> dict:
+    """What ran the benchmark; the engine's torch.device is recorded as "cpu" or the GPU's name."""
     import torch
     import transformers
     cpu = platform.processor() or platform.machine()
@@ -81,15 +90,26 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": "cpu"}
+    if device.type == "cuda":
+        info.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return info
+
+
+def where(info: dict) -> str:
+    """The machine in a few words: the GPU if one ran the engine, else the CPU."""
+    if info["device"] != "cpu":
+        return f"{info['device']} (CUDA {info['cuda']}), host {info['cpu']}, {info['cores']} cores"
+    return f"{info['cpu']}, {info['cores']} cores"
 
 
 def run_engine_level(report: Report, engine, s: Settings) -> list[dict]:
-    report.progress("loading HF transformers model (same checkpoint, float32)")
-    hf = engine_level.load_hf(engine_checkpoint(engine))
+    dtype = next(engine.model.parameters()).dtype  # what the engine resolved "auto" to
+    report.progress(f"loading HF transformers model (same checkpoint, {dtype}, {engine.device})")
+    hf = engine_level.load_hf(engine.config.checkpoint, dtype, engine.device)
     try:
         records = [report.emit(r) for r in engine_level.run(engine, hf, s.engine_tokens, s.reps, s.batch_sizes,
                                                             s.single_pairs, report.progress)]
@@ -102,13 +122,17 @@ def run_engine_level(report: Report, engine, s: Settings) -> list[dict]:
 def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dict]:
     prompts = engine_level.PROMPTS
     report.progress(f"starting tritonserver (log: {out / 'server.log'})")
-    server = serving.start_server(out / "server.log")
+    server = serving.start_server(out / "server.log", engine.config)
     records = []
     try:
         report.progress(f"server ready at {server.grpc_url}")
         targets = [serving.ServerTarget(server.grpc_url, timeout_s=s.time_limit_s), serving.EngineTarget(engine)]
-        for target in targets:  # warm-up: first gRPC connection, first steps
-            serving.measure(target, "closed", prompts[:1], 2, 60, concurrency=1, num_requests=1)
+        # Warm-up, not recorded: the first gRPC connection and steps, and a few steps at each
+        # concurrency, so that on a GPU each batch size's CUDA graph is captured before it is timed.
+        for target in targets:
+            report.progress(f"server level: warm-up -> {target.name}")
+            for c in s.concurrencies:
+                serving.measure(target, "closed", prompts, 4, s.time_limit_s, concurrency=c, num_requests=c)
         flip = 0  # alternates which target goes first
         for rep in range(s.server_reps):
             for c in s.concurrencies:
@@ -132,11 +156,6 @@ def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dic
     finally:
         server.stop()
     return records
-
-
-def engine_checkpoint(engine) -> Path:
-    from backend.default_model import ensure_default_checkpoint
-    return Path(engine.config.checkpoint) if engine.config.checkpoint else ensure_default_checkpoint()
 
 
 def summarize(engine_records: list[dict], server_records: list[dict], s: Settings, info: dict,
@@ -179,10 +198,13 @@ def _fmt(x: Optional[float], digits: int = 1) -> str:
 
 def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) -> str:
     """The results tables for docs/benchmarks.md."""
-    lines = [f"{summary['cpu']}, {summary['cores']} cores, torch {summary['torch']} ({summary['torch_threads']} "
+    config = summary["engine_config"]
+    lines = [f"{where(summary)}, torch {summary['torch']} ({summary['torch_threads']} "
              f"threads), transformers {summary['transformers']}; {summary['date']}; load average "
              f"{' '.join(_fmt(x, 2) for x in summary['loadavg_start'])} at start, "
-             f"{' '.join(_fmt(x, 2) for x in summary['loadavg_end'])} at end.", ""]
+             f"{' '.join(_fmt(x, 2) for x in summary['loadavg_end'])} at end.", "",
+             f"Model {Path(config['checkpoint']).name}: engine {config['engine']}, dtype {config['dtype']}, "
+             f"max_num_seqs {config['max_num_seqs']}, kv_cache_bytes {config['kv_cache_bytes']}.", ""]
     if engine_rows:
         st = summary["settings"]
         lines += [f"Engine level: medians over {st['reps']} repetitions ({st['reps'] * st['single_pairs']} runs for "
@@ -223,30 +245,68 @@ def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) ->
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description="Engine and server benchmarks on CPU (see docs/benchmarks.md).")
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """Options; each one in the load and engine groups is named after (`dest`) the Settings or
+    EngineConfig field it sets, and left out it keeps that field's default."""
+    p = argparse.ArgumentParser(description="Engine and server benchmarks (see docs/benchmarks.md).")
     p.add_argument("--quick", action="store_true", help="few tokens, one repetition: a smoke test")
     p.add_argument("--only", choices=("engine", "server"), help="run one level only")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="output directory (default: results/)")
     p.add_argument("--publish", action="store_true", help="copy plots, JSON lines and table to docs/benchmarks/")
-    p.add_argument("--reps", type=int, help="engine-level repetitions")
-    p.add_argument("--rate", type=float, help="open-loop arrival rate, requests/s")
-    args = p.parse_args(argv)
-    s = QUICK if args.quick else Settings()
-    if args.reps:
-        s = dataclasses.replace(s, reps=args.reps)
-    if args.rate:
-        s = dataclasses.replace(s, rate_per_s=args.rate)
+    load = p.add_argument_group("load")
+    load.add_argument("--reps", type=int, help="engine-level repetitions")
+    load.add_argument("--concurrencies", type=_ints, help="closed-loop client counts, e.g. 1,8,32,64")
+    load.add_argument("--server-tokens", type=int, help="tokens per request, server level")
+    load.add_argument("--requests-per-client", type=int, help="closed loop: requests = clients x this (>= 3)")
+    load.add_argument("--server-reps", type=int, help="closed-loop repetitions (medians)")
+    load.add_argument("--rate", dest="rate_per_s", type=float, help="open-loop arrival rate, requests/s")
+    load.add_argument("--open-requests", type=int, help="open-loop requests")
+    load.add_argument("--time-limit", dest="time_limit_s", type=float,
+                      help="seconds per load run; what is left then is cancelled and counted as errors")
+    engine = p.add_argument_group("engine (one EngineConfig: the in-process engine's and, through GEMMA_*, "
+                                  "the server's)")
+    engine.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (default: the packaged 270M)")
+    engine.add_argument("--engine", choices=("auto", "te", "torch"))
+    engine.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    engine.add_argument("--max-num-seqs", type=int, help="sequences decoded together (at least the top concurrency)")
+    engine.add_argument("--kv-cache-bytes", type=int)
+    return p.parse_args(argv)
+
+
+def _given(args: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    return dataclasses.replace(QUICK if args.quick else Settings(), **_given(args, Settings))
+
+
+def engine_config(args: argparse.Namespace):
+    """The one EngineConfig of the run, with the checkpoint resolved so both targets load one path."""
+    from backend.default_model import ensure_default_checkpoint
+    from backend.engine import EngineConfig
+    checkpoint = args.checkpoint or ensure_default_checkpoint()
+    return EngineConfig(**{**_given(args, EngineConfig), "checkpoint": str(checkpoint)})
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    s = settings(args)
+    config = engine_config(args)
     args.out.mkdir(parents=True, exist_ok=True)
 
+    from backend.engine import Engine, resolve_device
     report = Report(args.out / "bench.jsonl")
-    info = machine()
+    info = {**machine(resolve_device(config.device)), "engine_config": dataclasses.asdict(config)}
     load_start = list(os.getloadavg())
     report.emit({"type": "run", **info, "settings": dataclasses.asdict(s), "only": args.only,
                  "gemma_env": {k: v for k, v in os.environ.items() if k.startswith("GEMMA_")}})
-    report.progress(f"loading the engine (EngineConfig defaults) on {info['cpu']}")
-    from backend.engine import Engine, EngineConfig
-    engine = Engine.from_config(EngineConfig())
+    report.progress(f"loading the engine ({config}) on {where(info)}")
+    engine = Engine.from_config(config)
     engine_records, server_records = [], []
     try:
         if args.only in (None, "engine"):
@@ -259,10 +319,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report.emit(summary)
     engine_rows, server_rows = summary.get("engine_table", []), summary.get("server_table", [])
 
-    title = f"{info['cpu']}, {info['cores']} cores, {info['date']}, load avg {summary['loadavg_start'][0]:.1f}"
-    files = [args.out / "bench.jsonl",
-             plots.throughput(engine_rows, server_rows, args.out / "throughput.png", title),
-             plots.latency(engine_rows, server_rows, args.out / "latency.png", title)]
+    files = [args.out / "bench.jsonl"]
+    if importlib.util.find_spec("matplotlib"):  # the GPU machine may not have it; the numbers do not need it
+        title = f"{where(info)}, {info['date']}, load avg {summary['loadavg_start'][0]:.1f}"
+        files += [plots.throughput(engine_rows, server_rows, args.out / "throughput.png", title),
+                  plots.latency(engine_rows, server_rows, args.out / "latency.png", title)]
+    else:
+        report.progress("matplotlib is not installed: no plots")
     table = args.out / "table.md"
     table.write_text(markdown(engine_rows, server_rows, summary))
     files.append(table)

@@ -8,16 +8,28 @@ A target is anything with `async stream(prompt, max_tokens, timeline)` that fill
 Two load shapes, both bounded in requests and in time (late requests are cancelled, counted as errors):
 - closed loop: `concurrency` workers, each sends its next request when the previous one ends;
 - open loop: requests arrive at Poisson times (a seeded schedule, identical for both targets).
+Every request asks for exactly `max_tokens` greedy tokens (EOS ignored, no stop strings); one that
+ends with another count is an error (`wrong_token_count`), so a run's tokens/s is always of full
+requests and a server that drops output (e.g. empty tensors under numpy 2, docs/gpu.md) shows.
+
+Both targets run one `EngineConfig`: the in-process engine is built from it and the server gets it
+as the GEMMA_* overrides model_repository/gemma/1/model.py reads (`server_env`).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Optional
 
 from .stats import Timeline, median, summarize_requests
 
+ROOT = Path(__file__).resolve().parents[1]
+# ignore_eos alone makes every request run to max_tokens. min_tokens would too, but it sends every
+# step of the engine down the sampler's per-row path (a float copy of the logits, EOS masking), a
+# cost no real greedy request pays.
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
@@ -77,6 +89,9 @@ async def _one(target, prompt: str, max_tokens: int, timelines: list[Timeline]) 
         raise
     except Exception as e:  # counted, not fatal: a load test reports errors
         timeline.error = type(e).__name__
+    else:
+        if timeline.num_tokens != max_tokens:
+            timeline.error = "wrong_token_count"
 
 
 async def _bounded(tasks: list[asyncio.Task], deadline: float) -> None:
@@ -157,14 +172,31 @@ def close(target) -> None:
     _run(target.close())
 
 
-def start_server(log_path: Path):
-    """tritonserver on model_repository/ with the default model and config.pbtxt's settings (which are
-    EngineConfig's, like the in-process engine it is compared with), started and stopped by the same
-    code as the integration tests' servers. Returns an object with `grpc_url` and `stop()`."""
-    from backend.default_model import ensure_default_checkpoint
+def server_env(config) -> dict[str, str]:
+    """The GEMMA_* overrides under which the server's model builds the engine `config` describes:
+    one for every EngineConfig field that config.pbtxt exposes. A field it does not expose cannot
+    reach the server, so it must keep its default, or the two targets would differ unseen."""
+    from backend.engine import EngineConfig
+
+    exposed = set(re.findall(r'key:\s*"(\w+)"', (ROOT / "model_repository" / "gemma" / "config.pbtxt").read_text()))
+    env, defaults = {}, EngineConfig()
+    for f in dataclasses.fields(EngineConfig):
+        value = getattr(config, f.name)
+        if f.name in exposed:
+            env[f"GEMMA_{f.name.upper()}"] = "" if value is None else str(value)
+        elif value != getattr(defaults, f.name):
+            raise ValueError(f"EngineConfig.{f.name}={value!r}: the server cannot be given it (not a parameter "
+                             "in model_repository/gemma/config.pbtxt)")
+    return env
+
+
+def start_server(log_path: Path, config):
+    """tritonserver on model_repository/ running the engine `config` describes (`server_env`), started
+    and stopped by the same code as the integration tests' servers. Returns an object with
+    `grpc_url` and `stop()`."""
     from tests.integration.conftest import start_servers
 
-    (server,) = start_servers((log_path, {"GEMMA_CHECKPOINT": str(ensure_default_checkpoint())}))
+    (server,) = start_servers((log_path, server_env(config)))
     return server
 
 

@@ -140,7 +140,9 @@ def test_summary_has_the_issue_keys_and_goal_verdicts(tmp_path):
     server = [_server_record(s, "closed", tok, c) for c in (1, 4, 8)
               for s, tok in (("server", 9.0 * c), ("engine_direct", 10.0 * c))]
     server += [_server_record("server", "open", 5.0), _server_record("engine_direct", "open", 5.0)]
-    info = {"cpu": "Test CPU", "cores": 2, "torch": "x", "torch_threads": 2, "transformers": "y", "date": "today"}
+    info = {"cpu": "Test CPU", "cores": 2, "torch": "x", "torch_threads": 2, "transformers": "y", "date": "today",
+            "device": "cpu", "engine_config": {"checkpoint": "/m/gemma-3-270m", "engine": "auto", "dtype": "auto",
+                                               "max_num_seqs": 16, "kv_cache_bytes": 1 << 30}}
     summary = run.summarize(records, server, run.Settings(), info, [1.0, 1.0, 1.0], 10.0)
     assert summary["engine_table"] == rows
     for key in ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_engine_throughput",
@@ -148,10 +150,15 @@ def test_summary_has_the_issue_keys_and_goal_verdicts(tmp_path):
         assert summary[key] is not None, key
     assert summary["server_vs_engine_throughput"] == pytest.approx(0.9)
     assert summary["goals"]["engine_vs_hf_single"]["met"] is True
+    assert summary["goals"]["server_vs_engine_throughput"]["met"] is True  # 0.9: the issue's bound, inclusive
     assert json.loads(json_line(summary))["type"] == "summary"
     assert summary["server_table"] == serving.table(server)
     table = run.markdown(rows, summary["server_table"], summary)
     assert "| engine | 8 |" in table and "closed, 8 clients" in table and "met" in table and "paired" in table
+    assert table.startswith("Test CPU, 2 cores,") and "Model gemma-3-270m: engine auto, dtype auto" in table
+    gpu = {**summary, "device": "NVIDIA H100 80GB HBM3", "cuda": "13.0"}
+    gpu_table = run.markdown(rows, summary["server_table"], gpu)
+    assert gpu_table.startswith("NVIDIA H100 80GB HBM3 (CUDA 13.0), host Test CPU")
 
     from benchmarks import plots
     for draw in (plots.throughput, plots.latency):

@@ -1,0 +1,120 @@
+"""The server-level benchmark's setup, checked on the CPU: the options build one EngineConfig that the
+server's model.py rebuilds from the GEMMA_* environment, the random gemma-2b-shaped checkpoint has a
+tokenizer and a vocabulary the engine can serve, and a request cut short is an error."""
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from backend.engine import Engine, EngineConfig
+from backend.sampling import SamplingParams
+from benchmarks import random_checkpoint, run, serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _server_model(monkeypatch):
+    """model_repository/gemma/1/model.py, imported with a stand-in for the module Triton's stub provides."""
+    pb_utils = types.ModuleType("triton_python_backend_utils")
+    pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
+    monkeypatch.delitem(sys.modules, "backend.metrics", raising=False)  # imports it too: re-import under the stand-in
+    spec = importlib.util.spec_from_file_location("gemma_model_py", ROOT / "model_repository/gemma/1/model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _server_engine_config(monkeypatch, env: dict[str, str]) -> EngineConfig:
+    """The EngineConfig the server's model builds (initialize) with config.pbtxt and `env`."""
+    model = _server_model(monkeypatch)
+    text = (ROOT / "model_repository/gemma/config.pbtxt").read_text()
+    parameters = {key: {"string_value": value} for key, value in
+                  re.findall(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text)}
+    for key in [k for k in os.environ if k.startswith("GEMMA_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    params = model.model_parameters({"parameters": parameters})
+    params.pop("max_prompt_bytes")  # the server's own limit, popped by initialize as well
+    return model.engine_config(params)
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(),
+    EngineConfig(checkpoint="/models/gemma-2b-random", engine="te", dtype="bfloat16", max_num_seqs=64,
+                 kv_cache_bytes=123 << 20, max_model_len=1024),
+])
+def test_the_server_rebuilds_the_engine_config_of_the_in_process_engine(monkeypatch, config):
+    assert _server_engine_config(monkeypatch, serving.server_env(config)) == config
+
+
+def test_a_setting_the_server_cannot_be_given_is_refused():
+    with pytest.raises(ValueError, match="fp8"):
+        serving.server_env(EngineConfig(fp8=True))
+
+
+def test_options_set_the_load_and_the_one_engine_config(default_checkpoint):
+    args = run.parse_args(["--checkpoint", "/m/gemma-2b", "--engine", "te", "--dtype", "bfloat16",
+                           "--max-num-seqs", "64", "--kv-cache-bytes", "1000", "--concurrencies", "1,8,32,64",
+                           "--server-tokens", "64", "--requests-per-client", "4", "--server-reps", "3",
+                           "--rate", "40", "--open-requests", "160", "--time-limit", "60"])
+    assert run.engine_config(args) == EngineConfig(checkpoint="/m/gemma-2b", engine="te", dtype="bfloat16",
+                                                   max_num_seqs=64, kv_cache_bytes=1000)
+    assert run.settings(args) == dataclasses.replace(
+        run.Settings(), concurrencies=(1, 8, 32, 64), server_tokens=64, requests_per_client=4, server_reps=3,
+        rate_per_s=40.0, open_requests=160, time_limit_s=60.0)
+    # No options: what `make bench` always ran (the packaged model, EngineConfig's defaults).
+    plain = run.parse_args([])
+    assert run.settings(plain) == run.Settings()
+    assert run.engine_config(plain) == EngineConfig(checkpoint=str(default_checkpoint))
+    assert run.settings(run.parse_args(["--quick", "--rate", "2"])) == dataclasses.replace(run.QUICK, rate_per_s=2.0)
+
+
+def test_gemma_2b_shapes():
+    c = random_checkpoint.gemma_2b_config()
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.head_dim) == (256000, 2048, 16384, 18, 8, 1, 256)
+
+
+def test_random_checkpoint_has_the_tokenizer_and_its_vocabulary_and_serves(tmp_path, monkeypatch,
+                                                                          default_checkpoint):
+    gemma_2b = random_checkpoint.gemma_2b_config
+    monkeypatch.setattr(random_checkpoint, "gemma_2b_config",  # gemma-2b's layer types, at a CPU test's size
+                        lambda layers, vocab: gemma_2b(layers, vocab, hidden_size=64, intermediate_size=128,
+                                                       head_dim=16))
+    out = random_checkpoint.main(["--out", str(tmp_path / "ckpt"), "--tokenizer", str(default_checkpoint),
+                                  "--layers", "2", "--device", "cpu"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma" and config["num_hidden_layers"] == 2
+    assert config["vocab_size"] == 262144  # the Gemma 3 tokenizer's, not gemma-2b's 256000
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+
+    engine = Engine.from_config(EngineConfig(checkpoint=str(out), max_num_seqs=2, kv_cache_bytes=4 << 20))
+    try:
+        assert max(engine.tokenizer.hf_tokenizer.get_vocab().values()) < engine.model.cfg.vocab_size
+        result = engine.submit("The capital of France is",
+                               SamplingParams(max_tokens=12, **serving.GREEDY)).result()
+        assert (result.num_output_tokens, result.finish_reason) == (12, "length")
+    finally:
+        engine.shutdown()
+
+
+class _Target:
+    """Delivers all tokens in one delta, one fewer for the prompt "short"."""
+    name = "fake"
+
+    async def stream(self, prompt, max_tokens, timeline):
+        timeline.arrivals.append((time.perf_counter(), max_tokens - (prompt == "short")))
+
+
+def test_a_request_that_ends_with_fewer_tokens_is_an_error():
+    record = serving.measure(_Target(), "closed", ["full", "short"], 5, 10, concurrency=2, num_requests=4)
+    assert (record["requests"], record["errors"], record["error_kinds"]) == (4, 2, {"wrong_token_count": 2})
