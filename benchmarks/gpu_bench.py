@@ -1,6 +1,7 @@
 """GPU benchmark: gemma-2b shapes with random bf16 weights; our TE engine path against HF transformers.
 
-    python3 -m benchmarks.gpu_bench [--batches 1,8,32,64] [--prompt 64] [--new 64] [--no-fp8] [--hf-compile]
+    python3 -m benchmarks.gpu_bench [--batches 1,8,32,64] [--prompt 64] [--new 64] [--fp8-recipes current,delayed]
+                                    [--compare-unfused] [--hf-compile] [--profile]
 
 Prints one JSON object per line (also appended to --out); the last line is the summary.
 
@@ -14,8 +15,10 @@ What is measured, per batch size B (B prompts of --prompt random tokens, --new g
 - hf_compile (--hf-compile): generate with a static cache, which HF compiles with torch.compile.
 - floor: bytes of weights one decode step reads / datasheet HBM bandwidth (H100 SXM: 3.35 TB/s,
   H200: 4.8 TB/s), and the same bytes over the copy bandwidth measured here.
-- fp8: the TE model with FP8 weights and GEMMs (Float8CurrentScaling); accuracy against bf16 on
-  the same (teacher-forced) tokens: logits relative error and top-1 agreement.
+- te_fp8_<recipe>: the TE model with FP8 weights and GEMMs, per FP8 recipe; accuracy against bf16
+  on the same (teacher-forced) tokens: logits relative error and top-1 agreement.
+- te_unfused (--compare-unfused): the TE model with the plain-torch attention instead of the fused
+  Triton kernels (backend/te/fused_decode.py).
 """
 from __future__ import annotations
 
@@ -189,6 +192,28 @@ def profile_step(model, cfg, kv, batch: int, prompt_len: int, steps: int = 20) -
                 top=[(name[:80], round(ms, 4)) for name, ms in top])
 
 
+def run_variant(out, name: str, model, te16, kv16, batches, prompt: int, new: int) -> dict:
+    """Decode speed of a TE variant per batch size; for FP8, accuracy against the bf16 model on the
+    same teacher-forced tokens (logits relative error, top-1 agreement)."""
+    emit(out, kind="setup", what=f"{name}_load", weight_bytes=model.weight_bytes_per_step())
+    kv = make_cache(model, max(batches + [8]), prompt, new)
+    rows = {}
+    for b in batches:
+        te_run(model, model.cfg, kv, b, prompt, new)  # warm-up: captures this batch's graphs
+        r, _, _ = te_run(model, model.cfg, kv, b, prompt, new, seed=1)
+        rows[b] = emit(out, kind=name, batch=b, graphs_disabled=model.graphs.disabled, **r)
+    if model.fp8:
+        acc_batch = 8
+        _, chosen, ref_logits = te_run(te16, te16.cfg, kv16, acc_batch, prompt, new, seed=2, keep_logits=True)
+        _, _, got_logits = te_run(model, model.cfg, kv, acc_batch, prompt, new, seed=2, forced=chosen,
+                                  keep_logits=True)
+        a, f = torch.stack(ref_logits).float(), torch.stack(got_logits).float()
+        emit(out, kind="fp8_accuracy", variant=name, batch=acc_batch, positions=a.shape[0] * a.shape[1],
+             logits_rel_err=float((f - a).norm() / a.norm()),
+             top1_agreement=float((f.argmax(-1) == a.argmax(-1)).float().mean()))
+    return rows
+
+
 def hf_generate_time(hf, batch: int, prompt_len: int, new: int, **kw) -> float:
     ids = torch.randint(3, hf.config.vocab_size, (batch, prompt_len), device="cuda")
     mask = torch.ones_like(ids)
@@ -221,7 +246,10 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--layers", type=int, default=18)
-    p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--fp8-recipes", default="current,delayed",
+                   help="FP8 variants to run (comma-separated recipes of backend.te.model.make_fp8_recipe; empty: none)")
+    p.add_argument("--compare-unfused", action="store_true",
+                   help="also the TE model with the plain-torch attention instead of the fused Triton kernels")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="also HF static cache + torch.compile (slow to compile)")
     p.add_argument("--profile", action="store_true", help="kernel time vs wall time of decode steps")
@@ -252,7 +280,7 @@ def main() -> None:
     emit(out, kind="setup", what="te_bf16_load", seconds=time.perf_counter() - t0, weight_bytes=weight_bytes,
          copy_bandwidth_GBs=bw / 1e9, floor_ms_datasheet=1e3 * weight_bytes / hbm,
          floor_ms_measured_bw=1e3 * weight_bytes / bw)
-    results: dict = {"te_bf16": {}, "hf_eager": {}, "te_fp8": {}, "hf_compile": {}}
+    results: dict = {"te_bf16": {}, "hf_eager": {}, "hf_compile": {}}
 
     kv16 = make_cache(te16, max(batches + [8]), args.prompt, args.new)
     for b in batches:
@@ -276,30 +304,17 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 emit(out, kind="error", section="hf_eager", batch=b, error=repr(e))
 
-    if not args.no_fp8:
+    # Other TE variants, one loaded at a time, each against te_bf16 in this same run.
+    variants = {f"te_fp8_{r}": dict(fp8=True, fp8_recipe=r) for r in args.fp8_recipes.split(",") if r}
+    if args.compare_unfused:
+        variants["te_unfused"] = dict(fused=False)
+    for name, kw in variants.items():
         try:
-            t0 = time.perf_counter()
-            te8 = load_te_model(ckpt, torch.bfloat16, "cuda", fp8=True, cuda_graphs=True)
-            emit(out, kind="setup", what="te_fp8_load", seconds=time.perf_counter() - t0,
-                 weight_bytes=te8.weight_bytes_per_step())
-            kv8 = make_cache(te8, max(batches + [8]), args.prompt, args.new)
-            for b in batches:
-                te_run(te8, cfg, kv8, b, args.prompt, args.new)
-                r, _, _ = te_run(te8, cfg, kv8, b, args.prompt, args.new, seed=1)
-                results["te_fp8"][b] = emit(out, kind="te_fp8", batch=b, graphs_disabled=te8.graphs.disabled, **r)
-            # Accuracy: the bf16 model's greedy tokens forced through both models.
-            acc_batch = 8
-            _, chosen, ref_logits = te_run(te16, cfg, kv16, acc_batch, args.prompt, args.new, seed=2,
-                                           keep_logits=True)
-            _, _, fp8_logits = te_run(te8, cfg, kv8, acc_batch, args.prompt, args.new, seed=2, forced=chosen,
-                                      keep_logits=True)
-            a, f = torch.stack(ref_logits).float(), torch.stack(fp8_logits).float()
-            emit(out, kind="fp8_accuracy", batch=acc_batch, positions=a.shape[0] * a.shape[1],
-                 logits_rel_err=float((f - a).norm() / a.norm()),
-                 top1_agreement=float((f.argmax(-1) == a.argmax(-1)).float().mean()))
-            del te8
+            results[name] = run_variant(out, name, load_te_model(ckpt, torch.bfloat16, "cuda", **kw), te16, kv16,
+                                        batches, args.prompt, args.new)
         except Exception as e:  # noqa: BLE001
-            emit(out, kind="error", section="te_fp8", error=repr(e))
+            emit(out, kind="error", section=name, error=repr(e))
+        torch.cuda.empty_cache()
 
     if args.hf_compile:
         for b in batches:
@@ -326,10 +341,12 @@ def main() -> None:
             row["te_over_hf_eager"] = round(te_b[b]["decode_tok_s"] / results["hf_eager"][b]["decode_tok_s"], 2)
         if b in results["hf_compile"] and b in te_b:
             row["te_over_hf_compile"] = round(te_b[b]["decode_tok_s"] / results["hf_compile"][b]["decode_tok_s"], 2)
-        if b in results["te_fp8"] and b in te_b:
-            row["fp8_tok_s"] = round(results["te_fp8"][b]["decode_tok_s"])
-            row["fp8_speedup_forward"] = round(te_b[b]["forward_gpu_ms"] / results["te_fp8"][b]["forward_gpu_ms"], 2)
-            row["fp8_speedup_loop"] = round(results["te_fp8"][b]["decode_tok_s"] / te_b[b]["decode_tok_s"], 2)
+        for name in variants:  # >1: the variant is faster than te_bf16
+            if b in results.get(name, {}) and b in te_b:
+                v = results[name][b]
+                row[f"{name}_tok_s"] = round(v["decode_tok_s"])
+                row[f"{name}_speedup_forward"] = round(te_b[b]["forward_gpu_ms"] / v["forward_gpu_ms"], 2)
+                row[f"{name}_speedup_loop"] = round(v["decode_tok_s"] / te_b[b]["decode_tok_s"], 2)
         summary[f"batch{b}"] = row
     if 1 in te_b:
         summary["batch1_forward_over_floor"] = round(te_b[1]["forward_gpu_ms"] / summary["floor_ms"], 2)
