@@ -6,6 +6,7 @@ Nothing here knows about Triton; `model_repository/gemma/1/model.py` is a thin c
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -52,6 +53,12 @@ class RequestOutput:
     finish_reason: Optional[str] = None  # None while running: "stop", "length", "cancelled", "error"
     error: Optional[str] = None
 
+    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
+        """This output and the request's next one as a single output (for a consumer that fell
+        behind and delivers what has accumulated at once)."""
+        return RequestOutput(self.text + later.text, self.token_ids + later.token_ids, later.num_prompt_tokens,
+                             later.num_output_tokens, later.finish_reason, later.error)
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -82,16 +89,18 @@ class RequestHandle:
 
     def result(self) -> RequestOutput:
         """Block until finished; one output holding the whole completion."""
-        parts = list(self)
-        return RequestOutput("".join(p.text for p in parts), [t for p in parts for t in p.token_ids],
-                             self.num_prompt_tokens, parts[-1].num_output_tokens, parts[-1].finish_reason,
-                             parts[-1].error)
+        return functools.reduce(RequestOutput.followed_by, self)
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available, else cpu; "cuda" -> the current CUDA device, with its index (the
+    engine thread selects it with torch.cuda.set_device, which refuses an index-less device)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def load_model(config: EngineConfig, path: Path, device: torch.device, dtype: torch.dtype):

@@ -63,6 +63,9 @@ lines=("# written by $repo/.gpu-serving/run.sh for one benchmark run; it removes
 if ! "$py" -c "$numpy1" >/dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --upgrade --target "$work/numpy" "$here"/numpy-1.26.4-*.whl >&2 || exit 1
   lines+=("import sys; sys.path.insert(0, '$work/numpy')")
+  # scipy and scikit-learn there need numpy 2; transformers imports them only where find_spec finds
+  # them, and find_spec finds nothing for a name mapped to None in sys.modules.
+  lines+=("import sys; sys.modules.update(sklearn=None, scipy=None)")
 fi
 lines+=("$repo" "$repo/client")
 printf '%s\n' "${lines[@]}" > "$pth" || exit 1

@@ -50,6 +50,11 @@ def test_stream_deltas_concatenate_to_result(engine):
     assert "".join(d.text for d in deltas) == whole.text
     assert [t for d in deltas for t in d.token_ids] == whole.token_ids
     assert whole.text == engine.tokenizer.decode(whole.token_ids)
+    # Outputs merged as a consumer that fell behind merges them (the Triton responder) lose nothing.
+    merged = deltas[0]
+    for d in deltas[1:]:
+        merged = merged.followed_by(d)
+    assert merged == whole
 
 
 def test_cancel_frees_blocks(engine):

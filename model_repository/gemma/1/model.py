@@ -77,13 +77,26 @@ class _Request:
         self.last_token_at: float | None = None
         self.record = RequestRecord("success")
 
-    def note_tokens(self) -> None:
+    def note_tokens(self, count: int) -> None:
+        """`count` tokens go out now. A gap g before k tokens counts as k inter-token gaps of g/k
+        (as benchmarks/stats.py's Timeline counts them), so merged responses hide no tokens."""
         now = time.monotonic()
         if self.last_token_at is None:
             self.record.ttft_s = now - self.submitted
         else:
-            self.record.inter_token_s.append(now - self.last_token_at)
+            self.record.inter_token_s.extend([(now - self.last_token_at) / count] * count)
         self.last_token_at = now
+
+
+def _coalesce(items: list) -> list:
+    """(request, output) pairs in arrival order -> one merged output per request. Every send costs
+    the same whatever it carries (~0.1 ms through the stub), and with many streams one send per
+    token falls behind the engine (measured: 64 streams of a 3 ms/step engine on an H200 got 45% of
+    its throughput): a responder that fell behind sends each stream's accumulated tokens at once."""
+    merged: dict = {}
+    for req, out in items:
+        merged[req] = merged[req].followed_by(out) if req in merged else out
+    return list(merged.items())
 
 
 def _response(text: str, finish_reason: str, out, token_ids) -> pb_utils.InferenceResponse:
@@ -181,19 +194,35 @@ class TritonPythonModel:
         next_poll = time.monotonic() + CANCEL_POLL_S
         while True:
             try:
-                item = self._outputs.get(timeout=max(next_poll - time.monotonic(), 0))
+                items = [self._outputs.get(timeout=max(next_poll - time.monotonic(), 0))]
             except queue.Empty:
-                item = ()
-            if item is None:
+                items = []
+            stopping = self._drain_into(items)
+            for req, out in _coalesce(items):
+                try:
+                    self._respond(req, out)
+                except Exception as e:  # a client gone mid-send must not stop the other streams
+                    pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
+            if stopping:
                 return
-            try:
-                if item:
-                    self._respond(*item)
-                if time.monotonic() >= next_poll:
-                    next_poll = time.monotonic() + CANCEL_POLL_S
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + CANCEL_POLL_S
+                try:
                     self._cancel_abandoned()
-            except Exception as e:  # a client gone mid-send must not stop the other streams
-                pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
+                except Exception as e:
+                    pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
+
+    def _drain_into(self, items: list) -> bool:
+        """Move every queued output into `items`; True if the stop sentinel (None) was among them."""
+        while items and items[-1] is not None:
+            try:
+                items.append(self._outputs.get_nowait())
+            except queue.Empty:
+                break
+        if items and items[-1] is None:
+            items.pop()
+            return True
+        return False
 
     def _cancel_abandoned(self) -> None:
         with self._lock:
@@ -204,7 +233,7 @@ class TritonPythonModel:
 
     def _respond(self, req: _Request, out) -> None:
         if out.token_ids:
-            req.note_tokens()
+            req.note_tokens(len(out.token_ids))
         if out.finish_reason is None:
             if not req.stream:
                 req.text.append(out.text)
