@@ -20,8 +20,9 @@ test: setup
 	bash scripts/e2e.sh
 
 # GPU tests (TransformerEngine); run on a CUDA machine, see docs/gpu.md.
-test-gpu:
+test-gpu:  # the fused-kernel tests run compiled where CUDA is (in Triton's interpreter elsewhere)
 	python3 -m pytest -q -m gpu tests
+	python3 -m pytest -q tests/test_fused_decode.py
 
 bench: setup
 	$(PY) -m benchmarks.run
