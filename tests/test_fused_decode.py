@@ -11,13 +11,12 @@ if DEVICE == "cpu":
 
 pytest.importorskip("triton")
 
-from backend.model import apply_rope, rope_cos_sin  # noqa: E402
 from backend.config import RopeSpec  # noqa: E402
+from backend.model import AttentionGroup, apply_rope, rope_cos_sin  # noqa: E402
 from backend.te import fused_decode  # noqa: E402
 from backend.te.attention import StepContext, attend, decode_masks, paged_attention, write_kv  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-from backend.model import AttentionGroup  # noqa: E402
 
 
 def qkv_views(T, kv_heads, group, D, gen):

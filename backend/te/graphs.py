@@ -7,9 +7,11 @@ buffers; a step copies its inputs into them (device-to-device, no host sync) and
 
 Padding a batch of B decodes up to its bucket Bb: rows B..Bb-1 write no K/V (the fused kernel skips
 them; the torch path gives them row 0's slot and row 0's K/V, identical duplicate writes), attend
-over slot 0 only, and their logits are dropped. The context is padded to a power-of-two bucket C: columns past a sequence's length point
-at slot 0 and are masked. Masks are derived inside the graph from the positions, which is exact
-for decodes (build_step lays a decode's context out as its positions 0..ctx-1).
+over slot 0 only, and their logits are dropped. The context is padded to a power-of-two bucket C:
+columns past a sequence's length point at slot 0 and are never attended to. Both attention paths
+take the visible keys from the positions inside the graph (the fused kernel directly, the torch
+path through masks built there), which is exact for decodes (build_step lays a decode's context
+out as its positions 0..ctx-1).
 
 The engine captures every reachable bucket when it starts (`capture_all`); a bucket still missing
 is captured the first time it is needed (the capture's warm-up runs the real step, so it writes the
@@ -78,18 +80,17 @@ class DecodeGraphs:
         return (n == 1 and batch == token_ids.shape[0] and batch <= self.buckets[-1]
                 and group.kv_slots.shape[1] <= self.max_ctx)
 
-    def capture_all(self, kv_cache, max_batch: int, max_len: int) -> int:
+    def capture_all(self, kv_cache, max_batch: int, max_len: int) -> None:
         """Capture every bucket that steps of up to `max_batch` sequences and `max_len` tokens can
         reach, before serving, so no request pays for a capture. The captures' warm-up steps have
         no valid rows: the fused kernels write no K/V (the torch path writes slot 0, which every
-        sequence overwrites before reading). Returns the number of graphs."""
+        sequence overwrites before reading)."""
         top_batch = _bucket(max_batch, self.buckets) or self.buckets[-1]
         top_ctx = min(_ctx_bucket(max_len), self.max_ctx)
         for batch in (b for b in self.buckets if b <= top_batch):
             ctx = MIN_CTX_BUCKET
             while ctx <= top_ctx and self._ready((batch, ctx), kv_cache):
                 ctx *= 2
-        return len(self.entries)
 
     def run(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
         batch, ctx = token_ids.shape[0], layout.groups[0].kv_slots.shape[1]
