@@ -1,14 +1,15 @@
 """The generation engine: a request queue, one engine thread, and handles that stream results.
 
-Data path of one step (`Engine._step`): scheduler picks the work -> batch.build_step lays it out ->
-model forward (reference or TransformerEngine) -> sampler -> detokenizer / stop checks -> outputs.
+Data path of one step (`Engine._step`): scheduler.schedule() picks the chunks -> runner.execute()
+lays them out, runs the model (reference or TransformerEngine) and samples -> scheduler.update()
+appends the tokens and applies the stop rules -> each request's handle gets its token delta.
+Text is made by the handle's reader, off this thread (backend/outputs.py).
 Nothing here knows about Triton; `model_repository/gemma/1/model.py` is a thin client of this API.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,14 @@ from typing import Callable, Iterator, Optional, Sequence as Seq, Union
 
 import torch
 
-from .batch import build_step
 from .errors import EngineOverloadedError, InvalidRequestError
 from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
-from .sampling import SamplingParams, SamplingRow, make_generator, sample
-from .scheduler import Scheduler, Sequence
-from .tokenizer import TextStream, Tokenizer
+from .outputs import OutputProcessor, RequestOutput, TokenDelta
+from .runner import ModelRunner, StepModel
+from .sampling import SamplingParams, make_generator
+from .scheduler import PrefixCacheStats, Scheduler, Sequence
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +43,8 @@ class EngineConfig:
     max_model_len: int = 8192  # prompt + generated tokens (capped by the model's positions)
     max_num_batched_tokens: int = 512  # tokens per step: bounds prefill chunks
     max_queue_size: int = 256  # waiting requests beyond this are refused (EngineOverloadedError)
+    enable_prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts and outputs
     fp8: bool = False  # TE only: FP8 GEMMs on Hopper
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    text: str  # new text since the previous output
-    token_ids: list[int]  # new token ids since the previous output
-    num_prompt_tokens: int
-    num_output_tokens: int
-    finish_reason: Optional[str] = None  # None while running: "stop", "length", "cancelled", "error"
-    error: Optional[str] = None
-
-    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
-        """This output and the request's next one as a single output (for a consumer that fell
-        behind and delivers what has accumulated at once)."""
-        return RequestOutput(self.text + later.text, self.token_ids + later.token_ids, later.num_prompt_tokens,
-                             later.num_output_tokens, later.finish_reason, later.error)
 
 
 @dataclass(frozen=True)
@@ -65,31 +52,58 @@ class EngineStats:
     kv_cache: CacheUsage
     num_running: int
     num_waiting: int
+    prefix_cache: PrefixCacheStats
+    num_preemptions: int  # since the engine started
 
 
 class RequestHandle:
-    """One submitted request: iterate for its outputs (unless a callback took them), cancel any time."""
+    """One submitted request. The engine thread appends its token deltas; whoever reads them (poll,
+    or iterate) turns them into text in their own thread. Cancel any time."""
 
-    def __init__(self, engine: "Engine", seq: Sequence, outputs: Optional[queue.Queue]):
-        self._engine, self._seq, self._outputs = engine, seq, outputs
+    def __init__(self, engine: "Engine", seq: Sequence, processor: OutputProcessor,
+                 on_ready: Optional[Callable[["RequestHandle"], None]]):
+        self._engine, self._seq, self._processor, self._on_ready = engine, seq, processor, on_ready
+        self._deltas: list[TokenDelta] = []
+        self._arrived = threading.Condition()
         self.request_id = seq.request_id
         self.num_prompt_tokens = seq.num_prompt_tokens
 
     def cancel(self) -> None:
-        self._engine._cancel(self._seq)
+        self._engine._finish_early(self._seq, "cancelled")
+
+    def poll(self) -> Optional[RequestOutput]:
+        """Everything generated since the last poll as one output (None if nothing new). Call
+        from one thread at a time. A stop string found here stops the sequence in the engine."""
+        with self._arrived:
+            deltas, self._deltas = self._deltas, []
+        out = self._processor.process(deltas)
+        if out is not None and self._processor.stopped_by_text:
+            self._engine._finish_early(self._seq, "stop")
+        return out
 
     def __iter__(self) -> Iterator[RequestOutput]:
-        if self._outputs is None:
-            raise RuntimeError("this request delivers its outputs to the on_output callback")
         while True:
-            out = self._outputs.get()
-            yield out
-            if out.finish_reason is not None:
-                return
+            with self._arrived:
+                self._arrived.wait_for(lambda: self._deltas)
+            out = self.poll()
+            if out is not None:
+                yield out
+                if out.finish_reason is not None:
+                    return
 
     def result(self) -> RequestOutput:
         """Block until finished; one output holding the whole completion."""
         return functools.reduce(RequestOutput.followed_by, self)
+
+    def _deliver(self, delta: TokenDelta) -> None:  # engine thread
+        with self._arrived:
+            self._deltas.append(delta)
+            self._arrived.notify()
+        if self._on_ready is not None:
+            try:
+                self._on_ready(self)
+            except Exception:  # a broken consumer must not take the engine down
+                log.exception("on_ready callback failed for request %d", self.request_id)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,7 +134,7 @@ def load_model(config: EngineConfig, path: Path, device: torch.device, dtype: to
 
 
 class Engine:
-    def __init__(self, build_model: Callable[[], torch.nn.Module], tokenizer: Tokenizer, config: EngineConfig,
+    def __init__(self, build_model: Callable[[], StepModel], tokenizer: Tokenizer, config: EngineConfig,
                  device: torch.device):
         """`build_model` runs on the engine thread, which then owns every torch op of the engine.
         Measured on the 2-core CPU: a model whose weights were loaded by another thread (whose OpenMP
@@ -128,8 +142,10 @@ class Engine:
         self.tokenizer, self.config, self.device = tokenizer, config, device
         self._lock = threading.Condition()
         self._submitted: list[Sequence] = []
-        self._cancelled: list[Sequence] = []
+        self._finish_requests: list[tuple[Sequence, str]] = []  # cancellations, stop strings found
+        self._handles: dict[int, RequestHandle] = {}  # request id -> handle, while it runs or waits
         self._next_id = 0
+        self._num_preemptions = 0
         self._stopping = False
         started: list = []  # what the engine thread set up, or the exception it raised
         ready = threading.Event()
@@ -143,17 +159,16 @@ class Engine:
     def _setup(self, build_model) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on cuda:0
-        self.model = build_model()
-        cfg = self.model.cfg
+        model = build_model()
+        cfg = model.cfg
+        self.vocab_size = cfg.vocab_size
         self.max_model_len = min(self.config.max_model_len, cfg.max_position_embeddings)
-        dtype = next(self.model.parameters()).dtype
-        self.kv_cache = PagedKVCache.from_budget(cfg, self.config.kv_cache_bytes, self.config.block_size, dtype,
-                                                 self.device)
-        self.scheduler = Scheduler(self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self._windows = {layer.sliding_window for layer in cfg.layers}
-        warm_up = getattr(self.model, "warm_up", None)  # the TE model captures its CUDA graphs here
-        if warm_up is not None:
-            warm_up(self.kv_cache, self.config.max_num_seqs, self.max_model_len)
+        self.kv_cache = PagedKVCache.from_budget(cfg, self.config.kv_cache_bytes, self.config.block_size, model.dtype,
+                                                 self.device, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache.pool, self.config.block_size, self.config.max_num_seqs,
+                                   self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.kv_cache, self.device)
+        model.warm_up(self.kv_cache, self.config.max_num_seqs, self.max_model_len)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -174,15 +189,14 @@ class Engine:
     # --- API (any thread) -------------------------------------------------------------------------
 
     def submit(self, prompt: Union[str, Seq[int]], params: SamplingParams,
-               on_output: Optional[Callable[[RequestOutput], None]] = None) -> RequestHandle:
+               on_ready: Optional[Callable[[RequestHandle], None]] = None) -> RequestHandle:
+        """Queue a request. With `on_ready`, the engine thread calls on_ready(handle) whenever the
+        request has new output, for the caller to `poll()` (from its own thread)."""
         if isinstance(prompt, str) and not prompt:
             raise InvalidRequestError("prompt is empty")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(prompt_ids, params)
-        outputs = None
-        if on_output is None:
-            outputs = queue.Queue()
-            on_output = outputs.put
+        processor = OutputProcessor(self.tokenizer, prompt_ids, params)
         with self._lock:
             if self._stopping:
                 raise EngineOverloadedError("the engine is shutting down")
@@ -194,21 +208,23 @@ class Engine:
                 raise EngineOverloadedError(
                     f"{self.config.max_queue_size} requests are already waiting; retry later")
             seq = Sequence(
-                request_id=self._next_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids),
+                request_id=self._next_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
                 # Unseeded requests share the global RNG (one batched draw); a seed gets its own
                 # generator so its output does not depend on what else is in the batch.
-                params=params, generator=None if params.seed is None else make_generator(params.seed, self.device),
-                text_stream=TextStream(self.tokenizer, prompt_ids, params.stop, min_tokens=params.min_tokens),
-                on_output=on_output)
+                generator=None if params.seed is None else make_generator(params.seed, self.device),
+                eos_token_ids=self.tokenizer.eos_token_ids)
+            handle = RequestHandle(self, seq, processor, on_ready)
+            self._handles[seq.request_id] = handle
             self._next_id += 1
             self._submitted.append(seq)
             self._lock.notify()
-        return RequestHandle(self, seq, outputs)
+        return handle
 
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(self.kv_cache.usage(), len(self.scheduler.running),
-                               len(self.scheduler.waiting) + len(self._submitted))
+                               len(self.scheduler.waiting) + len(self._submitted), self.scheduler.prefix_cache,
+                               self._num_preemptions)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel everything in flight (each gets a final "cancelled" output) and stop the thread."""
@@ -217,11 +233,11 @@ class Engine:
             self._lock.notify()
         self._thread.join(timeout)
 
-    def _cancel(self, seq: Sequence) -> None:
+    def _finish_early(self, seq: Sequence, reason: str) -> None:
+        """Ask the engine thread to end `seq` (cancelled, or a stop string found by its reader)."""
         with self._lock:
-            if seq.finish_reason is None and not seq.cancel_requested:
-                seq.cancel_requested = True
-                self._cancelled.append(seq)
+            if seq.finish_reason is None:
+                self._finish_requests.append((seq, reason))
                 self._lock.notify()
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -232,14 +248,14 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                 f"the context of {self.max_model_len} tokens")
+        # A sequence alone must fit the cache: then preempting newer ones always lets the oldest finish.
         if self.kv_cache.blocks_for(total) > self.kv_cache.pool.num_blocks:
             raise InvalidRequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache "
                                       f"({self.kv_cache.pool.num_blocks * self.kv_cache.block_size} tokens)")
-        vocab = self.model.cfg.vocab_size
-        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
+        if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})")
 
     # --- engine thread ----------------------------------------------------------------------------
 
@@ -257,71 +273,46 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._submitted or self._cancelled or self._stopping or self.scheduler.has_work()):
+                while not (self._submitted or self._finish_requests or self._stopping or self.scheduler.has_work()):
                     self._lock.wait()
-                self.scheduler.waiting.extend(self._submitted)
+                for seq in self._submitted:
+                    self.scheduler.add(seq)
                 self._submitted.clear()
-                cancelled, self._cancelled = self._cancelled, []
+                finish_requests, self._finish_requests = self._finish_requests, []
                 stopping = self._stopping
-            for seq in cancelled:
+            for seq, reason in finish_requests:
                 if seq.finish_reason is None:
-                    self._finish(seq, "cancelled")
+                    self._finish(seq, reason)
             if stopping:
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(seq, "cancelled")
                 return
-            self.scheduler.admit()
             self._step()
 
     def _step(self) -> None:
-        work = self.scheduler.schedule()
-        if not work:
+        """schedule -> model step and sampling -> apply the tokens -> hand each its delta."""
+        output = self.scheduler.schedule()
+        self._num_preemptions += len(output.preempted)
+        if not output.chunks:
             return
         try:
-            token_ids, layout = build_step([chunk for _, chunk in work], self.kv_cache.block_size,
-                                           self._windows, self.device)
-            logits = self.model(token_ids, layout, self.kv_cache)
-            for seq, chunk in work:
-                seq.num_computed += len(chunk.token_ids)
-            sampling = [seq for seq, chunk in work if chunk.needs_logits]
-            rows = [SamplingRow(s.params, s.generator, s.token_ids, s.num_output_tokens, self.tokenizer.eos_token_ids)
-                    for s in sampling]
-            new_tokens = sample(logits, rows) if rows else []
+            sampled = self.runner.execute(output)
         except Exception as exc:  # a fault fails this step's requests; the engine keeps serving
             log.exception("engine step failed")
-            for seq, _ in work:
-                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            for scheduled in output.chunks:
+                self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
-        for seq, token in zip(sampling, new_tokens):
-            self._append_token(seq, token)
+        for seq, token in zip(self.scheduler.update(output, sampled), sampled):
+            self._deliver(seq, TokenDelta([token], seq.finish_reason, num_cached_tokens=seq.num_cached_prompt_tokens))
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        seq.token_ids.append(token)
-        seq.pending_token_ids.append(token)
-        may_stop = seq.num_output_tokens >= params.min_tokens
-        if may_stop and (token in params.stop_token_ids or
-                         (token in self.tokenizer.eos_token_ids and not params.ignore_eos)):
-            return self._finish(seq, "stop")
-        text = seq.text_stream.push(token)
-        if seq.text_stream.stopped:
-            return self._finish(seq, "stop", text)
-        if seq.num_output_tokens >= params.max_tokens:
-            return self._finish(seq, "length", text)
-        if text:
-            self._emit(seq, text)
-
-    def _finish(self, seq: Sequence, reason: str, text: str = "", error: Optional[str] = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         self.scheduler.finish(seq, reason)
-        if reason in ("stop", "length"):
-            text += seq.text_stream.finish()
-        self._emit(seq, text, error)
+        self._deliver(seq, TokenDelta([], reason, error, seq.num_cached_prompt_tokens))
 
-    def _emit(self, seq: Sequence, text: str, error: Optional[str] = None) -> None:
-        out = RequestOutput(text, seq.pending_token_ids, seq.num_prompt_tokens, seq.num_output_tokens,
-                            seq.finish_reason, error)
-        seq.pending_token_ids = []
-        try:
-            seq.on_output(out)
-        except Exception:  # a broken consumer must not take the engine down
-            log.exception("on_output callback failed for request %d", seq.request_id)
+    def _deliver(self, seq: Sequence, delta: TokenDelta) -> None:
+        if delta.finish_reason is not None:
+            with self._lock:
+                handle = self._handles.pop(seq.request_id)
+        else:
+            handle = self._handles[seq.request_id]
+        handle._deliver(delta)

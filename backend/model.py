@@ -174,6 +174,13 @@ class GemmaModel(nn.Module):
         # A CPU copy of the tied embedding prepacked for the LM head (see prepare_for_cpu).
         self.lm_head_packed: torch.Tensor | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def warm_up(self, kv_cache, max_batch: int, max_len: int) -> None:
+        """Nothing to prepare: every step runs eagerly (the TE model captures CUDA graphs here)."""
+
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
         """token_ids: [T] -> float32 logits [S, vocab] for `layout.logit_rows`."""

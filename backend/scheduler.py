@@ -1,20 +1,27 @@
-"""Continuous batching: which sequences run this step and with how many tokens.
+"""Continuous batching: which sequences run this step, with how many tokens, and what the sampled
+tokens do to them.
 
-Each step, waiting requests are admitted first-come-first-served while there is a free slot and the
-KV pool can reserve blocks for prompt + max_tokens (so running sequences never run out of cache).
-Every running sequence then contributes its pending tokens: one for a decode, a chunk of its prompt
-for a prefill, within a per-step token budget (decodes first, so prefills never stall streams).
+`schedule()` returns plain data (`SchedulerOutput`): the chunks to compute, each a sequence's next
+tokens with its block table. `update()` takes the sampled tokens back, appends them and applies
+every stop rule (EOS, stop ids, max_tokens; none before min_tokens) in one place. Knows no model,
+no tokenizer and no thread: tested alone (tests/test_scheduler.py).
+
+KV blocks are allocated as sequences grow. When the pool runs dry, the newest running sequence is
+preempted: its blocks go back (full ones stay cached as a prefix), it rejoins the front of the
+queue, and on resume its prompt and the tokens it had generated are computed again as a prefill,
+so its output is what it would have been. Waiting sequences are admitted first come, first served;
+with prefix caching a new sequence starts after the longest cached prefix of its tokens.
 """
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .batch import SeqChunk
-from .kv_cache import PagedKVCache
+from .kv_cache import BlockPool, block_hash
 from .sampling import SamplingParams
 
 
@@ -24,60 +31,117 @@ class Sequence:
     token_ids: list[int]  # prompt, then generated tokens
     num_prompt_tokens: int
     params: SamplingParams
-    generator: Optional[torch.Generator]  # None: the global RNG (unseeded requests)
-    text_stream: object  # backend.tokenizer.TextStream
-    on_output: Callable
+    generator: Optional[torch.Generator] = None  # None: the global RNG (unseeded requests)
+    eos_token_ids: frozenset[int] = frozenset()
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # names of the full blocks of token_ids so far
     num_computed: int = 0  # tokens whose K/V are in the cache
-    cancel_requested: bool = False
+    num_cached_prompt_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
+    num_preemptions: int = 0
     finish_reason: Optional[str] = None
-    pending_token_ids: list[int] = field(default_factory=list)  # generated, not yet reported
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def reserved_tokens(self) -> int:
-        return self.num_prompt_tokens + self.params.max_tokens
+    def num_pending(self) -> int:
+        """Tokens whose K/V are not computed yet: one for a decode, more for a prefill."""
+        return len(self.token_ids) - self.num_computed
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    chunk: SeqChunk  # its tokens computed this step; needs_logits: it reaches the last token
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.chunk.needs_logits
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]  # sent back to the queue this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.chunk.token_ids) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, found cached
 
 
 class Scheduler:
-    def __init__(self, kv_cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int):
-        self.kv_cache = kv_cache
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is the first preempted
+        self.prefix_cache = PrefixCacheStats()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self) -> None:
-        pool = self.kv_cache.pool
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            needed = self.kv_cache.blocks_for(seq.reserved_tokens)
-            if needed > pool.num_free:
-                break  # wait for blocks; FCFS keeps a big request from starving behind small ones
-            self.waiting.popleft()
-            seq.block_table = pool.allocate(needed)
-            self.running.append(seq)
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
 
-    def schedule(self) -> list[tuple[Sequence, SeqChunk]]:
-        """Pick this step's work; a sequence samples a token when its chunk reaches its last token."""
-        work, budget = [], self.max_num_batched_tokens
-        decodes = [s for s in self.running if len(s.token_ids) - s.num_computed == 1]
-        prefills = [s for s in self.running if len(s.token_ids) - s.num_computed > 1]
-        for seq in decodes + prefills:
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if n <= 0:
+    # --- one step ---------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Running sequences first (decodes, then prefill chunks), oldest first, then admissions,
+        within the step's token budget."""
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        budget = self.max_num_batched_tokens
+        by_kind = sorted(self.running, key=lambda s: s.num_pending > 1)  # stable: decodes first, each oldest first
+        for seq in by_kind:
+            if budget == 0:
                 break
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_pending, budget)
+            victims = self._grow(seq, seq.num_computed + n)
+            preempted += victims
+            for victim in victims:  # a newer decode may already hold a chunk of this step
+                budget += sum(len(c.chunk.token_ids) for c in chunks if c.seq is victim)
+                chunks = [c for c in chunks if c.seq is not victim]
+            if seq in victims:
+                continue
             budget -= n
-            end = seq.num_computed + n
-            work.append((seq, SeqChunk(seq.token_ids[seq.num_computed:end], seq.num_computed,
-                                       seq.block_table, needs_logits=end == len(seq.token_ids))))
-        return work
+            chunks.append(self._chunk(seq, n))
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if not self._admit(seq, budget):
+                break  # first come, first served: a big request does not starve behind small ones
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(seq.num_pending, budget)
+            budget -= n
+            chunks.append(self._chunk(seq, n))
+        return SchedulerOutput(chunks, preempted)
+
+    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
+        """Apply a computed step: record the chunks' K/V as computed (naming newly full blocks for
+        prefix reuse), append each sampled token (one per chunk that needs logits, in order) and
+        finish sequences that reached a stop. Returns the sequences that got a token."""
+        for scheduled in output.chunks:
+            seq, chunk = scheduled.seq, scheduled.chunk
+            seq.num_computed = chunk.start + len(chunk.token_ids)
+            self._name_full_blocks(seq, first=chunk.start // self.block_size)
+        samplers = [c.seq for c in output.chunks if c.needs_logits]
+        for seq, token in zip(samplers, sampled):
+            seq.token_ids.append(token)
+            reason = stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+        return samplers
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark a sequence finished and give its blocks back (running or still waiting)."""
@@ -86,6 +150,88 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
+
+    # --- blocks -----------------------------------------------------------------------------------
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Give a waiting sequence its cached prefix and the blocks of its first chunk."""
+        first_time = seq.num_preemptions == 0
+        self._extend_hashes(seq, len(seq.token_ids))
+        # At least the last token is computed: its logits give the next token.
+        reusable = (len(seq.token_ids) - 1) // self.block_size
+        cached = self.pool.cached_prefix(seq.block_hashes[:reusable])
+        n = min(len(seq.token_ids) - len(cached) * self.block_size, budget)
+        needed = self._blocks_for(len(cached) * self.block_size + n) - len(cached)
+        if needed > self.pool.num_free:
+            self.pool.release(cached)
+            return False
+        seq.block_table = cached + self.pool.allocate(needed)
+        seq.num_computed = len(cached) * self.block_size
+        if first_time:
+            seq.num_cached_prompt_tokens = seq.num_computed
+            self.prefix_cache = PrefixCacheStats(self.prefix_cache.queries + seq.num_prompt_tokens,
+                                                 self.prefix_cache.hits + seq.num_computed)
+        return True
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> list[Sequence]:
+        """Blocks for `seq`'s first `num_tokens` tokens, preempting the newest running sequences
+        while the pool is short (`seq` itself, if it is the newest). Returns those preempted."""
+        needed = self._blocks_for(num_tokens) - len(seq.block_table)
+        victims = []
+        while needed > self.pool.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            victims.append(victim)
+            if victim is seq:
+                return victims
+        if needed > 0:
+            seq.block_table += self.pool.allocate(needed)
+        return victims
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.kv_cache.pool.release(seq.block_table)
+            self.pool.release(seq.block_table)
             seq.block_table = []
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        end = seq.num_computed + n
+        return ScheduledChunk(seq, SeqChunk(seq.token_ids[seq.num_computed:end], seq.num_computed,
+                                            list(seq.block_table), needs_logits=end == len(seq.token_ids)))
+
+    def _extend_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        """Name every full block among the first `num_tokens` tokens (names depend on tokens only)."""
+        size = self.block_size
+        for i in range(len(seq.block_hashes), num_tokens // size):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(block_hash(parent, seq.token_ids[i * size:(i + 1) * size]))
+
+    def _name_full_blocks(self, seq: Sequence, first: int) -> None:
+        """Name the blocks from index `first` on that are now full and computed."""
+        if not self.pool.enable_prefix_caching:
+            return
+        self._extend_hashes(seq, seq.num_computed)
+        for i in range(first, seq.num_computed // self.block_size):
+            self.pool.name(seq.block_table[i], seq.block_hashes[i])
+
+
+def stop_reason(seq: Sequence, token: int) -> Optional[str]:
+    """Why `seq` ends with the `token` just appended, or None. Every token-level stop rule is here
+    (stop strings are text and are checked where the text is made: backend/outputs.py)."""
+    params = seq.params
+    may_stop = seq.num_output_tokens >= params.min_tokens  # the sampler kept EOS and stop ids out before
+    if may_stop and (token in params.stop_token_ids or (token in seq.eos_token_ids and not params.ignore_eos)):
+        return "stop"
+    if seq.num_output_tokens >= params.max_tokens:
+        return "length"
+    return None

@@ -11,7 +11,7 @@ repetitions, and `paired_ratios` gives the per-repetition ratios as well.
 """
 from __future__ import annotations
 
-import threading
+import queue
 import time
 from typing import Callable, Iterator
 
@@ -74,28 +74,32 @@ def hf_generate(model, prompts: list[list[int]], max_tokens: int, pad_id: int) -
 
 
 def engine_generate(engine, prompts: list[list[int]], max_tokens: int, timeout_s: float = 600) -> list[Timeline]:
-    """Submit all `prompts` at once; one timeline per request, stamped on the engine thread."""
+    """Submit all `prompts` at once; one timeline per request, stamped when the engine thread reports
+    new tokens (read, as a server's responder reads them, by one consumer thread)."""
     from backend.sampling import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    finished = threading.Semaphore(0)
-
-    def recorder(timeline: Timeline):
-        def on_output(out):
-            if out.token_ids:
-                timeline.arrivals.append((time.perf_counter(), len(out.token_ids)))
-            if out.finish_reason is not None:
-                if out.finish_reason not in ("length", "stop"):
-                    timeline.error = out.error or out.finish_reason
-                finished.release()
-        return on_output
+    ready: queue.SimpleQueue = queue.SimpleQueue()  # (time, handle, timeline) from the engine thread
 
     timelines = []
     for p in prompts:
         timelines.append(Timeline(time.perf_counter()))
-        engine.submit(p, params, on_output=recorder(timelines[-1]))
-    for _ in prompts:
-        if not finished.acquire(timeout=timeout_s):
-            raise TimeoutError(f"engine did not finish {len(prompts)} requests in {timeout_s} s")
+        engine.submit(p, params, on_ready=lambda handle, t=timelines[-1]: ready.put((time.perf_counter(), handle, t)))
+    deadline = time.monotonic() + timeout_s
+    pending = len(prompts)
+    while pending:
+        try:
+            stamp, handle, timeline = ready.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            raise TimeoutError(f"engine did not finish {len(prompts)} requests in {timeout_s} s") from None
+        out = handle.poll()
+        if out is None:
+            continue
+        if out.token_ids:
+            timeline.arrivals.append((stamp, len(out.token_ids)))
+        if out.finish_reason is not None:
+            pending -= 1
+            if out.finish_reason not in ("length", "stop"):
+                timeline.error = out.error or out.finish_reason
     failed = [t.error for t in timelines if t.error]
     if failed:
         raise RuntimeError(f"engine requests failed: {failed}")

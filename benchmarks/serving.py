@@ -60,13 +60,19 @@ class EngineTarget:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
-        def on_output(out):  # engine thread
+        def read(handle, stamp: float) -> None:  # event loop thread, as a server's responder reads
+            out = handle.poll()
+            if out is None:
+                return
             if out.token_ids:
-                timeline.arrivals.append((time.perf_counter(), len(out.token_ids)))
-            if out.finish_reason is not None:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(out))
+                timeline.arrivals.append((stamp, len(out.token_ids)))
+            if out.finish_reason is not None and not done.done():
+                done.set_result(out)
 
-        handle = self.engine.submit(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), on_output=on_output)
+        def on_ready(handle) -> None:  # engine thread
+            loop.call_soon_threadsafe(read, handle, time.perf_counter())
+
+        handle = self.engine.submit(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), on_ready=on_ready)
         try:
             out = await done
         except asyncio.CancelledError:

@@ -7,19 +7,21 @@ def run_staggered(engine, prompts, params, timeout: float = 60.0):
     """Submit each prompt once the previous one has produced output, so prefills and decodes of
     different requests share steps; return each request's outputs in order."""
     outputs = [[] for _ in prompts]
-    done = [threading.Event() for _ in prompts]
+    readers = []
     for i, prompt in enumerate(prompts):
         started = threading.Event()
 
-        def collect(out, i=i, started=started):
-            outputs[i].append(out)
-            started.set()
-            if out.finish_reason:
-                done[i].set()
+        def collect(handle, i=i, started=started):
+            for out in handle:
+                outputs[i].append(out)
+                started.set()
 
-        engine.submit(prompt, params, on_output=collect)
+        readers.append(threading.Thread(target=collect, args=(engine.submit(prompt, params),), daemon=True))
+        readers[-1].start()
         assert started.wait(timeout)
-    assert all(d.wait(2 * timeout) for d in done)
+    for reader in readers:
+        reader.join(2 * timeout)
+        assert not reader.is_alive()
     return outputs
 
 

@@ -84,28 +84,54 @@ def test_cancel_while_waiting(servable_checkpoint):
         eng.shutdown()
 
 
-def test_full_cache_makes_requests_wait(servable_checkpoint):
-    # Room for one request (prompt + 40 tokens = 3 blocks of 16) at a time: the others wait, then run.
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                                    SamplingParams(max_tokens=40, temperature=0.9, top_k=50, seed=7, ignore_eos=True)],
+                         ids=["greedy", "seeded"])
+def test_cache_far_too_small_preempts_and_outputs_match(servable_checkpoint, params):
+    # 5 blocks of 16 tokens; each request ends holding 3-4 blocks, so three at once cannot all fit:
+    # the newest is preempted (its blocks freed), requeued and recomputed, repeatedly.
     import torch
 
     from backend.config import GemmaConfig
     from backend.kv_cache import bytes_per_block
 
     cfg = GemmaConfig.from_checkpoint(servable_checkpoint)
-    budget = 4 * bytes_per_block(cfg, 16, torch.float32)
+    budget = 5 * bytes_per_block(cfg, 16, torch.float32)
     eng = make_engine(servable_checkpoint, kv_cache_bytes=budget)
     try:
-        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-        handles = [eng.submit(PROMPTS[0], params) for _ in range(3)]
-        time.sleep(0.05)
-        stats = eng.stats()
-        assert stats.num_running <= 1 and stats.kv_cache.used_blocks <= 4
-        results = [h.result() for h in handles]
-        assert all(r.finish_reason == "length" and r.num_output_tokens == 40 for r in results)
-        assert len({tuple(r.token_ids) for r in results}) == 1
-        assert wait_idle(eng).kv_cache.used_blocks == 0
+        prompts = PROMPTS[:3]
+        solo = [eng.submit(p, params).result() for p in prompts]
+        assert eng.stats().num_preemptions == 0
+        together = [h.result() for h in [eng.submit(p, params) for p in prompts]]
+        assert eng.stats().num_preemptions > 0
+        for a, b in zip(solo, together):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, "length")
+        stats = wait_idle(eng)
+        assert stats.kv_cache.used_blocks == 0
         with pytest.raises(InvalidRequestError, match="whole KV cache"):
             eng.submit(PROMPTS[0], SamplingParams(max_tokens=100))
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
+def test_prefix_cache_reuses_a_shared_prompt(servable_checkpoint, caching):
+    eng = make_engine(servable_checkpoint, enable_prefix_caching=caching, block_size=4)
+    try:
+        prompt = PROMPTS[1] + " " + PROMPTS[1]  # ~30 tokens: several full blocks of 4
+        first = eng.submit(prompt, GREEDY).result()
+        second = eng.submit(prompt, GREEDY).result()
+        assert second.token_ids == first.token_ids and second.text == first.text
+        assert first.num_cached_tokens == 0
+        if caching:  # all full blocks of the prompt but the one holding its last token
+            assert second.num_cached_tokens == (first.num_prompt_tokens - 1) // 4 * 4 > 0
+        else:
+            assert second.num_cached_tokens == 0
+        stats = wait_idle(eng)
+        assert stats.kv_cache.used_blocks == 0
+        assert (stats.kv_cache.cached_blocks > 0) == caching
+        assert stats.prefix_cache.queries == 2 * first.num_prompt_tokens
+        assert stats.prefix_cache.hits == second.num_cached_tokens
     finally:
         eng.shutdown()
 
@@ -166,7 +192,7 @@ def test_shutdown_cancels_in_flight(servable_checkpoint):
 def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint):
     eng = make_engine(servable_checkpoint)
     try:
-        real_forward = eng.model.forward
+        real_forward = eng.runner.model.forward
         calls = {"n": 0}
 
         def flaky(*args, **kw):
@@ -175,7 +201,7 @@ def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint):
                 raise RuntimeError("injected fault")
             return real_forward(*args, **kw)
 
-        eng.model.forward = flaky
+        eng.runner.model.forward = flaky
         failed = eng.submit(PROMPTS[0], GREEDY).result()
         assert failed.finish_reason == "error" and "injected fault" in failed.error
         assert eng.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"

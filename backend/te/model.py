@@ -56,7 +56,6 @@ class TEGemmaModel(nn.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
-        # Registered first: the engine reads the model dtype from next(model.parameters()).
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))
         self.fp8 = fp8
         self.fp8_recipe = make_fp8_recipe(fp8_recipe) if fp8 else None

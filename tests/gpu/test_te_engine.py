@@ -71,7 +71,7 @@ def test_cancel_mid_generation_frees_blocks(servable):
     try:
         long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         first = threading.Event()
-        handles = [engine.submit(p, long, on_output=(lambda out: first.set()) if i == 0 else None)
+        handles = [engine.submit(p, long, on_ready=(lambda handle: first.set()) if i == 0 else None)
                    for i, p in enumerate(prompts_for(512, [9, 17, 4], seed=9))]
         assert first.wait(60)
         handles[0].cancel()
