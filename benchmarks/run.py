@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import engine_level, plots, serving
+from . import chat_level, engine_level, plots, serving
 from .stats import json_line, poisson_arrivals, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISH_DIR = ROOT / "docs" / "benchmarks"
-GOALS = {"engine_vs_hf_single": 1.5, "engine_vs_hf_concurrent": 3.0, "server_vs_engine_throughput": 0.9}
+# Multi-turn chat: the 4th turn's TTFT with prefix caching off over on (>= 4: on is <= 0.25x of off).
+GOALS = {"engine_vs_hf_single": 1.5, "engine_vs_hf_concurrent": 3.0, "server_vs_engine_throughput": 0.9,
+         "prefix_cache_ttft_speedup": 4.0}
 SUMMARY_KEYS = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_engine_throughput", "ttft_p50_ms",
                 "itl_p50_ms")
 
@@ -53,10 +55,11 @@ class Settings:
     rate_per_s: float = 0.3  # ... at this rate
     time_limit_s: float = 240  # per load run; later requests are cancelled and counted as errors
     server_reps: int = 2  # closed-loop repetitions (medians); the open loop runs once
+    chat_reps: int = 2  # multi-turn conversations per engine (prefix caching on / off)
 
 
 QUICK = Settings(engine_tokens=8, reps=1, single_pairs=1, server_tokens=8, requests_per_client=1, open_requests=4,
-                 rate_per_s=1.0, time_limit_s=90, server_reps=1)
+                 rate_per_s=1.0, time_limit_s=90, server_reps=1, chat_reps=1)
 
 
 class Report:
@@ -107,7 +110,7 @@ def where(info: dict) -> str:
 
 
 def run_engine_level(report: Report, engine, s: Settings) -> list[dict]:
-    dtype = next(engine.model.parameters()).dtype  # what the engine resolved "auto" to
+    dtype = engine.runner.model.dtype  # what the engine resolved "auto" to
     report.progress(f"loading HF transformers model (same checkpoint, {dtype}, {engine.device})")
     hf = engine_level.load_hf(engine.config.checkpoint, dtype, engine.device)
     try:
@@ -117,6 +120,23 @@ def run_engine_level(report: Report, engine, s: Settings) -> list[dict]:
         del hf
         gc.collect()
     return records
+
+
+def run_chat_level(report: Report, engine, s: Settings) -> list[dict]:
+    """The same conversations on `engine` (prefix caching on) and on a twin with it off."""
+    from backend.engine import Engine
+    if not engine.config.enable_prefix_caching:
+        report.progress("chat level skipped: the engine runs without prefix caching")
+        return []
+    report.progress("loading a second engine, prefix caching off")
+    uncached = Engine.from_config(dataclasses.replace(engine.config, enable_prefix_caching=False))
+    try:
+        engines = {"prefix_caching": engine, "no_prefix_caching": uncached}
+        return [report.emit(r) for r in chat_level.run(engines, s.chat_reps, progress=report.progress)]
+    finally:
+        uncached.shutdown()
+        del uncached
+        gc.collect()
 
 
 def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dict]:
@@ -158,8 +178,8 @@ def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dic
     return records
 
 
-def summarize(engine_records: list[dict], server_records: list[dict], s: Settings, info: dict,
-              load_start: list[float], elapsed_s: float) -> dict:
+def summarize(engine_records: list[dict], server_records: list[dict], chat_records: list[dict], s: Settings,
+              info: dict, load_start: list[float], elapsed_s: float) -> dict:
     summary: dict = {"type": "summary", **info, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
                      "elapsed_s": elapsed_s, "settings": dataclasses.asdict(s)}
     summary.update(dict.fromkeys(SUMMARY_KEYS))  # always present; null when that level did not run
@@ -168,6 +188,8 @@ def summarize(engine_records: list[dict], server_records: list[dict], s: Setting
         summary.update(engine_level.ratios(engine_rows, s.batch_sizes))
         summary["paired"] = engine_level.paired_ratios(engine_records, s.batch_sizes)
         summary["engine_table"] = engine_rows
+    if chat_records:
+        summary.update(chat_level.summary(chat_records, "prefix_caching", "no_prefix_caching"))
     server_rows = serving.table(server_records)
     closed = {(r["system"], r["concurrency"]): r for r in server_rows if r["mode"] == "closed"}
     if closed:
@@ -232,7 +254,14 @@ def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) ->
                          f"| {_fmt(r['ttft_ms']['p50'], 0)} / {_fmt(r['ttft_ms']['p99'], 0)} "
                          f"| {_fmt(r['itl_ms']['p50'], 0)} / {_fmt(r['itl_ms']['p99'], 0)} |")
         lines.append("")
-    keys = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "engine_vs_hf_batched", "server_vs_engine_throughput")
+    if summary.get("prefix_cache_ttft_speedup") is not None:
+        ttft = summary["chat_turn4_ttft_ms"]
+        lines += [f"Multi-turn chat, turn {chat_level.TURNS} ({_fmt(summary['chat_turn4_prompt_tokens'], 0)} prompt "
+                  f"tokens, {_fmt(summary['chat_turn4_cached_tokens'], 0)} of them cached): TTFT "
+                  f"{_fmt(ttft['prefix_caching'], 0)} ms with prefix caching, {_fmt(ttft['no_prefix_caching'], 0)} ms "
+                  f"without (median of {summary['settings']['chat_reps']} conversations).", ""]
+    keys = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "engine_vs_hf_batched", "server_vs_engine_throughput",
+            "prefix_cache_ttft_speedup")
     lines.append("Ratios: " + ", ".join(f"`{k}` {_fmt(summary.get(k), 2)}" for k in keys) + ".")
     paired = summary.get("paired", {})
     if paired:
@@ -254,7 +283,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     EngineConfig field it sets, and left out it keeps that field's default."""
     p = argparse.ArgumentParser(description="Engine and server benchmarks (see docs/benchmarks.md).")
     p.add_argument("--quick", action="store_true", help="few tokens, one repetition: a smoke test")
-    p.add_argument("--only", choices=("engine", "server"), help="run one level only")
+    p.add_argument("--only", choices=("engine", "chat", "server"), help="run one level only")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="output directory (default: results/)")
     p.add_argument("--publish", action="store_true", help="copy plots, JSON lines and table to docs/benchmarks/")
     load = p.add_argument_group("load")
@@ -263,6 +292,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     load.add_argument("--server-tokens", type=int, help="tokens per request, server level")
     load.add_argument("--requests-per-client", type=int, help="closed loop: requests = clients x this (>= 3)")
     load.add_argument("--server-reps", type=int, help="closed-loop repetitions (medians)")
+    load.add_argument("--chat-reps", type=int, help="multi-turn conversations per engine (medians)")
     load.add_argument("--rate", dest="rate_per_s", type=float, help="open-loop arrival rate, requests/s")
     load.add_argument("--open-requests", type=int, help="open-loop requests")
     load.add_argument("--time-limit", dest="time_limit_s", type=float,
@@ -307,15 +337,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
                  "gemma_env": {k: v for k, v in os.environ.items() if k.startswith("GEMMA_")}})
     report.progress(f"loading the engine ({config}) on {where(info)}")
     engine = Engine.from_config(config)
-    engine_records, server_records = [], []
+    engine_records, chat_records, server_records = [], [], []
     try:
         if args.only in (None, "engine"):
             engine_records = run_engine_level(report, engine, s)
+        if args.only in (None, "chat"):
+            chat_records = run_chat_level(report, engine, s)
         if args.only in (None, "server"):
             server_records = run_server_level(report, engine, s, args.out)
     finally:
         engine.shutdown()
-    summary = summarize(engine_records, server_records, s, info, load_start, time.monotonic() - report.t0)
+    summary = summarize(engine_records, server_records, chat_records, s, info, load_start,
+                        time.monotonic() - report.t0)
     report.emit(summary)
     engine_rows, server_rows = summary.get("engine_table", []), summary.get("server_table", [])
 

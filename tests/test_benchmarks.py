@@ -143,18 +143,25 @@ def test_summary_has_the_issue_keys_and_goal_verdicts(tmp_path):
     info = {"cpu": "Test CPU", "cores": 2, "torch": "x", "torch_threads": 2, "transformers": "y", "date": "today",
             "device": "cpu", "engine_config": {"checkpoint": "/m/gemma-3-270m", "engine": "auto", "dtype": "auto",
                                                "max_num_seqs": 16, "kv_cache_bytes": 1 << 30}}
-    summary = run.summarize(records, server, run.Settings(), info, [1.0, 1.0, 1.0], 10.0)
+    chat = [{"type": "chat", "system": system, "rep": rep, "turn": turn, "prompt_tokens": 100 * turn,
+             "cached_tokens": 80 * turn if system == "prefix_caching" else 0,
+             "ttft_ms": (10.0 if system == "prefix_caching" else 50.0) * turn}
+            for system in ("prefix_caching", "no_prefix_caching") for rep in (1, 2) for turn in (1, 2, 3, 4)]
+    summary = run.summarize(records, server, chat, run.Settings(), info, [1.0, 1.0, 1.0], 10.0)
     assert summary["engine_table"] == rows
     for key in ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_engine_throughput",
                 "ttft_p50_ms", "itl_p50_ms"):
         assert summary[key] is not None, key
     assert summary["server_vs_engine_throughput"] == pytest.approx(0.9)
+    assert summary["prefix_cache_ttft_speedup"] == pytest.approx(5.0)
+    assert summary["chat_turn4_cached_tokens"] == 320 and summary["goals"]["prefix_cache_ttft_speedup"]["met"]
     assert summary["goals"]["engine_vs_hf_single"]["met"] is True
     assert summary["goals"]["server_vs_engine_throughput"]["met"] is True  # 0.9: the issue's bound, inclusive
     assert json.loads(json_line(summary))["type"] == "summary"
     assert summary["server_table"] == serving.table(server)
     table = run.markdown(rows, summary["server_table"], summary)
     assert "| engine | 8 |" in table and "closed, 8 clients" in table and "met" in table and "paired" in table
+    assert "Multi-turn chat, turn 4 (400 prompt tokens, 320 of them cached): TTFT 40 ms" in table
     assert table.startswith("Test CPU, 2 cores,") and "Model gemma-3-270m: engine auto, dtype auto" in table
     gpu = {**summary, "device": "NVIDIA H100 80GB HBM3", "cuda": "13.0"}
     gpu_table = run.markdown(rows, summary["server_table"], gpu)
@@ -167,7 +174,7 @@ def test_summary_has_the_issue_keys_and_goal_verdicts(tmp_path):
 
 
 def test_summary_without_server_level_has_its_keys_as_null():
-    summary = run.summarize(_engine_records(), [], run.Settings(),
+    summary = run.summarize(_engine_records(), [], [], run.Settings(),
                             {"cpu": "c"}, [0.0, 0.0, 0.0], 1.0)
     assert summary["server_vs_engine_throughput"] is None and summary["ttft_p50_ms"] is None
     assert summary["goals"]["engine_vs_hf_concurrent"]["met"] is True
