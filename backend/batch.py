@@ -1,9 +1,9 @@
 """Turn one engine step's work (which sequences, how many new tokens each) into model inputs:
 flattened token ids, positions, KV slots and the attention groups with their masks.
 
-Only small integer tensors (block tables, start positions) are made on the host; slots and masks
-are computed from them on the model's device, with a fixed number of tensor ops per group whatever
-the batch size or context length.
+Only small integer arrays (token ids, block tables, start positions) are made on the host, and go
+to the device in one copy (HostToDevice); slots and masks are computed from them on the model's
+device, with a fixed number of tensor ops per group whatever the batch size or context length.
 """
 from __future__ import annotations
 
@@ -23,9 +23,35 @@ class SeqChunk:
     needs_logits: bool
 
 
+class HostToDevice:
+    """A step's small integer inputs, gathered into one persistent host buffer (pinned on CUDA) and
+    sent to the device in one copy. Reusing the buffer is safe: every step ends with the sampler
+    reading the sampled ids back, which waits for this copy to be done."""
+
+    def __init__(self, device: torch.device | str, capacity: int = 4096):
+        self.device = torch.device(device)
+        self._host = self._alloc(capacity)
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
+
+    def upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """Each list of ints as a 1-D long tensor on the device."""
+        sizes = [len(p) for p in parts]
+        flat = torch.tensor([v for p in parts for v in p], dtype=torch.long)
+        if self.device.type == "cpu":
+            return list(flat.split(sizes))
+        if flat.numel() > self._host.numel():
+            self._host = self._alloc(2 * flat.numel())
+        host = self._host[:flat.numel()]
+        host.copy_(flat)
+        return list(host.to(self.device, non_blocking=True).split(sizes))
+
+
 def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None],
-               device: torch.device) -> tuple[torch.Tensor, StepLayout]:
+               device: torch.device | str, uploader: HostToDevice | None = None) -> tuple[torch.Tensor, StepLayout]:
     """Decodes (one new token) share one batched attention group; each longer chunk gets its own."""
+    uploader = uploader or HostToDevice(device)
     token_ids, logit_rows, decodes, prefills = [], [], [], []
     for chunk in chunks:
         row, n = len(token_ids), len(chunk.token_ids)
@@ -33,36 +59,37 @@ def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None]
         if chunk.needs_logits:
             logit_rows.append(row + n - 1)
         (decodes if n == 1 else prefills).append((row, chunk))
-    groups = [_group([p], block_size, windows, device) for p in prefills]
-    if decodes:
-        groups.append(_group(decodes, block_size, windows, device))
+    members = [[p] for p in prefills] + ([decodes] if decodes else [])
+    # Host side: per group, its block tables (padded with block 0, masked out), rows, starts, lengths.
+    parts, shapes = [token_ids, logit_rows], []
+    for group in members:
+        n = len(group[0][1].token_ids)
+        ctx_len = [c.start + n for _, c in group]
+        num_blocks = -(-max(ctx_len) // block_size)
+        tables = [(c.block_table + [0] * num_blocks)[:num_blocks] for _, c in group]
+        parts += [[b for t in tables for b in t], [r for r, _ in group], [c.start for _, c in group], ctx_len]
+        shapes.append((len(group), num_blocks, n, max(ctx_len)))
+    on_device = uploader.upload(parts)
 
-    positions = torch.empty(len(token_ids), dtype=torch.long, device=device)
+    device_ids, device_rows, tables_etc = on_device[0], on_device[1], on_device[2:]
+    groups = [_group(*tables_etc[4 * i:4 * i + 4], *shape, block_size, windows) for i, shape in enumerate(shapes)]
+    positions = torch.empty(len(token_ids), dtype=torch.long, device=device_ids.device)
     slot_mapping = torch.empty_like(positions)
     for group, (q_pos, new_slots) in groups:
         positions[group.q_index] = q_pos
         slot_mapping[group.q_index] = new_slots
     layout = StepLayout(positions=positions, slot_mapping=slot_mapping, groups=[g for g, _ in groups],
-                        logit_rows=_tensor(logit_rows, device))
-    return _tensor(token_ids, device), layout
+                        logit_rows=device_rows)
+    return device_ids, layout
 
 
-def _tensor(values, device) -> torch.Tensor:
-    # Made on the host, copied without waiting for queued device work.
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
-
-def _group(members: list[tuple[int, SeqChunk]], block_size: int, windows: set[int | None], device):
-    """One attention group of sequences with the same number n of new tokens. Returns the group and,
-    for its queries [B, n], their positions and the cache slots their K/V are written to."""
-    n = len(members[0][1].token_ids)
-    ctx_len = [c.start + n for _, c in members]
-    num_blocks = -(-max(ctx_len) // block_size)
-    tables = [(c.block_table + [0] * num_blocks)[:num_blocks] for _, c in members]
-    block_table = _tensor(tables, device)  # [B, num_blocks], padded with block 0 (masked out)
-    rows, starts, ctx = (_tensor(v, device) for v in ([r for r, _ in members], [c.start for _, c in members], ctx_len))
-
-    max_ctx = max(ctx_len)
+def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_ctx: int, block_size: int,
+           windows: set[int | None]):
+    """One attention group of `batch` sequences with the same number n of new tokens, from its
+    device tensors. Returns the group and, for its queries [B, n], their positions and the cache
+    slots their K/V are written to."""
+    device = tables.device
+    block_table = tables.view(batch, num_blocks)
     offsets = torch.arange(block_size, device=device)
     kv_slots = (block_table[:, :, None] * block_size + offsets).flatten(1)[:, :max_ctx]  # [B, max_ctx]
     steps = torch.arange(n, device=device)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from .batch import build_step
+from .batch import HostToDevice, build_step
 from .config import GemmaConfig
 from .kv_cache import PagedKVCache
 from .model import StepLayout
@@ -32,11 +32,12 @@ class ModelRunner:
     def __init__(self, model: StepModel, kv_cache: PagedKVCache, device: torch.device):
         self.model, self.kv_cache, self.device = model, kv_cache, device
         self._windows = {layer.sliding_window for layer in model.cfg.layers}
+        self._uploader = HostToDevice(device)
 
     def execute(self, output: SchedulerOutput) -> list[int]:
         """The next token of each chunk that needs logits, in schedule order."""
         token_ids, layout = build_step([s.chunk for s in output.chunks], self.kv_cache.block_size, self._windows,
-                                       self.device)
+                                       self.device, self._uploader)
         logits = self.model(token_ids, layout, self.kv_cache)
         rows = [SamplingRow(s.seq.params, s.seq.generator, s.seq.token_ids, s.seq.num_output_tokens,
                             s.seq.eos_token_ids) for s in output.chunks if s.needs_logits]

@@ -23,10 +23,16 @@ _SENTENCES = (
 )
 
 
+_QUESTIONS = ("Who is the most important person in the story so far?", "Where could the travellers be going?",
+              "What do you think happens next? Answer in one sentence.")
+
+
 def user_message(conversation: int, turn: int, num_sentences: int) -> str:
-    lines = [f"Conversation {conversation}, part {turn + 1}. Here is more of my story:"]
-    lines += [f"{i + 1}. {_SENTENCES[(turn + i) % len(_SENTENCES)]}" for i in range(num_sentences)]
-    lines.append("What do you think happens next? Answer in one sentence.")
+    """The first turn shares a long story (the history later turns carry); later turns ask short questions."""
+    if turn > 0:
+        return _QUESTIONS[(turn - 1) % len(_QUESTIONS)]
+    lines = [f"Conversation {conversation}. Read my story, then answer my questions about it:"]
+    lines += [f"{i + 1}. {_SENTENCES[i % len(_SENTENCES)]}" for i in range(num_sentences)]
     return "\n".join(lines)
 
 
@@ -53,7 +59,7 @@ def chat(engine, conversation: int, max_tokens: int, num_sentences: int) -> list
     return turns
 
 
-def run(engines: dict, reps: int, max_tokens: int = 8, num_sentences: int = 22,
+def run(engines: dict, reps: int, max_tokens: int = 16, num_sentences: int = 64,
         progress: Callable[[str], None] = lambda s: None) -> Iterator[dict]:
     """`engines`: name -> Engine (e.g. prefix caching on / off). Each repetition runs a new
     conversation on every engine, alternating which goes first."""
