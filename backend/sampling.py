@@ -10,33 +10,29 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
-from gemma_client.protocol import FIELDS_BY_KEY, ProtocolError, check_value
 
 from backend.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
 
 
-def _default(key: str) -> Any:
-    return FIELDS_BY_KEY[key].default
-
-
 @dataclass(frozen=True)
 class SamplingParams:
-    """One request's sampling parameters; the fields and defaults are protocol.SAMPLING_FIELDS."""
-    max_tokens: int = _default("max_tokens")
-    min_tokens: int = _default("min_tokens")
-    temperature: float = _default("temperature")
-    top_k: int = _default("top_k")
-    top_p: float = _default("top_p")
-    repetition_penalty: float = _default("repetition_penalty")
-    seed: Optional[int] = _default("seed")
-    stop: tuple[str, ...] = _default("stop")
-    stop_token_ids: tuple[int, ...] = _default("stop_token_ids")
-    ignore_eos: bool = _default("ignore_eos")
+    """One request's sampling parameters. The wire contract (gemma_protocol.SAMPLING_FIELDS) documents
+    the same fields and defaults for clients; tests/test_sampling.py checks that the two agree."""
+    max_tokens: int = 64
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         # Lists are accepted but stored as tuples, so the params stay immutable and hashable.
@@ -63,18 +59,6 @@ class SamplingParams:
             (all(self.stop), "'stop' strings must be non-empty"),
             (all(t >= 0 for t in self.stop_token_ids), f"'stop_token_ids' must be >= 0, got {self.stop_token_ids}"),
         )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SamplingParams:
-        """Build from JSON-like values, type-checked by the protocol table; unknown keys are errors."""
-        unknown = sorted(set(values) - set(FIELDS_BY_KEY))
-        if unknown:
-            raise InvalidRequestError(f"unknown sampling parameter(s) {unknown}; known: {sorted(FIELDS_BY_KEY)}")
-        try:
-            checked = {key: check_value(FIELDS_BY_KEY[key], value) for key, value in values.items()}
-        except ProtocolError as e:
-            raise InvalidRequestError(str(e)) from None
-        return cls(**checked)
 
     @property
     def greedy(self) -> bool:

@@ -35,6 +35,7 @@ RUN python3 -m venv .venv \
 
 COPY --chown=10001:10001 pyproject.toml ./
 COPY --chown=10001:10001 backend/ backend/
+COPY --chown=10001:10001 serving/ serving/
 COPY --chown=10001:10001 client/ client/
 RUN python3 -m pip install --no-cache-dir -c .venv/torch-constraint.txt \
       "/opt/gemma-triton[default-model,triton]" /opt/gemma-triton/client

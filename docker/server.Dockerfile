@@ -49,6 +49,7 @@ RUN NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS="$(nproc)" \
 WORKDIR /opt/gemma-triton
 COPY pyproject.toml ./
 COPY backend/ backend/
+COPY serving/ serving/
 COPY client/ client/
 RUN python3 -m pip install --no-cache-dir -c /etc/pip-torch-constraint.txt \
       "/opt/gemma-triton[default-model]" /opt/gemma-triton/client

@@ -52,7 +52,8 @@ mkdir -p "$work" "$out"
 # python3 first on PATH, which is this one (scripts/tritonserver.py puts its bin first), and it does
 # read .pth files there. So one .pth, for this run only, gives the stub and the benchmark alike:
 # numpy<2 ahead of everything (under numpy 2 the stub sends numpy-built outputs empty, docs/gpu.md
-# "Triton lead"), the repository (backend/) and its client package (gemma_client), not installed.
+# "Triton lead"), the repository (backend/, serving/) and client/ (gemma_protocol, gemma_client), not
+# installed.
 numpy1='import sys, numpy; print("numpy", numpy.__version__, numpy.__file__)
 sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'
 site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || exit 1

@@ -25,7 +25,7 @@ def _server_model(monkeypatch):
     pb_utils = types.ModuleType("triton_python_backend_utils")
     pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
-    monkeypatch.delitem(sys.modules, "backend.metrics", raising=False)  # imports it too: re-import under the stand-in
+    monkeypatch.delitem(sys.modules, "serving.metrics", raising=False)  # imports it too: re-import under the stand-in
     spec = importlib.util.spec_from_file_location("gemma_model_py", ROOT / "model_repository/gemma/1/model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -5,8 +5,8 @@
     for delta in client.stream("Why is the sky blue?", max_tokens=64):
         print(delta.text, end="", flush=True)
 
-Names are imported on first use, so the server can import `gemma_client.protocol` (the I/O contract)
-without tritonclient or grpc installed.
+The tensor I/O contract is the `gemma_protocol` package beside this one (the server imports it too).
+Names are imported on first use: `import gemma_client` loads neither tritonclient nor grpc.
 """
 from __future__ import annotations
 

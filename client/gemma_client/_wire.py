@@ -9,11 +9,11 @@ import codecs
 import json
 from typing import Any, Mapping, Optional
 
+import gemma_protocol as protocol
 import numpy as np
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import triton_to_np_dtype
 
-from . import protocol
 from .errors import InvalidArgumentError
 from .outputs import Delta
 

@@ -6,7 +6,9 @@ import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
 
-from . import errors, protocol
+import gemma_protocol as protocol
+
+from . import errors
 from .chat import Conversation
 from .client import DEFAULT_MODEL, DEFAULT_URL, GemmaClient
 from .outputs import CompletionBuilder

@@ -56,12 +56,12 @@ class _ClientOptions:
         headers: sent with every request (e.g. {"authorization": "Bearer ..."}).
         ssl, root_certificates, private_key, certificate_chain: TLS; the last three are PEM file
             paths (None: gRPC's default roots, no client certificate).
-        strict_sampling: reject sampling keys not in `protocol.SAMPLING_FIELDS`; False passes
+        strict_sampling: reject sampling keys not in `gemma_protocol.SAMPLING_FIELDS`; False passes
             them through for backends that know more keys (known keys are type-checked anyway).
         grpc_error_status: send the `triton_grpc_error` header, which makes Triton end a failed
             stream with its real gRPC status. Off by default: the Triton 2.51 bundled with
             nvidia-pytriton segfaults when several such streams fail at once. Without it, errors are
-            typed from the status tag the model puts in the message (`protocol.split_error_status`).
+            typed from the status tag the model puts in the message (`gemma_protocol.split_error_status`).
         """
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -122,7 +122,7 @@ class GemmaClient(_ClientOptions):
     >>> for delta in client.stream("Tell me a story", temperature=0.7):
     ...     print(delta.text, end="", flush=True)
 
-    Sampling keyword arguments are those of `protocol.SAMPLING_FIELDS` (max_tokens, temperature,
+    Sampling keyword arguments are those of `gemma_protocol.SAMPLING_FIELDS` (max_tokens, temperature,
     top_p, top_k, seed, stop, ...); per request, `timeout`, `headers` and `request_id` may be given.
     """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .protocol import split_error_status
+from gemma_protocol import split_error_status
 
 
 class GemmaClientError(Exception):
@@ -87,7 +87,7 @@ _TRANSPORT_PHRASES = (
     "handshake failed", "ssl_error", "keepalive watchdog timeout", "endpoint closing",
 )
 
-# A stream error without a status tag (a server that does not follow `protocol.tag_error`, e.g. an
+# A stream error without a status tag (a server that does not follow `gemma_protocol.tag_error`, e.g. an
 # older build of ours, or another backend): recognise what tritonclient, Triton and this project's
 # engine write. Checked in order; anything else is a ServerError.
 _UNTAGGED_PHRASES = (
@@ -103,7 +103,7 @@ _UNTAGGED_PHRASES = (
 def from_status(status: Optional[str], message: str) -> GemmaClientError:
     """Map a gRPC status ("StatusCode.X", "X" or None) and message to the matching error class.
 
-    Without a status, the status tag of `protocol.split_error_status` is used (and removed from the
+    Without a status, the status tag of `gemma_protocol.split_error_status` is used (and removed from the
     message), then known phrases.
     """
     tagged, message = split_error_status(message)

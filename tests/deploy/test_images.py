@@ -188,7 +188,8 @@ def test_client_image_has_what_the_e2e_tests_import():
     client_deps = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]["dependencies"]
     installed = {_module(r) for r in pip_requirements(CLIENT_IMAGE) + client_deps if not r.startswith("/")}
     local = {p.stem for p in integration.iterdir() if p.suffix == ".py" or p.is_dir()}
-    allowed = set(sys.stdlib_module_names) | installed | local | {"gemma_client", "_pytest", "tests"}
+    # The client distribution's own packages (client/pyproject.toml): gemma_client and gemma_protocol.
+    allowed = set(sys.stdlib_module_names) | installed | local | {"gemma_client", "gemma_protocol", "_pytest", "tests"}
     for path in sorted(integration.rglob("*.py")):
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.Import):

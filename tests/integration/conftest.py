@@ -16,7 +16,7 @@ No request here sends the `triton_grpc_error` header (which makes a failed gRPC 
 real status code): Triton 2.51's gRPC frontend, the one nvidia-pytriton bundles, has a
 use-after-free in that mode (fixed upstream in triton-inference-server/server#8708) and crashes
 within a few dozen failed streams, even for a trivial Python model. A stream error then carries its
-message alone, which the model prefixes with the status (protocol.tag_error).
+message alone, which the model prefixes with the status (gemma_protocol.tag_error).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
-from gemma_client.protocol import INPUTS  # noqa: E402
+from gemma_protocol import INPUTS  # noqa: E402
 from tritonclient.utils import triton_to_np_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

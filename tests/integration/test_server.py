@@ -2,7 +2,7 @@
 
 `server` tests run on any server (the suite's own tiny-model one, or GEMMA_TEST_SERVER_URL's);
 `tiny_server` tests need the suite's own, with its checkpoint and small limits. A failed gRPC
-stream carries its message alone, prefixed by the model with its status (protocol.tag_error);
+stream carries its message alone, prefixed by the model with its status (gemma_protocol.tag_error);
 see conftest.py for why no test asks Triton for the status code itself.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from gemma_client.protocol import split_error_status
+from gemma_protocol import split_error_status
 from tritonclient.utils import InferenceServerException
 
 PROMPT = "The quick brown fox"

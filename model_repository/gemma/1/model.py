@@ -1,6 +1,6 @@
 """Triton glue for the Gemma engine: declare the tensors, parse requests, stream responses back.
 
-No model math here. `execute` parses each request (backend/requests.py) and submits it to the
+No model math here. `execute` parses each request (serving/requests.py) and submits it to the
 engine, then returns at once (decoupled model): the engine thread hands each output to a queue,
 and two small threads do the Triton-side work, so IPC to the server never stalls a decode step:
 - the responder sends one response per text delta (stream=true) or one at the end, the last with
@@ -20,20 +20,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from gemma_client.protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
+from gemma_protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
-from backend.metrics import GemmaMetrics, RequestRecord
+from serving.metrics import GemmaMetrics, RequestRecord
 
 # torch is imported by initialize, not here: Triton also loads this file in a short-lived process
 # of its own just to call auto_complete_config, which then starts seconds sooner.
 if TYPE_CHECKING:
     from backend.engine import EngineConfig
-    from backend.requests import GenerateRequest
+    from serving.requests import GenerateRequest
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The TritonError codes this model sends, by the gRPC status name that also prefixes each message
-# (protocol.tag_error): a gRPC stream error reaches the client as its message alone. Names, since
+# (gemma_protocol.tag_error): a gRPC stream error reaches the client as its message alone. Names, since
 # pb_utils.TritonError exists only once the stub has set the module up, after this file's import.
 ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", "CANCELLED": "CANCELLED",
                "INTERNAL": "INTERNAL"}
@@ -125,7 +125,7 @@ class TritonPythonModel:
 
     def initialize(self, args):
         from backend.engine import Engine
-        from backend.requests import parse_request
+        from serving.requests import parse_request
 
         self._parse_request = parse_request
         params = model_parameters(json.loads(args["model_config"]))

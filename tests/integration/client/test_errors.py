@@ -9,7 +9,7 @@ import time
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from gemma_client import protocol
+import gemma_protocol as protocol
 from gemma_client import (AsyncGemmaClient, AuthenticationError, CancelledError, ConnectionFailedError,
                           DeadlineExceededError, GemmaClient, GemmaClientError, InvalidArgumentError,
                           ModelNotFoundError, ServerError, UnavailableError)

@@ -11,7 +11,8 @@ import pytest
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from gemma_client import InvalidArgumentError, protocol
+import gemma_protocol as protocol
+from gemma_client import InvalidArgumentError
 from gemma_client._wire import (FINAL_RESPONSE_PARAM, ResponseDecoder, build_inputs, check_sampling,
                                 merge_headers)
 

@@ -1,7 +1,9 @@
 """The tensor I/O contract between Triton clients and the Gemma model: one table, no dependencies.
 
-The server's `auto_complete_config`, its request parser and validation, the client library and
-docs/api.md all read these tables, so a name or type is written exactly once.
+The server side (the Triton model's `auto_complete_config`, serving/requests.py's parser) and the
+client library (gemma_client) both import this package, so a name or type is written exactly once.
+It ships in the gemma-client distribution (client/pyproject.toml), which the server images install
+too; it needs nothing beyond the standard library, so the client image (no torch) has it.
 
 Sampling parameters arrive either as one JSON object in `sampling_parameters` (vLLM backend style)
 or as scalar tensors (TensorRT-LLM style). When a field is given both ways, the scalar tensor wins.

@@ -1,7 +1,7 @@
 """One Triton request's input tensors -> (prompt, SamplingParams, response options).
 
-Knows the tensor contract (gemma_client.protocol) but not Triton: it takes plain numpy arrays by
-tensor name, so it is tested without a server. Every rejection is a `ProtocolError` (a ValueError)
+Knows the tensor contract (gemma_protocol) and the engine's SamplingParams but not Triton: it takes
+plain numpy arrays by tensor name, so it is tested without a server. Every rejection is a `ProtocolError` (a ValueError)
 whose message names the offending field; the Triton model turns it into INVALID_ARG.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
-from gemma_client.protocol import FIELDS_BY_TENSOR, ProtocolError, check_value, parse_sampling_json
+from gemma_protocol import FIELDS_BY_TENSOR, ProtocolError, check_value, parse_sampling_json
 
 from backend.sampling import SamplingParams
 
