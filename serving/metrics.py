@@ -43,6 +43,10 @@ class GemmaMetrics:
             itl := family("gemma_inter_token_latency_seconds", H, "Time between consecutive output deltas"),
             kv_used := family("gemma_kv_blocks_used", G, "KV cache blocks in use"),
             kv_total := family("gemma_kv_blocks_total", G, "KV cache blocks in the pool"),
+            kv_cached := family("gemma_kv_blocks_cached", G, "Unreferenced KV blocks kept for prefix reuse"),
+            prefix_queries := family("gemma_prefix_cache_queries_total", C, "Prompt tokens looked up in the prefix cache"),
+            prefix_hits := family("gemma_prefix_cache_hits_total", C, "Prompt tokens found in the prefix cache"),
+            preemptions := family("gemma_preemptions_total", C, "Sequences preempted when the KV cache ran dry"),
             running := family("gemma_running_requests", G, "Sequences being decoded"),
             waiting := family("gemma_queue_depth", G, "Requests waiting for a slot"),
         ]
@@ -53,6 +57,11 @@ class GemmaMetrics:
         self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
         self.kv_used = kv_used.Metric(labels=labels)
         self.kv_total = kv_total.Metric(labels=labels)
+        self.kv_cached = kv_cached.Metric(labels=labels)
+        # The engine counts these itself; the counters advance by what it added since the last update.
+        self._engine_counters = {"prefix_queries": (prefix_queries.Metric(labels=labels), 0),
+                                 "prefix_hits": (prefix_hits.Metric(labels=labels), 0),
+                                 "preemptions": (preemptions.Metric(labels=labels), 0)}
         self.running = running.Metric(labels=labels)
         self.waiting = waiting.Metric(labels=labels)
 
@@ -70,5 +79,12 @@ class GemmaMetrics:
     def set_engine_stats(self, stats) -> None:
         self.kv_used.set(stats.kv_cache.used_blocks)
         self.kv_total.set(stats.kv_cache.total_blocks)
+        self.kv_cached.set(stats.kv_cache.cached_blocks)
+        for name, total in (("prefix_queries", stats.prefix_cache.queries), ("prefix_hits", stats.prefix_cache.hits),
+                            ("preemptions", stats.num_preemptions)):
+            metric, reported = self._engine_counters[name]
+            if total > reported:
+                metric.increment(total - reported)
+                self._engine_counters[name] = (metric, total)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)

@@ -200,7 +200,8 @@ def test_metrics_present_and_moving(server):
     for name in ("gemma_requests_total", "gemma_prompt_tokens_total", "gemma_generated_tokens_total",
                  "gemma_time_to_first_token_seconds_count", "gemma_inter_token_latency_seconds_bucket",
                  "gemma_kv_blocks_used", "gemma_kv_blocks_total", "gemma_running_requests",
-                 "gemma_queue_depth"):
+                 "gemma_queue_depth", "gemma_kv_blocks_cached", "gemma_prefix_cache_queries_total",
+                 "gemma_prefix_cache_hits_total", "gemma_preemptions_total"):
         assert name in names
     before = server.metrics()
     result = server.stream(PROMPT, stream=True, sampling_parameters=greedy_json(10))
@@ -216,6 +217,20 @@ def test_metrics_present_and_moving(server):
     assert moved("gemma_time_to_first_token_seconds_count", 1)
     assert moved("gemma_inter_token_latency_seconds_count", 1)
     assert server.metric("gemma_kv_blocks_total") > 0
+
+
+def test_a_repeated_prompt_hits_the_prefix_cache_with_the_same_output(server):
+    # Long enough to fill several 16-token blocks; unique, so no earlier test cached it.
+    prompt = f"{time.time_ns()} " + "a shared system prompt that many requests begin with, " * 6
+    hits_before = server.metric("gemma_prefix_cache_hits_total")
+    first = server.stream(prompt, sampling_parameters=greedy_json(8))
+    second = server.stream(prompt, sampling_parameters=greedy_json(8))
+    assert second.text == first.text and second.token_ids == first.token_ids
+    cached = (first.num_input_tokens - 1) // 16 * 16  # all full blocks but the one with the last token
+    assert cached >= 48
+    assert wait_for(lambda: server.metric("gemma_prefix_cache_hits_total") - hits_before >= cached)
+    assert wait_for(lambda: server.metric("gemma_kv_blocks_used") == 0)
+    assert server.metric("gemma_kv_blocks_cached") > 0
 
 
 def test_server_healthy_after_everything(server):
