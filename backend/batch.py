@@ -102,3 +102,16 @@ def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_c
         masks[window] = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
     group = AttentionGroup(q_index=rows[:, None] + steps, kv_slots=kv_slots, masks=masks)
     return group, (q_pos, kv_slots.gather(1, q_pos))
+
+
+def decode_masks(positions: torch.Tensor, ctx_len: int, windows) -> dict:
+    """Additive masks [B, 1, ctx_len] for one new token per sequence at `positions` [B], whose
+    context is the sequence's own slots for positions 0..ctx_len-1 (build_step's decode layout)."""
+    k_pos = torch.arange(ctx_len, device=positions.device)
+    q_pos = positions[:, None, None]
+    visible = k_pos[None, None, :] <= q_pos
+    masks = {}
+    for window in windows:
+        allowed = visible if window is None else visible & (k_pos[None, None, :] > q_pos - window)
+        masks[window] = torch.zeros(allowed.shape, device=positions.device).masked_fill_(~allowed, float("-inf"))
+    return masks

@@ -45,6 +45,7 @@ class EngineConfig:
     max_queue_size: int = 256  # waiting requests beyond this are refused (EngineOverloadedError)
     enable_prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts and outputs
     fp8: bool = False  # TE only: FP8 GEMMs on Hopper
+    cuda_graphs: bool = True  # GPU: decode-only steps replay captured CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,8 @@ class Engine:
                                                  self.device, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache.pool, self.config.block_size, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, self.device)
-        model.warm_up(self.kv_cache, self.config.max_num_seqs, self.max_model_len)
+        self.runner = ModelRunner(model, self.kv_cache, self.config.cuda_graphs)
+        self.runner.warm_up(self.config.max_num_seqs, self.max_model_len)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":

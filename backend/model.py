@@ -13,6 +13,7 @@ sequence for prefill chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from .config import GemmaConfig, RopeSpec
 class AttentionGroup:
     """Sequences whose attention is computed together: `q_index` rows of the flattened tokens
     attend to cache slots `kv_slots`; masks[window] is additive, one per distinct sliding window."""
-    q_index: torch.Tensor  # [B, n] rows of the step's tokens, n new tokens per sequence
+    q_index: Optional[torch.Tensor]  # [B, n] rows of the step's tokens; None: row b is sequence b's one token
     kv_slots: torch.Tensor  # [B, ctx] flat cache slots of each sequence's context (padded)
     masks: dict[int | None, torch.Tensor]  # window -> [B, n, ctx] additive mask
 
@@ -37,7 +38,25 @@ class StepLayout:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
     groups: list[AttentionGroup]
-    logit_rows: torch.Tensor  # [S]
+    logit_rows: Optional[torch.Tensor]  # [S]; None: every row (a graph-captured decode step)
+    # Fixed-shape decode steps (graphs.py) only: False for padding rows, which must not write K/V.
+    row_valid: Optional[torch.Tensor] = None
+
+
+def write_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor, row_valid: Optional[torch.Tensor] = None) -> None:
+    """Store the step's keys/values ([T, KV, D]) at their cache slots.
+
+    With `row_valid` (fixed-shape graph steps), padding rows carry row 0's slot and are given row
+    0's values, so the duplicate writes are identical and no other slot is touched."""
+    n = slot_mapping.shape[0]
+    k, v = k[:n], v[:n]
+    if row_valid is not None:
+        keep = row_valid[:n, None, None]
+        k = torch.where(keep, k, k[:1])
+        v = torch.where(keep, v, v[:1])
+    k_slots.index_copy_(0, slot_mapping, k.to(k_slots.dtype))
+    v_slots.index_copy_(0, slot_mapping, v.to(v_slots.dtype))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -100,12 +119,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         k_slots, v_slots = kv_cache.layer(self.layer_idx)
-        k_slots.index_copy_(0, layout.slot_mapping, k.to(k_slots.dtype))
-        v_slots.index_copy_(0, layout.slot_mapping, v.to(v_slots.dtype))
+        write_kv(k_slots, v_slots, layout.slot_mapping, k, v, layout.row_valid)
 
         if len(layout.groups) == 1:  # the common all-decode (or single-prefill) step: no scatter
             group = layout.groups[0]
-            out = self._attend(q.view(*group.q_index.shape, *q.shape[1:]), k_slots[group.kv_slots],
+            rows = (T, 1) if group.q_index is None else group.q_index.shape
+            out = self._attend(q.view(*rows, *q.shape[1:]), k_slots[group.kv_slots],
                                v_slots[group.kv_slots], group.masks[self.window])
         else:
             out = torch.empty_like(q)
@@ -164,6 +183,8 @@ class DecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
+    row_multiple = 1  # any number of token rows per step (graphs.py buckets by this)
+
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         self.cfg = cfg
@@ -178,8 +199,9 @@ class GemmaModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def warm_up(self, kv_cache, max_batch: int, max_len: int) -> None:
-        """Nothing to prepare: every step runs eagerly (the TE model captures CUDA graphs here)."""
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
@@ -189,7 +211,7 @@ class GemmaModel(nn.Module):
         ropes = {s: rope_cos_sin(s, self.cfg.head_dim, layout.positions, dtype) for s in self.rope_specs}
         for layer, spec in zip(self.layers, self.cfg.layers):
             x = layer(x, layout, ropes[spec.rope], kv_cache)
-        x = self.final_norm(x[layout.logit_rows])
+        x = self.final_norm(x if layout.logit_rows is None else x[layout.logit_rows])
         return self.logits(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,10 @@ import json
 
 import torch
 
+from backend.batch import decode_masks
 from backend.config import RopeSpec
-from backend.model import AttentionGroup, apply_rope, rope_cos_sin
-from backend.te.attention import StepContext, decode_masks, paged_attention, write_kv
+from backend.model import AttentionGroup, apply_rope, rope_cos_sin, write_kv
+from backend.te.attention import StepContext, paged_attention
 from backend.te.fused_decode import rope_and_store
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 1, 256

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from backend.graphs import DecodeGraphs
+
 from .random_checkpoint import gemma_2b_config, make_checkpoint
 
 # Datasheet HBM bandwidth per GPU name (the floor's denominator); H100 SXM5 unless named here.
@@ -192,20 +194,21 @@ def profile_step(model, cfg, kv, batch: int, prompt_len: int, steps: int = 20) -
                 top=[(name[:80], round(ms, 4)) for name, ms in top])
 
 
-def run_variant(out, name: str, model, te16, kv16, batches, prompt: int, new: int) -> dict:
+def run_variant(out, name: str, model, te16_step, kv16, batches, prompt: int, new: int) -> dict:
     """Decode speed of a TE variant per batch size; for FP8, accuracy against the bf16 model on the
     same teacher-forced tokens (logits relative error, top-1 agreement)."""
     emit(out, kind="setup", what=f"{name}_load", weight_bytes=model.weight_bytes_per_step())
     kv = make_cache(model, max(batches + [8]), prompt, new)
+    step = DecodeGraphs(model)  # as the engine's runner calls the model
     rows = {}
     for b in batches:
-        te_run(model, model.cfg, kv, b, prompt, new)  # warm-up: captures this batch's graphs
-        r, _, _ = te_run(model, model.cfg, kv, b, prompt, new, seed=1)
-        rows[b] = emit(out, kind=name, batch=b, graphs_disabled=model.graphs.disabled, **r)
+        te_run(step, model.cfg, kv, b, prompt, new)  # warm-up: captures this batch's graphs
+        r, _, _ = te_run(step, model.cfg, kv, b, prompt, new, seed=1)
+        rows[b] = emit(out, kind=name, batch=b, graphs_disabled=step.disabled, **r)
     if model.fp8:
         acc_batch = 8
-        _, chosen, ref_logits = te_run(te16, te16.cfg, kv16, acc_batch, prompt, new, seed=2, keep_logits=True)
-        _, _, got_logits = te_run(model, model.cfg, kv, acc_batch, prompt, new, seed=2, forced=chosen,
+        _, chosen, ref_logits = te_run(te16_step, model.cfg, kv16, acc_batch, prompt, new, seed=2, keep_logits=True)
+        _, _, got_logits = te_run(step, model.cfg, kv, acc_batch, prompt, new, seed=2, forced=chosen,
                                   keep_logits=True)
         a, f = torch.stack(ref_logits).float(), torch.stack(got_logits).float()
         emit(out, kind="fp8_accuracy", variant=name, batch=acc_batch, positions=a.shape[0] * a.shape[1],
@@ -274,7 +277,8 @@ def main() -> None:
     bw = copy_bandwidth()
     hbm = datasheet_bandwidth(torch.cuda.get_device_name())
     t0 = time.perf_counter()
-    te16 = load_te_model(ckpt, torch.bfloat16, "cuda", cuda_graphs=True)
+    te16 = load_te_model(ckpt, torch.bfloat16, "cuda")
+    te16_step = DecodeGraphs(te16)  # decode steps replayed from CUDA graphs, as the engine's runner does
     cfg = te16.cfg
     weight_bytes = te16.weight_bytes_per_step()
     emit(out, kind="setup", what="te_bf16_load", seconds=time.perf_counter() - t0, weight_bytes=weight_bytes,
@@ -285,15 +289,15 @@ def main() -> None:
     kv16 = make_cache(te16, max(batches + [8]), args.prompt, args.new)
     for b in batches:
         try:
-            te_run(te16, cfg, kv16, b, args.prompt, args.new)  # warm-up: captures this batch's graphs
-            r, _, _ = te_run(te16, cfg, kv16, b, args.prompt, args.new, seed=1)
-            results["te_bf16"][b] = emit(out, kind="te_bf16", batch=b, graphs_disabled=te16.graphs.disabled, **r)
+            te_run(te16_step, cfg, kv16, b, args.prompt, args.new)  # warm-up: captures this batch's graphs
+            r, _, _ = te_run(te16_step, cfg, kv16, b, args.prompt, args.new, seed=1)
+            results["te_bf16"][b] = emit(out, kind="te_bf16", batch=b, graphs_disabled=te16_step.disabled, **r)
         except Exception as e:  # noqa: BLE001 - a failed section must not hide the others
             emit(out, kind="error", section="te_bf16", batch=b, error=repr(e))
     if args.profile:
         for b in (1, max(batches)):
             try:
-                emit(out, kind="profile", batch=b, **profile_step(te16, cfg, kv16, b, args.prompt))
+                emit(out, kind="profile", batch=b, **profile_step(te16_step, cfg, kv16, b, args.prompt))
             except Exception as e:  # noqa: BLE001
                 emit(out, kind="error", section="profile", batch=b, error=repr(e))
     if not args.no_hf:
@@ -310,7 +314,7 @@ def main() -> None:
         variants["te_unfused"] = dict(fused=False)
     for name, kw in variants.items():
         try:
-            results[name] = run_variant(out, name, load_te_model(ckpt, torch.bfloat16, "cuda", **kw), te16, kv16,
+            results[name] = run_variant(out, name, load_te_model(ckpt, torch.bfloat16, "cuda", **kw), te16_step, kv16,
                                         batches, args.prompt, args.new)
         except Exception as e:  # noqa: BLE001
             emit(out, kind="error", section=name, error=repr(e))

@@ -57,8 +57,9 @@ def test_the_server_rebuilds_the_engine_config_of_the_in_process_engine(monkeypa
 
 
 def test_a_setting_the_server_cannot_be_given_is_refused():
-    with pytest.raises(ValueError, match="fp8"):
-        serving.server_env(EngineConfig(fp8=True))
+    with pytest.raises(ValueError, match="block_size"):
+        serving.server_env(EngineConfig(block_size=32))
+    assert serving.server_env(EngineConfig(fp8=True))["GEMMA_FP8"] == "True"  # a parameter since FP8 serving
 
 
 def test_options_set_the_load_and_the_one_engine_config(default_checkpoint):
@@ -99,7 +100,7 @@ def test_random_checkpoint_has_the_tokenizer_and_its_vocabulary_and_serves(tmp_p
 
     engine = Engine.from_config(EngineConfig(checkpoint=str(out), max_num_seqs=2, kv_cache_bytes=4 << 20))
     try:
-        assert max(engine.tokenizer.hf_tokenizer.get_vocab().values()) < engine.model.cfg.vocab_size
+        assert max(engine.tokenizer.hf_tokenizer.get_vocab().values()) < engine.vocab_size
         result = engine.submit("The capital of France is",
                                SamplingParams(max_tokens=12, **serving.GREEDY)).result()
         assert (result.num_output_tokens, result.finish_reason) == (12, "length")

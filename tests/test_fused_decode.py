@@ -11,10 +11,11 @@ if DEVICE == "cpu":
 
 pytest.importorskip("triton")
 
+from backend.batch import decode_masks  # noqa: E402
 from backend.config import RopeSpec  # noqa: E402
-from backend.model import AttentionGroup, apply_rope, rope_cos_sin  # noqa: E402
+from backend.model import AttentionGroup, apply_rope, rope_cos_sin, write_kv  # noqa: E402
 from backend.te import fused_decode  # noqa: E402
-from backend.te.attention import StepContext, attend, decode_masks, paged_attention, write_kv  # noqa: E402
+from backend.te.attention import StepContext, attend, paged_attention  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 

@@ -6,7 +6,7 @@ the CPU path (and `engine="torch"`) never loads TE. The TE code lives in:
     layers.py    TEGemmaDecoderLayer: te.pytorch.TransformerLayer for every Gemma family
     model.py     TEGemmaModel: embedding, TE layers, final norm, tied LM head; the engine's forward
     attention.py attention over the engine's paged KV cache (plain torch, graph-capturable)
-    graphs.py    CUDA graphs of decode steps, bucketed by batch size and context length
+    fused_decode.py  RoPE + K/V write and decode attention as Triton kernels
     runner.py    load_te_model(): checkpoint -> TEGemmaModel on the GPU (bf16, optionally FP8)
 
 See docs/gpu.md for the design, TE's limits, and the measured numbers.

@@ -38,22 +38,6 @@ class StepContext:
     fused: bool = False  # RoPE + K/V write and decode attention by the Triton kernels (fused_decode.py)
 
 
-def write_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, slot_mapping: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor, row_valid: Optional[torch.Tensor] = None) -> None:
-    """Store the step's keys/values ([T, KV, D]) at their cache slots.
-
-    With `row_valid` (fixed-shape graph steps), padding rows carry row 0's slot and are given row
-    0's values, so the duplicate writes are identical and no other slot is touched."""
-    n = slot_mapping.shape[0]
-    k, v = k[:n], v[:n]
-    if row_valid is not None:
-        keep = row_valid[:n, None, None]
-        k = torch.where(keep, k, k[:1])
-        v = torch.where(keep, v, v[:1])
-    k_slots.index_copy_(0, slot_mapping, k.to(k_slots.dtype))
-    v_slots.index_copy_(0, slot_mapping, v.to(v_slots.dtype))
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
            softcap: Optional[float]) -> torch.Tensor:
     """q: [B, n, H, D]; k, v: [B, ctx, KV, D]; mask: [B, n, ctx] additive -> [B, n, H, D].
@@ -109,16 +93,3 @@ def paged_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tenso
         else:
             out[g.q_index] = attend(qg, kg, vg, mask, scale, softcap)
     return out
-
-
-def decode_masks(positions: torch.Tensor, ctx_len: int, windows) -> dict:
-    """Additive masks [B, 1, ctx_len] for one new token per sequence at `positions` [B], whose
-    context is the sequence's own slots for positions 0..ctx_len-1 (build_step's decode layout)."""
-    k_pos = torch.arange(ctx_len, device=positions.device)
-    q_pos = positions[:, None, None]
-    visible = k_pos[None, None, :] <= q_pos
-    masks = {}
-    for window in windows:
-        allowed = visible if window is None else visible & (k_pos[None, None, :] > q_pos - window)
-        masks[window] = torch.zeros(allowed.shape, device=positions.device).masked_fill_(~allowed, float("-inf"))
-    return masks

@@ -30,9 +30,9 @@ import torch
 import transformer_engine.pytorch as te
 
 from backend.config import GemmaConfig, RopeSpec
-from backend.model import apply_rope
+from backend.model import apply_rope, write_kv
 
-from .attention import StepContext, paged_attention, write_kv
+from .attention import StepContext, paged_attention
 from .fused_decode import rope_and_store
 
 # Our parameter names (backend.weights.load_mapped_state, per layer) -> this module's parameters.

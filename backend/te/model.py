@@ -7,10 +7,10 @@ sqrt(hidden) in the model dtype, TEGemmaDecoderLayer.step per layer (TE GEMMs/no
 over the paged cache), final zero-centred RMSNorm on the rows that need logits, tied LM head in
 the model dtype, optional final softcap, fp32 logits.
 
-Decode-only steps replay CUDA graphs (graphs.py) when enabled; everything else (prefill chunks,
-mixed steps, batches beyond the largest bucket) runs eagerly. With fp8=True the TE GEMMs run in
-FP8 (Hopper) with FP8 weights (the LM head stays in the model dtype); FP8 GEMMs need a multiple
-of 8 rows, so eager steps pad the token rows and graph buckets are multiples of 8.
+Every call runs eagerly; the engine's runner replays decode-only steps from CUDA graphs of this
+forward (backend/graphs.py). With fp8=True the TE GEMMs run in FP8 (Hopper) with FP8 weights (the
+LM head stays in the model dtype); FP8 GEMMs need a multiple of 8 rows, so steps pad the token rows
+(`row_multiple`: graph buckets are multiples of 8).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class TEGemmaModel(nn.Module):
         self.windows = sorted({layer.sliding_window for layer in cfg.layers}, key=lambda w: (w is not None, w or 0))
         # sqrt(hidden) rounded to the model dtype, as HF multiplies by a tensor of that dtype.
         self.embed_scale = float(torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype))
-        self.graphs = None  # graphs.DecodeGraphs once enable_cuda_graphs() is called
+        self.row_multiple = FP8_ROWS if fp8 else 1
         # RoPE + K/V write and decode attention as Triton kernels (fused_decode.py) where Triton is
         # installed; otherwise the plain-torch attention.py path.
         self.fused = fused and fused_decode.available()
@@ -103,16 +103,6 @@ class TEGemmaModel(nn.Module):
 
     # --- engine contract --------------------------------------------------------------------------
 
-    def enable_cuda_graphs(self, max_batch: int = 256) -> None:
-        from .graphs import DecodeGraphs
-
-        self.graphs = DecodeGraphs(self, max_batch=max_batch)
-
-    def warm_up(self, kv_cache, max_batch: int, max_len: int) -> None:
-        """Called by the engine once its cache exists: capture the decode graphs it can reach."""
-        if self.graphs is not None:
-            self.graphs.capture_all(kv_cache, max_batch, max_len)
-
     def autocast(self):
         if not self.fp8:
             return contextlib.nullcontext()
@@ -120,31 +110,31 @@ class TEGemmaModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
-        """token_ids: [T] -> float32 logits [len(layout.logit_rows), vocab]."""
+        """token_ids: [T] -> float32 logits for `layout.logit_rows` (every row if None)."""
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             torch.cuda.set_device(self.device)  # the engine thread starts on device 0
-        if self.graphs is not None and self.graphs.can_run(token_ids, layout):
-            return self.graphs.run(token_ids, layout, kv_cache)
         with self.autocast():
-            return self.forward_eager(token_ids, layout, kv_cache)
+            return self._forward(token_ids, layout, kv_cache)
 
-    def forward_eager(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+    def _forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
         T = token_ids.shape[0]
-        padded_rows = (-T) % FP8_ROWS if self.fp8 else 0
+        padded_rows = (-T) % self.row_multiple
         positions = layout.positions
         x = self.embed_tokens(token_ids)
         if padded_rows:  # zero rows: RMSNorm keeps them zero, attention skips them, no cache writes
             x = F.pad(x, (0, 0, 0, padded_rows))
             positions = F.pad(positions, (0, padded_rows))
         ctx = StepContext(ropes=self.ropes(positions), slot_mapping=layout.slot_mapping, groups=layout.groups,
-                          positions=positions, padded=padded_rows > 0, fused=self.fused)
+                          positions=positions, row_valid=layout.row_valid, padded=padded_rows > 0, fused=self.fused)
         for layer in self.layers:
             x = layer.step(x, ctx, kv_cache)
+        if layout.logit_rows is None:
+            return self.logits(self.final_norm(x[:T]))
         if layout.logit_rows.numel() == 0:  # a prefill chunk that does not end its prompt
             return torch.empty(0, self.cfg.vocab_size, device=x.device)  # (TE's RMSNorm rejects 0 rows)
         return self.logits(self.final_norm(x[layout.logit_rows]))
 
-    # --- pieces shared with the graph path --------------------------------------------------------
+    # --- pieces ------------------------------------------------------------------------------------
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embed) * self.embed_scale

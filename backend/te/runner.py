@@ -1,7 +1,8 @@
 """Load a checkpoint into the TransformerEngine model (what backend.engine calls for engine="te").
 
-    model = load_te_model(path, torch.bfloat16, "cuda", fp8=False, cuda_graphs=True)
+    model = load_te_model(path, torch.bfloat16, "cuda", fp8=False)
     logits = model(token_ids, layout, kv_cache)   # backend.model.GemmaModel's contract
+    graphs = DecodeGraphs(model)                   # backend/graphs.py: the same call, decode steps replayed
 
 Importing this module does not import TransformerEngine; calling load_te_model does.
 """
@@ -18,12 +19,10 @@ from . import te_available
 
 
 def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-                  cuda_graphs: bool = True, fp8_recipe: str = "current", max_graph_batch: int = 256,
-                  fused: bool = True):
+                  fp8_recipe: str = "current", fused: bool = True):
     """Build TEGemmaModel from an HF Gemma checkpoint directory (strict safetensors loading).
 
     fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype`).
-    cuda_graphs: replay captured graphs for decode-only steps of up to `max_graph_batch` sequences.
     fused: RoPE, K/V writes and decode attention in Triton kernels (when Triton is installed)."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -47,6 +46,4 @@ def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     model.load_reference_state(state)
     del state
     model.eval()
-    if cuda_graphs:
-        model.enable_cuda_graphs(max_batch=max_graph_batch)
     return model

@@ -41,8 +41,8 @@ def test_continuous_batching_matches_single_requests(family, dtype, servable):
     prompts = prompts_for(512, [3, 29, 11, 50, 7], seed=8)
     engine = make_engine(servable[family], dtype)
     try:
-        assert type(engine.model).__name__ == "TEGemmaModel"
-        graphs = engine.model.graphs
+        assert type(engine.runner.model).__name__ == "TEGemmaModel"
+        graphs = engine.runner.graphs
         captured_at_start = sorted(graphs.entries)
         solo = [engine.submit(p, params).result().token_ids for p in prompts]
         together = [token_ids(outs) for outs in run_staggered(engine, prompts, params)]

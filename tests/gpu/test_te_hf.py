@@ -54,7 +54,7 @@ def test_te_inference_params_paged_cache(family, tmp_path):
 
     dtype = torch.bfloat16
     path = save_tiny(tmp_path, family, seed=13)
-    model = load_te_model(path, dtype, DEVICE, cuda_graphs=False)
+    model = load_te_model(path, dtype, DEVICE)
     cfg = model.cfg
     prompt, n, page = prompts_for(cfg.vocab_size, [21], seed=14)[0], 24, 16
     want = drive(model, cfg, [prompt], n, dtype)[0]

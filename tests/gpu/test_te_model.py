@@ -7,6 +7,7 @@ GEMMs with TF32 tensor cores, so "fp32" TE results are compared at TF32-level to
 import pytest
 import torch
 
+from backend.graphs import DecodeGraphs
 from tests.gpu.helpers import (DEVICE, FAMILIES, drive, greedy_agreement, prompts_for, rel_err, report,
                                requires_te, save_tiny, tiny_hf)
 
@@ -58,7 +59,7 @@ def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hf_and_reference(family, dtype, attention, checkpoints):
-    te = load(checkpoints[family], DTYPES[dtype], cuda_graphs=False, fused=attention == "fused")
+    te = load(checkpoints[family], DTYPES[dtype], fused=attention == "fused")
     assert te.fused == (attention == "fused"), "Triton should be installed on the GPU machine"
     ref, cfg = load_reference(checkpoints[family], DTYPES[dtype])
     hf = tiny_hf(family, seed=3).to(DEVICE)  # the same seeded weights, fp32: the oracle
@@ -80,16 +81,16 @@ def test_logits_match_hf_and_reference(family, dtype, attention, checkpoints):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_64_tokens_match_reference(family, dtype, checkpoints):
-    te = load(checkpoints[family], DTYPES[dtype])
+    graphs = DecodeGraphs(load(checkpoints[family], DTYPES[dtype]))  # as the engine's runner runs it
     ref, cfg = load_reference(checkpoints[family], DTYPES[dtype])
     prompts = prompts_for(cfg.vocab_size, [5, 40, 100], seed=1)
     kw = dict(arrivals=[0, 3, 6], dtype=DTYPES[dtype])
-    got, want = drive(te, cfg, prompts, 64, **kw), drive(ref, cfg, prompts, 64, **kw)
+    got, want = drive(graphs, cfg, prompts, 64, **kw), drive(ref, cfg, prompts, 64, **kw)
     equal = [greedy_agreement(w, g, TIE[dtype], f"{family} {dtype} seq {i}")
              for i, (w, g) in enumerate(zip(want, got))]
     report(test="greedy_vs_reference", family=family, dtype=dtype, equal_tokens=equal, of=64,
-           graph_replays=sum(e.replays for e in te.graphs.entries.values()), graphs_disabled=te.graphs.disabled)
-    assert te.graphs.entries, f"decode steps should have replayed CUDA graphs ({te.graphs.disabled})"
+           graph_replays=sum(e.replays for e in graphs.entries.values()), graphs_disabled=graphs.disabled)
+    assert graphs.entries, f"decode steps should have replayed CUDA graphs ({graphs.disabled})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,9 +100,9 @@ def test_cuda_graph_decode_equals_eager(family, dtype, checkpoints):
     cfg = te.cfg
     prompts = prompts_for(cfg.vocab_size, [5, 40, 100], seed=2)  # 3 decodes: padded to bucket 4
     kw = dict(arrivals=[0, 3, 6], dtype=DTYPES[dtype])
-    graphed = drive(te, cfg, prompts, 48, **kw)
-    buckets = sorted(te.graphs.entries)
-    graphs, te.graphs = te.graphs, None
+    graphs = DecodeGraphs(te)
+    graphed = drive(graphs, cfg, prompts, 48, **kw)
+    buckets = sorted(graphs.entries)
     eager = drive(te, cfg, prompts, 48, **kw)
     equal, errs = [], []
     for i, (e, g) in enumerate(zip(eager, graphed)):
@@ -131,12 +132,13 @@ def test_fp8_stays_close_to_bf16(family, checkpoints):
     err, top1 = rel_err(b, a), float((a.argmax(-1) == b.argmax(-1)).float().mean())
     # Free-running greedy with FP8 graphs (buckets are multiples of 8 rows).
     prompts = prompts_for(cfg.vocab_size, [5, 40, 19], seed=5)
-    g16 = drive(te16, cfg, prompts, 32, torch.bfloat16, arrivals=[0, 2, 4])
-    g8 = drive(te8, cfg, prompts, 32, torch.bfloat16, arrivals=[0, 2, 4])
+    graphs8 = DecodeGraphs(te8)
+    g16 = drive(DecodeGraphs(te16), cfg, prompts, 32, torch.bfloat16, arrivals=[0, 2, 4])
+    g8 = drive(graphs8, cfg, prompts, 32, torch.bfloat16, arrivals=[0, 2, 4])
     same = [next((i for i, (x, y) in enumerate(zip(p.tokens, q.tokens)) if x != y), 32) for p, q in zip(g16, g8)]
     report(test="fp8_vs_bf16", family=family, logits_rel_err=err, top1_agreement=top1, positions=len(a),
-           greedy_equal_prefix=same, of=32, fp8_buckets=sorted(te8.graphs.entries), graphs_disabled=te8.graphs.disabled)
-    assert all(b % 8 == 0 for b, _ in te8.graphs.entries)
+           greedy_equal_prefix=same, of=32, fp8_buckets=sorted(graphs8.entries), graphs_disabled=graphs8.disabled)
+    assert all(b % 8 == 0 for b, _ in graphs8.entries)
     # Tiny random models have flat logits (close runner-ups); the gemma-2b-shaped benchmark
     # measures FP8 on real shapes (docs/gpu.md).
     assert err < 0.3 and top1 >= 0.6

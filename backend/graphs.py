@@ -1,17 +1,22 @@
-"""CUDA graphs for decode-only steps: one graph per (batch bucket, context bucket).
+"""CUDA graphs for decode-only steps of any step model: one graph per (batch bucket, context bucket).
 
 A decode step launches a few hundred small kernels (18 layers x norms, GEMMs, RoPE, cache writes,
 attention) whose work at small batch is shorter than their launch cost; replaying a captured graph
 removes the launch gaps. Graphs need fixed shapes and addresses, so each bucket owns static input
 buffers; a step copies its inputs into them (device-to-device, no host sync) and replays.
 
+`DecodeGraphs(model)` is called like the model: a decode-only step within the buckets replays a
+graph, any other step runs the model eagerly. What is captured is the model's own forward on a
+fixed-shape decode layout (one group with q_index None: row b is sequence b; `row_valid` marks
+the padding rows), so the reference model and the TransformerEngine model share this code.
+
 Padding a batch of B decodes up to its bucket Bb: rows B..Bb-1 write no K/V (the fused kernel skips
 them; the torch path gives them row 0's slot and row 0's K/V, identical duplicate writes), attend
 over slot 0 only, and their logits are dropped. The context is padded to a power-of-two bucket C:
-columns past a sequence's length point at slot 0 and are never attended to. Both attention paths
-take the visible keys from the positions inside the graph (the fused kernel directly, the torch
-path through masks built there), which is exact for decodes (build_step lays a decode's context
-out as its positions 0..ctx-1).
+columns past a sequence's length point at slot 0 and are never attended to. Attention takes the
+visible keys from the positions inside the graph (the fused kernel directly, the torch paths
+through masks built there: batch.decode_masks), which is exact for decodes (build_step lays a
+decode's context out as its positions 0..ctx-1).
 
 The engine captures every reachable bucket when it starts (`capture_all`); a bucket still missing
 is captured the first time it is needed (the capture's warm-up runs the real step, so it writes the
@@ -26,9 +31,8 @@ from typing import Optional
 
 import torch
 
-from backend.model import AttentionGroup, StepLayout
-
-from .attention import StepContext, decode_masks
+from .batch import decode_masks
+from .model import AttentionGroup, StepLayout
 
 BF16_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MIN_CTX_BUCKET = 128
@@ -63,13 +67,21 @@ class _Entry:
 class DecodeGraphs:
     def __init__(self, model, max_batch: int = 256):
         self.model = model
-        buckets = BF16_BUCKETS if not model.fp8 else tuple(b for b in BF16_BUCKETS if b % 8 == 0)
+        self.device = model.device
+        self.windows = sorted({layer.sliding_window for layer in model.cfg.layers}, key=lambda w: (w is not None, w or 0))
+        buckets = tuple(b for b in BF16_BUCKETS if b % model.row_multiple == 0)
         self.buckets = tuple(b for b in buckets if b <= max(max_batch, buckets[0]))
         self.max_ctx = _ctx_bucket(model.cfg.max_position_embeddings)
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.pool = None
         self.cache_ptr: Optional[int] = None
         self.disabled: Optional[str] = None  # why capture failed; decode steps then run eagerly
+
+    def __call__(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+        """The model's forward: replayed from a graph where one fits, else eager."""
+        if self.can_run(token_ids, layout):
+            return self.run(token_ids, layout, kv_cache)
+        return self.model(token_ids, layout, kv_cache)
 
     def can_run(self, token_ids: torch.Tensor, layout: StepLayout) -> bool:
         """Decode-only steps (one attention group, one new token per sequence) within the buckets."""
@@ -98,8 +110,7 @@ class DecodeGraphs:
         entry = self._entry(key, kv_cache)
         self._load(entry, token_ids, layout)
         if not self._ready(key, kv_cache):
-            with self.model.autocast():
-                return self.model.forward_eager(token_ids, layout, kv_cache)
+            return self.model(token_ids, layout, kv_cache)
         entry.graph.replay()
         entry.replays += 1
         return entry.logits.index_select(0, layout.logit_rows)
@@ -129,7 +140,7 @@ class DecodeGraphs:
         return self.entries[key]
 
     def _new_entry(self, batch: int, ctx: int) -> _Entry:
-        dev = self.model.device
+        dev = self.device
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
         return _Entry(batch=batch, ctx=ctx, tokens=zeros(batch), positions=zeros(batch), slots=zeros(batch),
                       num_valid=zeros(()), row_ids=torch.arange(batch, device=dev), kv_slots=zeros(batch, ctx))
@@ -150,28 +161,22 @@ class DecodeGraphs:
         entry.kv_slots[:b, :kv_slots.shape[1]].copy_(kv_slots)
 
     def _body(self, entry: _Entry, kv_cache) -> torch.Tensor:
-        model = self.model
-        x = model.embed_tokens(entry.tokens)
-        # The fused kernels derive the masks from the positions; the torch path needs them built.
-        masks = {} if model.fused else decode_masks(entry.positions, entry.ctx, model.windows)
-        group = AttentionGroup(q_index=None, kv_slots=entry.kv_slots, masks=masks)
-        ctx = StepContext(ropes=model.ropes(entry.positions), slot_mapping=entry.slots, groups=[group],
-                          positions=entry.positions, row_valid=entry.row_ids < entry.num_valid, fused=model.fused)
-        for layer in model.layers:
-            x = layer.step(x, ctx, kv_cache)
-        return model.logits(model.final_norm(x))
+        group = AttentionGroup(q_index=None, kv_slots=entry.kv_slots,
+                               masks=decode_masks(entry.positions, entry.ctx, self.windows))
+        layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, groups=[group], logit_rows=None,
+                            row_valid=entry.row_ids < entry.num_valid)
+        return self.model(entry.tokens, layout, kv_cache)
 
     def _capture(self, entry: _Entry, kv_cache) -> None:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with self.model.autocast():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: lazy TE/cuBLAS setup stays out of the graph
-                for _ in range(2):
-                    self._body(entry, kv_cache)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                entry.logits = self._body(entry, kv_cache)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: lazy TE/cuBLAS setup stays out of the graph
+            for _ in range(2):
+                self._body(entry, kv_cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            entry.logits = self._body(entry, kv_cache)
         entry.graph = graph

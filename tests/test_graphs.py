@@ -1,0 +1,44 @@
+"""What backend/graphs.py captures, run eagerly on the CPU: the model's forward on the fixed-shape
+decode layout (batch padded to its bucket, context padded to a power of two, masks built from the
+positions) gives the logits of the ordinary decode layout, and padding rows touch no other
+sequence's cache. On a GPU the same body is captured and replayed (tests/gpu)."""
+import pytest
+import torch
+
+from backend.batch import SeqChunk, build_step
+from backend.graphs import DecodeGraphs
+from backend.kv_cache import PagedKVCache
+from backend.weights import load_reference_model
+from tests.tiny_models import hf_model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])  # softcap + sliding window; qk-norm + local RoPE
+def test_fixed_shape_decode_body_matches_the_eager_step(family, tmp_path):
+    hf_model(family, seed=5).save_pretrained(tmp_path, safe_serialization=True)
+    model, cfg = load_reference_model(tmp_path, torch.float32, "cpu")
+    kv = PagedKVCache(cfg, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
+    windows = {layer.sliding_window for layer in cfg.layers}
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 12, 21)]
+    tables = [kv.pool.allocate(kv.blocks_for(len(p))) for p in prompts]
+    for p, t in zip(prompts, tables):
+        model(*build_step([SeqChunk(p[:-1], 0, t, True)], 4, windows, "cpu"), kv)
+    ids, layout = build_step([SeqChunk([p[-1]], len(p) - 1, t, True) for p, t in zip(prompts, tables)], 4, windows,
+                             "cpu")
+    before = kv.slots.clone()
+    expected = model(ids, layout, kv)
+    after_eager = kv.slots.clone()
+
+    kv.slots.copy_(before)
+    graphs = DecodeGraphs(model)
+    assert graphs.can_run(ids, layout)
+    entry = graphs._entry((4, 128), kv)  # 3 sequences in the batch-4 bucket, context 21 in the 128 bucket
+    graphs._load(entry, ids, layout)
+    logits = graphs._body(entry, kv)
+    torch.testing.assert_close(logits[:3], expected, atol=2e-5, rtol=0)
+    # The padding row wrote row 0's K/V to row 0's slot: the cache is the eager step's (up to the
+    # rounding of a 4-row instead of a 3-row matmul), and no slot beyond this step's three changed.
+    torch.testing.assert_close(kv.slots, after_eager, atol=2e-5, rtol=0)
+    written = torch.zeros(kv.slots.shape[2], dtype=torch.bool)
+    written[layout.slot_mapping] = True
+    assert torch.equal(kv.slots[:, :, ~written], before[:, :, ~written])
