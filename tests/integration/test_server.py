@@ -126,6 +126,26 @@ def test_batched_greedy_equals_alone(tiny_server):
         assert alone.token_ids == results[i].token_ids, i
 
 
+SAMPLING_12 = json.dumps({"max_tokens": 12, "ignore_eos": True})
+
+
+@pytest.mark.parametrize("tensors", [
+    pytest.param(dict(sampling_parameters=SAMPLING_12, temperature=1e-40), id="temperature-1e-40"),
+    pytest.param(dict(sampling_parameters='{"max_tokens": 12, "ignore_eos": true, "temperature": 1e-320}'),
+                 id="temperature-1e-320-json"),
+    pytest.param(dict(sampling_parameters=SAMPLING_12, top_p=1e-300), id="top_p-1e-300"),
+    pytest.param(dict(sampling_parameters='{"max_tokens": 12, "ignore_eos": true, "top_p": 1e-300, '
+                                          '"temperature": 3.0, "seed": 5}'), id="top_p-1e-300-hot-seeded"),
+])
+def test_degenerate_sampling_serves_the_top_token_never_padding(server, tensors):
+    """Used to serve token 0 (<pad>, empty text) for every step: temperature 1e-40 overflowed the
+    logits, top_p 1e-300 rounded to 0 and kept no token."""
+    greedy = server.stream(PROMPT, sampling_parameters=greedy_json(12), exclude_input_in_output=True)
+    served = server.stream(PROMPT, exclude_input_in_output=True, **tensors)
+    assert 0 not in served.token_ids and served.text
+    assert served.token_ids == greedy.token_ids and served.text == greedy.text
+
+
 def test_cancelled_stream_frees_kv_blocks(server):
     cancelled_before = server.metric("gemma_requests_total", outcome="cancelled")
     kv_in_use: list[float] = []
@@ -176,6 +196,11 @@ BAD_REQUESTS = [
     pytest.param(PROMPT, dict(max_tokens=2**32 + 3), "4294967299", id="max_tokens-2**32+3"),
     pytest.param(PROMPT, dict(max_tokens=-(2**40)), "-1099511627776", id="max_tokens-minus-2**40"),
     pytest.param(PROMPT, dict(top_k=-(2**33)), "-8589934592", id="top_k-minus-2**33"),
+    # Sampling values that would make logits non-finite.
+    pytest.param(PROMPT, dict(repetition_penalty=1e-300), "repetition_penalty", id="repetition_penalty-1e-300"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"repetition_penalty": 1e300}'), "repetition_penalty",
+                 id="repetition_penalty-1e300"),
+    pytest.param(PROMPT, dict(temperature=1e300), "temperature", id="temperature-1e300"),
     # Request parameters: the model takes none; a typo is refused, not ignored.
     pytest.param(PROMPT, dict(parameters={"temprature": 0.5}), "temprature", id="unknown-request-parameter"),
 ]
