@@ -17,6 +17,12 @@ import torch
 from backend.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+# Below this temperature sampling is greedy: dividing logits by a smaller one (1e-40 is a float32
+# denormal) overflows them to infinity, and softmax then has nothing to draw from.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0  # beyond it sampling is uniform over the kept tokens anyway
+# Penalties that keep every logit finite: a seen logit is multiplied or divided by the penalty.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -47,12 +53,14 @@ class SamplingParams:
             (self.max_tokens >= 1, f"'max_tokens' must be >= 1, got {self.max_tokens}"),
             (0 <= self.min_tokens <= self.max_tokens,
              f"'min_tokens' must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
-            (math.isfinite(self.temperature) and self.temperature >= 0,
-             f"'temperature' must be a finite number >= 0, got {self.temperature}"),
+            (0 <= self.temperature <= MAX_TEMPERATURE,  # also false for NaN
+             f"'temperature' must be in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_BELOW_TEMPERATURE:g}: greedy), "
+             f"got {self.temperature}"),
             (self.top_k >= 0, f"'top_k' must be >= 0 (0 keeps all tokens), got {self.top_k}"),
             (0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p}"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"'repetition_penalty' must be a finite number > 0, got {self.repetition_penalty}"),
+            (REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+             f"'repetition_penalty' must be in [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}], "
+             f"got {self.repetition_penalty}"),
             (self.seed is None or 0 <= self.seed < 2**64, f"'seed' must be in [0, 2**64), got {self.seed}"),
             (len(self.stop) <= MAX_STOP_STRINGS,
              f"'stop' has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"),
@@ -62,7 +70,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
 @dataclass
@@ -83,18 +91,48 @@ def make_generator(seed: Optional[int], device: Union[torch.device, str]) -> tor
     return generator
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """Rows whose logits hold NaN or +inf, or whose every token is masked (-inf): nothing can be
+    sampled from them (an argmax would pick token 0, a token the model did not rank).
+
+    `token_ids` holds every row's token, drawn as usual: the caller fails the requests of `rows` and
+    keeps the other rows' tokens (sampling them again would draw twice from their seeded generators).
+    The listed rows' entries are meaningless."""
+
+    def __init__(self, rows: list[int], token_ids: list[int]):
+        super().__init__(f"non-finite logits in batch row(s) {rows}")
+        self.rows, self.token_ids = rows, token_ids
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
-    """Pick one token per row of `logits` [B, V]; rows[i] describes row i."""
-    if not any(_needs_processing(row) for row in rows):
-        return logits.argmax(dim=-1).tolist()  # all-greedy batch: no float copy, no Python per row
+    """Pick one token per row of `logits` [B, V]; rows[i] describes row i. Raises
+    NonFiniteLogitsError for rows that cannot be sampled."""
+    if not any(_needs_processing(row) for row in rows):  # all-greedy batch: no float copy, no Python per row
+        return _checked(logits.argmax(dim=-1), _rankable(logits))
     scores = _penalized_scores(logits, rows)
+    finite = _rankable(scores)
     token_ids = scores.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
         index = _on_device(sampled, scores.device)
         warped = _warp(scores[index], [rows[i].params for i in sampled])
         token_ids[index] = _draw(warped, [rows[i].generator for i in sampled])
-    return token_ids.tolist()
+    return _checked(token_ids, finite)
+
+
+def _rankable(scores: torch.Tensor) -> torch.Tensor:
+    """Per row: has a finite best score. A row's max is NaN if any score is NaN (max propagates it),
+    +inf for an infinite logit, -inf when every token is masked. -inf elsewhere only rules tokens out."""
+    return torch.isfinite(scores.amax(dim=-1))
+
+
+def _checked(token_ids: torch.Tensor, finite: torch.Tensor) -> list[int]:
+    """The tokens as a list (one device-to-host copy with the row checks), or NonFiniteLogitsError."""
+    tokens, ok = torch.stack([token_ids, finite.to(token_ids.dtype)]).tolist()
+    bad = [i for i, row_ok in enumerate(ok) if not row_ok]
+    if bad:
+        raise NonFiniteLogitsError(bad, tokens)
+    return tokens
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -203,7 +241,8 @@ def _top_p(scores: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     # Checking that the candidates hold every nucleus waits for the GPU once; worth it to skip the sort.
     if top_ids.shape[-1] < vocab_size and not bool((top_probs.sum(-1, keepdim=True) >= threshold).all()):
         top_probs, top_ids = probs.sort(dim=-1, descending=True)  # a wider nucleus: rank everything
-    keep = top_probs.cumsum(dim=-1) - top_probs < threshold  # the most likely token always stays
+    keep = top_probs.cumsum(dim=-1) - top_probs < threshold
+    keep[:, 0] = True  # the most likely token always stays, even for a top_p that rounds to 0 in float32
     kept_scores = torch.where(keep, scores.gather(1, top_ids), -math.inf)
     return torch.full_like(scores, -math.inf).scatter_(1, top_ids, kept_scores)
 

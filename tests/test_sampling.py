@@ -8,7 +8,8 @@ from gemma_protocol import SAMPLING_FIELDS
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from backend.errors import InvalidRequestError
-from backend.sampling import SamplingParams, SamplingRow, make_generator, process_logits, sample
+from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator, process_logits,
+                              sample)
 
 VOCAB = 1000
 EOS = 7
@@ -34,7 +35,9 @@ def test_fields_and_defaults_are_the_protocol_table():
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("min_tokens", -1), ("min_tokens", 65), ("temperature", -0.5),
     ("temperature", math.nan), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-    ("repetition_penalty", 0.0), ("seed", -1), ("seed", 2**64), ("stop", ("",)),
+    ("temperature", 100.5), ("temperature", 1e300), ("temperature", math.inf),
+    ("repetition_penalty", 0.0), ("repetition_penalty", 1e-300), ("repetition_penalty", 1e300),
+    ("seed", -1), ("seed", 2**64), ("stop", ("",)),
     ("stop", tuple(str(i) for i in range(17))), ("stop_token_ids", (-3,)),
 ])
 def test_out_of_range_values_name_the_field(field, value):
@@ -45,6 +48,8 @@ def test_out_of_range_values_name_the_field(field, value):
 def test_edge_values_are_accepted():
     SamplingParams(max_tokens=1, min_tokens=1, temperature=0.0, top_p=1.0, seed=2**64 - 1,
                    stop=tuple("abcdefghijklmnop"))
+    SamplingParams(temperature=100.0, repetition_penalty=0.01, top_p=1e-300)
+    SamplingParams(repetition_penalty=100.0)
 
 
 def test_lists_are_stored_as_tuples():
@@ -55,6 +60,8 @@ def test_lists_are_stored_as_tuples():
 
 def test_greedy_property():
     assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(temperature=1e-40).greedy and SamplingParams(temperature=1e-320).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
     assert SamplingParams(temperature=0.8, top_k=1).greedy
     assert not SamplingParams(temperature=0.8, top_k=2).greedy
 
@@ -196,3 +203,74 @@ def test_sampled_tokens_stay_inside_top_k():
     allowed = set(logits[0].topk(5).indices.tolist())
     row = SamplingRow(SamplingParams(temperature=2.0, top_k=5), generator=make_generator(3, "cpu"))
     assert {sample(logits, [row])[0] for _ in range(200)} <= allowed
+
+
+# --- degenerate parameters and logits: never a token the model did not rank ----------------------
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-320),
+    SamplingParams(top_p=1e-300), SamplingParams(top_p=1e-300, top_k=3, temperature=5.0),
+    SamplingParams(temperature=1e-5, top_p=1e-45),
+])
+def test_degenerate_parameters_give_the_top_token(params):
+    logits = random_logits(batch=4)
+    rows = rows_for(params, 4, generator=make_generator(0, "cpu"))
+    assert sample(logits, rows) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [0.01, 100.0])
+def test_extreme_allowed_penalties_keep_scores_finite(penalty):
+    logits = random_logits(batch=2) * 30  # Gemma's logits reach a few tens
+    seen = torch.arange(0, VOCAB, 2)
+    rows = rows_for(SamplingParams(repetition_penalty=penalty, temperature=1e-5), 2, seen_token_ids=seen)
+    assert torch.isfinite(process_logits(logits, rows)).all()
+    assert len(sample(logits, rows)) == 2
+
+
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1),
+                                    SamplingParams(temperature=0, repetition_penalty=1.2)])
+def test_non_finite_logits_fail_their_row_only(bad_value, params):
+    logits = random_logits(batch=3)
+    logits[1, 17] = bad_value
+    rows = [SamplingRow(params, generator=make_generator(7, "cpu"), seen_token_ids=[1, 2]) for _ in range(3)]
+    with pytest.raises(NonFiniteLogitsError) as info:
+        sample(logits, rows)
+    assert info.value.rows == [1]
+    # The other rows' tokens are what they would have been without the bad row.
+    clean = torch.cat([logits[:1], logits[2:]])
+    fresh = [SamplingRow(params, generator=make_generator(7, "cpu"), seen_token_ids=[1, 2]) for _ in range(2)]
+    expected = sample(clean, fresh)
+    assert [info.value.token_ids[0], info.value.token_ids[2]] == expected
+
+
+def test_minus_infinity_only_rules_tokens_out():
+    logits = random_logits(batch=2)
+    logits[:, :500] = -math.inf
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3)):
+        rows = rows_for(params, 2, generator=make_generator(3, "cpu"))
+        assert all(t >= 500 for t in sample(logits, rows))
+
+
+def test_a_row_with_every_token_masked_is_an_error_not_token_0():
+    logits = random_logits(batch=2, vocab=8)
+    everything = tuple(range(8))
+    rows = [SamplingRow(SamplingParams(temperature=0, min_tokens=1, stop_token_ids=everything)),
+            SamplingRow(SamplingParams(temperature=0))]
+    with pytest.raises(NonFiniteLogitsError) as info:
+        sample(logits, rows)
+    assert info.value.rows == [0] and info.value.token_ids[1] == logits[1].argmax().item()
+
+
+def test_random_hostile_parameters_only_ever_pick_kept_tokens():
+    """Whatever the parameters, the token drawn is one the warps kept (a finite processed score)."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        values = torch.rand(4, generator=generator).tolist()
+        params = SamplingParams(temperature=[0.0, 1e-30, 1e-5, 100.0][trial % 4], top_p=max(values[0] ** 20, 1e-300),
+                                top_k=int(values[1] * 5), repetition_penalty=0.01 + values[2] * 99.99)
+        logits = random_logits(batch=2, vocab=50, seed=trial) * 10
+        rows = rows_for(params, 2, generator=make_generator(trial, "cpu"), seen_token_ids=[0, 1, 41])
+        kept = process_logits(logits, rows) > -math.inf
+        tokens = sample(logits, rows)
+        assert all(kept[i, t] for i, t in enumerate(tokens)), params

@@ -2,6 +2,8 @@
 -> the engine's prompt and SamplingParams, or a ProtocolError naming the field. No server needed."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from gemma_protocol import ProtocolError
@@ -48,3 +50,43 @@ def test_bad_prompts_name_text_input():
     for bad in ({}, tensors(""), tensors("x" * 100)):
         with pytest.raises(ProtocolError, match="text_input"):
             parse_request(bad, max_prompt_bytes=50)
+
+
+@pytest.mark.parametrize("json_text, words", [
+    ("[" * 100_000, ["sampling_parameters", "bytes"]),  # over the size limit
+    ("[" * 20_000 + "]" * 20_000, ["sampling_parameters", "levels"]),  # within it, nested too deep
+    ('{"stop": [' * 5 + "]}" * 5, ["sampling_parameters", "levels"]),
+    ('{"max_tokens": ' + "9" * 5000 + "}", ["sampling_parameters", "number"]),
+    ('{"temperature": ' + "9" * 400 + "}", ["temperature", "400 digits"]),
+])
+def test_hostile_sampling_json_is_refused_before_it_is_parsed(json_text, words):
+    with pytest.raises(ProtocolError) as info:
+        parse_request(tensors(sampling_parameters=json_text))
+    assert all(word in str(info.value) for word in words), info.value
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    request = parse_request(tensors(sampling_parameters=json.dumps({"stop": ["[[[[[[[[[[" * 10, '"{{{{']})))
+    assert request.params.stop == ("[[[[[[[[[[" * 10, '"{{{{')
+
+
+@pytest.mark.parametrize("parameters, words", [
+    ('{"temprature": 0.5}', ["'temprature'", "did you mean 'temperature'"]),
+    ('{"max_token": 2, "foo": "bar"}', ["'foo'", "'max_token'", "did you mean 'max_tokens'"]),
+    ('{"ignore_eos": true}', ["'ignore_eos'", "inside 'sampling_parameters'"]),
+])
+def test_request_parameters_are_refused_naming_them(parameters, words):
+    with pytest.raises(ProtocolError) as info:
+        parse_request(tensors(), parameters)
+    assert all(word in str(info.value) for word in words), info.value
+
+
+def test_no_request_parameters_is_fine():
+    assert parse_request(tensors(), "{}").prompt == parse_request(tensors(), "").prompt == "Hi"
+
+
+def test_64_bit_scalars_keep_their_value():
+    # Not wrapped to 3: the engine then refuses it against its context, showing the value sent.
+    assert parse_request(tensors(max_tokens=np.int64(2**32 + 3))).params.max_tokens == 2**32 + 3
+    with pytest.raises(ProtocolError, match="'max_tokens' must be >= 1, got -2147483649"):
+        parse_request(tensors(max_tokens=np.int64(-(2**31) - 1)))

@@ -11,6 +11,7 @@ or as scalar tensors (TensorRT-LLM style). When a field is given both ways, the 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -42,19 +43,22 @@ class SamplingField:
     tensor: Optional[TensorSpec] = None
 
 
+# Scalar inputs are 64-bit: Triton's HTTP generate endpoint converts a JSON number to the input's type,
+# and into a 32-bit input it wrapped (max_tokens 4294967299 was served as 3).
 SAMPLING_FIELDS: tuple[SamplingField, ...] = (
     SamplingField("max_tokens", int, 64, "most tokens to generate (>= 1)",
-                  tensor=TensorSpec("max_tokens", "TYPE_INT32", (1,))),
+                  tensor=TensorSpec("max_tokens", "TYPE_INT64", (1,))),
     SamplingField("min_tokens", int, 0, "stop strings, stop ids and EOS are ignored before this many tokens",
-                  tensor=TensorSpec("min_tokens", "TYPE_INT32", (1,))),
-    SamplingField("temperature", float, 1.0, "0 means greedy; otherwise logits are divided by it",
-                  tensor=TensorSpec("temperature", "TYPE_FP32", (1,))),
+                  tensor=TensorSpec("min_tokens", "TYPE_INT64", (1,))),
+    SamplingField("temperature", float, 1.0, "in [0, 100]; below 1e-5 greedy, otherwise logits are divided by it",
+                  tensor=TensorSpec("temperature", "TYPE_FP64", (1,))),
     SamplingField("top_k", int, 0, "keep the k most likely tokens; 0 keeps all",
-                  tensor=TensorSpec("top_k", "TYPE_INT32", (1,))),
+                  tensor=TensorSpec("top_k", "TYPE_INT64", (1,))),
     SamplingField("top_p", float, 1.0, "nucleus sampling mass in (0, 1]",
-                  tensor=TensorSpec("top_p", "TYPE_FP32", (1,))),
-    SamplingField("repetition_penalty", float, 1.0, "> 1 discourages tokens already in prompt or output",
-                  tensor=TensorSpec("repetition_penalty", "TYPE_FP32", (1,))),
+                  tensor=TensorSpec("top_p", "TYPE_FP64", (1,))),
+    SamplingField("repetition_penalty", float, 1.0,
+                  "in [0.01, 100]; > 1 discourages tokens already in prompt or output",
+                  tensor=TensorSpec("repetition_penalty", "TYPE_FP64", (1,))),
     SamplingField("seed", int, None, "per-request RNG seed: same seed, same output, whatever the batch",
                   nullable=True, tensor=TensorSpec("seed", "TYPE_UINT64", (1,))),
     SamplingField("stop", str, (), "strings that end generation (not included in the output)",
@@ -103,18 +107,45 @@ def _check_scalar(field: SamplingField, value: Any) -> Any:
     # bool is an int in Python; JSON true must not pass as max_tokens=1.
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
+        try:
+            ok, value = True, float(value)
+        except OverflowError:  # a JSON integer of 400 digits
+            raise ProtocolError(f"'{field.key}' is out of range, got an integer of {len(str(value))} digits") from None
     if not ok:
         raise ProtocolError(f"'{field.key}' must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
+# What `sampling_parameters` may be, checked before it is parsed: the parser recurses once per level
+# of nesting (RecursionError at ~1,000), and the legitimate object nests two levels ({"stop": [...]}).
+MAX_SAMPLING_JSON_BYTES = 64 << 10
+MAX_SAMPLING_JSON_DEPTH = 8
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_sampling_json(text: str) -> dict[str, Any]:
     """Parse the `sampling_parameters` JSON into checked values; unknown keys are errors."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_SAMPLING_JSON_BYTES:
+        raise ProtocolError(f"'sampling_parameters' is {size} bytes; the limit is {MAX_SAMPLING_JSON_BYTES}")
+    if json_depth(text) > MAX_SAMPLING_JSON_DEPTH:
+        raise ProtocolError(f"'sampling_parameters' nests more than {MAX_SAMPLING_JSON_DEPTH} levels deep")
     try:
         obj = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
         raise ProtocolError(f"'sampling_parameters' is not valid JSON: {e.msg}") from None
+    except ValueError:  # an integer too long to convert (Python's limit: 4,300 digits)
+        raise ProtocolError("'sampling_parameters' holds a number too long to read") from None
     if not isinstance(obj, dict):
         raise ProtocolError("'sampling_parameters' must be a JSON object")
     unknown = sorted(set(obj) - set(FIELDS_BY_KEY))

@@ -105,17 +105,19 @@ class TritonServer:
         except OSError:
             return False
 
-    def stream(self, prompt: str, cancel_when=None, timeout: float = 120, **tensors) -> Result:
+    def stream(self, prompt: str, cancel_when=None, timeout: float = 120, parameters: Optional[dict] = None,
+               **tensors) -> Result:
         """One request on its own gRPC stream; a failure raises InferenceServerException.
 
         cancel_when(result) is asked after each response; when true, the stream is stopped with
-        cancel_requests=True and the partial result returned."""
+        cancel_requests=True and the partial result returned. `parameters`: the request's parameters."""
         client = grpcclient.InferenceServerClient(self.grpc_url)
         responses: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         result = Result()
         try:
-            client.async_stream_infer(MODEL, make_inputs(prompt, **tensors), enable_empty_final_response=True)
+            client.async_stream_infer(MODEL, make_inputs(prompt, **tensors), parameters=parameters,
+                                      enable_empty_final_response=True)
             while True:
                 response, error = responses.get(timeout=timeout)
                 if error is not None:

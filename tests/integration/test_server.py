@@ -126,6 +126,26 @@ def test_batched_greedy_equals_alone(tiny_server):
         assert alone.token_ids == results[i].token_ids, i
 
 
+SAMPLING_12 = json.dumps({"max_tokens": 12, "ignore_eos": True})
+
+
+@pytest.mark.parametrize("tensors", [
+    pytest.param(dict(sampling_parameters=SAMPLING_12, temperature=1e-40), id="temperature-1e-40"),
+    pytest.param(dict(sampling_parameters='{"max_tokens": 12, "ignore_eos": true, "temperature": 1e-320}'),
+                 id="temperature-1e-320-json"),
+    pytest.param(dict(sampling_parameters=SAMPLING_12, top_p=1e-300), id="top_p-1e-300"),
+    pytest.param(dict(sampling_parameters='{"max_tokens": 12, "ignore_eos": true, "top_p": 1e-300, '
+                                          '"temperature": 3.0, "seed": 5}'), id="top_p-1e-300-hot-seeded"),
+])
+def test_degenerate_sampling_serves_the_top_token_never_padding(server, tensors):
+    """Used to serve token 0 (<pad>, empty text) for every step: temperature 1e-40 overflowed the
+    logits, top_p 1e-300 rounded to 0 and kept no token."""
+    greedy = server.stream(PROMPT, sampling_parameters=greedy_json(12), exclude_input_in_output=True)
+    served = server.stream(PROMPT, exclude_input_in_output=True, **tensors)
+    assert 0 not in served.token_ids and served.text
+    assert served.token_ids == greedy.token_ids and served.text == greedy.text
+
+
 def test_cancelled_stream_frees_kv_blocks(server):
     cancelled_before = server.metric("gemma_requests_total", outcome="cancelled")
     kv_in_use: list[float] = []
@@ -161,6 +181,28 @@ BAD_REQUESTS = [
     # Within both byte limits, over both contexts (shipped 8192 tokens, tiny server 512).
     pytest.param("a " * 10_000, dict(max_tokens=1), "prompt", id="prompt-over-context"),
     pytest.param(PROMPT, dict(max_tokens=100_000), "max_tokens", id="prompt-plus-max_tokens-over-context"),
+    # Hostile JSON: nested ~100k deep (this used to raise RecursionError out of the model), nested
+    # deep within the size limit, numbers too long to read.
+    pytest.param(PROMPT, dict(sampling_parameters="[" * 100_000), "sampling_parameters", id="json-100k-arrays"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"a":' * 100_000 + "1" + "}" * 100_000), "sampling_parameters",
+                 id="json-100k-objects"),
+    pytest.param(PROMPT, dict(sampling_parameters="[" * 20_000 + "]" * 20_000), "sampling_parameters",
+                 id="json-nested-within-size"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"max_tokens": ' + "9" * 5000 + "}"), "sampling_parameters",
+                 id="json-5000-digit-number"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"temperature": ' + "9" * 400 + "}"), "temperature",
+                 id="json-float-from-400-digit-integer"),
+    # 64-bit inputs: what is sent is what the model checks (no wrap to 32 bits).
+    pytest.param(PROMPT, dict(max_tokens=2**32 + 3), "4294967299", id="max_tokens-2**32+3"),
+    pytest.param(PROMPT, dict(max_tokens=-(2**40)), "-1099511627776", id="max_tokens-minus-2**40"),
+    pytest.param(PROMPT, dict(top_k=-(2**33)), "-8589934592", id="top_k-minus-2**33"),
+    # Sampling values that would make logits non-finite.
+    pytest.param(PROMPT, dict(repetition_penalty=1e-300), "repetition_penalty", id="repetition_penalty-1e-300"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"repetition_penalty": 1e300}'), "repetition_penalty",
+                 id="repetition_penalty-1e300"),
+    pytest.param(PROMPT, dict(temperature=1e300), "temperature", id="temperature-1e300"),
+    # Request parameters: the model takes none; a typo is refused, not ignored.
+    pytest.param(PROMPT, dict(parameters={"temprature": 0.5}), "temprature", id="unknown-request-parameter"),
 ]
 
 
@@ -172,6 +214,28 @@ def test_bad_request_is_invalid_argument_naming_the_field(server, prompt, tensor
     status, message = split_error_status(info.value.message())
     assert status == "INVALID_ARGUMENT", info.value.message()
     assert field in message
+    assert wait_for(lambda: server.metric("gemma_requests_total", outcome="invalid") == invalid_before + 1)
+
+
+# Triton's HTTP generate endpoint makes each JSON key an input of that name, or else a request parameter.
+HTTP_BAD_REQUESTS = [
+    pytest.param({"max_tokens": 4294967299}, ["max_tokens", "4294967299"], id="max_tokens-2**32+3"),
+    pytest.param({"max_tokens": 2147483648}, ["max_tokens", "2147483648"], id="max_tokens-2**31"),
+    pytest.param({"max_tokens": 3, "temprature": 0.5}, ["'temprature'", "'temperature'"], id="typo-temprature"),
+    pytest.param({"max_token": 2}, ["'max_token'", "'max_tokens'"], id="typo-max_token"),
+    pytest.param({"max_tokens": 3, "foo": "bar"}, ["'foo'"], id="unknown-foo"),
+    pytest.param({"max_tokens": 3, "ignore_eos": True}, ["'ignore_eos'", "sampling_parameters"],
+                 id="sampling-key-without-an-input"),
+]
+
+
+@pytest.mark.parametrize("payload, words", HTTP_BAD_REQUESTS)
+def test_http_generate_refuses_naming_the_key_and_the_value_sent(server, payload, words):
+    invalid_before = server.metric("gemma_requests_total", outcome="invalid")
+    status, body = server.post("/v2/models/gemma/generate", {"text_input": PROMPT, **payload})
+    assert status == 400, body
+    tag, message = split_error_status(json.loads(body)["error"])
+    assert tag == "INVALID_ARGUMENT" and all(word in message for word in words), message
     assert wait_for(lambda: server.metric("gemma_requests_total", outcome="invalid") == invalid_before + 1)
 
 

@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -148,26 +149,42 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            tensors = {spec.name: t.as_numpy() for spec in INPUTS
-                       if (t := pb_utils.get_input_tensor_by_name(request, spec.name)) is not None}
             try:
-                parsed = self._parse_request(tensors, self.max_prompt_bytes)
-            except ProtocolError as e:
-                self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
-                continue
-            req = _Request(sender, parsed)
-            with self._lock:  # registered first: its final output may arrive before submit returns
-                self._active.add(req)
-            try:
-                req.handle = self.engine.submit(parsed.prompt, parsed.params,
-                                                on_ready=lambda handle, r=req: self._outputs.put((r, handle)))
-            except (InvalidRequestError, EngineOverloadedError) as e:
-                with self._lock:
-                    self._active.discard(req)
-                overloaded = isinstance(e, EngineOverloadedError)
-                self._refuse(sender, "UNAVAILABLE" if overloaded else "INVALID_ARGUMENT", str(e),
-                             "overloaded" if overloaded else "invalid")
+                self._submit(request, sender)
+            except Exception:  # noqa: BLE001 - see below
+                # Nothing may escape execute: the stub would answer the request without a final
+                # response, Triton would never release it, and unloading the model (Ctrl-C) would
+                # hang until Triton's exit timeout, leaving the stub behind. The client gets no
+                # traceback (it holds server paths); the log does.
+                pb_utils.Logger.log_error(f"gemma: request failed in execute: {traceback.format_exc()}")
+                try:
+                    self._refuse(sender, "INTERNAL", "the model failed to process the request", "error")
+                except Exception as e:  # noqa: BLE001 - e.g. the request was answered already
+                    pb_utils.Logger.log_error(f"gemma: could not answer a failed request: {e!r}")
         return None
+
+    def _submit(self, request, sender) -> None:
+        tensors = {spec.name: t.as_numpy() for spec in INPUTS
+                   if (t := pb_utils.get_input_tensor_by_name(request, spec.name)) is not None}
+        try:
+            parsed = self._parse_request(tensors, request.parameters(), self.max_prompt_bytes)
+        except ProtocolError as e:
+            return self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
+        req = _Request(sender, parsed)
+        with self._lock:  # registered first: its final output may arrive before submit returns
+            self._active.add(req)
+        try:
+            req.handle = self.engine.submit(parsed.prompt, parsed.params,
+                                            on_ready=lambda handle, r=req: self._outputs.put((r, handle)))
+        except Exception as e:
+            with self._lock:
+                self._active.discard(req)
+            if isinstance(e, EngineOverloadedError):
+                self._refuse(sender, "UNAVAILABLE", str(e), "overloaded")
+            elif isinstance(e, InvalidRequestError):
+                self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
+            else:
+                raise
 
     def finalize(self):
         self.engine.shutdown()  # cancels what is in flight; their final outputs are still sent
