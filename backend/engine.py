@@ -22,6 +22,7 @@ from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
 from .sampling import SamplingParams, SamplingRow, make_generator, sample
 from .scheduler import Scheduler, Sequence
+from .self_check import load_checked_tokenizer
 from .tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class Engine:
             dtype = DTYPES[config.dtype]
         else:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {config.dtype!r}")
-        return cls(lambda: load_model(config, path, device, dtype), Tokenizer(path), config, device)
+        return cls(lambda: load_model(config, path, device, dtype), load_checked_tokenizer(path), config, device)
 
     # --- API (any thread) -------------------------------------------------------------------------
 
