@@ -24,6 +24,7 @@ from .outputs import OutputProcessor, RequestOutput, TokenDelta
 from .runner import ModelRunner, StepModel
 from .sampling import SamplingParams, make_generator
 from .scheduler import PrefixCacheStats, Scheduler, Sequence
+from .self_check import load_checked_tokenizer
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class Engine:
             dtype = DTYPES[config.dtype]
         else:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {config.dtype!r}")
-        return cls(lambda: load_model(config, path, device, dtype), Tokenizer(path), config, device)
+        return cls(lambda: load_model(config, path, device, dtype), load_checked_tokenizer(path), config, device)
 
     # --- API (any thread) -------------------------------------------------------------------------
 
