@@ -48,6 +48,9 @@ def from_client_error(error: GemmaClientError, prompt_param: str) -> APIError:
     prompt ("prompt" or "messages"): Triton's messages call it 'text_input'."""
     message = error.message
     if isinstance(error, InvalidArgumentError):
+        if "exceeds the context" in message or "exceeds the whole KV cache" in message:
+            # As OpenAI: the prompt is named, whichever of prompt and max_tokens was too long.
+            return invalid_request(message, param=prompt_param, code="context_length_exceeded")
         return invalid_request(message, param=_param_named_in(message, prompt_param))
     if isinstance(error, UnavailableError):
         return APIError(503, message, code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -60,8 +63,7 @@ def from_client_error(error: GemmaClientError, prompt_param: str) -> APIError:
 
 
 def _param_named_in(message: str, prompt_param: str) -> Optional[str]:
-    # The model's messages name the field first, quoted ('top_p' must be ...), or start with the
-    # prompt ("prompt (600 tokens) + max_tokens (8) = ... exceeds the context").
+    # The model's messages name the field first, quoted: "'top_p' must be in (0, 1]".
     quoted = re.search(r"'(\w+)'", message)
-    name = quoted.group(1) if quoted else ("text_input" if message.startswith("prompt") else None)
+    name = quoted.group(1) if quoted else None
     return prompt_param if name == "text_input" else name
