@@ -8,6 +8,7 @@ disconnects - while a whole response is generated, or mid-stream - cancels its T
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Awaitable, Optional, TypeVar, Union
@@ -28,6 +29,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .settings import Settings
 from .sse import EventStream
 
+log = logging.getLogger("gateway")
 HEALTH_TIMEOUT_S = 2.0
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; only the access log sees it
 T = TypeVar("T")
@@ -49,7 +51,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     app = FastAPI(title="Gemma OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
-    app.add_exception_handler(APIError, lambda request, e: e.response())
+    app.add_exception_handler(APIError, _answer_error)
+    app.add_exception_handler(Exception, _answer_bug)  # a bug: the client still gets OpenAI's shape
     app.add_exception_handler(RequestValidationError, lambda request, e: _validation_error(e).response())
     app.add_exception_handler(StarletteHTTPException,  # unknown route, wrong method
                               lambda request, e: APIError(e.status_code, str(e.detail)).response())
@@ -105,7 +108,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             if isinstance(e, GemmaClientError):
                 raise from_client_error(e, prompt_param) from None
             raise
-        return EventStream(stream_events(fmt, choices, requests, body.include_usage, prompt_param))
+        return EventStream(stream_events(fmt, choices, requests, body.include_usage, prompt_param),
+                           release=choices.aclose)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -118,6 +122,17 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     app.include_router(v1)
     return app
+
+
+def _answer_error(request: Request, error: APIError) -> Response:
+    if error.status >= 500:
+        log.warning("%s %s: %s %s", request.method, request.url.path, error.status, error.message)
+    return error.response()
+
+
+def _answer_bug(request: Request, error: Exception) -> Response:
+    # Starlette raises the exception again after this answer, and uvicorn logs its traceback.
+    return APIError(500, f"internal error in the gateway: {error!r}", code="internal_error").response()
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:

@@ -6,6 +6,7 @@ id, `created` and `model` - and differ only in how a choice looks: `text` for co
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import AsyncIterator, Optional, Sequence
@@ -16,6 +17,8 @@ from .choices import Choices
 from .errors import from_client_error
 from .sampling import ChoiceRequest
 from .sse import DONE, event
+
+log = logging.getLogger("gateway")
 
 
 class Usage:
@@ -104,8 +107,8 @@ def _chat_delta(index: int, delta: dict, finish_reason: Optional[str] = None) ->
 async def stream_events(fmt: _Format, choices: Choices, requests: Sequence[ChoiceRequest],
                         include_usage: bool, prompt_param: str) -> AsyncIterator[bytes]:
     """The SSE events of a streamed response. A choice failing mid-stream ends the stream with an
-    error event (as OpenAI's): the status code has gone out already. Closing this generator (the
-    client went away) cancels every choice still running."""
+    error event (as OpenAI's): the status code has gone out already. Whoever sends the events
+    closes `choices` (EventStream's `release`)."""
     head = fmt.head(fmt.chunk_object)
     if include_usage:  # OpenAI: every chunk has `usage`, null but in the last one
         head["usage"] = None
@@ -120,7 +123,7 @@ async def stream_events(fmt: _Format, choices: Choices, requests: Sequence[Choic
         if include_usage:
             yield event({**head, "choices": [], "usage": usage.body()})
     except GemmaClientError as e:
-        yield event(from_client_error(e, prompt_param).body())
-    finally:
-        await choices.aclose()
+        error = from_client_error(e, prompt_param)
+        log.warning("stream %s ended by an error: %s %s", fmt.id, error.status, error.message)
+        yield event(error.body())
     yield DONE
