@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Awaitable, Optional, TypeVar, Union
+from typing import Awaitable, Optional, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +23,7 @@ from .choices import Choices, collect
 from .errors import APIError, from_client_error, invalid_request
 from .guard import Guard
 from .prompts import CHAT_STOP, chat_prompt
-from .responses import ChatFormat, CompletionFormat, Usage, stream_events
+from .responses import ChatFormat, CompletionFormat, ResponseFormat, stream_events
 from .sampling import ChoiceRequest, choice_requests
 from .schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .settings import Settings
@@ -89,18 +89,15 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return await answer(request, body, requests, ChatFormat(body.model), prompt_param="messages")
 
     async def answer(request: Request, body: GenerationRequest, requests: list[ChoiceRequest],
-                     fmt: Union[CompletionFormat, ChatFormat], prompt_param: str) -> Response:
+                     fmt: ResponseFormat, prompt_param: str) -> Response:
         if len(requests) > settings.max_choices:
             raise invalid_request(f"{len(requests)} choices (n x prompts) asked for; at most "
                                   f"{settings.max_choices} per request", param="n")
         choices = Choices(request.app.state.client, requests, stream=body.stream)
         try:
             if not body.stream:
-                deltas = await _unless_client_leaves(request, collect(choices, len(requests)))
-                usage = Usage(requests)
-                for index, delta in enumerate(deltas):
-                    usage.add(index, delta)
-                return JSONResponse(fmt.response(deltas, usage))
+                wholes = await _unless_client_leaves(request, collect(choices, len(requests)))
+                return JSONResponse(fmt.response(wholes, requests))
             # Refusals (bad argument, overload) come before the first token: answer them with a status.
             await _unless_client_leaves(request, choices.wait_first())
         except BaseException as e:

@@ -6,7 +6,7 @@ the same renderer the client's chat uses). `<bos>` is not written: the server's 
 """
 from __future__ import annotations
 
-from gemma_client.chat import END_OF_TURN, Conversation
+from gemma_client.chat import END_OF_TURN, USER, Conversation
 
 from .errors import invalid_request
 from .schemas import ChatMessage
@@ -26,10 +26,10 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
             raise invalid_request("a system message may only come first (Gemma has no system role)",
                                   param=f"messages[{i}].role")
         try:
-            (conversation.add_user if message.role == "user" else conversation.add_model)(message.content)
+            (conversation.add_user if message.role == USER else conversation.add_model)(message.content)
         except ValueError:
             raise invalid_request("roles must alternate user/assistant, starting with user "
                                   "(after an optional system message)", param=f"messages[{i}].role") from None
-    if not conversation.turns or conversation.turns[-1].role != "user":
+    if not conversation.turns or conversation.turns[-1].role != USER:
         raise invalid_request("the last message must be the user's", param="messages")
     return conversation.render()

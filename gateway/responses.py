@@ -40,7 +40,7 @@ class Usage:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class _Format:
+class ResponseFormat:
     object: str        # a whole response's `object`
     chunk_object: str  # a stream chunk's
     id_prefix: str
@@ -53,8 +53,12 @@ class _Format:
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def response(self, deltas: Sequence[Delta], usage: Usage) -> dict:
-        return {**self.head(self.object), "choices": [self.choice(i, d) for i, d in enumerate(deltas)],
+    def response(self, wholes: Sequence[Delta], requests: Sequence[ChoiceRequest]) -> dict:
+        """A whole response; `wholes[i]` is choice i's whole text (Choices with stream=False)."""
+        usage = Usage(requests)
+        for index, whole in enumerate(wholes):
+            usage.add(index, whole)
+        return {**self.head(self.object), "choices": [self.choice(i, w) for i, w in enumerate(wholes)],
                 "usage": usage.body()}
 
     def choice(self, index: int, whole: Delta) -> dict:
@@ -69,7 +73,7 @@ class _Format:
         raise NotImplementedError
 
 
-class CompletionFormat(_Format):
+class CompletionFormat(ResponseFormat):
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
@@ -80,7 +84,7 @@ class CompletionFormat(_Format):
         return [self.choice(index, delta)] if delta.text or delta.finish_reason else []
 
 
-class ChatFormat(_Format):
+class ChatFormat(ResponseFormat):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
@@ -104,7 +108,7 @@ def _chat_delta(index: int, delta: dict, finish_reason: Optional[str] = None) ->
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-async def stream_events(fmt: _Format, choices: Choices, requests: Sequence[ChoiceRequest],
+async def stream_events(fmt: ResponseFormat, choices: Choices, requests: Sequence[ChoiceRequest],
                         include_usage: bool, prompt_param: str) -> AsyncIterator[bytes]:
     """The SSE events of a streamed response. A choice failing mid-stream ends the stream with an
     error event (as OpenAI's): the status code has gone out already. Whoever sends the events

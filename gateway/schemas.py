@@ -23,8 +23,7 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
 }
 
 
-def _strict(**extra: Any) -> ConfigDict:
-    return ConfigDict(extra="forbid", strict=True, **extra)
+STRICT = ConfigDict(extra="forbid", strict=True)  # unknown fields refused, no type coercion
 
 
 def _check_off(value: Any, info: ValidationInfo) -> Any:
@@ -37,13 +36,13 @@ def _check_off(value: Any, info: ValidationInfo) -> Any:
 
 
 class StreamOptions(BaseModel):
-    model_config = _strict()
+    model_config = STRICT
     include_usage: bool = False  # a last chunk with `usage` (and `usage: null` in every other chunk)
 
 
 class GenerationRequest(BaseModel):
     """What completions and chat completions share."""
-    model_config = _strict()
+    model_config = STRICT
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -108,7 +107,7 @@ class CompletionRequest(GenerationRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = _strict()
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str  # a string, or a list of {"type": "text", "text": ...} parts (joined by newlines)
