@@ -90,13 +90,15 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("endpoint, body, param, code", BAD_REQUESTS)
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_bad_request_is_400_naming_the_field(http, endpoint, body, param, code, stream):
-    if stream:
-        if {"stream", "stream_options"} & set(body):
-            pytest.skip("this case is about streaming itself")
-        body = {**body, "stream": True}  # refused with a status before any event is sent
+def _streamed(case):
+    """The same request with stream=true: refused with a status before any event is sent."""
+    endpoint, body, param, code = case.values
+    return pytest.param(endpoint, {**body, "stream": True}, param, code, id=f"{case.id}-stream")
+
+
+@pytest.mark.parametrize("endpoint, body, param, code", BAD_REQUESTS + [
+    _streamed(case) for case in BAD_REQUESTS if not {"stream", "stream_options"} & set(case.values[1])])
+def test_bad_request_is_400_naming_the_field(http, endpoint, body, param, code):
     error = error_of(http.post(f"/v1/{endpoint}", json=body), 400)
     assert (error["param"], error["code"]) == (param, code), error
 
