@@ -3,8 +3,11 @@ PY := .venv/bin/python
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_HOST ?= 127.0.0.1
+OPENAI_PORT ?= 9000
+GEMMA_TRITON_URL ?= localhost:$(GRPC_PORT)
 
-.PHONY: setup serve test test-gpu bench model lint
+.PHONY: setup serve gateway test test-gpu bench model lint
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -12,6 +15,11 @@ setup:
 # Start tritonserver in the foreground with model_repository/ and the default Gemma 3 270M model.
 serve: setup
 	@HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) bash scripts/serve.sh
+
+# The OpenAI-compatible HTTP API (docs/gateway.md) on OPENAI_PORT, in front of the Triton server at
+# GEMMA_TRITON_URL (gRPC; start one with `make serve`). OPENAI_HOST=0.0.0.0 listens on all interfaces.
+gateway: setup
+	$(PY) -m gateway --host $(OPENAI_HOST) --port $(OPENAI_PORT) --triton-url $(GEMMA_TRITON_URL)
 
 # The whole CPU suite: unit, HF-parity and engine tests, then the end-to-end tests against a real
 # tritonserver (scripts/e2e.sh: the same script the compose client container runs).

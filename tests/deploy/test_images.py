@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 SERVER_IMAGES = ["server.Dockerfile", "server-cpu.Dockerfile"]
 CLIENT_IMAGE = "client.Dockerfile"
-ALL_IMAGES = SERVER_IMAGES + [CLIENT_IMAGE]
+GATEWAY_IMAGE = "gateway.Dockerfile"  # its own checks: tests/deploy/test_gateway_deploy.py
+ALL_IMAGES = SERVER_IMAGES + [CLIENT_IMAGE, GATEWAY_IMAGE]
 KEYWORDS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME",
             "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
 # pip options followed by a value that is not a requirement

@@ -1,0 +1,32 @@
+"""`python -m gateway`: serve the OpenAI-compatible API with uvicorn (settings.py: environment)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import uvicorn
+
+from .app import create_app
+from .settings import DEFAULT_PORT, Settings
+
+# On SIGTERM, open streams get this long to finish; then they are cut, which cancels their Triton
+# requests (a container runtime kills the process 10 s after SIGTERM by default).
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--triton-url", help="Triton's gRPC host:port (default: $GEMMA_TRITON_URL or localhost:8001)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    if args.triton_url:
+        settings = dataclasses.replace(settings, triton_url=args.triton_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
+if __name__ == "__main__":
+    main()

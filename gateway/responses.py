@@ -1,0 +1,133 @@
+"""OpenAI response bodies and stream chunks for completions and chat completions.
+
+Both endpoints build the same things from the same deltas - a whole response, or chunks sharing one
+id, `created` and `model` - and differ only in how a choice looks: `text` for completions, a
+`message` (or, streamed, a `delta` opened by the assistant role) for chat.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Optional, Sequence
+
+from gemma_client import Delta, GemmaClientError
+
+from .choices import Choices
+from .errors import from_client_error
+from .sampling import ChoiceRequest
+from .sse import DONE, event
+
+log = logging.getLogger("gateway")
+
+
+class Usage:
+    """A request's token counts, as the server reports them: each prompt once, every choice's output."""
+
+    def __init__(self, requests: Sequence[ChoiceRequest]):
+        self._prompt_of = {r.index: r.prompt_index for r in requests}
+        self._prompt_tokens: dict[int, int] = {}
+        self._output_tokens: dict[int, int] = {}
+
+    def add(self, index: int, delta: Delta) -> None:
+        if delta.num_input_tokens is not None:
+            self._prompt_tokens[self._prompt_of[index]] = delta.num_input_tokens
+        if delta.num_output_tokens is not None:
+            self._output_tokens[index] = delta.num_output_tokens
+
+    def body(self) -> dict:
+        prompt, completion = sum(self._prompt_tokens.values()), sum(self._output_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class ResponseFormat:
+    object: str        # a whole response's `object`
+    chunk_object: str  # a stream chunk's
+    id_prefix: str
+
+    def __init__(self, model: str):
+        self.id = self.id_prefix + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def response(self, wholes: Sequence[Delta], requests: Sequence[ChoiceRequest]) -> dict:
+        """A whole response; `wholes[i]` is choice i's whole text (Choices with stream=False)."""
+        usage = Usage(requests)
+        for index, whole in enumerate(wholes):
+            usage.add(index, whole)
+        return {**self.head(self.object), "choices": [self.choice(i, w) for i, w in enumerate(wholes)],
+                "usage": usage.body()}
+
+    def choice(self, index: int, whole: Delta) -> dict:
+        raise NotImplementedError
+
+    def opening_choices(self, count: int) -> list[dict]:
+        """Stream chunks' choices before any text."""
+        return []
+
+    def chunk_choices(self, index: int, delta: Delta) -> list[dict]:
+        """Stream chunks' choices for one delta of choice `index` (one chunk each)."""
+        raise NotImplementedError
+
+
+class CompletionFormat(ResponseFormat):
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def choice(self, index: int, whole: Delta) -> dict:
+        return {"index": index, "text": whole.text, "logprobs": None, "finish_reason": whole.finish_reason}
+
+    def chunk_choices(self, index: int, delta: Delta) -> list[dict]:
+        return [self.choice(index, delta)] if delta.text or delta.finish_reason else []
+
+
+class ChatFormat(ResponseFormat):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def choice(self, index: int, whole: Delta) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": whole.text}, "logprobs": None,
+                "finish_reason": whole.finish_reason}
+
+    def opening_choices(self, count: int) -> list[dict]:
+        return [_chat_delta(i, {"role": "assistant", "content": ""}) for i in range(count)]
+
+    def chunk_choices(self, index: int, delta: Delta) -> list[dict]:
+        # As OpenAI: text in `delta.content` chunks, then an empty delta carrying the finish_reason.
+        chunks = [_chat_delta(index, {"content": delta.text})] if delta.text else []
+        if delta.finish_reason:
+            chunks.append(_chat_delta(index, {}, delta.finish_reason))
+        return chunks
+
+
+def _chat_delta(index: int, delta: dict, finish_reason: Optional[str] = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+async def stream_events(fmt: ResponseFormat, choices: Choices, requests: Sequence[ChoiceRequest],
+                        include_usage: bool, prompt_param: str) -> AsyncIterator[bytes]:
+    """The SSE events of a streamed response. A choice failing mid-stream ends the stream with an
+    error event (as OpenAI's): the status code has gone out already. Whoever sends the events
+    closes `choices` (EventStream's `release`)."""
+    head = fmt.head(fmt.chunk_object)
+    if include_usage:  # OpenAI: every chunk has `usage`, null but in the last one
+        head["usage"] = None
+    usage = Usage(requests)
+    try:
+        for choice in fmt.opening_choices(len(requests)):
+            yield event({**head, "choices": [choice]})
+        async for index, delta in choices:
+            usage.add(index, delta)
+            for choice in fmt.chunk_choices(index, delta):
+                yield event({**head, "choices": [choice]})
+        if include_usage:
+            yield event({**head, "choices": [], "usage": usage.body()})
+    except GemmaClientError as e:
+        error = from_client_error(e, prompt_param)
+        log.warning("stream %s ended by an error: %s %s", fmt.id, error.status, error.message)
+        yield event(error.body())
+    yield DONE

@@ -1,0 +1,30 @@
+"""The gateway's settings: environment variables, each with a default (docs/gateway.md lists them)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+DEFAULT_PORT = 9000
+
+
+@dataclass(frozen=True)
+class Settings:
+    triton_url: str = "localhost:8001"    # Triton's gRPC endpoint
+    triton_model: str = "gemma"           # the model's name in Triton's repository
+    served_model_name: str = "gemma"      # the model id clients ask for and /v1/models lists
+    api_key: Optional[str] = None         # when set, requests need `Authorization: Bearer <key>`
+    max_body_bytes: int = 1 << 20         # larger request bodies get 413
+    max_choices: int = 16                 # n x prompts per request: each choice is a Triton request
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        model = env.get("GEMMA_TRITON_MODEL") or cls.triton_model
+        return cls(
+            triton_url=env.get("GEMMA_TRITON_URL") or cls.triton_url,
+            triton_model=model,
+            served_model_name=env.get("GEMMA_SERVED_MODEL_NAME") or model,
+            api_key=env.get("GEMMA_API_KEY") or None,
+            max_body_bytes=int(env.get("GEMMA_GATEWAY_MAX_BODY_BYTES") or cls.max_body_bytes),
+            max_choices=int(env.get("GEMMA_GATEWAY_MAX_CHOICES") or cls.max_choices),
+        )
