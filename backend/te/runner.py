@@ -19,7 +19,7 @@ from . import te_available
 
 
 def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-                  fp8_recipe: str = "current", fused: bool = True):
+                  fp8_recipe: str = "delayed", fused: bool = True):
     """Build TEGemmaModel from an HF Gemma checkpoint directory (strict safetensors loading).
 
     fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype`).
