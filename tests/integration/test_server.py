@@ -15,16 +15,11 @@ import pytest
 from gemma_protocol import split_error_status
 from tritonclient.utils import InferenceServerException
 
+from .conftest import wait_for
+
 PROMPT = "The quick brown fox"
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 LONG = 400  # max_tokens of a request that runs until it is cancelled (the tiny server's context is 512)
-
-
-def wait_for(predicate, timeout: float = 10, period: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()) and time.monotonic() < deadline:
-        time.sleep(period)
-    return value
 
 
 def greedy_json(max_tokens: int) -> str:

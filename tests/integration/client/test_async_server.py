@@ -8,7 +8,8 @@ import pytest
 from gemma_client import (AsyncGemmaClient, Conversation, DeadlineExceededError, GemmaClient,
                           InvalidArgumentError, ModelNotFoundError, UnavailableError)
 
-from .conftest import GREEDY, LONG, wait_for
+from ..conftest import wait_for
+from .conftest import GREEDY, LONG
 
 PROMPT = "The quick brown fox"
 

@@ -8,7 +8,8 @@ import pytest
 from gemma_client import (ConnectionFailedError, Conversation, DeadlineExceededError, GemmaClient,
                           InvalidArgumentError, ModelNotFoundError)
 
-from .conftest import GREEDY, LONG, wait_for
+from ..conftest import wait_for
+from .conftest import GREEDY, LONG
 from .tcp_proxy import TcpProxy
 
 PROMPT = "The quick brown fox"

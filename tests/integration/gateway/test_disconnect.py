@@ -5,7 +5,8 @@ import json
 import socket
 from urllib.parse import urlsplit
 
-from .conftest import LONG, MODEL, wait_for
+from ..conftest import wait_for
+from .conftest import LONG, MODEL
 
 PROMPT = "The quick brown fox"
 

@@ -10,8 +10,8 @@ from gemma_client import (CancelledError, ConnectionFailedError, DeadlineExceede
 
 from gateway.errors import from_client_error
 
-from .conftest import API_KEY, LONG, MODEL, httpx, openai, start_gateway, wait_for
-from ..conftest import _free_ports
+from ..conftest import _free_ports, wait_for
+from .conftest import API_KEY, LONG, MODEL, httpx, openai, start_gateway
 
 PROMPT = "The quick brown fox"
 USER = [{"role": "user", "content": "Hi"}]
