@@ -2,10 +2,6 @@
 so the whole integration run shares one set of tritonservers."""
 from __future__ import annotations
 
-
-import pytest
-
-
 # Greedy and EOS ignored: outputs are reproducible and exactly max_tokens long.
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 # A request that runs long past anything a test waits for, yet fits the tiny server's context
