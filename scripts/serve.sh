@@ -19,7 +19,7 @@ if [[ -z ${GEMMA_CHECKPOINT:-} ]]; then
   echo "Preparing the default model (first run converts and checks the packaged GGUF, under a minute)..."
   GEMMA_CHECKPOINT=$("$py" -m backend.default_model | tail -n 1)
   export GEMMA_CHECKPOINT
-else
+elif [[ " $* " != *" --print-env "* ]]; then  # --print-env starts nothing, so has nothing to check
   "$py" -m backend.self_check "$GEMMA_CHECKPOINT"
 fi
 cat <<MSG
