@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-# Gemma 3 hyper-parameters that llama.cpp does not write into the GGUF (it hard-codes them for the
-# architecture), as in the config.json of google/gemma-3-270m.
-GEMMA3_LOCAL_ROPE_THETA = 10000.0
+# What llama.cpp does not write into a Gemma 3 GGUF (its code knows these per model size), as
+# google/gemma-3-270m's config.json has them. Other sizes differ (the 27B scales queries by 168), so
+# this converter is for the 270M; the self-check would refuse anything else it made.
+GEMMA3_270M_CONSTANTS = {"query_pre_attn_scalar": 256, "rope_local_base_freq": 10000.0,
+                         "hidden_activation": "gelu_pytorch_tanh"}
 GEMMA3_GLOBAL_LAYER_EVERY = 6  # five sliding-window layers, then one global one
-GEMMA3_ACTIVATION = "gelu_pytorch_tanh"
 
 _LAYER_TENSORS = {  # GGUF name in block i -> HF name in layer i
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -55,7 +56,8 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     # Gemma 3 chat models end a turn with <end_of_turn> as well as <eos>; HF's own
     # generation_config for this model lists both.
     eos_ids = [config["eos_token_id"], tokens.index("<end_of_turn>")]
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids, "pad_token_id": config["pad_token_id"]}
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids,
+                  "pad_token_id": config["pad_token_id"]}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     write_tokenizer(out_dir, tokens, token_types, meta)
     write_weights(out_dir, reader, config["num_hidden_layers"])
@@ -66,7 +68,6 @@ def gemma3_config(meta: dict, vocab_size: int) -> dict:
     release reads), from the GGUF's `gemma3.*` metadata."""
     arch = "gemma3."
     layers = meta[arch + "block_count"]
-    head_dim = meta[arch + "attention.key_length"]
     return {
         # The spelling transformers 4.55 wrote (google/gemma-3-270m's config.json); without a version
         # here transformers 5.17 takes the directory for an old Mistral tokenizer and warns.
@@ -79,17 +80,14 @@ def gemma3_config(meta: dict, vocab_size: int) -> dict:
         "num_hidden_layers": layers,
         "num_attention_heads": meta[arch + "attention.head_count"],
         "num_key_value_heads": meta[arch + "attention.head_count_kv"],
-        "head_dim": head_dim,
-        "query_pre_attn_scalar": head_dim,
+        "head_dim": meta[arch + "attention.key_length"],
         "max_position_embeddings": meta[arch + "context_length"],
         "rms_norm_eps": meta[arch + "attention.layer_norm_rms_epsilon"],
         "rope_theta": meta[arch + "rope.freq_base"],
-        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA,
         "rope_scaling": None,
         "sliding_window": meta[arch + "attention.sliding_window"],
         "layer_types": ["full_attention" if (i + 1) % GEMMA3_GLOBAL_LAYER_EVERY == 0 else "sliding_attention"
                         for i in range(layers)],
-        "hidden_activation": GEMMA3_ACTIVATION,
         "attn_logit_softcapping": None,
         "final_logit_softcapping": None,
         "attention_bias": False,
@@ -98,6 +96,7 @@ def gemma3_config(meta: dict, vocab_size: int) -> dict:
         "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
         "pad_token_id": meta["tokenizer.ggml.padding_token_id"],
         "torch_dtype": "float32",
+        **GEMMA3_270M_CONSTANTS,
     }
 
 
@@ -174,7 +173,9 @@ def write_tokenizer(out_dir: Path, tokens: list[str], token_types: list[int], me
         raise ValueError("expected a GGUF whose tokenizer adds <bos> and no <eos>, as Gemma's does")
     tokenizer = gemma_tokenizer(tokens, token_types, ids["bos"], ids["unk"])
     tokenizer.save(str(out_dir / "tokenizer.json"))
+    # The generic class: transformers then runs tokenizer.json as written. Its GemmaTokenizer class
+    # rebuilds a BPE from the file's vocabulary and merges instead (how 5.17's merge-less output
+    # became character-level), so that class would put transformers' release back in the loop.
     config = {f"{name}_token": tokens[i] for name, i in ids.items()}
-    config |= {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
-               "model_max_length": meta["gemma3.context_length"]}
+    config |= {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

@@ -126,19 +126,18 @@ def is_verified(path: Path) -> bool:
 def load_checked_tokenizer(path: Path) -> Tokenizer:
     """The checkpoint's tokenizer, after the start checks (see the module docstring)."""
     path = Path(path)
+    stamp_path = path / STAMP
     try:
+        if stamp_path.exists():  # the converted default model
+            if not is_verified(path):
+                raise SelfCheckError(f"{stamp_path} is from an older release; convert again: "
+                                     "python -m backend.default_model")
+            checked = json.loads(stamp_path.read_text())["model_config"]
+            if _parsed_config(path) != checked:
+                raise SelfCheckError("transformers now parses its config.json into a different model config "
+                                     f"than the one checked at conversion ({checked})")
         tokenizer = Tokenizer(path)
-        stamp_path = path / STAMP
-        if not stamp_path.exists():
-            check_tokenizer(tokenizer)
-            return tokenizer
-        if not is_verified(path):
-            raise SelfCheckError(f"{stamp_path} is from an older release; convert again: python -m backend.default_model")
-        check_tokenizer(tokenizer, DEFAULT_TOKENIZER_IDS)
-        checked = json.loads(stamp_path.read_text())["model_config"]
-        if _parsed_config(path) != checked:
-            raise SelfCheckError("transformers now parses its config.json into a different model config than "
-                                 f"the one checked at conversion ({checked})")
+        check_tokenizer(tokenizer, DEFAULT_TOKENIZER_IDS if stamp_path.exists() else None)
     except SelfCheckError as e:
         raise SelfCheckError(f"checkpoint {path} failed its self-check: {e}. {environment_advice()}") from None
     return tokenizer
@@ -173,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         load_checked_tokenizer(Path(args[0]))
-    except SelfCheckError as e:
+    except (SelfCheckError, OSError, ValueError) as e:  # OSError, ValueError: not a checkpoint directory
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args[0]}: self-check passed")

@@ -43,7 +43,7 @@ COPY --chown=10001:10001 model_repository/ model_repository/
 COPY --chown=10001:10001 scripts/ scripts/
 
 # The default checkpoint (packaged Gemma 3 270M) is converted once, here, into GEMMA_MODEL_CACHE;
-# the assembled GGUF is dropped after.
+# the assembled GGUF is dropped after. A conversion that fails its self-check fails the build.
 RUN python3 -m backend.default_model \
  && rm -rf "${GEMMA_MODEL_CACHE}/gguf"
 

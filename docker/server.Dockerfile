@@ -63,8 +63,10 @@ RUN groupadd --gid 10001 gemma \
 USER 10001:10001
 
 # The default checkpoint (packaged Gemma 3 270M, GGUF -> HF safetensors) is converted once, here, into
-# GEMMA_MODEL_CACHE; the assembled GGUF is dropped after. Another checkpoint: GEMMA_CHECKPOINT=<dir>
-# (compose mounts the host's GEMMA_CHECKPOINT_DIR at /checkpoint and sets it).
+# GEMMA_MODEL_CACHE; the assembled GGUF is dropped after. The conversion does not go through
+# transformers, and its self-check (backend/self_check.py: tokenizer ids, greedy continuations) fails
+# the build rather than bake in a model that would serve garbage. Another checkpoint:
+# GEMMA_CHECKPOINT=<dir> (compose mounts the host's GEMMA_CHECKPOINT_DIR at /checkpoint and sets it).
 RUN python3 -m backend.default_model \
  && rm -rf "${GEMMA_MODEL_CACHE}/gguf"
 

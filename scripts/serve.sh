@@ -13,10 +13,14 @@ py="$root/.venv/bin/python"
 cd "$root"
 export HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
 
+# Both steps run backend/self_check.py and stop the script with its error rather than serve a model
+# that would answer garbage (the engine checks again when Triton loads it).
 if [[ -z ${GEMMA_CHECKPOINT:-} ]]; then
-  echo "Preparing the default model (first run converts the packaged GGUF, about a minute)..."
+  echo "Preparing the default model (first run converts and checks the packaged GGUF, under a minute)..."
   GEMMA_CHECKPOINT=$("$py" -m backend.default_model | tail -n 1)
   export GEMMA_CHECKPOINT
+elif [[ " $* " != *" --print-env "* ]]; then  # --print-env starts nothing, so has nothing to check
+  "$py" -m backend.self_check "$GEMMA_CHECKPOINT"
 fi
 cat <<MSG
 Serving $GEMMA_CHECKPOINT as model "gemma" once the log says READY:

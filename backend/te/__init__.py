@@ -36,7 +36,17 @@ def te_available() -> bool:
 
 
 def import_te():
-    """`transformer_engine.pytorch`, imported on first use (GPU path only)."""
-    import transformer_engine.pytorch as te
+    """`transformer_engine.pytorch`, imported on first use (GPU path only).
 
+    Import it before torch runs any cuDNN op in the process (HF's attention on the GPU, a conv): on a
+    machine with two cuDNN copies (torch's wheel and a system one), TE's cuDNN libraries then resolve
+    against the copy torch already loaded and the import fails with an undefined symbol."""
+    try:
+        import transformer_engine.pytorch as te
+    except (ImportError, OSError) as e:
+        if "cudnn" not in str(e).lower():
+            raise
+        raise ImportError(f"transformer_engine could not load cuDNN ({e}). Import transformer_engine.pytorch "
+                          "before torch runs any cuDNN op in this process (e.g. HF attention on the GPU), or "
+                          "leave one cuDNN copy on the library path.") from e
     return te

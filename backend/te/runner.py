@@ -15,7 +15,7 @@ import torch
 from backend.config import GemmaConfig
 from backend.weights import load_mapped_state
 
-from . import te_available
+from . import import_te, te_available
 
 
 def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
@@ -29,6 +29,7 @@ def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
         raise ValueError(f"the TransformerEngine model runs on CUDA devices, not {device}")
     if not te_available():
         raise RuntimeError("TransformerEngine is not importable or CUDA is unavailable; use engine='torch'")
+    import_te()  # its first import, with a clear error if cuDNN is in the way
     from .model import TEGemmaModel
 
     if fp8:

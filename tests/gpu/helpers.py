@@ -55,12 +55,14 @@ def save_tiny(path: Path, family: str, seed: int = 0, **config_kw) -> Path:
 
 def add_wordlevel_tokenizer(path: Path, vocab_size: int) -> None:
     """A word-level tokenizer ("w0".."w{V-1}") so backend.engine.Engine can serve a tiny checkpoint
-    without the real Gemma tokenizer (the GPU machine has no network and no GGUF)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    without the real Gemma tokenizer (the GPU machine has no network and no GGUF). Like Gemma's, it
+    puts its <bos> ("w2") first, which the engine's start check (backend/self_check.py) requires."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w3"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="w2 $A", special_tokens=[("w2", 2)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w1", bos_token="w2",
                             unk_token="w3").save_pretrained(path)
 
