@@ -28,19 +28,20 @@ class HostToDevice:
     sent to the device in one copy. Reusing the buffer is safe: every step ends with the sampler
     reading the sampled ids back, which waits for this copy to be done."""
 
-    def __init__(self, device: torch.device | str, capacity: int = 4096):
+    def __init__(self, device: torch.device | str, capacity: int = 4096, pinned: bool = True):
         self.device = torch.device(device)
-        self._host = self._alloc(capacity)
+        self.pinned = pinned and self.device.type == "cuda"
+        self._host = self._alloc(capacity if self.pinned else 0)
 
     def _alloc(self, n: int) -> torch.Tensor:
-        return torch.empty(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        return torch.empty(n, dtype=torch.long, pin_memory=self.pinned)
 
     def upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """Each list of ints as a 1-D long tensor on the device."""
         sizes = [len(p) for p in parts]
         flat = torch.tensor([v for p in parts for v in p], dtype=torch.long)
-        if self.device.type == "cpu":
-            return list(flat.split(sizes))
+        if not self.pinned:  # the CPU (no copy at all), or a one-off layout
+            return list(flat.to(self.device, non_blocking=True).split(sizes))
         if flat.numel() > self._host.numel():
             self._host = self._alloc(2 * flat.numel())
         host = self._host[:flat.numel()]
@@ -51,7 +52,8 @@ class HostToDevice:
 def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None],
                device: torch.device | str, uploader: HostToDevice | None = None) -> tuple[torch.Tensor, StepLayout]:
     """Decodes (one new token) share one batched attention group; each longer chunk gets its own."""
-    uploader = uploader or HostToDevice(device)
+    # Without a persistent uploader, no pinned buffer: pinning memory costs more than the copy it speeds.
+    uploader = uploader or HostToDevice(device, pinned=False)
     token_ids, logit_rows, decodes, prefills = [], [], [], []
     for chunk in chunks:
         row, n = len(token_ids), len(chunk.token_ids)

@@ -99,9 +99,12 @@ class RequestHandle:
 
     def _deliver(self, delta: TokenDelta) -> None:  # engine thread
         with self._arrived:
+            first_unread = not self._deltas
             self._deltas.append(delta)
             self._arrived.notify()
-        if self._on_ready is not None:
+        # One notice per batch of unread deltas: a reader that falls behind is told once and then
+        # takes everything at its next poll (no per-token wake-ups, no per-token detokenizing).
+        if first_unread and self._on_ready is not None:
             try:
                 self._on_ready(self)
             except Exception:  # a broken consumer must not take the engine down

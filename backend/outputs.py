@@ -48,6 +48,7 @@ class OutputProcessor:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams):
         self._text = TextStream(tokenizer, prompt_ids, params.stop, min_tokens=params.min_tokens)
+        self._has_stop_strings = bool(params.stop)
         self.num_prompt_tokens = len(prompt_ids)
         self.num_output_tokens = 0
         self.num_cached_tokens = 0
@@ -59,32 +60,35 @@ class OutputProcessor:
         """All of `deltas` (in order) as one output; None if they add nothing or the request ended."""
         if self.finished:
             return None
-        token_ids, self._held_ids = self._held_ids, []
-        text: list[str] = []
+        new_ids: list[int] = []  # tokens that make text
+        end_ids: list[int] = []  # an EOS or stop id that ended the sequence: no text of its own
         finish_reason = error = None
         for delta in deltas:
             self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-            # An EOS / stop id ends the sequence without text of its own.
-            decoded = delta.token_ids[:-1] if delta.finish_reason == "stop" else delta.token_ids
-            for token in decoded:
-                token_ids.append(token)
-                text.append(self._text.push(token))
-                if self._text.stopped:
-                    finish_reason = "stop"
-                    self.stopped_by_text = True
-                    break
-            if finish_reason is not None:
-                break
-            token_ids += delta.token_ids[len(decoded):]
+            ends_with_stop_id = delta.finish_reason == "stop" and delta.token_ids
+            new_ids += delta.token_ids[:-1] if ends_with_stop_id else delta.token_ids
+            end_ids = delta.token_ids[-1:] if ends_with_stop_id else []
             if delta.finish_reason is not None:
                 finish_reason, error = delta.finish_reason, delta.error
-                if finish_reason in ("stop", "length"):
-                    text.append(self._text.finish())
                 break
+        text = []
+        if self._has_stop_strings:  # token by token: the output ends with the token completing a stop
+            for i, token in enumerate(new_ids):
+                text.append(self._text.push(token))
+                if self._text.stopped:
+                    new_ids, end_ids, finish_reason, error = new_ids[:i + 1], [], "stop", None
+                    self.stopped_by_text = True
+                    break
+        else:  # one decode for all of them
+            text.append(self._text.push_many(new_ids))
+        if finish_reason in ("stop", "length"):
+            text.append(self._text.finish())  # what was held back (nothing once a stop string was found)
+        token_ids = self._held_ids + new_ids + end_ids
         text = "".join(text)
         if not text and finish_reason is None:
             self._held_ids = token_ids
             return None
+        self._held_ids = []
         self.num_output_tokens += len(token_ids)
         self.finished = finish_reason is not None
         return RequestOutput(text, token_ids, self.num_prompt_tokens, self.num_output_tokens,

@@ -142,6 +142,16 @@ class TextStream:
         self._num_output_tokens += 1
         return self._release(self._decode_unread(final=False), final=False)
 
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """push() for several tokens with one decode: the text they make safe to send. Only for a
+        stream without stop strings (where a stop string begins depends on each token's text)."""
+        assert not self._stop, "push_many decodes once: stop strings need push()"
+        if self._stopped or not token_ids:
+            return ""
+        self._ids.extend(int(t) for t in token_ids)
+        self._num_output_tokens += len(token_ids)
+        return self._release(self._decode_unread(final=False), final=False)
+
     def finish(self) -> str:
         """The text still held back (end of generation): incomplete bytes and stop-string prefixes."""
         if self._stopped:

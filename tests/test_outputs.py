@@ -1,0 +1,55 @@
+"""OutputProcessor: token deltas -> text on the reader's side, whatever the deltas' grouping."""
+import pytest
+
+from backend.outputs import OutputProcessor, TokenDelta
+from backend.sampling import SamplingParams
+from backend.tokenizer import Tokenizer
+
+TEXT = "Grüße aus Köln! 東京タワー 🚀 is tall, and the café is open."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_checkpoint):
+    return Tokenizer(default_checkpoint)
+
+
+def run(tokenizer, ids, groups, params, finish="length"):
+    """Feed `ids` as deltas of the given sizes (the last one finishing) and poll after each group."""
+    processor = OutputProcessor(tokenizer, tokenizer.encode("Say:"), params)
+    outs, at = [], 0
+    for n in groups:
+        chunk = ids[at:at + n]
+        at += n
+        last = at >= len(ids)
+        deltas = [TokenDelta([t]) for t in chunk[:-1]] + [TokenDelta(chunk[-1:], finish if last else None)]
+        out = processor.process(deltas)
+        if out is not None:
+            outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("size", [1, 3, None], ids=["per-token", "threes", "all-at-once"])
+def test_any_grouping_gives_the_same_text_and_ids(tokenizer, size):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    size = size or len(ids)
+    outs = run(tokenizer, ids, [size] * -(-len(ids) // size), SamplingParams(max_tokens=100))
+    assert "".join(o.text for o in outs) == TEXT
+    assert [t for o in outs for t in o.token_ids] == ids
+    assert all(o.text for o in outs)  # tokens of an unfinished character wait for the rest of it
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == len(ids)
+
+
+def test_a_stop_id_ends_the_output_without_text(tokenizer):
+    ids = tokenizer.encode("Hello world", add_special_tokens=False) + [1]  # <eos>
+    outs = run(tokenizer, ids, [len(ids)], SamplingParams(max_tokens=100), finish="stop")
+    assert outs[-1].text == "Hello world" and outs[-1].token_ids == ids and outs[-1].finish_reason == "stop"
+
+
+def test_a_stop_string_cuts_the_text_and_the_tokens_in_any_grouping(tokenizer):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    for groups in ([1] * len(ids), [len(ids)]):
+        outs = run(tokenizer, ids, groups, SamplingParams(max_tokens=100, stop=("tall",)))
+        assert "".join(o.text for o in outs) == TEXT[:TEXT.index("tall")]
+        assert outs[-1].finish_reason == "stop"
+        n = outs[-1].num_output_tokens
+        assert "tall" in tokenizer.decode(ids[:n]) and "tall" not in tokenizer.decode(ids[:n - 1])
