@@ -1,9 +1,10 @@
-"""A Gemma 3 GGUF file (llama.cpp's format) -> an HF checkpoint directory, read with `gguf` alone.
+"""The packaged Gemma 3 270M GGUF (llama.cpp's format) -> an HF checkpoint directory, with the `gguf`
+and `tokenizers` libraries alone.
 
 transformers can load GGUF files too, but its import has changed between releases: under 5.17 it
 turned this vocabulary into a character-level tokenizer without <bos> ("Hello" -> five letters),
-and the server then generated garbage. So the checkpoint is written here from the file's own
-metadata, the same under any transformers version:
+and the server then generated garbage. So the checkpoint is written here from the file's own data;
+under transformers 5.0.0, 5.17.0 and 5.24.0 the files came out byte for byte the same:
 
 - weights: each tensor dequantised by `gguf.quants`, renamed to HF's names; llama.cpp stores Gemma's
   RMSNorm weights as 1 + w, HF (and the engine) as w;
@@ -153,9 +154,9 @@ def gemma_tokenizer(tokens: list[str], token_types: list[int], bos_id: int, unk_
 def bpe_merges(pieces: list[str]) -> list[tuple[str, str]]:
     """Every way to build a piece from two others, best first.
 
-    The GGUF has no merge list and Gemma's piece scores do not follow its merge order; the order of
-    the vocabulary does (the merges of sentencepiece BPE training are appended to it in turn). A
-    piece that two splits can build lists the longer left part first."""
+    The GGUF has no merge list, and Gemma's piece scores do not follow its merge order; the order of
+    the vocabulary does. A piece that two splits can build lists the longer left part first. (This
+    is transformers 5.24's list for the packaged GGUF, merge for merge: 514,906 of them.)"""
     known = set(pieces)
     merges = []
     for piece in pieces:

@@ -7,7 +7,7 @@ noticed. These checks run where such a checkpoint would otherwise be trusted:
 - every engine start (`load_checked_tokenizer`, from Engine.from_config): the tokenizer puts <bos>
   first, once. For the converted default model (its directory holds the stamp below) also: fixed
   strings encode to the ids of the reference tokenizer, and transformers still parses config.json
-  into the model config that was checked. Milliseconds; no forward pass.
+  into the model config that was checked. A few encodes and a config parse; no forward pass.
 - after each conversion of the default model (`verify_conversion`): the same tokenizer checks, then
   the model itself through the engine (torch reference, fp32, CPU): greedy continuations of fixed
   prompts must equal known ones. Only then is the stamp written and the directory put in place.
@@ -36,8 +36,8 @@ STAMP = "self_check.json"
 # Raise when a check or the converter changes: older stamps then no longer count, and the default
 # model is converted and checked again.
 STAMP_VERSION = 1
-# The transformers release the project is tested with; error messages recommend it.
-TESTED_TRANSFORMERS = "5.24.0"
+# What the project is tested with (the libraries that load a tokenizer); error messages recommend it.
+TESTED_VERSIONS = {"transformers": "5.24.0", "tokenizers": "0.23.3"}
 
 # What the reference tokenizer (transformers 5.24's own conversion of the packaged GGUF, which
 # served the right model) makes of these: words, space runs, newline and tab tokens, control
@@ -109,8 +109,8 @@ def verify_conversion(path: Path) -> None:
         check_tokenizer(Tokenizer(path), DEFAULT_TOKENIZER_IDS)
         check_greedy(path)
     except SelfCheckError as e:
-        raise SelfCheckError(f"the packaged Gemma 3 270M, converted into {path}, failed its self-check: {e}. "
-                             f"{environment_advice()}") from None
+        raise SelfCheckError(f"the packaged Gemma 3 270M, converted into {path}, failed its self-check and was "
+                             f"discarded: {e}. {environment_advice()}") from None
     stamp = {"version": STAMP_VERSION, "checked_with": installed_versions(), "model_config": _parsed_config(path)}
     (path / STAMP).write_text(json.dumps(stamp, indent=2))
 
@@ -161,8 +161,9 @@ def installed_versions() -> dict[str, str]:
 
 def environment_advice() -> str:
     installed = ", ".join(f"{name} {version}" for name, version in installed_versions().items())
-    return (f"Installed: {installed}. The project is tested with transformers {TESTED_TRANSFORMERS}: "
-            f"pip install 'transformers=={TESTED_TRANSFORMERS}'")
+    tested = ", ".join(f"{name} {version}" for name, version in TESTED_VERSIONS.items())
+    pins = " ".join(f"'{name}=={version}'" for name, version in TESTED_VERSIONS.items())
+    return f"Installed: {installed}. The project is tested with {tested}: pip install {pins}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -53,7 +53,7 @@ def test_a_failed_conversion_leaves_nothing_and_says_what_to_install(tmp_path, m
     with pytest.raises(SelfCheckError) as refused:
         default_model.ensure_default_checkpoint()
     message = str(refused.value)
-    assert "packaged Gemma 3 270M" in message and "failed its self-check" in message
+    assert "packaged Gemma 3 270M" in message and "failed its self-check and was discarded" in message
     installed = self_check.installed_versions()["transformers"]
     assert f"transformers {installed}" in message and "pip install 'transformers==" in message
     assert list(tmp_path.iterdir()) == []  # neither the old directory nor the half-trusted new one

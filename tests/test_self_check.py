@@ -40,7 +40,7 @@ def test_the_transformers_517_tokenizer_is_refused_with_versions_and_advice(chec
     message = str(refused.value)
     assert str(checkpoint_517) in message and "<bos> (id 2) first" in message
     assert f"transformers {INSTALLED_TRANSFORMERS}" in message
-    assert f"pip install 'transformers=={self_check.TESTED_TRANSFORMERS}'" in message
+    assert f"pip install 'transformers=={self_check.TESTED_VERSIONS['transformers']}'" in message
 
 
 def test_character_pieces_after_a_bos_are_still_refused_for_the_default_model(tmp_path, default_checkpoint):
