@@ -35,6 +35,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
+LOADER_POD = K8S / "components" / "checkpoint-pvc" / "loader.yaml"  # applied by hand, not kustomized
 # The oldest Kubernetes these files target (the kubelet's preStop `sleep` is on by default from 1.30)
 # and the newest that kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
@@ -137,18 +138,33 @@ def load_drain_module():
 
 # --- schemas --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
-def test_every_object_is_valid_for_pinned_kubernetes(variant, kubernetes_version):
+def schema_errors(objs, kubernetes_version: str) -> list[str]:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     errors = []
-    for obj in _render(variant):
+    for obj in objs:
         if obj["kind"] in CRD_KINDS:
             continue
         try:
             kubernetes_validate.validate(obj, kubernetes_version, strict=True)
         except kubernetes_validate.ValidationError as e:
             errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
-    assert not errors, "\n".join(errors)
+    return errors
+
+
+@pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
+def test_every_object_is_valid_for_pinned_kubernetes(variant, kubernetes_version):
+    assert not schema_errors(_render(variant), kubernetes_version)
+
+
+@pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
+def test_checkpoint_loader_pod_is_valid_and_fills_the_servers_claim(kubernetes_version):
+    pod = yaml.safe_load(LOADER_POD.read_text())
+    assert not schema_errors([pod], kubernetes_version)
+    assert_secure_pod(pod["spec"], "checkpoint-loader")
+    (volume,) = pod["spec"]["volumes"]
+    claims = {o["metadata"]["name"] for o in objects("gpu", "PersistentVolumeClaim")}
+    assert volume["persistentVolumeClaim"]["claimName"] in claims
+    assert pod["spec"]["securityContext"]["runAsUser"] == pod_spec("gpu", SERVER)["securityContext"]["runAsUser"]
 
 
 def test_variants_hold_the_expected_objects(variant):
@@ -255,19 +271,23 @@ def test_checkpoint_volume_is_mounted_read_only(variant):
 
 # --- security and resources -----------------------------------------------------------------------
 
-def test_pods_run_as_non_root_on_a_read_only_root_filesystem(variant):
+def assert_secure_pod(pod: dict, name: str) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True, name
+    assert pod["securityContext"]["runAsUser"] > 0, name
+    assert pod["automountServiceAccountToken"] is False, name
+    assert pod["enableServiceLinks"] is False, name
+    for c in pod["containers"] + pod.get("initContainers", []):
+        security = c["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, name
+        assert security["allowPrivilegeEscalation"] is False, name
+        assert security["capabilities"]["drop"] == ["ALL"], name
+        assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), name
+        assert "memory" in c["resources"]["limits"], name
+
+
+def test_pods_run_as_non_root_on_a_read_only_root_filesystem_with_resources(variant):
     for deployment in objects(variant, "Deployment"):
-        pod = deployment["spec"]["template"]["spec"]
-        name = deployment["metadata"]["name"]
-        assert pod["securityContext"]["runAsNonRoot"] is True, name
-        assert pod["securityContext"]["runAsUser"] > 0, name
-        assert pod["automountServiceAccountToken"] is False, name
-        assert pod["enableServiceLinks"] is False, name
-        for c in pod["containers"] + pod.get("initContainers", []):
-            security = c["securityContext"]
-            assert security["readOnlyRootFilesystem"] is True, name
-            assert security["allowPrivilegeEscalation"] is False, name
-            assert security["capabilities"]["drop"] == ["ALL"], name
+        assert_secure_pod(deployment["spec"]["template"]["spec"], deployment["metadata"]["name"])
 
 
 def test_server_has_its_writable_paths_as_empty_dirs(variant):
@@ -281,14 +301,6 @@ def test_server_has_its_writable_paths_as_empty_dirs(variant):
     assert env(triton)["HOME"] == "/tmp"  # caches (Triton JIT, CUDA) go under $HOME
     backends = "/opt/gemma-triton/.venv/triton-backends"  # docker/server-cpu.Dockerfile's venv
     assert ("emptyDir" in mounted[backends]) if variant.startswith("cpu") else (backends not in mounted)
-
-
-def test_every_container_requests_cpu_and_memory_and_caps_memory(variant):
-    for deployment in objects(variant, "Deployment"):
-        for c in deployment["spec"]["template"]["spec"]["containers"]:
-            resources = c["resources"]
-            assert {"cpu", "memory"} <= resources["requests"].keys(), c["name"]
-            assert "memory" in resources["limits"], c["name"]
 
 
 def test_images_are_pinned_to_the_project_version(variant):
