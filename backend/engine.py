@@ -46,6 +46,7 @@ class EngineConfig:
     max_queue_size: int = 256  # waiting requests beyond this are refused (EngineOverloadedError)
     enable_prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts and outputs
     fp8: bool = False  # TE only: FP8 GEMMs on Hopper
+    fp8_recipe: str = "delayed"  # delayed | current | block (backend.te.model.make_fp8_recipe)
     cuda_graphs: bool = True  # GPU: decode-only steps replay captured CUDA graphs
 
 
@@ -130,7 +131,7 @@ def load_model(config: EngineConfig, path: Path, device: torch.device, dtype: to
         use_te = te_available()
     if use_te:
         from .te.runner import load_te_model
-        return load_te_model(path, dtype, device, fp8=config.fp8)
+        return load_te_model(path, dtype, device, fp8=config.fp8, fp8_recipe=config.fp8_recipe)
     if config.engine not in ("auto", "torch", "te"):
         raise ValueError(f"engine must be auto, te or torch, not {config.engine!r}")
     from .weights import load_reference_model

@@ -118,8 +118,8 @@ def project_version() -> str:
 
 
 def exported_metrics() -> set[str]:
-    """The metric families backend/metrics.py declares (it imports Triton's stub module: read, not run)."""
-    tree = ast.parse((ROOT / "backend" / "metrics.py").read_text())
+    """The metric families serving/metrics.py declares (it imports Triton's stub module: read, not run)."""
+    tree = ast.parse((ROOT / "serving" / "metrics.py").read_text())
     return {node.args[0].value for node in ast.walk(tree)
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "family"}
 

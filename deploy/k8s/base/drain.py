@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 
-# backend/metrics.py's gauges of requests in the engine, summed over the model's instances.
+# serving/metrics.py's gauges of requests in the engine, summed over the model's instances.
 IN_FLIGHT = ("gemma_running_requests", "gemma_queue_depth")
 
 
