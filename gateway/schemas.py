@@ -16,8 +16,6 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 # clients that fill in every default). Any other value is a 400 naming the field. Turning one on:
 # drop it here, give it a typed field, and pass it on in sampling.py.
 NOT_YET_SUPPORTED: dict[str, tuple] = {
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
 }
@@ -54,10 +52,8 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # accepted, not used
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-
-    _check_penalties = field_validator("presence_penalty", "frequency_penalty")(_check_off)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
 
     @field_validator("stop", mode="before")
     @classmethod
