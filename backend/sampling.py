@@ -98,6 +98,24 @@ class SamplingRow:
     eos_token_ids: frozenset[int] = frozenset()
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability and the most likely tokens' (best first), under the model's
+    raw distribution: log_softmax of the fp32 logits, before min_tokens masking, penalties,
+    temperature, top-k and top-p (vLLM's default, "raw_logprobs")."""
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One step's sampler output: a token per row, and its logprobs where the row asked for them."""
+    token_ids: list[int]
+    logprobs: list[Optional[TokenLogprobs]]
+
+
 def make_generator(seed: Optional[int], device: Union[torch.device, str]) -> torch.Generator:
     """A generator on `device` seeded with `seed`, or with fresh OS entropy when seed is None."""
     generator = torch.Generator(device=device)
@@ -132,6 +150,33 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         warped = _warp(scores[index], [rows[i].params for i in sampled])
         token_ids[index] = _draw(warped, [rows[i].generator for i in sampled])
     return _checked(token_ids, finite)
+
+
+def sample_with_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
+    """`sample`, plus each asking row's TokenLogprobs (None for the other rows)."""
+    token_ids = sample(logits, rows)
+    return SampledTokens(token_ids, token_logprobs(logits, rows, token_ids))
+
+
+def token_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                   token_ids: Sequence[int]) -> list[Optional[TokenLogprobs]]:
+    """The logprob of token_ids[i] and the params.logprobs most likely tokens of each row that asked,
+    from the raw logits. Only those rows are computed, together; a batch where none asked costs nothing."""
+    asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    result: list[Optional[TokenLogprobs]] = [None] * len(rows)
+    if not asking:
+        return result
+    device = logits.device
+    logprobs = torch.log_softmax(logits[_on_device(asking, device)].to(torch.float32), dim=-1)
+    chosen = _on_device([token_ids[i] for i in asking], device, torch.long)[:, None]
+    k = max(rows[i].params.logprobs for i in asking)
+    top_values, top_ids = logprobs.topk(k, dim=-1)  # sorted, best first; k == 0 gives empty rows
+    # Two device-to-host copies for the whole batch: the values (sampled first), the top ids.
+    values, ids = torch.cat([logprobs.gather(1, chosen), top_values], dim=1).tolist(), top_ids.tolist()
+    for row_values, row_ids, i in zip(values, ids, asking):
+        n = rows[i].params.logprobs
+        result[i] = TokenLogprobs(token_ids[i], row_values[0], tuple(row_ids[:n]), tuple(row_values[1:n + 1]))
+    return result
 
 
 def _rankable(scores: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, Top
 
 from backend.errors import InvalidRequestError
 from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator, process_logits,
-                              sample)
+                              sample, sample_with_logprobs, token_logprobs)
 
 VOCAB = 1000
 EOS = 7
@@ -304,3 +304,45 @@ def test_random_hostile_parameters_only_ever_pick_kept_tokens():
         kept = process_logits(logits, rows) > -math.inf
         tokens = sample(logits, rows)
         assert all(kept[i, t] for i, t in enumerate(tokens)), params
+
+
+# --- logprobs ---------------------------------------------------------------------------------
+
+def test_logprobs_are_log_softmax_of_the_raw_logits_with_top_k_best_first():
+    logits = random_logits(batch=3)
+    # Sampling warps (temperature, top-k, penalties) do not change the reported distribution.
+    params = [SamplingParams(logprobs=5, temperature=0.3, top_k=4, presence_penalty=1.0),
+              SamplingParams(),
+              SamplingParams(logprobs=0, temperature=0)]
+    rows = [SamplingRow(p, seen_token_ids=[1, 2], num_output_tokens=1) for p in params]
+    out = sample_with_logprobs(logits, rows)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert out.logprobs[1] is None
+    for i in (0, 2):
+        lp = out.logprobs[i]
+        assert lp.token_id == out.token_ids[i]
+        assert lp.logprob == pytest.approx(expected[i, lp.token_id].item(), abs=1e-5)
+    top = out.logprobs[0]
+    values, ids = expected[0].topk(5)
+    assert list(top.top_ids) == ids.tolist()
+    assert top.top_logprobs == pytest.approx(values.tolist(), abs=1e-5)
+    assert list(top.top_logprobs) == sorted(top.top_logprobs, reverse=True)
+    assert out.logprobs[2].top_ids == () and out.logprobs[2].top_logprobs == ()
+    assert out.logprobs[2].token_id == logits[2].argmax().item()  # greedy: the top-1 token
+
+
+def test_greedy_token_is_top_1_with_its_logprob():
+    logits = random_logits(batch=2, seed=3)
+    out = sample_with_logprobs(logits, rows_for(SamplingParams(temperature=0, logprobs=20), 2))
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.top_ids[0] == token and lp.top_logprobs[0] == lp.logprob
+        assert len(lp.top_ids) == 20
+
+
+def test_rows_without_logprobs_cost_nothing(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("log_softmax ran for a batch where no row asked for logprobs")
+    monkeypatch.setattr(torch, "log_softmax", fail)
+    logits = random_logits(batch=2)
+    assert token_logprobs(logits, rows_for(SamplingParams(), 2), [0, 1]) == [None, None]
+    assert sample_with_logprobs(logits, rows_for(SamplingParams(temperature=0), 2)).logprobs == [None, None]
