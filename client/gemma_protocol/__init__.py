@@ -92,6 +92,9 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("num_input_tokens", "TYPE_UINT32", (1,), doc="prompt length in tokens"),
     TensorSpec("num_output_tokens", "TYPE_UINT32", (-1,), doc="tokens generated so far"),
     TensorSpec("output_ids", "TYPE_INT32", (-1,), doc="token ids generated since the previous response"),
+    TensorSpec("logprobs", "TYPE_STRING", (1,),
+               doc="only when the request set `logprobs`: a JSON list, one entry per id in output_ids, "
+                   "{token_id, token, logprob, top_logprobs: [{token_id, token, logprob}, ...]}"),
 )
 
 FIELDS_BY_KEY = {f.key: f for f in SAMPLING_FIELDS}
