@@ -29,7 +29,8 @@ def choice_requests(request: GenerationRequest, prompts: Sequence[str],
     stop = [*(request.stop or ()), *extra_stop]
     shared = dict(max_tokens=request.max_output_tokens, temperature=request.temperature,
                   top_p=request.top_p, presence_penalty=request.presence_penalty,
-                  frequency_penalty=request.frequency_penalty, stop=stop or None)
+                  frequency_penalty=request.frequency_penalty, logprobs=request.num_top_logprobs,
+                  stop=stop or None)
     pairs = [(p, prompt) for p, prompt in enumerate(prompts) for _ in range(request.n)]
     seeds = choice_seeds(request.seed, len(pairs))
     return [ChoiceRequest(k, p, prompt, {**shared, "seed": seeds[k]}) for k, (p, prompt) in enumerate(pairs)]
