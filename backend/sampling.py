@@ -269,7 +269,7 @@ def _apply_occurrence_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow
     if not penalized:
         return
     device = scores.device
-    generated = [_token_ids_on(rows[i].seen_token_ids, device)[-rows[i].num_output_tokens:] for i in penalized]
+    generated = [_token_ids_on(rows[i].seen_token_ids[-rows[i].num_output_tokens:], device) for i in penalized]
     counts = _on_device([len(ids) for ids in generated], device)
     total = sum(len(ids) for ids in generated)
     batch_rows = torch.repeat_interleave(_on_device(penalized, device), counts, output_size=total)
