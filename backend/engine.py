@@ -308,8 +308,10 @@ class Engine:
             for scheduled in output.chunks:
                 self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
-        for seq, token in zip(self.scheduler.update(output, sampled), sampled):
-            self._deliver(seq, TokenDelta([token], seq.finish_reason, num_cached_tokens=seq.num_cached_prompt_tokens))
+        for seq, token, logprobs in zip(self.scheduler.update(output, sampled.token_ids), sampled.token_ids,
+                                        sampled.logprobs):
+            self._deliver(seq, TokenDelta([token], seq.finish_reason, num_cached_tokens=seq.num_cached_prompt_tokens,
+                                          logprobs=None if logprobs is None else [logprobs]))
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         self.scheduler.finish(seq, reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs
 from .tokenizer import TextStream, Tokenizer
 
 
@@ -20,6 +20,7 @@ class TokenDelta:
     finish_reason: Optional[str] = None  # "stop": the last token is an EOS or stop id
     error: Optional[str] = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    logprobs: Optional[list[TokenLogprobs]] = None  # one per token id, if the request asked for them
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,17 @@ class RequestOutput:
     finish_reason: Optional[str] = None  # None while running: "stop", "length", "cancelled", "error"
     error: Optional[str] = None
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    # One per token id (the EOS / stop id too), if the request asked for logprobs; else None.
+    logprobs: Optional[list[TokenLogprobs]] = None
 
     def followed_by(self, later: "RequestOutput") -> "RequestOutput":
         """This output and the request's next one as a single output (for a consumer that fell
         behind and delivers what has accumulated at once)."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
         return RequestOutput(self.text + later.text, self.token_ids + later.token_ids, later.num_prompt_tokens,
-                             later.num_output_tokens, later.finish_reason, later.error, later.num_cached_tokens)
+                             later.num_output_tokens, later.finish_reason, later.error, later.num_cached_tokens,
+                             logprobs)
 
 
 class OutputProcessor:
@@ -55,6 +61,8 @@ class OutputProcessor:
         self.finished = False
         self.stopped_by_text = False
         self._held_ids: list[int] = []  # tokens whose text is not out yet (an incomplete character)
+        self._wants_logprobs = params.logprobs is not None
+        self._held_logprobs: list[TokenLogprobs] = []  # theirs
 
     def process(self, deltas: Iterable[TokenDelta]) -> Optional[RequestOutput]:
         """All of `deltas` (in order) as one output; None if they add nothing or the request ended."""
@@ -62,12 +70,14 @@ class OutputProcessor:
             return None
         new_ids: list[int] = []  # tokens that make text
         end_ids: list[int] = []  # an EOS or stop id that ended the sequence: no text of its own
+        logprobs: list[TokenLogprobs] = []  # of new_ids + end_ids, if asked for
         finish_reason = error = None
         for delta in deltas:
             self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
             ends_with_stop_id = delta.finish_reason == "stop" and delta.token_ids
             new_ids += delta.token_ids[:-1] if ends_with_stop_id else delta.token_ids
             end_ids = delta.token_ids[-1:] if ends_with_stop_id else []
+            logprobs += delta.logprobs or []
             if delta.finish_reason is not None:
                 finish_reason, error = delta.finish_reason, delta.error
                 break
@@ -77,6 +87,7 @@ class OutputProcessor:
                 text.append(self._text.push(token))
                 if self._text.stopped:
                     new_ids, end_ids, finish_reason, error = new_ids[:i + 1], [], "stop", None
+                    logprobs = logprobs[:i + 1]
                     self.stopped_by_text = True
                     break
         else:  # one decode for all of them
@@ -84,12 +95,14 @@ class OutputProcessor:
         if finish_reason in ("stop", "length"):
             text.append(self._text.finish())  # what was held back (nothing once a stop string was found)
         token_ids = self._held_ids + new_ids + end_ids
+        logprobs = self._held_logprobs + logprobs
         text = "".join(text)
         if not text and finish_reason is None:
-            self._held_ids = token_ids
+            self._held_ids, self._held_logprobs = token_ids, logprobs
             return None
-        self._held_ids = []
+        self._held_ids, self._held_logprobs = [], []
         self.num_output_tokens += len(token_ids)
         self.finished = finish_reason is not None
         return RequestOutput(text, token_ids, self.num_prompt_tokens, self.num_output_tokens,
-                             finish_reason, error, self.num_cached_tokens)
+                             finish_reason, error, self.num_cached_tokens,
+                             logprobs if self._wants_logprobs else None)

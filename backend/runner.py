@@ -4,6 +4,7 @@ It owns what a step needs besides the schedule: the model, its KV cache, the ste
 (one host-to-device copy), the CUDA graphs of decode steps (on a GPU, for any model) and the
 sampler. The model's contract is explicit (`StepModel`): its dtype, device and row multiple, and
 forward(token_ids, layout, kv_cache) -> fp32 logits of the layout's logit rows.
+The sampler returns each token and, for requests that ask, its logprobs from those logits.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .config import GemmaConfig
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 from .model import StepLayout
-from .sampling import SamplingRow, sample
+from .sampling import SampledTokens, SamplingRow, sample_with_logprobs
 from .scheduler import SchedulerOutput
 
 
@@ -44,11 +45,11 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture_all(self.kv_cache, max_batch, max_len)
 
-    def execute(self, output: SchedulerOutput) -> list[int]:
-        """The next token of each chunk that needs logits, in schedule order."""
+    def execute(self, output: SchedulerOutput) -> SampledTokens:
+        """The next token of each chunk that needs logits (and its logprobs, if asked), in schedule order."""
         token_ids, layout = build_step([s.chunk for s in output.chunks], self.kv_cache.block_size, self._windows,
                                        self.device, self._uploader)
         logits = self._forward(token_ids, layout, self.kv_cache)
         rows = [SamplingRow(s.seq.params, s.seq.generator, s.seq.token_ids, s.seq.num_output_tokens,
                             s.seq.eos_token_ids) for s in output.chunks if s.needs_logits]
-        return sample(logits, rows) if rows else []
+        return sample_with_logprobs(logits, rows) if rows else SampledTokens([], [])

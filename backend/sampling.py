@@ -1,7 +1,9 @@
 """Sampling parameters, and the batched sampler that turns one decode step's logits into tokens.
 
 The logits pipeline is HF transformers' logits processors, in HF's order, so HF is the oracle:
-min_tokens masking -> repetition penalty -> temperature -> top-k -> top-p -> draw.
+min_tokens masking -> repetition penalty -> presence/frequency penalties -> temperature -> top-k
+-> top-p -> draw. (Presence and frequency penalties are OpenAI's, as vLLM applies them; HF has none.)
+Logprobs, when a row asks for them, come from the raw logits, before any of these steps.
 Each sampled row draws from its own torch.Generator, so a seeded request gets the same tokens
 whatever else shares its batch.
 """
@@ -23,6 +25,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0  # beyond it sampling is uniform over the kept tokens anyway
 # Penalties that keep every logit finite: a seen logit is multiplied or divided by the penalty.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# OpenAI's range for presence_penalty and frequency_penalty (subtracted from seen tokens' logits).
+OCCURRENCE_PENALTY_RANGE = (-2.0, 2.0)
+MAX_LOGPROBS = 20  # most top alternatives per generated token (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,13 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: Optional[int] = None  # None: none; k: the sampled token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         # Lists are accepted but stored as tuples, so the params stay immutable and hashable.
@@ -61,11 +69,17 @@ class SamplingParams:
             (REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
              f"'repetition_penalty' must be in [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}], "
              f"got {self.repetition_penalty}"),
+            *((OCCURRENCE_PENALTY_RANGE[0] <= value <= OCCURRENCE_PENALTY_RANGE[1],
+               f"'{name}' must be in [{OCCURRENCE_PENALTY_RANGE[0]:g}, {OCCURRENCE_PENALTY_RANGE[1]:g}], got {value}")
+              for name, value in (("presence_penalty", self.presence_penalty),
+                                  ("frequency_penalty", self.frequency_penalty))),
             (self.seed is None or 0 <= self.seed < 2**64, f"'seed' must be in [0, 2**64), got {self.seed}"),
             (len(self.stop) <= MAX_STOP_STRINGS,
              f"'stop' has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"),
             (all(self.stop), "'stop' strings must be non-empty"),
             (all(t >= 0 for t in self.stop_token_ids), f"'stop_token_ids' must be >= 0, got {self.stop_token_ids}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"'logprobs' must be in [0, {MAX_LOGPROBS}] (or absent), got {self.logprobs}"),
         )
 
     @property
@@ -82,6 +96,24 @@ class SamplingRow:
     seen_token_ids: Union[torch.Tensor, Sequence[int]] = ()
     num_output_tokens: int = 0
     eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability and the most likely tokens' (best first), under the model's
+    raw distribution: log_softmax of the fp32 logits, before min_tokens masking, penalties,
+    temperature, top-k and top-p (vLLM's default, "raw_logprobs")."""
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One step's sampler output: a token per row, and its logprobs where the row asked for them."""
+    token_ids: list[int]
+    logprobs: list[Optional[TokenLogprobs]]
 
 
 def make_generator(seed: Optional[int], device: Union[torch.device, str]) -> torch.Generator:
@@ -120,6 +152,33 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     return _checked(token_ids, finite)
 
 
+def sample_with_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
+    """`sample`, plus each asking row's TokenLogprobs (None for the other rows)."""
+    token_ids = sample(logits, rows)
+    return SampledTokens(token_ids, token_logprobs(logits, rows, token_ids))
+
+
+def token_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                   token_ids: Sequence[int]) -> list[Optional[TokenLogprobs]]:
+    """The logprob of token_ids[i] and the params.logprobs most likely tokens of each row that asked,
+    from the raw logits. Only those rows are computed, together; a batch where none asked costs nothing."""
+    asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    result: list[Optional[TokenLogprobs]] = [None] * len(rows)
+    if not asking:
+        return result
+    device = logits.device
+    logprobs = torch.log_softmax(logits[_on_device(asking, device)].to(torch.float32), dim=-1)
+    chosen = _on_device([token_ids[i] for i in asking], device, torch.long)[:, None]
+    k = max(rows[i].params.logprobs for i in asking)
+    top_values, top_ids = logprobs.topk(k, dim=-1)  # sorted, best first; k == 0 gives empty rows
+    # Two device-to-host copies for the whole batch: the values (sampled first), the top ids.
+    values, ids = torch.cat([logprobs.gather(1, chosen), top_values], dim=1).tolist(), top_ids.tolist()
+    for row_values, row_ids, i in zip(values, ids, asking):
+        n = rows[i].params.logprobs
+        result[i] = TokenLogprobs(token_ids[i], row_values[0], tuple(row_ids[:n]), tuple(row_values[1:n + 1]))
+    return result
+
+
 def _rankable(scores: torch.Tensor) -> torch.Tensor:
     """Per row: has a finite best score. A row's max is NaN if any score is NaN (max propagates it),
     +inf for an infinite logit, -inf when every token is masked. -inf elsewhere only rules tokens out."""
@@ -152,14 +211,20 @@ def _on_device(values: Sequence, device: torch.device, dtype: Optional[torch.dty
 
 
 def _needs_processing(row: SamplingRow) -> bool:
-    return (not row.params.greedy or row.params.repetition_penalty != 1.0
-            or row.num_output_tokens < row.params.min_tokens)
+    params = row.params
+    return (not params.greedy or params.repetition_penalty != 1.0 or _has_occurrence_penalty(params)
+            or row.num_output_tokens < params.min_tokens)
+
+
+def _has_occurrence_penalty(params: SamplingParams) -> bool:
+    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 def _penalized_scores(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     scores = logits.to(torch.float32, copy=True)
     _mask_early_stops(scores, rows)
     _apply_repetition_penalty(scores, rows)
+    _apply_occurrence_penalties(scores, rows)
     return scores
 
 
@@ -195,6 +260,30 @@ def _apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[SamplingRow])
     token_ids = torch.cat(seen)
     seen_scores = scores[batch_rows, token_ids]
     scores[batch_rows, token_ids] = torch.where(seen_scores < 0, seen_scores * penalty, seen_scores / penalty)
+
+
+def _apply_occurrence_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """OpenAI's penalties over the tokens generated so far (not the prompt), as vLLM applies them:
+    score -= presence_penalty * (count > 0) + frequency_penalty * count."""
+    penalized = [i for i, row in enumerate(rows) if _has_occurrence_penalty(row.params) and row.num_output_tokens]
+    if not penalized:
+        return
+    device = scores.device
+    generated = [_token_ids_on(rows[i].seen_token_ids[-rows[i].num_output_tokens:], device) for i in penalized]
+    counts = _on_device([len(ids) for ids in generated], device)
+    total = sum(len(ids) for ids in generated)
+    batch_rows = torch.repeat_interleave(_on_device(penalized, device), counts, output_size=total)
+    token_ids = torch.cat(generated)
+
+    def per_id(values: list[float]) -> torch.Tensor:
+        return torch.repeat_interleave(_on_device(values, device), counts, output_size=total)
+
+    # Presence: a plain write, so an id generated twice gets the same value twice (penalised once).
+    presence = per_id([rows[i].params.presence_penalty for i in penalized])
+    scores[batch_rows, token_ids] = scores[batch_rows, token_ids] - presence
+    # Frequency: an accumulating write subtracts the penalty once per occurrence.
+    frequency = per_id([rows[i].params.frequency_penalty for i in penalized])
+    scores.index_put_((batch_rows, token_ids), -frequency, accumulate=True)
 
 
 def _token_ids_on(ids: Union[torch.Tensor, Sequence[int]], device: torch.device) -> torch.Tensor:

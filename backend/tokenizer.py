@@ -35,6 +35,11 @@ class Tokenizer:
         return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens,
                               clean_up_tokenization_spaces=False)
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's text alone, special tokens spelt out (a byte of a longer character decodes to U+FFFD)."""
+        return self.hf_tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation. Gemma's templates begin it with <bos>: encode it with
         add_special_tokens=False, or the prompt starts with two."""

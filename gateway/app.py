@@ -171,6 +171,5 @@ def _validation_error(error: RequestValidationError) -> APIError:
         return invalid_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     if first["type"] == "missing":
         return invalid_request(f"'{param}' is required", param, "missing_required_parameter")
-    code = "unsupported_parameter" if first["type"] == "unsupported_parameter" else "invalid_value"
     message = str(first["msg"]).removeprefix("Value error, ")
-    return invalid_request(f"'{param}': {message}", param, code)
+    return invalid_request(f"'{param}': {message}", param, "invalid_value")

@@ -39,7 +39,8 @@ class Choices:
                 whole = await self._client.generate(request.prompt, **request.sampling)
                 self._events.put_nowait((request.index, Delta(
                     whole.text, token_ids=whole.token_ids, finish_reason=whole.finish_reason,
-                    num_input_tokens=whole.num_input_tokens, num_output_tokens=whole.num_output_tokens)))
+                    num_input_tokens=whole.num_input_tokens, num_output_tokens=whole.num_output_tokens,
+                    logprobs=whole.logprobs)))
         except GemmaClientError as e:
             self._events.put_nowait((request.index, e))
         finally:

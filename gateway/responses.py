@@ -2,7 +2,9 @@
 
 Both endpoints build the same things from the same deltas - a whole response, or chunks sharing one
 id, `created` and `model` - and differ only in how a choice looks: `text` for completions, a
-`message` (or, streamed, a `delta` opened by the assistant role) for chat.
+`message` (or, streamed, a `delta` opened by the assistant role) for chat. Logprobs, when asked for,
+come in each endpoint's own OpenAI shape, for the tokens of the text they travel with (a choice that
+ends on EOS has that token last; its text is the special token's, e.g. "<end_of_turn>").
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 import uuid
 from typing import AsyncIterator, Optional, Sequence
 
-from gemma_client import Delta, GemmaClientError
+from gemma_client import Delta, GemmaClientError, Logprob, TokenLogprobs
 
 from .choices import Choices
 from .errors import from_client_error
@@ -77,11 +79,29 @@ class CompletionFormat(ResponseFormat):
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
+    def __init__(self, model: str):
+        super().__init__(model)
+        self._text_lengths: dict[int, int] = {}  # per choice: text sent so far (for text_offset)
+
     def choice(self, index: int, whole: Delta) -> dict:
-        return {"index": index, "text": whole.text, "logprobs": None, "finish_reason": whole.finish_reason}
+        start = self._text_lengths.get(index, 0)
+        self._text_lengths[index] = start + len(whole.text)
+        logprobs = None if whole.logprobs is None else _completion_logprobs(whole.logprobs, start)
+        return {"index": index, "text": whole.text, "logprobs": logprobs, "finish_reason": whole.finish_reason}
 
     def chunk_choices(self, index: int, delta: Delta) -> list[dict]:
-        return [self.choice(index, delta)] if delta.text or delta.finish_reason else []
+        return [self.choice(index, delta)] if delta.text or delta.finish_reason or delta.logprobs else []
+
+
+def _completion_logprobs(logprobs: Sequence[TokenLogprobs], start: int) -> dict:
+    """The legacy completions shape: parallel lists, top alternatives as {token text: logprob}.
+    text_offset adds up token texts from where the choice's text stood (the special EOS text too)."""
+    offsets = [start]
+    for lp in logprobs[:-1]:
+        offsets.append(offsets[-1] + len(lp.token))
+    return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in logprobs],
+            "text_offset": offsets}
 
 
 class ChatFormat(ResponseFormat):
@@ -90,22 +110,36 @@ class ChatFormat(ResponseFormat):
     id_prefix = "chatcmpl-"
 
     def choice(self, index: int, whole: Delta) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": whole.text}, "logprobs": None,
-                "finish_reason": whole.finish_reason}
+        return {"index": index, "message": {"role": "assistant", "content": whole.text},
+                "logprobs": _chat_logprobs(whole.logprobs), "finish_reason": whole.finish_reason}
 
     def opening_choices(self, count: int) -> list[dict]:
         return [_chat_delta(i, {"role": "assistant", "content": ""}) for i in range(count)]
 
     def chunk_choices(self, index: int, delta: Delta) -> list[dict]:
-        # As OpenAI: text in `delta.content` chunks, then an empty delta carrying the finish_reason.
-        chunks = [_chat_delta(index, {"content": delta.text})] if delta.text else []
+        # As OpenAI: text in `delta.content` chunks (with their tokens' logprobs), then an empty delta
+        # carrying the finish_reason.
+        chunks = [_chat_delta(index, {"content": delta.text}, logprobs=_chat_logprobs(delta.logprobs))] \
+            if delta.text or delta.logprobs else []
         if delta.finish_reason:
             chunks.append(_chat_delta(index, {}, delta.finish_reason))
         return chunks
 
 
-def _chat_delta(index: int, delta: dict, finish_reason: Optional[str] = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _chat_delta(index: int, delta: dict, finish_reason: Optional[str] = None,
+                logprobs: Optional[dict] = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _chat_logprobs(logprobs: Optional[Sequence[TokenLogprobs]]) -> Optional[dict]:
+    if logprobs is None:
+        return None
+    return {"content": [{**_chat_token(lp), "top_logprobs": [_chat_token(t) for t in lp.top_logprobs]}
+                        for lp in logprobs], "refusal": None}
+
+
+def _chat_token(lp: Logprob) -> dict:
+    return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode("utf-8"))}
 
 
 async def stream_events(fmt: ResponseFormat, choices: Choices, requests: Sequence[ChoiceRequest],

@@ -28,7 +28,9 @@ def choice_requests(request: GenerationRequest, prompts: Sequence[str],
     """Choices in OpenAI's order: each prompt's n choices, then the next prompt's."""
     stop = [*(request.stop or ()), *extra_stop]
     shared = dict(max_tokens=request.max_output_tokens, temperature=request.temperature,
-                  top_p=request.top_p, stop=stop or None)
+                  top_p=request.top_p, presence_penalty=request.presence_penalty,
+                  frequency_penalty=request.frequency_penalty, logprobs=request.num_top_logprobs,
+                  stop=stop or None)
     pairs = [(p, prompt) for p, prompt in enumerate(prompts) for _ in range(request.n)]
     seeds = choice_seeds(request.seed, len(pairs))
     return [ChoiceRequest(k, p, prompt, {**shared, "seed": seeds[k]}) for k, (p, prompt) in enumerate(pairs)]

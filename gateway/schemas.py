@@ -12,27 +12,10 @@ from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
-# OpenAI parameters this server does not implement yet, and the values that leave them off (sent by
-# clients that fill in every default). Any other value is a 400 naming the field. Turning one on:
-# drop it here, give it a typed field, and pass it on in sampling.py.
-NOT_YET_SUPPORTED: dict[str, tuple] = {
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-}
-
+# Top alternatives per token a request may ask for (the engine's limit; OpenAI's chat allows 20 too).
+MAX_TOP_LOGPROBS = 20
 
 STRICT = ConfigDict(extra="forbid", strict=True)  # unknown fields refused, no type coercion
-
-
-def _check_off(value: Any, info: ValidationInfo) -> Any:
-    offs = NOT_YET_SUPPORTED[info.field_name]
-    # None and booleans by identity, numbers by value: 0.0 is off for a penalty, `false` is not.
-    if not any(value is off if off is None or isinstance(off, bool) else
-               type(value) in (int, float) and value == off for off in offs):
-        raise PydanticCustomError("unsupported_parameter", "not supported by this server yet")
-    return value
 
 
 class StreamOptions(BaseModel):
@@ -54,10 +37,8 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # accepted, not used
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-
-    _check_penalties = field_validator("presence_penalty", "frequency_penalty")(_check_off)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -86,13 +67,20 @@ class GenerationRequest(BaseModel):
     def max_output_tokens(self) -> Optional[int]:
         return self.max_tokens
 
+    @property
+    def num_top_logprobs(self) -> Optional[int]:
+        """The engine's `logprobs`: how many alternatives per token; None: no logprobs at all."""
+        return None
+
 
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
     prompt: list[str]  # a string, or a list of them (n choices each)
-    logprobs: Any = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
 
-    _check_logprobs = field_validator("logprobs")(_check_off)
+    @property
+    def num_top_logprobs(self) -> Optional[int]:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -131,10 +119,19 @@ class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions."""
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    _check_logprobs = field_validator("logprobs", "top_logprobs")(_check_off)
+    @field_validator("top_logprobs")
+    @classmethod
+    def _only_with_logprobs(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("top_logprobs", "'logprobs' must be true when 'top_logprobs' is given")
+        return value
+
+    @property
+    def num_top_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def max_output_tokens(self) -> Optional[int]:

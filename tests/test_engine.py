@@ -57,6 +57,31 @@ def test_stream_deltas_concatenate_to_result(engine):
     assert merged == whole
 
 
+def test_greedy_logprobs_name_the_top_token_through_the_engine(engine):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
+    deltas = list(engine.submit(PROMPTS[3], params))  # non-ASCII: some tokens are held for a whole character
+    whole = engine.submit(PROMPTS[3], params).result()
+    assert len(whole.logprobs) == len(whole.token_ids) == 12
+    for token, lp in zip(whole.token_ids, whole.logprobs):
+        assert lp.token_id == token == lp.top_ids[0]
+        assert lp.logprob == lp.top_logprobs[0] <= 0 and len(lp.top_ids) == 3
+    assert [lp for d in deltas for lp in d.logprobs] == whole.logprobs
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert engine.submit(PROMPTS[3], GREEDY).result().logprobs is None
+
+
+def test_logprobs_cover_the_eos_and_stop_string_cuts(engine):
+    base = engine.submit(PROMPTS[3], GREEDY).result()
+    first = base.token_ids[0]
+    stopped = engine.submit(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(first,),
+                                                      logprobs=1)).result()
+    assert stopped.finish_reason == "stop" and [lp.token_id for lp in stopped.logprobs] == [first]
+    stop = base.text[2:4]
+    cut = engine.submit(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=(stop,),
+                                                  logprobs=0)).result()
+    assert [lp.token_id for lp in cut.logprobs] == cut.token_ids
+
+
 def test_cancel_frees_blocks(engine):
     handle = engine.submit(PROMPTS[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     seen = []

@@ -9,7 +9,7 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, Top
 
 from backend.errors import InvalidRequestError
 from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator, process_logits,
-                              sample)
+                              sample, sample_with_logprobs, token_logprobs)
 
 VOCAB = 1000
 EOS = 7
@@ -37,6 +37,8 @@ def test_fields_and_defaults_are_the_protocol_table():
     ("temperature", math.nan), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
     ("temperature", 100.5), ("temperature", 1e300), ("temperature", math.inf),
     ("repetition_penalty", 0.0), ("repetition_penalty", 1e-300), ("repetition_penalty", 1e300),
+    ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("frequency_penalty", math.nan),
+    ("frequency_penalty", -3.0), ("logprobs", -1), ("logprobs", 21),
     ("seed", -1), ("seed", 2**64), ("stop", ("",)),
     ("stop", tuple(str(i) for i in range(17))), ("stop_token_ids", (-3,)),
 ])
@@ -121,6 +123,34 @@ def test_repetition_penalty_matches_hf():
     expected = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
     torch.testing.assert_close(process_logits(logits, rows), expected, rtol=0, atol=0)
     assert sample(logits, rows) == expected.argmax(-1).tolist()
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    logits = random_logits(batch=3)
+    # Prompt [1, 2], then generated 5, 5, 9, 5: counts 5 -> 3, 9 -> 1; the prompt is not penalised.
+    seen = [1, 2, 5, 5, 9, 5]
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), SamplingParams(),
+              SamplingParams(presence_penalty=-2.0)]
+    rows = [SamplingRow(p, seen_token_ids=torch.tensor(seen) if i else seen, num_output_tokens=4)
+            for i, p in enumerate(params)]
+    expected = logits.clone()
+    expected[0, 5] -= 0.5 + 0.25 * 3
+    expected[0, 9] -= 0.5 + 0.25 * 1
+    expected[2, 5] += 2.0
+    expected[2, 9] += 2.0
+    torch.testing.assert_close(process_logits(logits, rows), expected, rtol=0, atol=1e-6)  # temperature 1
+
+
+def test_occurrence_penalties_apply_before_temperature_and_steer_greedy():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3], logits[0, 4] = 2.0, 1.5
+    seen = [0, 3, 3]  # one prompt token, then 3 twice
+    greedy = SamplingParams(temperature=0, frequency_penalty=0.3)
+    assert sample(logits, [SamplingRow(greedy, seen_token_ids=seen, num_output_tokens=2)]) == [4]  # 2 - 0.6 < 1.5
+    assert sample(logits, [SamplingRow(greedy, seen_token_ids=seen, num_output_tokens=0)]) == [3]  # prompt only
+    warm = SamplingParams(temperature=0.5, presence_penalty=1.0)
+    scores = process_logits(logits, [SamplingRow(warm, seen_token_ids=seen, num_output_tokens=2)])
+    assert scores[0, 3].item() == pytest.approx((2.0 - 1.0) / 0.5)
 
 
 def test_repetition_penalty_only_touches_its_own_rows():
@@ -274,3 +304,45 @@ def test_random_hostile_parameters_only_ever_pick_kept_tokens():
         kept = process_logits(logits, rows) > -math.inf
         tokens = sample(logits, rows)
         assert all(kept[i, t] for i, t in enumerate(tokens)), params
+
+
+# --- logprobs ---------------------------------------------------------------------------------
+
+def test_logprobs_are_log_softmax_of_the_raw_logits_with_top_k_best_first():
+    logits = random_logits(batch=3)
+    # Sampling warps (temperature, top-k, penalties) do not change the reported distribution.
+    params = [SamplingParams(logprobs=5, temperature=0.3, top_k=4, presence_penalty=1.0),
+              SamplingParams(),
+              SamplingParams(logprobs=0, temperature=0)]
+    rows = [SamplingRow(p, seen_token_ids=[1, 2], num_output_tokens=1) for p in params]
+    out = sample_with_logprobs(logits, rows)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert out.logprobs[1] is None
+    for i in (0, 2):
+        lp = out.logprobs[i]
+        assert lp.token_id == out.token_ids[i]
+        assert lp.logprob == pytest.approx(expected[i, lp.token_id].item(), abs=1e-5)
+    top = out.logprobs[0]
+    values, ids = expected[0].topk(5)
+    assert list(top.top_ids) == ids.tolist()
+    assert top.top_logprobs == pytest.approx(values.tolist(), abs=1e-5)
+    assert list(top.top_logprobs) == sorted(top.top_logprobs, reverse=True)
+    assert out.logprobs[2].top_ids == () and out.logprobs[2].top_logprobs == ()
+    assert out.logprobs[2].token_id == logits[2].argmax().item()  # greedy: the top-1 token
+
+
+def test_greedy_token_is_top_1_with_its_logprob():
+    logits = random_logits(batch=2, seed=3)
+    out = sample_with_logprobs(logits, rows_for(SamplingParams(temperature=0, logprobs=20), 2))
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.top_ids[0] == token and lp.top_logprobs[0] == lp.logprob
+        assert len(lp.top_ids) == 20
+
+
+def test_rows_without_logprobs_cost_nothing(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("log_softmax ran for a batch where no row asked for logprobs")
+    monkeypatch.setattr(torch, "log_softmax", fail)
+    logits = random_logits(batch=2)
+    assert token_logprobs(logits, rows_for(SamplingParams(), 2), [0, 1]) == [None, None]
+    assert sample_with_logprobs(logits, rows_for(SamplingParams(temperature=0), 2)).logprobs == [None, None]

@@ -17,7 +17,7 @@ _EXPORTS = {
     ".client": ("GemmaClient", "DEFAULT_URL", "DEFAULT_MODEL"),
     ".aio": ("AsyncGemmaClient", "AsyncDeltaStream"),
     ".chat": ("Conversation", "Turn"),
-    ".outputs": ("Completion", "Delta"),
+    ".outputs": ("Completion", "Delta", "Logprob", "TokenLogprobs"),
     ".errors": ("GemmaClientError", "InvalidArgumentError", "ConnectionFailedError", "UnavailableError",
                 "DeadlineExceededError", "CancelledError", "ModelNotFoundError", "AuthenticationError",
                 "ServerError"),
@@ -46,4 +46,4 @@ if TYPE_CHECKING:
     from .errors import (AuthenticationError, CancelledError, ConnectionFailedError, DeadlineExceededError,
                          GemmaClientError, InvalidArgumentError, ModelNotFoundError, ServerError,
                          UnavailableError)
-    from .outputs import Completion, Delta
+    from .outputs import Completion, Delta, Logprob, TokenLogprobs

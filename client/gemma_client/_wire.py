@@ -15,7 +15,7 @@ from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import triton_to_np_dtype
 
 from .errors import InvalidArgumentError
-from .outputs import Delta
+from .outputs import Delta, Logprob, TokenLogprobs
 
 
 def _spec(table: tuple[protocol.TensorSpec, ...], name: str) -> protocol.TensorSpec:
@@ -35,6 +35,7 @@ FINISH_REASON = _spec(protocol.OUTPUTS, "finish_reason")
 NUM_INPUT_TOKENS = _spec(protocol.OUTPUTS, "num_input_tokens")
 NUM_OUTPUT_TOKENS = _spec(protocol.OUTPUTS, "num_output_tokens")
 OUTPUT_IDS = _spec(protocol.OUTPUTS, "output_ids")
+LOGPROBS = _spec(protocol.OUTPUTS, "logprobs")
 
 # Triton's response parameter marking the last response of a decoupled request.
 FINAL_RESPONSE_PARAM = "triton_final_response"
@@ -125,6 +126,8 @@ class ResponseDecoder:
         token_ids = tuple(int(i) for i in ids.flat) if ids is not None else ()
         n_in = _optional(result, NUM_INPUT_TOKENS)
         n_out = _optional(result, NUM_OUTPUT_TOKENS)
+        logprobs_json = _optional(result, LOGPROBS)
+        logprobs = _parse_logprobs(_as_bytes(logprobs_json.flat[0])) if logprobs_json is not None else None
 
         if not (text or token_ids or finish_reason or n_in is not None or n_out is not None):
             return None, final
@@ -134,11 +137,19 @@ class ResponseDecoder:
             finish_reason=finish_reason or None,
             num_input_tokens=int(n_in.flat[-1]) if n_in is not None else None,
             num_output_tokens=int(n_out.flat[-1]) if n_out is not None else None,
+            logprobs=logprobs,
         ), final
 
     def flush(self) -> str:
         """Whatever partial character is left when a stream ends without a final flag."""
         return self._utf8.decode(b"", final=True)
+
+
+def _parse_logprobs(data: bytes) -> tuple[TokenLogprobs, ...]:
+    """The `logprobs` output's JSON (see gemma_protocol.OUTPUTS)."""
+    return tuple(TokenLogprobs(e["token_id"], e["token"], e["logprob"],
+                               tuple(Logprob(t["token_id"], t["token"], t["logprob"]) for t in e["top_logprobs"]))
+                 for e in json.loads(data))
 
 
 def _as_bytes(item: Any) -> bytes:

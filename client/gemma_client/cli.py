@@ -154,10 +154,19 @@ def _generate(client: GemmaClient, args: argparse.Namespace, out: TextIO) -> int
             raise
         completion = builder.build()
     _write(out, "\n")
+    if completion.logprobs is not None:  # asked for with --logprobs: a table on stderr, stdout stays the text
+        _print_logprobs(completion.logprobs)
     if args.show_stats:
         print(f"finish_reason={completion.finish_reason} input_tokens={completion.num_input_tokens} "
               f"output_tokens={completion.num_output_tokens}", file=sys.stderr)
     return EXIT_OK
+
+
+def _print_logprobs(logprobs) -> None:
+    """One line per generated token: id, logprob, text, then the top alternatives."""
+    for lp in logprobs:
+        top = "  ".join(f"{t.token!r}={t.logprob:.4f}" for t in lp.top_logprobs)
+        print(f"{lp.token_id}\t{lp.logprob:.4f}\t{lp.token!r}" + (f"\t{top}" if top else ""), file=sys.stderr)
 
 
 def _chat(client: GemmaClient, args: argparse.Namespace, out: TextIO) -> int:

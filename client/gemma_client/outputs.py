@@ -6,17 +6,33 @@ from typing import Optional, Tuple
 
 
 @dataclass(frozen=True)
+class Logprob:
+    token_id: int
+    token: str  # the token's text alone (a byte of a longer character shows as U+FFFD)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs(Logprob):
+    """A generated token's logprob and the most likely tokens at its position, best first: the
+    model's raw distribution, before temperature, top-k/top-p and penalties."""
+    top_logprobs: Tuple[Logprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     """One streamed piece of a completion.
 
     `finish_reason` is None until the last delta ("stop", "length" or "cancelled"). `token_ids` and
     the token counts are empty/None when the server does not send those optional outputs.
+    `logprobs`: with the `logprobs` sampling parameter, one per token id (an EOS too); else None.
     """
     text: str
     token_ids: Tuple[int, ...] = ()
     finish_reason: Optional[str] = None
     num_input_tokens: Optional[int] = None
     num_output_tokens: Optional[int] = None
+    logprobs: Optional[Tuple[TokenLogprobs, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,7 @@ class Completion:
     num_input_tokens: Optional[int]
     num_output_tokens: Optional[int]
     token_ids: Tuple[int, ...] = ()
+    logprobs: Optional[Tuple[TokenLogprobs, ...]] = None  # as Delta's
 
 
 class CompletionBuilder:
@@ -38,10 +55,13 @@ class CompletionBuilder:
         self.finish_reason: Optional[str] = None
         self.num_input_tokens: Optional[int] = None
         self.num_output_tokens: Optional[int] = None
+        self.logprobs: Optional[list[TokenLogprobs]] = None
 
     def add(self, delta: Delta) -> None:
         self.parts.append(delta.text)
         self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(delta.logprobs)
         self.finish_reason = delta.finish_reason or self.finish_reason
         if delta.num_input_tokens is not None:
             self.num_input_tokens = delta.num_input_tokens
@@ -53,4 +73,5 @@ class CompletionBuilder:
         if num_output is None and self.token_ids:
             num_output = len(self.token_ids)
         return Completion("".join(self.parts), self.finish_reason, self.num_input_tokens,
-                          num_output, tuple(self.token_ids))
+                          num_output, tuple(self.token_ids),
+                          None if self.logprobs is None else tuple(self.logprobs))

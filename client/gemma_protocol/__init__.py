@@ -59,12 +59,23 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
     SamplingField("repetition_penalty", float, 1.0,
                   "in [0.01, 100]; > 1 discourages tokens already in prompt or output",
                   tensor=TensorSpec("repetition_penalty", "TYPE_FP64", (1,))),
+    SamplingField("presence_penalty", float, 0.0,
+                  "in [-2, 2]; subtracted once from the logit of every token already generated (OpenAI's)",
+                  tensor=TensorSpec("presence_penalty", "TYPE_FP64", (1,))),
+    SamplingField("frequency_penalty", float, 0.0,
+                  "in [-2, 2]; subtracted from a token's logit once per time it was generated (OpenAI's)",
+                  tensor=TensorSpec("frequency_penalty", "TYPE_FP64", (1,))),
     SamplingField("seed", int, None, "per-request RNG seed: same seed, same output, whatever the batch",
                   nullable=True, tensor=TensorSpec("seed", "TYPE_UINT64", (1,))),
     SamplingField("stop", str, (), "strings that end generation (not included in the output)",
                   is_list=True, tensor=TensorSpec("stop_words", "TYPE_STRING", (-1,))),
     SamplingField("stop_token_ids", int, (), "token ids that end generation", is_list=True),
     SamplingField("ignore_eos", bool, False, "keep generating past EOS until max_tokens or a stop"),
+    SamplingField("logprobs", int, None,
+                  "in [0, 20]: return each generated token's logprob and this many most likely alternatives "
+                  "(the `logprobs` output), from the model's raw distribution (before temperature, top-k/p "
+                  "and penalties); absent: none",
+                  nullable=True, tensor=TensorSpec("logprobs", "TYPE_INT64", (1,))),
 )
 
 INPUTS: tuple[TensorSpec, ...] = (
@@ -81,6 +92,9 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("num_input_tokens", "TYPE_UINT32", (1,), doc="prompt length in tokens"),
     TensorSpec("num_output_tokens", "TYPE_UINT32", (-1,), doc="tokens generated so far"),
     TensorSpec("output_ids", "TYPE_INT32", (-1,), doc="token ids generated since the previous response"),
+    TensorSpec("logprobs", "TYPE_STRING", (1,),
+               doc="only when the request set `logprobs`: a JSON list, one entry per id in output_ids, "
+                   "{token_id, token, logprob, top_logprobs: [{token_id, token, logprob}, ...]}"),
 )
 
 FIELDS_BY_KEY = {f.key: f for f in SAMPLING_FIELDS}

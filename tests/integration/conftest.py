@@ -67,6 +67,7 @@ class Result:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     responses: int = 0
+    logprobs: Optional[list] = None  # the `logprobs` outputs' entries, when the server sent any
 
 
 def make_inputs(prompt: str, **tensors) -> list:
@@ -129,6 +130,9 @@ class TritonServer:
                     result.finish_reason = response.as_numpy("finish_reason")[0].decode()
                     result.num_input_tokens = int(response.as_numpy("num_input_tokens")[0])
                     result.num_output_tokens = int(response.as_numpy("num_output_tokens")[0])
+                    logprobs = response.as_numpy("logprobs")
+                    if logprobs is not None:
+                        result.logprobs = (result.logprobs or []) + json.loads(logprobs[0])
                     if cancel_when is not None and cancel_when(result):
                         client.stop_stream(cancel_requests=True)
                         return result

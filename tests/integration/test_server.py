@@ -196,6 +196,11 @@ BAD_REQUESTS = [
     pytest.param(PROMPT, dict(sampling_parameters='{"repetition_penalty": 1e300}'), "repetition_penalty",
                  id="repetition_penalty-1e300"),
     pytest.param(PROMPT, dict(temperature=1e300), "temperature", id="temperature-1e300"),
+    pytest.param(PROMPT, dict(presence_penalty=2.5), "presence_penalty", id="presence_penalty-2.5"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"frequency_penalty": -3}'), "frequency_penalty",
+                 id="frequency_penalty-minus-3"),
+    pytest.param(PROMPT, dict(logprobs=21), "logprobs", id="logprobs-21"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"logprobs": true}'), "logprobs", id="logprobs-bool"),
     # Request parameters: the model takes none; a typo is refused, not ignored.
     pytest.param(PROMPT, dict(parameters={"temprature": 0.5}), "temprature", id="unknown-request-parameter"),
 ]

@@ -24,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 from gemma_protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
+from serving.logprobs import logprobs_json
 from serving.metrics import GemmaMetrics, RequestRecord
 
 # torch is imported by initialize, not here: Triton also loads this file in a short-lived process
@@ -74,6 +75,7 @@ class _Request:
         self.handle = None
         self.text: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs = [] if request.params.logprobs is not None else None  # the engine's TokenLogprobs
         self.submitted = time.monotonic()
         self.last_token_at: float | None = None
         self.record = RequestRecord("success")
@@ -97,14 +99,17 @@ def _ready_requests(items: list) -> list:
     return list(dict(items).items())
 
 
-def _response(text: str, finish_reason: str, out, token_ids) -> pb_utils.InferenceResponse:
-    return pb_utils.InferenceResponse(output_tensors=[
+def _response(text: str, finish_reason: str, out, token_ids, logprobs=None) -> pb_utils.InferenceResponse:
+    tensors = [
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
         pb_utils.Tensor("num_input_tokens", np.array([out.num_prompt_tokens], dtype=np.uint32)),
         pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], dtype=np.uint32)),
         pb_utils.Tensor("output_ids", np.array(token_ids, dtype=np.int32)),
-    ])
+    ]
+    if logprobs is not None:  # only requests that asked get the output
+        tensors.append(pb_utils.Tensor("logprobs", np.array([logprobs.encode()], dtype=np.object_)))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def _error(status: str, message: str) -> pb_utils.InferenceResponse:
@@ -254,8 +259,10 @@ class TritonPythonModel:
             if not req.stream:
                 req.text.append(out.text)
                 req.token_ids.extend(out.token_ids)
+                if req.logprobs is not None:
+                    req.logprobs.extend(out.logprobs)
             elif out.text or out.token_ids:
-                req.sender.send(_response(out.text, "", out, out.token_ids))
+                req.sender.send(_response(out.text, "", out, out.token_ids, self._logprobs_json(out.logprobs)))
             return
         with self._lock:
             self._active.discard(req)
@@ -268,12 +275,17 @@ class TritonPythonModel:
             record.outcome = "error"
             req.sender.send(_error("INTERNAL", f"generation failed: {out.error}"), flags=FINAL)
         elif req.stream:
-            req.sender.send(_response(out.text, out.finish_reason, out, out.token_ids), flags=FINAL)
+            req.sender.send(_response(out.text, out.finish_reason, out, out.token_ids,
+                                      self._logprobs_json(out.logprobs)), flags=FINAL)
         else:
             text = req.echo + "".join(req.text) + out.text
-            req.sender.send(_response(text, out.finish_reason, out, req.token_ids + list(out.token_ids)),
-                            flags=FINAL)
+            logprobs = None if req.logprobs is None else req.logprobs + out.logprobs
+            req.sender.send(_response(text, out.finish_reason, out, req.token_ids + list(out.token_ids),
+                                      self._logprobs_json(logprobs)), flags=FINAL)
         self._records.put(record)
+
+    def _logprobs_json(self, logprobs) -> str | None:
+        return None if logprobs is None else logprobs_json(self.engine.tokenizer, logprobs)
 
     def _monitor_loop(self) -> None:
         while not self._stopping.wait(METRICS_PERIOD_S):

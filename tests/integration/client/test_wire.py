@@ -37,12 +37,12 @@ def test_badly_typed_sampling_values_are_rejected_before_sending(bad):
 
 
 def test_unknown_sampling_keys_rejected_unless_not_strict():
-    with pytest.raises(InvalidArgumentError, match="frequency_penalty") as info:
-        check_sampling({"frequency_penalty": 0.5})
+    with pytest.raises(InvalidArgumentError, match="length_penalty") as info:
+        check_sampling({"length_penalty": 0.5})
     assert isinstance(info.value, ValueError)
     assert "max_tokens" in str(info.value)  # the message lists the known keys
-    assert check_sampling({"frequency_penalty": 0.5, "max_tokens": 3}, strict=False) == \
-        {"frequency_penalty": 0.5, "max_tokens": 3}
+    assert check_sampling({"length_penalty": 0.5, "max_tokens": 3}, strict=False) == \
+        {"length_penalty": 0.5, "max_tokens": 3}
     with pytest.raises(InvalidArgumentError):  # known keys are still checked
         check_sampling({"max_tokens": "3"}, strict=False)
 

@@ -38,16 +38,19 @@ BAD_REQUESTS = [
     pytest.param("completions", {**COMPLETION, "stream": True, "stream_options": {"bogus": 1}},
                  "stream_options.bogus", "unknown_parameter", id="unknown-stream-option"),
     pytest.param("completions", {"prompt": PROMPT}, "model", "missing_required_parameter", id="no-model"),
-    pytest.param("chat/completions", {**CHAT, "logprobs": True}, "logprobs", "unsupported_parameter",
-                 id="chat-logprobs"),
-    pytest.param("chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "unsupported_parameter",
-                 id="top_logprobs"),
-    pytest.param("completions", {**COMPLETION, "logprobs": 1}, "logprobs", "unsupported_parameter",
-                 id="completion-logprobs"),
-    pytest.param("completions", {**COMPLETION, "presence_penalty": 0.5}, "presence_penalty",
-                 "unsupported_parameter", id="presence_penalty"),
-    pytest.param("chat/completions", {**CHAT, "frequency_penalty": -1}, "frequency_penalty",
-                 "unsupported_parameter", id="frequency_penalty"),
+    pytest.param("chat/completions", {**CHAT, "logprobs": 1}, "logprobs", "invalid_value", id="chat-logprobs-int"),
+    pytest.param("chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "invalid_value",
+                 id="top_logprobs-without-logprobs"),
+    pytest.param("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+                 "invalid_value", id="top_logprobs-21"),
+    pytest.param("completions", {**COMPLETION, "logprobs": True}, "logprobs", "invalid_value",
+                 id="completion-logprobs-bool"),
+    pytest.param("completions", {**COMPLETION, "logprobs": -1}, "logprobs", "invalid_value",
+                 id="completion-logprobs-negative"),
+    pytest.param("completions", {**COMPLETION, "presence_penalty": 2.5}, "presence_penalty",
+                 "invalid_value", id="presence_penalty"),
+    pytest.param("chat/completions", {**CHAT, "frequency_penalty": "1"}, "frequency_penalty",
+                 "invalid_value", id="frequency_penalty"),
     pytest.param("completions", {**COMPLETION, "max_tokens": "8"}, "max_tokens", "invalid_value", id="str-int"),
     pytest.param("completions", {**COMPLETION, "max_tokens": 0}, "max_tokens", "invalid_value", id="max_tokens-0"),
     pytest.param("chat/completions", {**CHAT, "max_completion_tokens": -1}, "max_completion_tokens",
@@ -109,11 +112,11 @@ def test_sdk_raises_bad_request_with_the_body(sdk):
     assert info.value.status_code == 400
     assert info.value.body == {"message": "Unrecognized request argument supplied: foo",
                                "type": "invalid_request_error", "param": "foo", "code": "unknown_parameter"}
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        sdk.chat.completions.create(model=MODEL, messages=USER, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        sdk.chat.completions.create(model=MODEL, messages=USER, logprobs=True, top_logprobs=30)
 
 
-def test_neutral_values_of_unsupported_fields_and_user_are_accepted(http):
+def test_neutral_values_of_optional_fields_and_user_are_accepted(http):
     response = http.post("/v1/chat/completions", json={**CHAT, "logprobs": False, "top_logprobs": None,
                                                        "presence_penalty": 0, "frequency_penalty": 0.0,
                                                        "user": "someone"})

@@ -124,3 +124,52 @@ def test_a_list_of_prompts_gets_n_choices_each(sdk, grpc):
     texts = {c.index: c.text for c in completion.choices}
     expected = [grpc.generate(p, max_tokens=6, **GREEDY).text for p in prompts]
     assert texts == {0: expected[0], 1: expected[0], 2: expected[1], 3: expected[1]}
+
+
+def test_chat_logprobs_and_top_logprobs_streamed_or_not(sdk, grpc):
+    expected = chat_reference(grpc, max_tokens=8, temperature=0.0, logprobs=3)
+    chat = sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=3,
+                                       **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert [t.logprob for t in content] == [lp.logprob for lp in expected.logprobs]
+    assert [t.token for t in content] == [lp.token for lp in expected.logprobs]
+    for token in content:
+        assert token.bytes == list(token.token.encode("utf-8"))
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].token == token.token  # greedy: the top-1
+        assert token.top_logprobs[0].logprob == token.logprob
+    chunks = list(sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True,
+                                              top_logprobs=3, stream=True, **GREEDY))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in content]
+    bare = sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, logprobs=True, **GREEDY)
+    assert all(t.top_logprobs == [] for t in bare.choices[0].logprobs.content)
+    plain = sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_shape(sdk, grpc):
+    expected = grpc.generate(PROMPT, max_tokens=6, logprobs=2, **GREEDY)
+    completion = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=2, **GREEDY)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [lp.token for lp in expected.logprobs]
+    assert logprobs.token_logprobs == [lp.logprob for lp in expected.logprobs]
+    assert logprobs.top_logprobs == [{t.token: t.logprob for t in lp.top_logprobs} for lp in expected.logprobs]
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    # The sum of the tokens' logprobs is the completion's log-likelihood under the model.
+    assert sum(logprobs.token_logprobs) == pytest.approx(sum(lp.logprob for lp in expected.logprobs))
+    chunks = list(sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=2, stream=True,
+                                         **GREEDY))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+
+
+def test_penalties_change_the_output(sdk):
+    def complete(**penalties):
+        return sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, seed=5, **GREEDY,
+                                      **penalties).choices[0].text
+
+    plain = complete()
+    assert complete(frequency_penalty=2.0) != plain
+    assert complete(presence_penalty=2.0) != plain
+    assert complete(presence_penalty=0.0, frequency_penalty=0) == plain
