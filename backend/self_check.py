@@ -132,10 +132,13 @@ def load_checked_tokenizer(path: Path) -> Tokenizer:
             if not is_verified(path):
                 raise SelfCheckError(f"{stamp_path} is from an older release; convert again: "
                                      "python -m backend.default_model")
-            checked = json.loads(stamp_path.read_text())["model_config"]
-            if _parsed_config(path) != checked:
-                raise SelfCheckError("transformers now parses its config.json into a different model config "
-                                     f"than the one checked at conversion ({checked})")
+            # Fields added to or dropped from GemmaConfig since the conversion are not differences.
+            checked, parsed = json.loads(stamp_path.read_text())["model_config"], _parsed_config(path)
+            changed = sorted(k for k in checked.keys() & parsed.keys() if checked[k] != parsed[k])
+            if changed:
+                diffs = "; ".join(f"{k} {str(parsed[k])[:80]} (checked: {str(checked[k])[:80]})" for k in changed)
+                raise SelfCheckError("transformers now parses its config.json into a different model config than "
+                                     f"the one checked at conversion: {diffs}")
         tokenizer = Tokenizer(path)
         check_tokenizer(tokenizer, DEFAULT_TOKENIZER_IDS if stamp_path.exists() else None)
     except SelfCheckError as e:

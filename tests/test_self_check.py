@@ -126,5 +126,5 @@ def test_serve_script_refuses_a_broken_checkpoint_before_starting_triton(checkpo
     run = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh")], capture_output=True, text=True, timeout=300,
                          env=env)
     assert run.returncode == 1
-    assert "failed its self-check" in run.stderr and f"transformers {INSTALLED_TRANSFORMERS}" in run.stderr
+    assert "failed its self-check" in run.stderr and "Installed: transformers " in run.stderr
     assert "Serving" not in run.stdout  # tritonserver was never started
