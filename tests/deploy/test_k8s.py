@@ -68,8 +68,9 @@ def _kubectl() -> str:
 def _render(variant: str) -> tuple:
     overlay, components = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as tmp:
-        # kustomize takes only relative paths; a directory outside the root is fine as a base.
-        rel = lambda p: os.path.relpath(K8S / p, tmp)  # noqa: E731
+        def rel(path: str) -> str:  # kustomize takes relative paths only; bases may lie outside the root
+            return os.path.relpath(K8S / path, tmp)
+
         Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(
             {"resources": [rel(overlay)], "components": [rel(c) for c in components]}))
         result = subprocess.run([_kubectl(), "kustomize", tmp], capture_output=True, text=True, timeout=60)
@@ -129,8 +130,9 @@ def adapter_rule() -> dict:
     return rule
 
 
-def load_drain_module():
-    spec = importlib.util.spec_from_file_location("k8s_drain", K8S / "base" / "drain.py")
+def load_script(path: Path):
+    """A script of this repository as a module (neither is in a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -189,10 +191,7 @@ def test_variants_hold_the_expected_objects(variant):
 def test_server_ports_are_the_ones_triton_is_started_with(variant):
     """scripts/serve.sh starts Triton on HTTP_PORT/GRPC_PORT/METRICS_PORT (scripts/tritonserver.py's
     defaults otherwise): the container's named ports, the Service and the probes must use those."""
-    spec = importlib.util.spec_from_file_location("tritonserver_script", ROOT / "scripts" / "tritonserver.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    defaults = inspect.signature(script.server_command).parameters
+    defaults = inspect.signature(load_script(ROOT / "scripts" / "tritonserver.py").server_command).parameters
     assert {name: defaults[f"{name}_port"].default for name in TRITON_PORTS} == TRITON_PORTS
 
     triton = container(variant, SERVER)
@@ -211,7 +210,10 @@ def test_server_ports_are_the_ones_triton_is_started_with(variant):
 def test_probes_ask_triton_for_health_and_wait_for_model_load(variant):
     triton = container(variant, SERVER)
     ports = named_ports(triton)
-    probe = lambda kind: (triton[kind]["httpGet"]["path"], ports[triton[kind]["httpGet"]["port"]])  # noqa: E731
+
+    def probe(kind: str) -> tuple[str, int]:
+        return triton[kind]["httpGet"]["path"], ports[triton[kind]["httpGet"]["port"]]
+
     assert probe("readinessProbe") == ("/v2/health/ready", 8000)
     assert probe("livenessProbe") == ("/v2/health/live", 8000)
     assert probe("startupProbe") == ("/v2/health/ready", 8000)
@@ -383,7 +385,7 @@ def test_metrics_are_scraped_once(variant):
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
         (endpoint,) = monitor["spec"]["endpoints"]
         assert endpoint["path"] == "/metrics"
-        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["port"] == "metrics"
+        assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}[endpoint["port"]] == "metrics"
     else:
         assert int(annotations["prometheus.io/port"]) == named_ports(container(variant, SERVER))["metrics"]
         assert annotations["prometheus.io/path"] == "/metrics"
@@ -428,10 +430,10 @@ def test_balancer_spreads_requests_over_the_server_pods(variant):
         (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
         address = endpoint["endpoint"]["address"]["socket_address"]
         assert (address["address"], address["port_value"]) == (SERVER, server_ports[port_name])
-        (check,) = cluster["health_checks"]
+        (check,) = cluster["health_checks"]  # Triton's readiness, on its HTTP port whatever the cluster's
         assert check["http_health_check"]["path"] == "/v2/health/ready"
-        assert endpoint["endpoint"].get("health_check_config", {}).get("port_value", server_ports[port_name]) \
-            == server_ports["http"]
+        health_port = endpoint["endpoint"].get("health_check_config", {}).get("port_value", address["port_value"])
+        assert health_port == server_ports["http"]
     grpc_options = clusters["triton_grpc"]["typed_extension_protocol_options"]
     assert "http2_protocol_options" in next(iter(grpc_options.values()))["explicit_http_config"]
 
@@ -534,15 +536,19 @@ def test_adapter_series_are_exported_by_a_real_server(pod_server):
 
 
 def _stream_in_background(server, max_tokens: int, stop: threading.Event | None = None) -> tuple:
-    """A long greedy stream on its own thread; returns (thread, outcome dict). `stop` cancels it."""
+    """A long greedy stream on its own thread, once it is running; returns (thread, outcome), where
+    outcome gets the result (or error), `last_response_at` and `ended`. Setting `stop` cancels it."""
     outcome: dict = {}
+
+    def on_response(_) -> bool:
+        outcome["last_response_at"] = time.monotonic()
+        return stop is not None and stop.is_set()
 
     def run():
         try:
             outcome["result"] = server.stream(
                 "Once upon a time", stream=True, max_tokens=max_tokens, timeout=120,
-                sampling_parameters='{"ignore_eos": true, "temperature": 0}',
-                cancel_when=(lambda _: stop.is_set()) if stop else None)
+                sampling_parameters='{"ignore_eos": true, "temperature": 0}', cancel_when=on_response)
         except Exception as e:  # handed to the test
             outcome["error"] = e
         outcome["ended"] = time.monotonic()
@@ -557,9 +563,9 @@ def _stream_in_background(server, max_tokens: int, stop: threading.Event | None 
 
 
 def test_drain_stops_waiting_at_its_timeout(pod_server):
-    drain = load_drain_module()
+    drain = load_script(K8S / "base" / "drain.py")
     stop = threading.Event()
-    thread, outcome = _stream_in_background(pod_server, max_tokens=400, stop=stop)
+    thread, outcome = _stream_in_background(pod_server, max_tokens=480, stop=stop)
     try:
         started = time.monotonic()
         assert drain.drain(pod_server.metrics_url, 0, 1.0, poll_s=0.2) == "timeout"
@@ -571,7 +577,7 @@ def test_drain_stops_waiting_at_its_timeout(pod_server):
 
 
 def test_drain_returns_at_once_when_the_server_is_gone():
-    drain = load_drain_module()
+    drain = load_script(K8S / "base" / "drain.py")
     (port,) = _free_ports(1)
     started = time.monotonic()
     assert drain.drain(f"http://127.0.0.1:{port}/metrics", 0, 300) == "unreachable"
@@ -585,7 +591,7 @@ def test_scale_down_drains_the_stream_then_triton_exits_cleanly(servable_checkpo
     try:
         triton = container("cpu", SERVER)
         pre_stop = triton["lifecycle"]["preStop"]["exec"]["command"]
-        thread, outcome = _stream_in_background(server, max_tokens=96)
+        thread, outcome = _stream_in_background(server, max_tokens=400)  # seconds on a CPU
         drained = subprocess.run(
             [sys.executable, str(K8S / "base" / "drain.py"), f"--metrics-url={server.metrics_url}",
              "--propagation-s=0", f"--drain-timeout-s={flag(pre_stop, '--drain-timeout-s')}", "--poll-s=0.2"],
@@ -594,9 +600,9 @@ def test_scale_down_drains_the_stream_then_triton_exits_cleanly(servable_checkpo
         assert drained.returncode == 0 and "drain: idle" in drained.stderr, drained.stderr
         thread.join(60)
         assert "error" not in outcome, outcome.get("error")
-        assert outcome["result"].finish_reason == "length" and outcome["result"].num_output_tokens == 96
-        # The gauges lag the engine by up to their 0.1 s update period, never more.
-        assert drained_at >= outcome["ended"] - 0.5
+        assert outcome["result"].finish_reason == "length" and outcome["result"].num_output_tokens == 400
+        # Not before the last tokens left the engine; they reach the client a moment later.
+        assert drained_at >= outcome["last_response_at"] - 1.0
 
         server.process.send_signal(signal.SIGTERM)
         exit_timeout = flag(triton["args"], "--exit-timeout-secs")
