@@ -64,8 +64,11 @@ NEW_TOKENS = 40
 # are ~15-25; HF's own bf16 model (CPU) is off by up to 0.08 on the top-5 logits of a prompt (0.25 on
 # any), so two bf16-rounded candidates can swap within ~0.5. TF32 keeps 3 more mantissa bits.
 NEAR_TIE = {"bfloat16": 0.5, "float32": 0.1}
-# FP8: reported; these only catch incoherent output.
-FP8_MIN_MEAN_PREFIX = 0.5
+# FP8: reported; these only catch incoherent output. Measured on an H200 (2026-11-29): mean common
+# prefix 0.47, every text fluent ("The capital of France is" -> " Paris. It is the most visited city
+# in the world", where HF fp32 says " the capital of the country of France"; HF's gap 0.82): the 270M's
+# 640-wide GEMMs lose more to FP8 than gemma-2b's (top-1 1.00 there). Below 0.35 something broke.
+FP8_MIN_MEAN_PREFIX = 0.35
 SERVER_ENV = {"GEMMA_ENGINE": "te", "GEMMA_MAX_NUM_SEQS": "8", "GEMMA_MAX_MODEL_LEN": "1024"}
 GREEDY = json.dumps({"max_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True})
 
