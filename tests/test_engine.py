@@ -210,6 +210,7 @@ def test_shutdown_cancels_in_flight(servable_checkpoint):
     next(iter(handle))
     eng.shutdown()
     assert handle.result().finish_reason == "cancelled"
+    assert eng.kv_cache.usage().used_blocks == 0
     with pytest.raises(EngineOverloadedError):
         eng.submit(PROMPTS[0], GREEDY)
 

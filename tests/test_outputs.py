@@ -45,11 +45,16 @@ def test_a_stop_id_ends_the_output_without_text(tokenizer):
     assert outs[-1].text == "Hello world" and outs[-1].token_ids == ids and outs[-1].finish_reason == "stop"
 
 
-def test_a_stop_string_cuts_the_text_and_the_tokens_in_any_grouping(tokenizer):
+@pytest.mark.parametrize("stop", ["tall", "s ta"], ids=["in-one-token", "across-tokens"])
+def test_a_stop_string_cuts_the_text_and_the_tokens_in_any_grouping(tokenizer, stop):
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
-    for groups in ([1] * len(ids), [len(ids)]):
-        outs = run(tokenizer, ids, groups, SamplingParams(max_tokens=100, stop=("tall",)))
-        assert "".join(o.text for o in outs) == TEXT[:TEXT.index("tall")]
+    pieces = [tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
+    if stop == "s ta":  # " is" and " tall" are two tokens: the stop begins in one and ends in the next
+        first = next(i for i, text in enumerate(pieces) if "s ta" in text)
+        assert "s t" not in pieces[first - 1] and pieces[first - 1].endswith("s")
+    for size in (1, len(ids)):
+        outs = run(tokenizer, ids, [size] * -(-len(ids) // size), SamplingParams(max_tokens=100, stop=(stop,)))
+        assert "".join(o.text for o in outs) == TEXT[:TEXT.index(stop)]
         assert outs[-1].finish_reason == "stop"
-        n = outs[-1].num_output_tokens
-        assert "tall" in tokenizer.decode(ids[:n]) and "tall" not in tokenizer.decode(ids[:n - 1])
+        n = outs[-1].num_output_tokens  # up to the token that completed the stop string
+        assert stop in pieces[n - 1] and stop not in pieces[n - 2]
