@@ -100,9 +100,13 @@ class TritonServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def ready(self) -> bool:
+        """The model is ready and the metrics port answers (Triton may open it after the model is up)."""
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/models/{MODEL}/ready", timeout=2) as r:
-                return r.status == 200
+            for url in (f"{self.http_url}/v2/models/{MODEL}/ready", self.metrics_url):
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status != 200:
+                        return False
+            return True
         except OSError:
             return False
 
