@@ -2,13 +2,10 @@
 server's model.py rebuilds from the GEMMA_* environment, the random gemma-2b-shaped checkpoint has a
 tokenizer and a vocabulary the engine can serve, and a request cut short is an error."""
 import dataclasses
-import importlib.util
 import json
 import os
 import re
-import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -16,25 +13,13 @@ import pytest
 from backend.engine import Engine, EngineConfig
 from backend.sampling import SamplingParams
 from benchmarks import random_checkpoint, run, serving
+from serving.config import model_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _server_model(monkeypatch):
-    """model_repository/gemma/1/model.py, imported with a stand-in for the module Triton's stub provides."""
-    pb_utils = types.ModuleType("triton_python_backend_utils")
-    pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
-    monkeypatch.delitem(sys.modules, "serving.metrics", raising=False)  # imports it too: re-import under the stand-in
-    spec = importlib.util.spec_from_file_location("gemma_model_py", ROOT / "model_repository/gemma/1/model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _server_engine_config(monkeypatch, env: dict[str, str]) -> EngineConfig:
     """The EngineConfig the server's model builds (initialize) with config.pbtxt and `env`."""
-    model = _server_model(monkeypatch)
     text = (ROOT / "model_repository/gemma/config.pbtxt").read_text()
     parameters = {key: {"string_value": value} for key, value in
                   re.findall(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text)}
@@ -42,9 +27,9 @@ def _server_engine_config(monkeypatch, env: dict[str, str]) -> EngineConfig:
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    params = model.model_parameters({"parameters": parameters})
-    params.pop("max_prompt_bytes")  # the server's own limit, popped by initialize as well
-    return model.engine_config(params)
+    args = {"model_config": json.dumps({"parameters": parameters}), "model_instance_kind": "CPU",
+            "model_instance_device_id": "0"}
+    return model_settings(args).engine
 
 
 @pytest.mark.parametrize("config", [

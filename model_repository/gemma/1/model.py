@@ -10,9 +10,6 @@ and two small threads do the Triton-side work, so IPC to the server never stalls
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import queue
 import threading
 import time
@@ -24,13 +21,13 @@ import triton_python_backend_utils as pb_utils
 from gemma_protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
+from serving.config import model_settings
 from serving.logprobs import logprobs_json
 from serving.metrics import GemmaMetrics, RequestRecord
 
 # torch is imported by initialize, not here: Triton also loads this file in a short-lived process
 # of its own just to call auto_complete_config, which then starts seconds sooner.
 if TYPE_CHECKING:
-    from backend.engine import EngineConfig
     from serving.requests import GenerateRequest
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -41,28 +38,6 @@ ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", 
                "INTERNAL": "INTERNAL"}
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
 METRICS_PERIOD_S = 0.1
-
-
-def model_parameters(model_config: dict) -> dict[str, str]:
-    """config.pbtxt parameters, each overridden by the environment variable GEMMA_<KEY>."""
-    return {key: os.environ.get(f"GEMMA_{key.upper()}", value["string_value"])
-            for key, value in model_config.get("parameters", {}).items()}
-
-
-def engine_config(params: dict[str, str]) -> EngineConfig:
-    """EngineConfig from string parameters named like its fields; empty values keep the defaults."""
-    from backend.engine import EngineConfig
-
-    values = {}
-    for f in dataclasses.fields(EngineConfig):
-        text = params.pop(f.name, "").strip()
-        if text:
-            kind = type(f.default)
-            values[f.name] = (text.lower() in ("1", "true", "yes") if kind is bool
-                              else int(text) if kind is int else text)
-    if params:
-        raise ValueError(f"unknown model parameters {sorted(params)}")
-    return EngineConfig(**values)
 
 
 class _Request:
@@ -134,11 +109,9 @@ class TritonPythonModel:
         from serving.requests import parse_request
 
         self._parse_request = parse_request
-        params = model_parameters(json.loads(args["model_config"]))
-        if args["model_instance_kind"] == "GPU":  # Triton placed this instance on one GPU
-            params["device"] = f"cuda:{args['model_instance_device_id']}"
-        self.max_prompt_bytes = int(params.pop("max_prompt_bytes"))
-        self.engine = Engine.from_config(engine_config(params))
+        settings = model_settings(args)
+        self.max_prompt_bytes = settings.max_prompt_bytes
+        self.engine = Engine.from_config(settings.engine)
         self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # (request, handle with new output) | None
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics

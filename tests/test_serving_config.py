@@ -1,0 +1,85 @@
+"""serving/config.py: Triton's `initialize` arguments -> the engine's settings, checked without Triton,
+without a GPU and without building an engine (issue #18's CPU side: one instance per GPU, each on its own)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from backend.engine import Engine, EngineConfig
+from serving.config import model_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def triton_args(kind: str, device_id: int) -> dict[str, str]:
+    """What Triton passes `initialize` for an instance of model_repository/gemma (its parameters as
+    config.pbtxt has them; Triton's model_config JSON holds them the same way)."""
+    text = (ROOT / "model_repository/gemma/config.pbtxt").read_text()
+    parameters = {key: {"string_value": value} for key, value in
+                  re.findall(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text)}
+    return {"model_config": json.dumps({"name": "gemma", "backend": "python", "parameters": parameters}),
+            "model_instance_kind": kind, "model_instance_device_id": str(device_id),
+            "model_instance_name": f"gemma_0_{device_id}", "model_name": "gemma", "model_version": "1",
+            "model_repository": str(ROOT / "model_repository/gemma")}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("GEMMA_")]:
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_a_gpu_instance_runs_its_engine_on_its_own_gpu(clean_env):
+    clean_env.setenv("GEMMA_DEVICE", "cpu")  # a GPU instance ignores it
+    clean_env.setenv("GEMMA_MAX_NUM_SEQS", "64")
+    settings = model_settings(triton_args("GPU", 1))
+    assert settings.engine == EngineConfig(device="cuda:1", max_num_seqs=64)
+    assert settings.max_prompt_bytes == 262144
+
+
+def test_a_cpu_instance_takes_the_device_parameter(clean_env):
+    assert model_settings(triton_args("CPU", 0)).engine.device == "auto"
+    clean_env.setenv("GEMMA_DEVICE", "cpu")
+    assert model_settings(triton_args("CPU", 0)).engine.device == "cpu"
+
+
+def test_an_unknown_parameter_is_refused(clean_env):
+    args = triton_args("CPU", 0)
+    config = json.loads(args["model_config"])
+    config["parameters"]["max_num_seq"] = {"string_value": "8"}
+    with pytest.raises(ValueError, match="max_num_seq"):
+        model_settings({**args, "model_config": json.dumps(config)})
+
+
+def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
+    """model.py's own initialize, with the arguments Triton passes instance 1 of a KIND_GPU group,
+    up to the point where it builds the engine (stopped there: no GPU here)."""
+    pb_utils = types.ModuleType("triton_python_backend_utils")  # what Triton's stub provides
+    pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    clean_env.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
+    clean_env.delitem(sys.modules, "serving.metrics", raising=False)  # it imports pb_utils too
+    spec = importlib.util.spec_from_file_location("gemma_model_py", ROOT / "model_repository/gemma/1/model.py")
+    model_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_py)
+
+    asked: list[EngineConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def from_config(config):
+        asked.append(config)
+        raise Stop
+
+    clean_env.setattr(Engine, "from_config", staticmethod(from_config))
+    with pytest.raises(Stop):
+        model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
+    assert [c.device for c in asked] == ["cuda:1"]
