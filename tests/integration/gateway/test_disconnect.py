@@ -31,7 +31,7 @@ def test_leaving_a_stream_cancels_it(http, idle_server):
         while contents < 3:  # past the role chunk, into the generated text
             line = next(lines)
             contents += line.startswith("data: ") and '"content":"' in line and '"content":""' not in line
-        assert server.metric("gemma_kv_blocks_used") > 0
+        assert wait_for(lambda: server.metric("gemma_kv_blocks_used") > 0)  # the gauge updates every 0.1 s
     # Leaving `with` closes the connection mid-stream.
     assert_cancelled_and_freed(server, before, 1)
 
