@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 from gemma_protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
-from serving.config import model_settings
+from serving.config import bound_cpu_kernel_caches, model_settings
 from serving.metrics import GemmaMetrics, RequestRecord
 
 # torch is imported by initialize, not here: Triton also loads this file in a short-lived process
@@ -103,6 +103,7 @@ class TritonPythonModel:
         return config
 
     def initialize(self, args):
+        bound_cpu_kernel_caches()  # before torch is imported (below)
         from backend.engine import Engine
         from serving.requests import parse_request
 
