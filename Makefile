@@ -7,7 +7,7 @@ OPENAI_HOST ?= 127.0.0.1
 OPENAI_PORT ?= 9000
 GEMMA_TRITON_URL ?= localhost:$(GRPC_PORT)
 
-.PHONY: setup serve gateway test test-gpu bench model lint
+.PHONY: setup serve gateway test test-gpu bench soak model lint
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -34,6 +34,12 @@ test-gpu:  # the fused-kernel tests run compiled where CUDA is (in Triton's inte
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# Streamed requests with random cancellation and mixed sampling against a server it starts (default
+# model, CPU), then the accounting and the stub's memory by quarter: benchmarks/soak.py, docs/soak.md.
+# Options: make soak SOAK_ARGS="--requests 1000 --concurrency 8".
+soak: setup
+	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 
 # Convert the packaged GGUF into a cached HF checkpoint directory and print its path.
 model: setup

@@ -1,6 +1,7 @@
 """The Triton model's settings from what Triton hands `initialize`: config.pbtxt's parameters (each
 overridable by GEMMA_<KEY>) and the instance's kind and device, mapped to an EngineConfig. Plain
-functions, so the mapping is tested without Triton and without building an engine.
+functions, so the mapping is tested without Triton and without building an engine. Also the stub
+process's own settings, made before torch is imported.
 """
 from __future__ import annotations
 
@@ -51,3 +52,21 @@ def engine_config(params: dict[str, str]) -> EngineConfig:
     if params:
         raise ValueError(f"unknown model parameters {sorted(params)}")
     return EngineConfig(**values)
+
+
+# The CPU engine's matmuls run on oneDNN (backend/model.py, prepare_for_cpu), which builds a kernel for
+# every input shape and keeps it in two caches of 1,024 entries each (oneDNN's primitive cache and
+# PyTorch's ideep cache), about 0.3 MB an entry. A server meets hundreds of distinct tokens-per-step
+# counts, so the stub grew for thousands of requests and, once entries were evicted, kept growing by
+# heap fragmentation (make soak: +13% after warm-up over 3,000 requests, rising every quarter).
+# 128 entries hold every decode shape (batch 1-16 x 5 matmul kinds) and bound both caches near 80 MB
+# (the same soak: +1.6%, flat over the last half); a miss costs 0.2-0.7 ms per matmul kind on 2
+# cores, at most once per step of 60+ ms. docs/soak.md has the figures.
+CPU_KERNEL_CACHE_ENTRIES = 128
+
+
+def bound_cpu_kernel_caches() -> None:
+    """Cap oneDNN's kernel caches; a value already in the environment wins. Call before torch is
+    imported: each cache reads its capacity once."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(CPU_KERNEL_CACHE_ENTRIES))

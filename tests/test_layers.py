@@ -1,7 +1,7 @@
 """Layers point one way: the engine knows nothing of Triton or the wire, the client nothing of the server.
 
-    gemma_client -> gemma_protocol <- serving -> backend      (model_repository/gemma/1/model.py uses all
-                                                               but gemma_client)
+    gemma_client -> gemma_protocol <- serving -> backend     (the Triton model uses all but gemma_client)
+
 Checked on the source (every import statement, also those inside functions), so a lazy import
 cannot hide a wrong-way dependency.
 """

@@ -34,6 +34,9 @@ def triton_args(kind: str, device_id: int) -> dict[str, str]:
 def clean_env(monkeypatch):
     for key in [k for k in os.environ if k.startswith("GEMMA_")]:
         monkeypatch.delenv(key)
+    for key in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # initialize sets them: restored after
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
@@ -83,3 +86,4 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
     with pytest.raises(Stop):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
     assert [c.device for c in asked] == ["cuda:1"]
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"

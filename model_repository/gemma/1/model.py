@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 from gemma_protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
-from serving.config import model_settings
+from serving.config import bound_cpu_kernel_caches, model_settings
 from serving.logprobs import logprobs_json
 from serving.metrics import GemmaMetrics, RequestRecord
 
@@ -105,6 +105,7 @@ class TritonPythonModel:
         return config
 
     def initialize(self, args):
+        bound_cpu_kernel_caches()  # before torch is imported (below)
         from backend.engine import Engine
         from serving.requests import parse_request
 
