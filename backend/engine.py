@@ -308,9 +308,14 @@ class Engine:
             for scheduled in output.chunks:
                 self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
-        for seq, token, logprobs in zip(self.scheduler.update(output, sampled.token_ids), sampled.token_ids,
-                                        sampled.logprobs):
-            self._deliver(seq, TokenDelta([token], seq.finish_reason, num_cached_tokens=seq.num_cached_prompt_tokens,
+        samplers = [scheduled.seq for scheduled in output.chunks if scheduled.needs_logits]
+        for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
+            self._finish(samplers[row], "error", error="the model's scores for this request were not finite "
+                                                       "(NaN or infinity): nothing could be sampled")
+        for seq, i in self.scheduler.update(output, sampled.token_ids):
+            logprobs = sampled.logprobs[i]
+            self._deliver(seq, TokenDelta([sampled.token_ids[i]], seq.finish_reason,
+                                          num_cached_tokens=seq.num_cached_prompt_tokens,
                                           logprobs=None if logprobs is None else [logprobs]))
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:

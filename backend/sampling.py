@@ -114,6 +114,7 @@ class SampledTokens:
     """One step's sampler output: a token per row, and its logprobs where the row asked for them."""
     token_ids: list[int]
     logprobs: list[Optional[TokenLogprobs]]
+    failed_rows: tuple[int, ...] = ()  # rows with non-finite logits: their requests fail, the others go on
 
 
 def make_generator(seed: Optional[int], device: Union[torch.device, str]) -> torch.Generator:
@@ -153,9 +154,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
 
 
 def sample_with_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
-    """`sample`, plus each asking row's TokenLogprobs (None for the other rows)."""
-    token_ids = sample(logits, rows)
-    return SampledTokens(token_ids, token_logprobs(logits, rows, token_ids))
+    """`sample`, plus each asking row's TokenLogprobs (None for the other rows). Rows that cannot be
+    sampled are listed in `failed_rows` instead of failing the batch."""
+    try:
+        token_ids, failed = sample(logits, rows), ()
+    except NonFiniteLogitsError as exc:
+        token_ids, failed = exc.token_ids, tuple(exc.rows)
+    return SampledTokens(token_ids, token_logprobs(logits, rows, token_ids), failed)
 
 
 def token_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],

@@ -127,21 +127,26 @@ class Scheduler:
             chunks.append(self._chunk(seq, n))
         return SchedulerOutput(chunks, preempted)
 
-    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
+    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int]]:
         """Apply a computed step: record the chunks' K/V as computed (naming newly full blocks for
-        prefix reuse), append each sampled token (one per chunk that needs logits, in order) and
-        finish sequences that reached a stop. Returns the sequences that got a token."""
+        prefix reuse), append each sampled token (sampled[i] for the i-th chunk that needs logits)
+        and finish sequences that reached a stop. Sequences finished meanwhile (a request failed by
+        its own step) are left alone. Returns (sequence, i) for each sequence that got token i."""
         for scheduled in output.chunks:
             seq, chunk = scheduled.seq, scheduled.chunk
-            seq.num_computed = chunk.start + len(chunk.token_ids)
-            self._name_full_blocks(seq, first=chunk.start // self.block_size)
-        samplers = [c.seq for c in output.chunks if c.needs_logits]
-        for seq, token in zip(samplers, sampled):
-            seq.token_ids.append(token)
-            reason = stop_reason(seq, token)
+            if seq.finish_reason is None:  # a finished sequence's blocks are back in the pool
+                seq.num_computed = chunk.start + len(chunk.token_ids)
+                self._name_full_blocks(seq, first=chunk.start // self.block_size)
+        appended = []
+        for i, seq in enumerate(c.seq for c in output.chunks if c.needs_logits):
+            if seq.finish_reason is not None:
+                continue
+            seq.token_ids.append(sampled[i])
+            appended.append((seq, i))
+            reason = stop_reason(seq, sampled[i])
             if reason is not None:
                 self.finish(seq, reason)
-        return samplers
+        return appended
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark a sequence finished and give its blocks back (running or still waiting)."""

@@ -246,3 +246,35 @@ def test_load_failure_on_the_engine_thread_reaches_the_caller(servable_checkpoin
     (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
     with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
         make_engine(tmp_path)
+
+
+def test_non_finite_scores_fail_only_their_request(servable_checkpoint):
+    import math
+
+    eng = make_engine(servable_checkpoint)
+    try:
+        real_forward = eng.runner.model.forward
+        poisoned = []
+
+        def nan_in_first_row(*args, **kw):  # once both sequences decode: row 0 is the older one's
+            logits = real_forward(*args, **kw)
+            if logits.shape[0] == 2 and not poisoned:
+                logits = logits.clone()  # (an inference-mode tensor cannot be written in place here)
+                logits[0] = math.nan
+                poisoned.append(True)
+            return logits
+
+        eng.runner.model.forward = nan_in_first_row
+        long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        first = eng.submit(PROMPTS[0], long)
+        next(iter(first))  # decoding before the second one arrives
+        second = eng.submit(PROMPTS[2], GREEDY)
+        failed, served = first.result(), second.result()
+        assert poisoned
+        assert failed.finish_reason == "error" and "not finite" in failed.error
+        assert served.finish_reason == "length" and served.num_output_tokens == 12
+        eng.runner.model.forward = real_forward
+        assert served.token_ids == eng.submit(PROMPTS[2], GREEDY).result().token_ids
+        assert wait_idle(eng).kv_cache.used_blocks == 0
+    finally:
+        eng.shutdown()
