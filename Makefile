@@ -12,9 +12,14 @@ GEMMA_TRITON_URL ?= localhost:$(GRPC_PORT)
 setup:
 	@bash scripts/setup_venv.sh
 
-# Start tritonserver in the foreground with model_repository/ and the default Gemma 3 270M model.
+# Start tritonserver in the foreground with model_repository/ and the default Gemma 3 270M model, and
+# the OpenAI-compatible gateway beside it on OPENAI_PORT (OPENAI_PORT=0: no gateway). Ctrl-C stops both.
 serve: setup
-	@HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) bash scripts/serve.sh
+	@gateway=; if [ "$(OPENAI_PORT)" != 0 ]; then \
+	  $(PY) -m gateway --host $(OPENAI_HOST) --port $(OPENAI_PORT) --triton-url localhost:$(GRPC_PORT) & gateway=$$!; \
+	  echo "OpenAI-compatible API: http://$(OPENAI_HOST):$(OPENAI_PORT)/v1 (docs/gateway.md)"; fi; \
+	trap '[ -z "$$gateway" ] || kill $$gateway 2>/dev/null' EXIT; \
+	HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) bash scripts/serve.sh
 
 # The OpenAI-compatible HTTP API (docs/gateway.md) on OPENAI_PORT, in front of the Triton server at
 # GEMMA_TRITON_URL (gRPC; start one with `make serve`). OPENAI_HOST=0.0.0.0 listens on all interfaces.
