@@ -98,11 +98,8 @@ def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_c
     q_pos = starts[:, None] + steps  # [B, n]
     k_pos = torch.arange(max_ctx, device=device)
     visible = (k_pos <= q_pos[:, :, None]) & (k_pos < ctx[:, None, None])  # causal, within the context
-    masks = {}
-    for window in windows:
-        allowed = visible if window is None else visible & (k_pos > q_pos[:, :, None] - window)
-        masks[window] = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
-    group = AttentionGroup(q_index=rows[:, None] + steps, kv_slots=kv_slots, masks=masks)
+    group = AttentionGroup(q_index=rows[:, None] + steps, kv_slots=kv_slots,
+                           masks=_window_masks(visible, q_pos[:, :, None], k_pos, windows))
     return group, (q_pos, kv_slots.gather(1, q_pos))
 
 
@@ -111,9 +108,14 @@ def decode_masks(positions: torch.Tensor, ctx_len: int, windows) -> dict:
     context is the sequence's own slots for positions 0..ctx_len-1 (build_step's decode layout)."""
     k_pos = torch.arange(ctx_len, device=positions.device)
     q_pos = positions[:, None, None]
-    visible = k_pos[None, None, :] <= q_pos
+    return _window_masks(k_pos <= q_pos, q_pos, k_pos, windows)
+
+
+def _window_masks(visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, windows) -> dict:
+    """window -> additive mask (0 or -inf) of `visible` keys, also within the sliding window if any
+    (key j is in query i's window W iff i - W < j)."""
     masks = {}
     for window in windows:
-        allowed = visible if window is None else visible & (k_pos[None, None, :] > q_pos - window)
-        masks[window] = torch.zeros(allowed.shape, device=positions.device).masked_fill_(~allowed, float("-inf"))
+        allowed = visible if window is None else visible & (k_pos > q_pos - window)
+        masks[window] = torch.zeros(allowed.shape, device=visible.device).masked_fill_(~allowed, float("-inf"))
     return masks

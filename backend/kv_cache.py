@@ -111,6 +111,11 @@ class BlockPool:
             self._name_of[block] = name
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 def bytes_per_block(cfg: GemmaConfig, block_size: int, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
@@ -139,7 +144,7 @@ class PagedKVCache:
         return self.slots[idx, 0], self.slots[idx, 1]
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def usage(self) -> CacheUsage:
         pool = self.pool

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .batch import SeqChunk
-from .kv_cache import BlockPool, block_hash
+from .kv_cache import BlockPool, block_hash, blocks_for
 from .sampling import SamplingParams
 
 
@@ -167,7 +167,7 @@ class Scheduler:
         reusable = (len(seq.token_ids) - 1) // self.block_size
         cached = self.pool.cached_prefix(seq.block_hashes[:reusable])
         n = min(len(seq.token_ids) - len(cached) * self.block_size, budget)
-        needed = self._blocks_for(len(cached) * self.block_size + n) - len(cached)
+        needed = blocks_for(len(cached) * self.block_size + n, self.block_size) - len(cached)
         if needed > self.pool.num_free:
             self.pool.release(cached)
             return False
@@ -182,7 +182,7 @@ class Scheduler:
     def _grow(self, seq: Sequence, num_tokens: int) -> list[Sequence]:
         """Blocks for `seq`'s first `num_tokens` tokens, preempting the newest running sequences
         while the pool is short (`seq` itself, if it is the newest). Returns those preempted."""
-        needed = self._blocks_for(num_tokens) - len(seq.block_table)
+        needed = blocks_for(num_tokens, self.block_size) - len(seq.block_table)
         victims = []
         while needed > self.pool.num_free:
             victim = self.running[-1]
@@ -205,9 +205,6 @@ class Scheduler:
         if seq.block_table:
             self.pool.release(seq.block_table)
             seq.block_table = []
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         end = seq.num_computed + n
