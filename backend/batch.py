@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import AttentionGroup, StepLayout
+from .kv_cache import blocks_for
+from .model import AttentionGroup, StepLayout, VarlenLayout
 
 
 @dataclass
@@ -50,10 +51,15 @@ class HostToDevice:
 
 
 def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None],
-               device: torch.device | str, uploader: HostToDevice | None = None) -> tuple[torch.Tensor, StepLayout]:
-    """Decodes (one new token) share one batched attention group; each longer chunk gets its own."""
+               device: torch.device | str, uploader: HostToDevice | None = None,
+               tile_rows: int | None = None) -> tuple[torch.Tensor, StepLayout]:
+    """Decodes (one new token) share one batched attention group; each longer chunk gets its own.
+    With `tile_rows` (the model has a varlen attention kernel taking that many tokens per tile), a
+    step holding any longer chunk gets a VarlenLayout instead: one attention call for all of it."""
     # Without a persistent uploader, no pinned buffer: pinning memory costs more than the copy it speeds.
     uploader = uploader or HostToDevice(device, pinned=False)
+    if tile_rows is not None and any(len(c.token_ids) > 1 for c in chunks):
+        return _build_varlen_step(chunks, block_size, uploader, tile_rows)
     token_ids, logit_rows, decodes, prefills = [], [], [], []
     for chunk in chunks:
         row, n = len(token_ids), len(chunk.token_ids)
@@ -83,6 +89,38 @@ def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None]
     layout = StepLayout(positions=positions, slot_mapping=slot_mapping, groups=[g for g, _ in groups],
                         logit_rows=device_rows)
     return device_ids, layout
+
+
+def _build_varlen_step(chunks: list[SeqChunk], block_size: int, uploader: HostToDevice,
+                       tile_rows: int) -> tuple[torch.Tensor, StepLayout]:
+    """Positions and cache slots of every token are laid out on the host (a range per cache block),
+    the block tables padded to the longest context, and each chunk split into tiles of `tile_rows`
+    tokens; all of it goes to the device in one copy."""
+    token_ids, logit_rows, positions, slots, tiles = [], [], [], [], []
+    width = max(blocks_for(c.start + len(c.token_ids), block_size) for c in chunks)
+    tables = []
+    for seq_row, chunk in enumerate(chunks):
+        row, n, start = len(token_ids), len(chunk.token_ids), chunk.start
+        token_ids += chunk.token_ids
+        if chunk.needs_logits:
+            logit_rows.append(row + n - 1)
+        positions.extend(range(start, start + n))
+        pos = start
+        while pos < start + n:  # one run of consecutive slots per cache block
+            block = pos // block_size
+            end = min(start + n, (block + 1) * block_size)
+            base = (chunk.block_table[block] - block) * block_size
+            slots.extend(range(base + pos, base + end))
+            pos = end
+        tables += (chunk.block_table + [0] * width)[:width]
+        for offset in range(0, n, tile_rows):
+            tiles += [seq_row, row + offset, min(tile_rows, n - offset), start + offset]
+    device_ids, device_rows, pos, slot_mapping, block_tables, tile_table = uploader.upload(
+        [token_ids, logit_rows, positions, slots, tables, tiles])
+    varlen = VarlenLayout(block_tables=block_tables.view(len(chunks), width), tiles=tile_table.view(-1, 4),
+                          block_size=block_size)
+    return device_ids, StepLayout(positions=pos, slot_mapping=slot_mapping, groups=[], logit_rows=device_rows,
+                                  varlen=varlen)
 
 
 def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_ctx: int, block_size: int,

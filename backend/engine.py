@@ -173,8 +173,9 @@ class Engine:
                                                  self.device, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache.pool, self.config.block_size, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, self.config.cuda_graphs)
-        self.runner.warm_up(self.config.max_num_seqs, self.max_model_len)
+        self.runner = ModelRunner(model, self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                  self.max_model_len, self.config.cuda_graphs)
+        self.runner.warm_up()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":

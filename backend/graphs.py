@@ -1,4 +1,6 @@
-"""CUDA graphs for decode-only steps of any step model: one graph per (batch bucket, context bucket).
+"""CUDA graphs of engine steps: decode-only steps of any step model, one graph per (batch bucket,
+context bucket); and, for models with a varlen attention kernel, mixed steps (prefill chunks beside
+decodes), one graph per token-count bucket.
 
 A decode step launches a few hundred small kernels (18 layers x norms, GEMMs, RoPE, cache writes,
 attention) whose work at small batch is shorter than their launch cost; replaying a captured graph
@@ -22,6 +24,15 @@ The engine captures every reachable bucket when it starts (`capture_all`); a buc
 is captured the first time it is needed (the capture's warm-up runs the real step, so it writes the
 same K/V the replay writes). Graphs share one memory pool; each replay's logits are copied out
 before the next replay.
+
+Mixed steps (`MixedGraphs`): without a graph, a step holding a prefill chunk ran eagerly, a few
+hundred kernel launches from Python (~20 ms for gemma-2b), and every decode in the batch waited for
+it. With a VarlenLayout (build_step with tile_rows) attention is one kernel per layer whose inputs
+have fixed shapes: the step's T tokens padded to a bucket Tb, the tile table to the most tiles Tb
+tokens can make, the block tables to every sequence and the longest context. Only Tb varies, so a
+mixed step costs a replay plus the copies into the bucket's buffers. Padding rows write no K/V
+(row_valid), belong to no tile (zero attention output) and their logits are dropped; padding tiles
+have no rows and do nothing.
 """
 from __future__ import annotations
 
@@ -32,7 +43,8 @@ from typing import Optional
 import torch
 
 from .batch import decode_masks
-from .model import AttentionGroup, StepLayout
+from .kv_cache import blocks_for
+from .model import AttentionGroup, StepLayout, VarlenLayout
 
 BF16_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MIN_CTX_BUCKET = 128
@@ -40,6 +52,17 @@ MIN_CTX_BUCKET = 128
 
 def _ctx_bucket(ctx: int) -> int:
     return max(MIN_CTX_BUCKET, 1 << (ctx - 1).bit_length())
+
+
+def token_buckets(top: int) -> tuple[int, ...]:
+    """Token counts of mixed-step graphs up to `top`: multiples of 16 (FP8 GEMM rows), spaced by at
+    most a quarter of their size above 64, so padding wastes little (e.g. 257 tokens run as 320)."""
+    buckets, b = [], 16
+    while True:
+        buckets.append(b)
+        if b >= top:
+            return tuple(buckets)
+        b += max(16, 1 << (b.bit_length() - 3))
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> Optional[int]:
@@ -50,7 +73,7 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> Optional[int]:
 
 
 @dataclass
-class _Entry:
+class _DecodeEntry:
     batch: int
     ctx: int
     tokens: torch.Tensor
@@ -64,18 +87,77 @@ class _Entry:
     replays: int = field(default=0)
 
 
-class DecodeGraphs:
-    def __init__(self, model, max_batch: int = 256):
+class _GraphSet:
+    """What decode and mixed graphs share: entries by key, one memory pool, capture on first need,
+    and falling back to eager steps (with a warning) if a capture fails."""
+
+    def __init__(self, model):
         self.model = model
         self.device = model.device
         self.windows = sorted({layer.sliding_window for layer in model.cfg.layers}, key=lambda w: (w is not None, w or 0))
+        self.entries: dict[tuple, object] = {}
+        self.pool = None
+        self.cache_ptr: Optional[int] = None
+        self.disabled: Optional[str] = None  # why capture failed; steps then run eagerly
+
+    def _ready(self, key: tuple, kv_cache) -> bool:
+        """Capture the bucket's graph if it has none yet. A failed capture disables graphs (steps
+        then run eagerly) with a warning saying why, rather than failing requests."""
+        entry = self._entry(key, kv_cache)
+        if entry.graph is None and not self.disabled:
+            try:
+                self._capture(entry, kv_cache)
+            except Exception as exc:  # noqa: BLE001 - keep serving, eagerly, and say why
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                del self.entries[key]
+                warnings.warn(f"CUDA graph capture failed, {self.kind} steps run eagerly: {self.disabled}")
+        return entry.graph is not None
+
+    def _entry(self, key: tuple, kv_cache):
+        if self.cache_ptr != kv_cache.slots.data_ptr():  # graphs bake in the cache's address
+            # Dropping every graph of the shared pool frees the pool: later captures need a new one
+            # (reusing the old handle trips the caching allocator's use_count assertion).
+            self.entries.clear()
+            self.pool = None
+            self.cache_ptr = kv_cache.slots.data_ptr()
+        if key not in self.entries:
+            self.entries[key] = self._new_entry(*key)
+        return self.entries[key]
+
+    def _capture(self, entry, kv_cache) -> None:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: lazy TE/cuBLAS setup stays out of the graph
+            for _ in range(2):
+                self._body(entry, kv_cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            entry.logits = self._body(entry, kv_cache)
+        entry.graph = graph
+
+    def _replay(self, key: tuple, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> Optional[torch.Tensor]:
+        """The captured step's logits buffer after a replay with this step's inputs; None when the
+        bucket could not be captured (the caller runs the step eagerly)."""
+        entry = self._entry(key, kv_cache)
+        self._load(entry, token_ids, layout)
+        if not self._ready(key, kv_cache):
+            return None
+        entry.graph.replay()
+        entry.replays += 1
+        return entry.logits
+
+
+class DecodeGraphs(_GraphSet):
+    kind = "decode"
+
+    def __init__(self, model, max_batch: int = 256):
+        super().__init__(model)
         buckets = tuple(b for b in BF16_BUCKETS if b % model.row_multiple == 0)
         self.buckets = tuple(b for b in buckets if b <= max(max_batch, buckets[0]))
         self.max_ctx = _ctx_bucket(model.cfg.max_position_embeddings)
-        self.entries: dict[tuple[int, int], _Entry] = {}
-        self.pool = None
-        self.cache_ptr: Optional[int] = None
-        self.disabled: Optional[str] = None  # why capture failed; decode steps then run eagerly
 
     def __call__(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
         """The model's forward: replayed from a graph where one fits, else eager."""
@@ -106,47 +188,19 @@ class DecodeGraphs:
 
     def run(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
         batch, ctx = token_ids.shape[0], layout.groups[0].kv_slots.shape[1]
-        key = (_bucket(batch, self.buckets), _ctx_bucket(ctx))
-        entry = self._entry(key, kv_cache)
-        self._load(entry, token_ids, layout)
-        if not self._ready(key, kv_cache):
+        logits = self._replay((_bucket(batch, self.buckets), _ctx_bucket(ctx)), token_ids, layout, kv_cache)
+        if logits is None:
             return self.model(token_ids, layout, kv_cache)
-        entry.graph.replay()
-        entry.replays += 1
-        return entry.logits.index_select(0, layout.logit_rows)
+        return logits.index_select(0, layout.logit_rows)
 
-    def _ready(self, key: tuple[int, int], kv_cache) -> bool:
-        """Capture the bucket's graph if it has none yet. A failed capture disables graphs (steps
-        then run eagerly) with a warning saying why, rather than failing requests."""
-        entry = self._entry(key, kv_cache)
-        if entry.graph is None and not self.disabled:
-            try:
-                self._capture(entry, kv_cache)
-            except Exception as exc:  # noqa: BLE001 - keep serving, eagerly, and say why
-                self.disabled = f"{type(exc).__name__}: {exc}"
-                del self.entries[key]
-                warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: {self.disabled}")
-        return entry.graph is not None
-
-    def _entry(self, key: tuple[int, int], kv_cache) -> _Entry:
-        if self.cache_ptr != kv_cache.slots.data_ptr():  # graphs bake in the cache's address
-            # Dropping every graph of the shared pool frees the pool: later captures need a new one
-            # (reusing the old handle trips the caching allocator's use_count assertion).
-            self.entries.clear()
-            self.pool = None
-            self.cache_ptr = kv_cache.slots.data_ptr()
-        if key not in self.entries:
-            self.entries[key] = self._new_entry(*key)
-        return self.entries[key]
-
-    def _new_entry(self, batch: int, ctx: int) -> _Entry:
+    def _new_entry(self, batch: int, ctx: int) -> _DecodeEntry:
         dev = self.device
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
-        return _Entry(batch=batch, ctx=ctx, tokens=zeros(batch), positions=zeros(batch), slots=zeros(batch),
-                      num_valid=zeros(()), row_ids=torch.arange(batch, device=dev), kv_slots=zeros(batch, ctx))
+        return _DecodeEntry(batch=batch, ctx=ctx, tokens=zeros(batch), positions=zeros(batch), slots=zeros(batch),
+                            num_valid=zeros(()), row_ids=torch.arange(batch, device=dev), kv_slots=zeros(batch, ctx))
 
     @staticmethod
-    def _load(entry: _Entry, token_ids: torch.Tensor, layout: StepLayout) -> None:
+    def _load(entry: _DecodeEntry, token_ids: torch.Tensor, layout: StepLayout) -> None:
         """Copy this step's inputs into the bucket's buffers (device to device, no host sync)."""
         b = token_ids.shape[0]
         kv_slots = layout.groups[0].kv_slots
@@ -160,23 +214,90 @@ class DecodeGraphs:
         entry.kv_slots.zero_()
         entry.kv_slots[:b, :kv_slots.shape[1]].copy_(kv_slots)
 
-    def _body(self, entry: _Entry, kv_cache) -> torch.Tensor:
+    def _body(self, entry: _DecodeEntry, kv_cache) -> torch.Tensor:
         group = AttentionGroup(q_index=None, kv_slots=entry.kv_slots,
                                masks=decode_masks(entry.positions, entry.ctx, self.windows))
         layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, groups=[group], logit_rows=None,
                             row_valid=entry.row_ids < entry.num_valid)
         return self.model(entry.tokens, layout, kv_cache)
 
-    def _capture(self, entry: _Entry, kv_cache) -> None:
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: lazy TE/cuBLAS setup stays out of the graph
-            for _ in range(2):
-                self._body(entry, kv_cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            entry.logits = self._body(entry, kv_cache)
-        entry.graph = graph
+
+@dataclass
+class _MixedEntry:
+    tokens: torch.Tensor  # [Tb]
+    positions: torch.Tensor  # [Tb]
+    slots: torch.Tensor  # [Tb]
+    num_valid: torch.Tensor  # () the step's real tokens
+    row_ids: torch.Tensor  # [Tb] arange
+    tiles: torch.Tensor  # [Nb, 4]: the most tiles Tb tokens of up to max_seqs sequences make
+    block_tables: torch.Tensor  # [max_seqs, blocks of max_len]
+    logit_rows: torch.Tensor  # [min(Tb, max_seqs)]
+    graph: Optional[torch.cuda.CUDAGraph] = None
+    logits: Optional[torch.Tensor] = None
+    replays: int = field(default=0)
+
+
+class MixedGraphs(_GraphSet):
+    """Steps with a VarlenLayout (models whose attention takes one, `tile_rows` set): one graph per
+    token bucket, for steps of up to `max_seqs` sequences, `max_tokens` tokens and `max_len` positions."""
+    kind = "mixed"
+
+    def __init__(self, model, block_size: int, max_seqs: int, max_tokens: int, max_len: int):
+        super().__init__(model)
+        self.block_size, self.max_seqs = block_size, max_seqs
+        self.width = blocks_for(max_len, block_size)
+        self.buckets = token_buckets(max_tokens)
+
+    def can_run(self, token_ids: torch.Tensor, layout: StepLayout) -> bool:
+        if self.disabled or layout.varlen is None:
+            return False
+        seqs, width = layout.varlen.block_tables.shape
+        return (token_ids.shape[0] <= self.buckets[-1] and seqs <= self.max_seqs and width <= self.width
+                and layout.varlen.block_size == self.block_size)
+
+    def capture_all(self, kv_cache) -> None:
+        """Capture every bucket before serving. The captures' warm-up steps have no tiles and no
+        valid rows: they attend to nothing and write no K/V."""
+        for tokens in self.buckets:
+            if not self._ready((tokens,), kv_cache):
+                return
+
+    def run(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+        logits = self._replay((_bucket(token_ids.shape[0], self.buckets),), token_ids, layout, kv_cache)
+        if logits is None:
+            return self.model(token_ids, layout, kv_cache)
+        return logits[:layout.logit_rows.numel()].clone()
+
+    def _new_entry(self, tokens: int) -> _MixedEntry:
+        dev = self.device
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
+        rows = min(tokens, self.max_seqs)
+        tiles = tokens // self.model.tile_rows + rows  # each sequence's chunk ends in at most one partial tile
+        return _MixedEntry(tokens=zeros(tokens), positions=zeros(tokens), slots=zeros(tokens), num_valid=zeros(()),
+                           row_ids=torch.arange(tokens, device=dev), tiles=zeros(tiles, 4),
+                           block_tables=zeros(self.max_seqs, self.width), logit_rows=zeros(rows))
+
+    @staticmethod
+    def _load(entry: _MixedEntry, token_ids: torch.Tensor, layout: StepLayout) -> None:
+        """Copy this step's inputs into the bucket's buffers (device to device, no host sync).
+        Stale entries past the step's own are harmless: padding rows are invalid, padding tiles are
+        zeroed, block-table rows and columns past the step's are never read, and the logits of
+        logit rows past the step's are dropped."""
+        t = token_ids.shape[0]
+        varlen = layout.varlen
+        entry.tokens[:t].copy_(token_ids)
+        entry.positions[:t].copy_(layout.positions)
+        entry.slots[:t].copy_(layout.slot_mapping)
+        entry.num_valid.fill_(t)
+        num_tiles = varlen.tiles.shape[0]
+        entry.tiles[:num_tiles].copy_(varlen.tiles)
+        entry.tiles[num_tiles:].zero_()
+        seqs, width = varlen.block_tables.shape
+        entry.block_tables[:seqs, :width].copy_(varlen.block_tables)
+        entry.logit_rows[:layout.logit_rows.numel()].copy_(layout.logit_rows)
+
+    def _body(self, entry: _MixedEntry, kv_cache) -> torch.Tensor:
+        varlen = VarlenLayout(block_tables=entry.block_tables, tiles=entry.tiles, block_size=self.block_size)
+        layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, groups=[],
+                            logit_rows=entry.logit_rows, row_valid=entry.row_ids < entry.num_valid, varlen=varlen)
+        return self.model(entry.tokens, layout, kv_cache)

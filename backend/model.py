@@ -32,6 +32,15 @@ class AttentionGroup:
 
 
 @dataclass
+class VarlenLayout:
+    """Every chunk of a step attends in one kernel call per layer (models with a varlen attention
+    kernel, backend/te/fused_varlen.py): chunk i's rows read its context through block_tables[i]."""
+    block_tables: torch.Tensor  # [S, W] cache blocks of each scheduled sequence, in chunk order
+    tiles: torch.Tensor  # [N, 4] (sequence row, first token row, rows, first position); rows 0: padding
+    block_size: int
+
+
+@dataclass
 class StepLayout:
     """Where the step's flattened tokens sit: their positions, cache slots, attention groups, and
     which rows need logits (the last token of each sequence that samples this step)."""
@@ -39,8 +48,9 @@ class StepLayout:
     slot_mapping: torch.Tensor  # [T]
     groups: list[AttentionGroup]
     logit_rows: Optional[torch.Tensor]  # [S]; None: every row (a graph-captured decode step)
-    # Fixed-shape decode steps (graphs.py) only: False for padding rows, which must not write K/V.
+    # Fixed-shape graph steps (graphs.py) only: False for padding rows, which must not write K/V.
     row_valid: Optional[torch.Tensor] = None
+    varlen: Optional[VarlenLayout] = None  # set instead of groups for models with varlen attention
 
 
 def write_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, slot_mapping: torch.Tensor,
@@ -184,6 +194,7 @@ class DecoderLayer(nn.Module):
 
 class GemmaModel(nn.Module):
     row_multiple = 1  # any number of token rows per step (graphs.py buckets by this)
+    tile_rows = None  # no varlen attention kernel: steps attend by groups
 
     def __init__(self, cfg: GemmaConfig):
         super().__init__()

@@ -8,8 +8,9 @@ exactly as the reference model does. Every op is a fixed-shape tensor op, so a d
 captured in a CUDA graph.
 
 Where Triton is installed (`StepContext.fused`), RoPE + the K/V write and decode attention run as
-fused kernels instead (fused_decode.py); prefill chunks still attend here, over the cache those
-kernels filled.
+fused kernels instead (fused_decode.py), and a step holding prefill chunks attends in one varlen
+kernel call per layer (fused_varlen.py, `StepContext.varlen`); the groups below remain the path
+without Triton.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from backend.model import AttentionGroup
+from backend.model import AttentionGroup, VarlenLayout
 
-from . import fused_decode
+from . import fused_decode, fused_varlen
 
 
 @dataclass
@@ -36,6 +37,7 @@ class StepContext:
     row_valid: Optional[torch.Tensor] = None
     padded: bool = False  # rows beyond the groups exist (FP8 row padding): zero their attention output
     fused: bool = False  # RoPE + K/V write and decode attention by the Triton kernels (fused_decode.py)
+    varlen: Optional[VarlenLayout] = None  # instead of groups: every row in one fused_varlen kernel call
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -73,6 +75,10 @@ def attend_sdpa(q, k, v, mask, scale: float):
 def paged_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, ctx: StepContext,
                     window: Optional[int], scale: float, softcap: Optional[float]) -> torch.Tensor:
     """q: [T, H, D] -> [T, H, D]: each group's queries against its sequences' cached context."""
+    if ctx.varlen is not None:  # rows in no tile (padding) come out zero
+        v = ctx.varlen
+        return fused_varlen.varlen_attention(q, k_slots, v_slots, v.block_tables, v.tiles, v.block_size, scale,
+                                             softcap, window)
     if len(ctx.groups) == 1 and ctx.groups[0].q_index is None:  # graph decode: row b is sequence b
         g = ctx.groups[0]
         if ctx.fused:

@@ -23,7 +23,7 @@ from torch import nn
 from backend.config import GemmaConfig
 from backend.model import StepLayout, rope_cos_sin
 
-from . import fused_decode, import_te
+from . import fused_decode, fused_varlen, import_te
 from .attention import StepContext
 from .layers import TEGemmaDecoderLayer, strict_copy
 
@@ -76,6 +76,9 @@ class TEGemmaModel(nn.Module):
         # RoPE + K/V write and decode attention as Triton kernels (fused_decode.py) where Triton is
         # installed; otherwise the plain-torch attention.py path.
         self.fused = fused and fused_decode.available()
+        # With the fused kernels, a mixed step's attention is one varlen kernel call per layer
+        # (fused_varlen.py), which lets the runner capture mixed steps in CUDA graphs too.
+        self.tile_rows = fused_varlen.tile_rows(cfg.queries_per_kv) if self.fused else None
 
     # --- weights ----------------------------------------------------------------------------------
 
@@ -126,7 +129,8 @@ class TEGemmaModel(nn.Module):
             x = F.pad(x, (0, 0, 0, padded_rows))
             positions = F.pad(positions, (0, padded_rows))
         ctx = StepContext(ropes=self.ropes(positions), slot_mapping=layout.slot_mapping, groups=layout.groups,
-                          positions=positions, row_valid=layout.row_valid, padded=padded_rows > 0, fused=self.fused)
+                          positions=positions, row_valid=layout.row_valid, padded=padded_rows > 0, fused=self.fused,
+                          varlen=layout.varlen)
         for layer in self.layers:
             x = layer.step(x, ctx, kv_cache)
         if layout.logit_rows is None:
