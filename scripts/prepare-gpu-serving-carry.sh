@@ -87,10 +87,18 @@ timeout -s INT -k 30 "${LIMIT:-420}" "$py" -m benchmarks.run --only server --che
   --requests-per-client 4 --server-reps 3 --rate 40 --open-requests 160 --time-limit 60 \
   --out "$work/results" "$@" 2>&1 >/dev/null | tee "$out/progress.log"
 rc=${PIPESTATUS[0]}
-cd "$work/results" || exit 1
-cp bench.jsonl table.md *.png "$out/" 2>/dev/null
-tail -n 400 server.log > "$out/server.log" 2>/dev/null
-cat table.md 2>/dev/null
+( cd "$work/results" && cp bench.jsonl table.md *.png "$out/" 2>/dev/null
+  tail -n 400 server.log > "$out/server.log" 2>/dev/null
+  cat table.md 2>/dev/null )
+
+# Long prompts (LONG_PROMPT tokens, default 1024): prefill bursts of 8, then 64 clients; LONG_LIMIT s.
+if [[ ${LONG_PROMPT:-1024} != 0 ]]; then
+  rm -rf "$work/long"
+  timeout -s INT -k 30 "${LONG_LIMIT:-240}" "$py" -m benchmarks.long_prompts --checkpoint "$ckpt" --engine te \
+    --dtype bfloat16 --max-num-seqs 64 --prompt-tokens "${LONG_PROMPT:-1024}" --out "$work/long" \
+    2>>"$out/progress.log" || echo "long prompts: exit $?" >&2
+  cp "$work/long/long_prompts.jsonl" "$out/" 2>/dev/null
+fi
 exit "$rc"
 RUN
 
