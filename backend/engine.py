@@ -47,6 +47,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts and outputs
     fp8: bool = False  # TE only: FP8 GEMMs on Hopper
     fp8_recipe: str = "delayed"  # delayed | current | block (backend.te.model.make_fp8_recipe)
+    fp8_lm_head: bool = False  # with fp8: the tied LM head in FP8 too (half its bytes per step, FP8 logits)
     cuda_graphs: bool = True  # GPU: decode-only steps replay captured CUDA graphs
 
 
@@ -131,7 +132,8 @@ def load_model(config: EngineConfig, path: Path, device: torch.device, dtype: to
         use_te = te_available()
     if use_te:
         from .te.runner import load_te_model
-        return load_te_model(path, dtype, device, fp8=config.fp8, fp8_recipe=config.fp8_recipe)
+        return load_te_model(path, dtype, device, fp8=config.fp8, fp8_recipe=config.fp8_recipe,
+                             fp8_lm_head=config.fp8_lm_head)
     if config.engine not in ("auto", "torch", "te"):
         raise ValueError(f"engine must be auto, te or torch, not {config.engine!r}")
     from .weights import load_reference_model

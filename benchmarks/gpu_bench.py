@@ -1,7 +1,7 @@
 """GPU benchmark: gemma-2b shapes with random bf16 weights; our TE engine path against HF transformers.
 
     python3 -m benchmarks.gpu_bench [--batches 1,8,32,64] [--prompt 64] [--new 64] [--fp8-recipes current,delayed]
-                                    [--compare-unfused] [--hf-compile] [--profile]
+                                    [--fp8-lm-head] [--compare-unfused] [--hf-compile] [--profile]
 
 Prints one JSON object per line (also appended to --out); the last line is the summary.
 
@@ -17,6 +17,7 @@ What is measured, per batch size B (B prompts of --prompt random tokens, --new g
   H200: 4.8 TB/s), and the same bytes over the copy bandwidth measured here.
 - te_fp8_<recipe>: the TE model with FP8 weights and GEMMs, per FP8 recipe; accuracy against bf16
   on the same (teacher-forced) tokens: logits relative error and top-1 agreement.
+- te_fp8_<recipe>_lm_head (--fp8-lm-head): the same with the tied LM head in FP8 too.
 - te_unfused (--compare-unfused): the TE model with the plain-torch attention instead of the fused
   Triton kernels (backend/te/fused_decode.py).
 """
@@ -251,6 +252,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=18)
     p.add_argument("--fp8-recipes", default="current,delayed",
                    help="FP8 variants to run (comma-separated recipes of backend.te.model.make_fp8_recipe; empty: none)")
+    p.add_argument("--fp8-lm-head", action="store_true", help="also each FP8 variant with its LM head in FP8")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also the TE model with the plain-torch attention instead of the fused Triton kernels")
     p.add_argument("--no-hf", action="store_true")
@@ -310,6 +312,8 @@ def main() -> None:
 
     # Other TE variants, one loaded at a time, each against te_bf16 in this same run.
     variants = {f"te_fp8_{r}": dict(fp8=True, fp8_recipe=r) for r in args.fp8_recipes.split(",") if r}
+    if args.fp8_lm_head:
+        variants.update({f"{name}_lm_head": dict(kw, fp8_lm_head=True) for name, kw in list(variants.items())})
     if args.compare_unfused:
         variants["te_unfused"] = dict(fused=False)
     for name, kw in variants.items():

@@ -48,7 +48,7 @@ def make_fp8_recipe(name: str):
 
 class TEGemmaModel(nn.Module):
     def __init__(self, cfg: GemmaConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda",
-                 fp8: bool = False, fp8_recipe: str = "delayed", fused: bool = True):
+                 fp8: bool = False, fp8_recipe: str = "delayed", fused: bool = True, fp8_lm_head: bool = False):
         super().__init__()
         te = import_te()
         device = torch.device(device)
@@ -66,6 +66,12 @@ class TEGemmaModel(nn.Module):
         with te.quantized_model_init(enabled=fp8, recipe=self.fp8_recipe), torch.no_grad():
             self.layers = nn.ModuleList(TEGemmaDecoderLayer(cfg, i, dtype=dtype, device=device)
                                         for i in range(cfg.num_layers))
+        # The tied LM head is the largest single weight (1.07 GB of gemma-2b's 5 GB in bf16); as an FP8
+        # copy of the embedding it reads half that per step, at the cost of FP8 logits.
+        self.lm_head = None
+        if fp8 and fp8_lm_head:
+            with te.quantized_model_init(enabled=True, recipe=self.fp8_recipe), torch.no_grad():
+                self.lm_head = te.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, params_dtype=dtype, device=device)
         self.final_norm = te.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, zero_centered_gamma=True,
                                      device=device, dtype=dtype)
         self.rope_specs = sorted({layer.rope for layer in cfg.layers}, key=lambda s: (s.theta, s.linear_factor))
@@ -104,6 +110,8 @@ class TEGemmaModel(nn.Module):
             raise ValueError(f"embed is {tuple(self.embed.shape)}, the checkpoint's {tuple(top['embed'].shape)}")
         with torch.no_grad():
             self.embed.copy_(top["embed"].to(device=self.device, dtype=self.dtype))
+        if self.lm_head is not None:
+            strict_copy(self.lm_head, {"weight": top["embed"]}, "lm_head")
 
     # --- engine contract --------------------------------------------------------------------------
 
@@ -148,7 +156,11 @@ class TEGemmaModel(nn.Module):
         return {s: rope_cos_sin(s, self.cfg.head_dim, positions, self.dtype) for s in self.rope_specs}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.embed).float()
+        if self.lm_head is None:
+            logits = F.linear(hidden, self.embed).float()
+        else:  # FP8 GEMM rows: a multiple of FP8_ROWS
+            rows = hidden.shape[0]
+            logits = self.lm_head(F.pad(hidden, (0, 0, 0, (-rows) % FP8_ROWS)))[:rows].float()
         if self.cfg.final_softcap is not None:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
@@ -160,5 +172,5 @@ class TEGemmaModel(nn.Module):
         for p in self.layers.parameters():
             data = getattr(p, "_data", None)  # Float8Tensor: 1 byte per element
             total += p.numel() * (1 if data is not None else p.element_size())
-        return total + self.embed.numel() * self.embed.element_size() + \
-            self.final_norm.weight.numel() * self.final_norm.weight.element_size()
+        head = self.lm_head.weight.numel() if self.lm_head is not None else self.embed.numel() * self.embed.element_size()
+        return total + head + self.final_norm.weight.numel() * self.final_norm.weight.element_size()

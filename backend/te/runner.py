@@ -19,10 +19,10 @@ from . import import_te, te_available
 
 
 def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-                  fp8_recipe: str = "delayed", fused: bool = True):
+                  fp8_recipe: str = "delayed", fused: bool = True, fp8_lm_head: bool = False):
     """Build TEGemmaModel from an HF Gemma checkpoint directory (strict safetensors loading).
 
-    fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype`).
+    fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype` unless fp8_lm_head).
     fused: RoPE, K/V writes and decode attention in Triton kernels (when Triton is installed)."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -43,7 +43,8 @@ def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     torch.cuda.set_device(device)
     cfg = GemmaConfig.from_checkpoint(path)
     state = load_mapped_state(path, cfg, dtype)
-    model = TEGemmaModel(cfg, dtype=dtype, device=device, fp8=fp8, fp8_recipe=fp8_recipe, fused=fused)
+    model = TEGemmaModel(cfg, dtype=dtype, device=device, fp8=fp8, fp8_recipe=fp8_recipe, fused=fused,
+                         fp8_lm_head=fp8_lm_head)
     model.load_reference_state(state)
     del state
     model.eval()
