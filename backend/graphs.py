@@ -100,6 +100,12 @@ class _GraphSet:
         self.cache_ptr: Optional[int] = None
         self.disabled: Optional[str] = None  # why capture failed; steps then run eagerly
 
+    def __call__(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+        """The model's forward: replayed from a graph where one fits, else eager."""
+        if self.can_run(token_ids, layout):
+            return self.run(token_ids, layout, kv_cache)
+        return self.model(token_ids, layout, kv_cache)
+
     def _ready(self, key: tuple, kv_cache) -> bool:
         """Capture the bucket's graph if it has none yet. A failed capture disables graphs (steps
         then run eagerly) with a warning saying why, rather than failing requests."""
@@ -158,12 +164,6 @@ class DecodeGraphs(_GraphSet):
         buckets = tuple(b for b in BF16_BUCKETS if b % model.row_multiple == 0)
         self.buckets = tuple(b for b in buckets if b <= max(max_batch, buckets[0]))
         self.max_ctx = _ctx_bucket(model.cfg.max_position_embeddings)
-
-    def __call__(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
-        """The model's forward: replayed from a graph where one fits, else eager."""
-        if self.can_run(token_ids, layout):
-            return self.run(token_ids, layout, kv_cache)
-        return self.model(token_ids, layout, kv_cache)
 
     def can_run(self, token_ids: torch.Tensor, layout: StepLayout) -> bool:
         """Decode-only steps (one attention group, one new token per sequence) within the buckets."""

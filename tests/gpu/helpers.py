@@ -92,9 +92,10 @@ class SeqRun:
 
 
 def drive(model, cfg, prompts, max_new: int, dtype, arrivals=None, chunk: int = 7, block_size: int = 16,
-          num_blocks: int = 256) -> list[SeqRun]:
+          num_blocks: int = 256, tile_rows=None) -> list[SeqRun]:
     """Greedy generation for `prompts` through model(token_ids, layout, kv_cache), continuous-
-    batching style; returns each sequence's tokens and the logits they were chosen from."""
+    batching style; returns each sequence's tokens and the logits they were chosen from.
+    With `tile_rows`, steps holding prefill chunks get build_step's VarlenLayout (fused models)."""
     kv = PagedKVCache(cfg, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=DEVICE)
     windows = {layer.sliding_window for layer in cfg.layers}
     seqs = [SeqRun(p, a, max_new) for p, a in zip(prompts, arrivals or [0] * len(prompts))]
@@ -112,7 +113,7 @@ def drive(model, cfg, prompts, max_new: int, dtype, arrivals=None, chunk: int = 
         step += 1
         if not work:
             continue
-        token_ids, layout = build_step([c for _, c in work], block_size, windows, DEVICE)
+        token_ids, layout = build_step([c for _, c in work], block_size, windows, DEVICE, tile_rows=tile_rows)
         logits = model(token_ids, layout, kv)
         rows = iter(range(logits.shape[0]))
         for s, c in work:

@@ -48,9 +48,13 @@ def test_continuous_batching_matches_single_requests(family, dtype, servable):
         together = [token_ids(outs) for outs in run_staggered(engine, prompts, params)]
         stats = wait_idle(engine)
         same = [a == b for a, b in zip(solo, together)]
+        mixed = engine.runner.mixed_graphs  # steps holding prefill chunks (the fused TE model's varlen attention)
+        mixed_replays = {key: e.replays for key, e in mixed.entries.items()}
         report(test="engine_batching", family=family, dtype=dtype, identical=same,
                graph_buckets=sorted(graphs.entries), captured_at_start=len(captured_at_start),
-               replays=sum(e.replays for e in graphs.entries.values()), graphs_disabled=graphs.disabled)
+               replays=sum(e.replays for e in graphs.entries.values()), graphs_disabled=graphs.disabled,
+               mixed_replays=mixed_replays, mixed_disabled=mixed.disabled)
+        assert mixed.disabled is None and sum(mixed_replays.values()) > 0
         # The engine captured every reachable decode graph before serving; requests only replayed.
         # (max_num_seqs 8 -> batch buckets 1..8; 512 positions -> context buckets 128..512.)
         assert graphs.disabled is None and captured_at_start == sorted(graphs.entries)

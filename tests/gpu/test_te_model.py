@@ -7,7 +7,7 @@ GEMMs with TF32 tensor cores, so "fp32" TE results are compared at TF32-level to
 import pytest
 import torch
 
-from backend.graphs import DecodeGraphs
+from backend.graphs import DecodeGraphs, MixedGraphs
 from tests.gpu.helpers import (DEVICE, FAMILIES, drive, greedy_agreement, prompts_for, rel_err, report,
                                requires_te, save_tiny, tiny_hf)
 
@@ -35,8 +35,9 @@ def load_reference(path, dtype):
     return load_reference_model(path, dtype, DEVICE)
 
 
-def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5):
-    """Logits at positions prefill-1 .. len-1: prefill in chunks, then one token per step."""
+def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5, tile_rows=None):
+    """Logits at positions prefill-1 .. len-1: prefill in chunks, then one token per step.
+    With tile_rows, the prefill chunks attend through the varlen kernel (VarlenLayout)."""
     from backend.batch import SeqChunk, build_step
     from backend.kv_cache import PagedKVCache
 
@@ -46,7 +47,8 @@ def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5):
     out = []
     for start in range(0, prefill, chunk):
         end = min(start + chunk, prefill)
-        ids, layout = build_step([SeqChunk(tokens[start:end], start, blocks, end == prefill)], 16, windows, DEVICE)
+        ids, layout = build_step([SeqChunk(tokens[start:end], start, blocks, end == prefill)], 16, windows, DEVICE,
+                                 tile_rows=tile_rows)
         logits = model(ids, layout, kv)
     out.append(logits)
     for pos in range(prefill, len(tokens)):
@@ -55,18 +57,18 @@ def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5):
     return torch.cat(out).float()
 
 
-@pytest.mark.parametrize("attention", ["fused", "torch"])
+@pytest.mark.parametrize("attention", ["varlen", "fused", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hf_and_reference(family, dtype, attention, checkpoints):
-    te = load(checkpoints[family], DTYPES[dtype], fused=attention == "fused")
-    assert te.fused == (attention == "fused"), "Triton should be installed on the GPU machine"
+    te = load(checkpoints[family], DTYPES[dtype], fused=attention != "torch")
+    assert te.fused == (attention != "torch"), "Triton should be installed on the GPU machine"
     ref, cfg = load_reference(checkpoints[family], DTYPES[dtype])
     hf = tiny_hf(family, seed=3).to(DEVICE)  # the same seeded weights, fp32: the oracle
     prompt = prompts_for(cfg.vocab_size, [30])[0]  # 30 tokens > sliding window 8
     with torch.no_grad():
         expected = hf(torch.tensor([prompt], device=DEVICE)).logits[0, 16:].float()
-    got = stepped_logits(te, cfg, prompt, 17, DTYPES[dtype])
+    got = stepped_logits(te, cfg, prompt, 17, DTYPES[dtype], tile_rows=te.tile_rows if attention == "varlen" else None)
     ref_got = stepped_logits(ref, cfg, prompt, 17, DTYPES[dtype])
     te_err, ref_err, te_vs_ref = rel_err(got, expected), rel_err(ref_got, expected), rel_err(got, ref_got)
     top1 = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
@@ -116,14 +118,40 @@ def test_cuda_graph_decode_equals_eager(family, dtype, checkpoints):
     assert max(errs) < (1e-4 if dtype == "fp32" else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fp8_stays_close_to_bf16(family, checkpoints):
+def test_cuda_graph_mixed_steps_equal_eager(family, dtype, checkpoints):
+    """Staggered arrivals make steps of prefill chunks beside decodes: replayed from MixedGraphs
+    (token buckets), decode-only steps from DecodeGraphs, as the engine's runner dispatches them."""
+    te = load(checkpoints[family], DTYPES[dtype])
+    cfg = te.cfg
+    prompts = prompts_for(cfg.vocab_size, [5, 40, 100, 23], seed=6)
+    kw = dict(arrivals=[0, 2, 5, 9], dtype=DTYPES[dtype], chunk=16, tile_rows=te.tile_rows)
+    decode, mixed = DecodeGraphs(te), MixedGraphs(te, block_size=16, max_seqs=8, max_tokens=64, max_len=512)
+    graphed = drive(lambda ids, layout, kv: (decode if decode.can_run(ids, layout) else mixed)(ids, layout, kv),
+                    cfg, prompts, 40, **kw)
+    eager = drive(te, cfg, prompts, 40, **kw)
+    equal, errs = [], []
+    for i, (e, g) in enumerate(zip(eager, graphed)):
+        n = greedy_agreement(e, g, TIE[dtype] / 10, f"{family} {dtype} seq {i}")
+        equal.append(n)
+        errs.append(rel_err(torch.stack(g.logits[:n + 1]), torch.stack(e.logits[:n + 1])))
+    replays = {key: entry.replays for key, entry in mixed.entries.items()}
+    report(test="mixed_graphs_vs_eager", family=family, dtype=dtype, equal_tokens=equal, of=40,
+           logits_rel_err=max(errs), mixed_replays=replays, graphs_disabled=mixed.disabled or decode.disabled)
+    assert mixed.disabled is None and sum(replays.values()) > 0
+    assert max(errs) < (1e-4 if dtype == "fp32" else 2e-2)
+
+
+@pytest.mark.parametrize("lm_head", ["bf16", "fp8"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_stays_close_to_bf16(family, lm_head, checkpoints):
     import transformer_engine.pytorch as te_mod
 
     if not te_mod.is_fp8_available():
         pytest.skip("this GPU has no FP8")
     te16 = load(checkpoints[family], torch.bfloat16)
-    te8 = load(checkpoints[family], torch.bfloat16, fp8=True)
+    te8 = load(checkpoints[family], torch.bfloat16, fp8=True, fp8_lm_head=lm_head == "fp8")
     cfg = te16.cfg
     # Teacher-forced: the same tokens through both, prefill (eager) then decode (graphs).
     tokens = prompts_for(cfg.vocab_size, [60], seed=4)[0]
@@ -136,7 +164,7 @@ def test_fp8_stays_close_to_bf16(family, checkpoints):
     g16 = drive(DecodeGraphs(te16), cfg, prompts, 32, torch.bfloat16, arrivals=[0, 2, 4])
     g8 = drive(graphs8, cfg, prompts, 32, torch.bfloat16, arrivals=[0, 2, 4])
     same = [next((i for i, (x, y) in enumerate(zip(p.tokens, q.tokens)) if x != y), 32) for p, q in zip(g16, g8)]
-    report(test="fp8_vs_bf16", family=family, logits_rel_err=err, top1_agreement=top1, positions=len(a),
+    report(test="fp8_vs_bf16", family=family, lm_head=lm_head, logits_rel_err=err, top1_agreement=top1, positions=len(a),
            greedy_equal_prefix=same, of=32, fp8_buckets=sorted(graphs8.entries), graphs_disabled=graphs8.disabled)
     assert all(b % 8 == 0 for b, _ in graphs8.entries)
     # Tiny random models have flat logits (close runner-ups); the gemma-2b-shaped benchmark
