@@ -116,7 +116,8 @@ def markdown(records: list[dict], args) -> str:
         values = {s: median([pick(r) for r in records if r["type"] == kind and r["system"] == s and pick(r) is not None])
                   for s in ("server", "engine_direct")}
         ratio = values["server"] / values["engine_direct"] if values["server"] and values["engine_direct"] else None
-        cells = ["-" if v is None else f"{v:,.1f}" for v in (values["server"], values["engine_direct"], ratio)]
+        cells = ["-" if v is None else f"{v:,.1f}" for v in (values["server"], values["engine_direct"])]
+        cells.append("-" if ratio is None else f"{ratio:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     row(f"prefill, bursts of {BURST}: prompt tok/s", "prefill", lambda r: r["prompt_tokens_per_s"])
