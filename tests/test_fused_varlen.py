@@ -159,6 +159,17 @@ def test_no_tiles_gives_zeros():
                                 None, None).any()
 
 
+@pytest.mark.parametrize("chunks", [[(5, 0), (1, 7), (1, 20)], [(1, 3), (1, 30)]])
+def test_benchmark_paths_agree(chunks):
+    """benchmarks/attention_bench.py's varlen case times the same attention three ways."""
+    from benchmarks.attention_bench import varlen_paths
+
+    outputs = {name: fn()[0] for name, fn in varlen_paths(chunks, layers=1, device=DEVICE).items()}
+    tolerance = dict(atol=2e-2, rtol=2e-2) if DEVICE == "cuda" else dict(atol=2e-6, rtol=1e-5)  # bf16 on GPUs
+    torch.testing.assert_close(outputs["varlen"], outputs["torch"], **tolerance)
+    torch.testing.assert_close(outputs["varlen"], outputs["current"], **tolerance)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 @pytest.mark.parametrize("softcap,window", [(None, None), (50.0, 512)])
