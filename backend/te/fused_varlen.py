@@ -35,10 +35,10 @@ from backend.kv_cache import blocks_for
 from . import attention
 from .fused_decode import _pow2
 
-# Rows (tokens x query heads) per tile: 64 is the M of one Hopper warpgroup MMA, and a [64, 256] fp32
-# accumulator (gemma-2b's head dim) still fits in registers with 8 warps (64 per thread). More rows
-# would reuse each key block for more queries in long prefills, but spill at head dim 256; and a
-# decode tile holds one token whatever the size, so its other rows are wasted work.
+# Rows (tokens x query heads) per tile: 64, the M of one Hopper warpgroup MMA. A decode tile uses G
+# of them whatever the size, so more rows waste more work on decodes; fewer rows reuse each key block
+# for fewer queries in long prefills. Built for sm_90 (gemma-2b, bf16, 8 warps) the kernel takes 141
+# registers a thread at 64 rows and 222 at 128, no spills (with 4 warps, 128 rows spill).
 TILE_ROWS = 64
 KEY_BLOCK_BYTES = 16 * 1024  # one key block of the cache per loop iteration (and as much of values)
 
@@ -158,8 +158,8 @@ def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         G=G, D=D, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
-        # A [64, 256] fp32 accumulator over 8 warps is 64 registers a thread; built for sm_90 (gemma-2b,
-        # bf16) the kernel takes 141 registers a thread and spills nothing (4 warps: 245).
+        # A [64, 256] fp32 accumulator over 8 warps is 64 registers a thread (sm_90, gemma-2b: 141 in
+        # all; with 4 warps, 245).
         num_warps=8 if rows * block_d >= 64 * 256 else 4)
     return out
 
