@@ -35,7 +35,7 @@ test: setup
 # GPU tests (TransformerEngine); run on a CUDA machine, see docs/gpu.md.
 test-gpu:  # the fused-kernel tests run compiled where CUDA is (in Triton's interpreter elsewhere)
 	python3 -m pytest -q -m gpu tests
-	python3 -m pytest -q tests/test_fused_decode.py
+	python3 -m pytest -q tests/test_fused_decode.py tests/test_fused_varlen.py
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -1,0 +1,187 @@
+"""Attention for every row of a mixed engine step in one kernel call: prefill chunks of any length
+and decodes, over the paged KV cache addressed through per-sequence block tables.
+
+The step's work is described by a table of tiles, 4 ints each: (sequence row of the block tables,
+first query row of the step's flattened tokens, number of rows, position of the first row). The host
+splits each chunk into tiles of `tile_rows(G)` tokens (`tile_table`); a decode is a one-row tile.
+One program per (tile, KV head) takes the tile's tokens times the KV head's G query heads as the
+rows of its matrix products (a multi-query model reads each key block once per tile), walks the
+sequence's key blocks from the tile's lowest visible key to its last position, finds each key's
+cache slot through the block table, and keeps an online softmax in fp32 (causal and sliding-window
+masks per row, optional tanh softcap as in Gemma 2).
+
+Every input has a fixed shape chosen by the caller (tiles padded with all-zero rows, which do
+nothing; block tables padded with rows and columns that are never read) and the kernel reads its
+loop bounds from the tile table on the device: a whole mixed step can be captured in a CUDA graph
+keyed by its token count. A row's result depends only on its own tile, so padding changes no bit.
+
+No split over keys: with fixed shapes, the partial results of a split would need a buffer for
+every (tile, split) the bucket could hold, however few are used. Decode-only steps with long
+contexts keep fused_decode.decode_attention, whose splits are sized by the slot list's width.
+
+`varlen_attention_torch` is the same contract in plain torch (tests, CPU).
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from backend.batch import decode_masks
+from backend.kv_cache import blocks_for
+
+from . import attention
+from .fused_decode import _pow2
+
+# Rows (tokens x query heads) per tile: 64, the M of one Hopper warpgroup MMA. A decode tile uses G
+# of them whatever the size, so more rows waste more work on decodes; fewer rows reuse each key block
+# for fewer queries in long prefills. Built for sm_90 (gemma-2b, bf16, 8 warps) the kernel takes 141
+# registers a thread at 64 rows and 222 at 128, no spills (with 4 warps, 128 rows spill).
+TILE_ROWS = 64
+KEY_BLOCK_BYTES = 16 * 1024  # one key block of the cache per loop iteration (and as much of values)
+
+
+def tile_rows(queries_per_kv: int) -> int:
+    """Query tokens per tile (the kernel's BLOCK_M): the largest power of two with tokens x G <= 64,
+    at least 1 (G = 8: 8 tokens; G = 5: 8 tokens, 40 of 64 rows used; G = 1: 64)."""
+    return 1 << (max(1, TILE_ROWS // queries_per_kv).bit_length() - 1)
+
+
+def tile_table(seq_rows, q_starts, q_lens, pos_starts, block_m: int) -> list[int]:
+    """Chunk i (block-table row seq_rows[i]; q_lens[i] new tokens at rows q_starts[i].. of the step,
+    positions pos_starts[i]..) as ceil(q_lens[i] / block_m) tiles, flattened: 4 ints per tile,
+    (seq_row, first_q_row, num_rows, first_position). A decode is a chunk of length 1."""
+    flat = []
+    for seq, row, length, pos in zip(seq_rows, q_starts, q_lens, pos_starts):
+        for offset in range(0, length, block_m):
+            flat += [seq, row + offset, min(block_m, length - offset), pos + offset]
+    return flat
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """Deferred like fused_decode's: importing this module must not require Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def varlen_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, tiles_ptr, out_ptr,
+                      scale, softcap, window,
+                      sq_t, sq_h, skc_s, skc_h, svc_s, svc_h, sbt_s, so_t, so_h,
+                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+        # Last tile first: a chunk's last tiles see the most keys, and padding tiles sit at the end,
+        # so the long programs start early and the empty ones fill the gaps.
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        kv = tl.program_id(1)
+        seq = tl.load(tiles_ptr + tile * 4)
+        first_row = tl.load(tiles_ptr + tile * 4 + 1)
+        num_rows = tl.load(tiles_ptr + tile * 4 + 2)
+        first_pos = tl.load(tiles_ptr + tile * 4 + 3)
+        i = tl.arange(0, ROWS)  # row i: the tile's token i // G, query head i % G of this KV head
+        token = i // G
+        heads = kv * G + i % G
+        rows_ok = (i < BLOCK_M * G) & (token < num_rows)
+        q_pos = first_pos + token
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        q = tl.load(q_ptr + (first_row + token)[:, None] * sq_t + heads[:, None] * sq_h + d[None, :],
+                    mask=rows_ok[:, None] & dm[None, :], other=0.0)
+        hi = tl.where(num_rows > 0, first_pos + num_rows, 0)  # causal: the last row sees keys 0..hi-1
+        lo = hi * 0
+        if HAS_WINDOW:  # key j is in row p's window iff p - window < j; the first row sees the lowest
+            lo = tl.maximum(first_pos - window + 1, 0)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        denom = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        for start in range(lo - lo % BLOCK_N, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)  # key positions
+            live = (cols >= lo) & (cols < hi)  # never reads the block table past the sequence
+            blocks = tl.load(tables_ptr + seq * sbt_s + cols // BLOCK_SIZE, mask=live, other=0)
+            slots = blocks.to(tl.int64) * BLOCK_SIZE + cols % BLOCK_SIZE
+            k = tl.load(k_cache_ptr + slots[:, None] * skc_s + kv * skc_h + d[None, :],
+                        mask=live[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale  # [ROWS, BLOCK_N]
+            if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh from exp (no libdevice in the interpreter)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            visible = live[None, :] & (cols[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (cols[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            # A row with no visible key yet (early rows against late blocks, or a window's early
+            # blocks) keeps m = -inf: subtract 0 instead, so its weights are exp(-inf) = 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_sub)
+            p = tl.exp(s - m_sub[:, None])
+            denom = denom * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + slots[:, None] * svc_s + kv * svc_h + d[None, :],
+                        mask=live[:, None] & dm[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+            m = m_new
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a real row always sees its own key
+        tl.store(out_ptr + (first_row + token)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & dm[None, :])
+
+    return varlen_kernel
+
+
+def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     tiles: torch.Tensor, block_size: int, scale: float, softcap: Optional[float],
+                     window: Optional[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [T, H, D] (RoPE applied; padding rows allowed), k_cache/v_cache [slots, KV, D] with slot =
+    block * block_size + offset, block_tables [S, W] int32/int64, tiles [N, 4] int32 from
+    tile_table(..., tile_rows(H // KV)) (all-zero rows do nothing) -> out [T, H, D]. Row r of tile
+    (b, r0, n, p0) is the query at position p0 + r - r0 of sequence b and attends to its keys at
+    positions max(0, p - window + 1)..p. Rows in no tile come out zero. No host sync, no shape from
+    tensor values: CUDA-graph capturable."""
+    T, H, D = q.shape
+    kv_heads = k_cache.shape[1]
+    G = H // kv_heads
+    assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and block_tables.stride(1) == 1
+    assert tiles.dtype == torch.int32 and tiles.shape[1] == 4 and tiles.is_contiguous()
+    out = torch.zeros_like(q) if out is None else out.zero_()  # rows in no tile are zero
+    if tiles.shape[0] == 0 or T == 0:
+        return out
+    block_m = tile_rows(G)
+    rows = _pow2(block_m * G, 16)  # tl.dot needs at least 16 rows
+    block_d = _pow2(D, 16)
+    block_n = max(16, min(64, KEY_BLOCK_BYTES // (block_d * k_cache.element_size())))
+    _kernel()[(tiles.shape[0], kv_heads)](
+        q, k_cache, v_cache, block_tables, tiles, out,
+        scale, softcap or 1.0, window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=G, D=D, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
+        # A [64, 256] fp32 accumulator over 8 warps is 64 registers a thread (sm_90, gemma-2b: 141 in
+        # all; with 4 warps, 245).
+        num_warps=8 if rows * block_d >= 64 * 256 else 4)
+    return out
+
+
+def varlen_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, tiles: torch.Tensor, block_size: int, scale: float,
+                           softcap: Optional[float], window: Optional[int],
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """varlen_attention in plain torch (attention.attend, masks from batch.decode_masks), one
+    sequence at a time. Reads the tiles on the host: not for CUDA graphs."""
+    out = torch.zeros_like(q) if out is None else out.zero_()
+    spans = defaultdict(list)  # sequence row -> its tiles' (first row, rows, first position)
+    for seq, first_row, num_rows, first_pos in tiles.tolist():
+        if num_rows:
+            spans[seq].append((first_row, num_rows, first_pos))
+    for seq, seq_spans in spans.items():
+        rows = torch.cat([torch.arange(r, r + n) for r, n, _ in seq_spans]).to(q.device)
+        positions = torch.cat([torch.arange(p, p + n) for _, n, p in seq_spans]).to(q.device)
+        ctx = max(p + n for _, n, p in seq_spans)
+        table = block_tables[seq, :blocks_for(ctx, block_size)].long()
+        slots = (table[:, None] * block_size + torch.arange(block_size, device=q.device)).flatten()[:ctx]
+        mask = decode_masks(positions, ctx, [window])[window].view(1, -1, ctx)  # [1, rows, ctx]
+        out[rows] = attention.attend(q[rows][None], k_cache[slots][None], v_cache[slots][None], mask, scale,
+                                     softcap)[0].to(out.dtype)
+    return out
