@@ -96,11 +96,12 @@ def _build_varlen_step(chunks: list[SeqChunk], block_size: int, uploader: HostTo
     """Positions and cache slots of every token are laid out on the host (a range per cache block),
     the block tables padded to the longest context, and each chunk split into tiles of `tile_rows`
     tokens; all of it goes to the device in one copy."""
-    token_ids, logit_rows, positions, slots, tiles = [], [], [], [], []
+    token_ids, logit_rows, positions, slots, q_starts = [], [], [], [], []
     width = max(blocks_for(c.start + len(c.token_ids), block_size) for c in chunks)
     tables = []
     for seq_row, chunk in enumerate(chunks):
         row, n, start = len(token_ids), len(chunk.token_ids), chunk.start
+        q_starts.append(row)
         token_ids += chunk.token_ids
         if chunk.needs_logits:
             logit_rows.append(row + n - 1)
@@ -113,14 +114,25 @@ def _build_varlen_step(chunks: list[SeqChunk], block_size: int, uploader: HostTo
             slots.extend(range(base + pos, base + end))
             pos = end
         tables += (chunk.block_table + [0] * width)[:width]
-        for offset in range(0, n, tile_rows):
-            tiles += [seq_row, row + offset, min(tile_rows, n - offset), start + offset]
-    device_ids, device_rows, pos, slot_mapping, block_tables, tile_table = uploader.upload(
+    tiles = tile_table(range(len(chunks)), q_starts, [len(c.token_ids) for c in chunks], [c.start for c in chunks],
+                       tile_rows)
+    device_ids, device_rows, pos, slot_mapping, block_tables, device_tiles = uploader.upload(
         [token_ids, logit_rows, positions, slots, tables, tiles])
-    varlen = VarlenLayout(block_tables=block_tables.view(len(chunks), width), tiles=tile_table.view(-1, 4),
-                          block_size=block_size)
+    varlen = VarlenLayout(block_tables=block_tables.view(len(chunks), width),
+                          tiles=device_tiles.view(-1, 4).to(torch.int32), block_size=block_size)
     return device_ids, StepLayout(positions=pos, slot_mapping=slot_mapping, groups=[], logit_rows=device_rows,
                                   varlen=varlen)
+
+
+def tile_table(seq_rows, q_starts, q_lens, pos_starts, block_m: int) -> list[int]:
+    """Chunk i (block-table row seq_rows[i]; q_lens[i] new tokens at rows q_starts[i].. of the step,
+    positions pos_starts[i]..) as ceil(q_lens[i] / block_m) tiles, flattened: 4 ints per tile,
+    (seq_row, first_q_row, num_rows, first_position). A decode is a chunk of length 1."""
+    flat = []
+    for seq, row, length, pos in zip(seq_rows, q_starts, q_lens, pos_starts):
+        for offset in range(0, length, block_m):
+            flat += [seq, row + offset, min(block_m, length - offset), pos + offset]
+    return flat
 
 
 def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_ctx: int, block_size: int,

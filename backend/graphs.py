@@ -274,7 +274,7 @@ class MixedGraphs(_GraphSet):
         rows = min(tokens, self.max_seqs)
         tiles = tokens // self.model.tile_rows + rows  # each sequence's chunk ends in at most one partial tile
         return _MixedEntry(tokens=zeros(tokens), positions=zeros(tokens), slots=zeros(tokens), num_valid=zeros(()),
-                           row_ids=torch.arange(tokens, device=dev), tiles=zeros(tiles, 4),
+                           row_ids=torch.arange(tokens, device=dev), tiles=zeros(tiles, 4).to(torch.int32),
                            block_tables=zeros(self.max_seqs, self.width), logit_rows=zeros(rows))
 
     @staticmethod

@@ -36,7 +36,7 @@ class VarlenLayout:
     """Every chunk of a step attends in one kernel call per layer (models with a varlen attention
     kernel, backend/te/fused_varlen.py): chunk i's rows read its context through block_tables[i]."""
     block_tables: torch.Tensor  # [S, W] cache blocks of each scheduled sequence, in chunk order
-    tiles: torch.Tensor  # [N, 4] (sequence row, first token row, rows, first position); rows 0: padding
+    tiles: torch.Tensor  # [N, 4] int32 (sequence row, first token row, rows, first position); rows 0: padding
     block_size: int
 
 

@@ -16,7 +16,8 @@ from backend.batch import SeqChunk, build_step  # noqa: E402
 from backend.kv_cache import blocks_for  # noqa: E402
 from backend.te import fused_varlen  # noqa: E402
 from backend.te.attention import StepContext, paged_attention  # noqa: E402
-from backend.te.fused_varlen import tile_rows, tile_table, varlen_attention, varlen_attention_torch  # noqa: E402
+from backend.batch import tile_table  # noqa: E402
+from backend.te.fused_varlen import tile_rows, varlen_attention, varlen_attention_torch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 

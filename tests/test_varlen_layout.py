@@ -1,7 +1,13 @@
 """build_step's VarlenLayout (models with a varlen attention kernel): the same token rows, positions
 and cache slots as the attention-group layout, block tables in chunk order, and tiles that cover
-every row of every chunk exactly once."""
+every row of every chunk exactly once; and the varlen kernel over it attends like the groups."""
+import os
+
+import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
 
 from backend.batch import SeqChunk, build_step
 
@@ -52,3 +58,26 @@ def test_decode_only_steps_keep_the_batched_decode_group():
     decodes = [SeqChunk([5], 12, [1, 8, 6, 0], True), SeqChunk([6], 0, [5], True)]
     _, layout = build_step(decodes, BLOCK, {None}, "cpu", tile_rows=4)
     assert layout.varlen is None and len(layout.groups) == 1  # the decode graphs' layout
+
+
+def test_varlen_kernel_on_the_layout_attends_like_the_groups():
+    """The fused_varlen kernel (Triton's interpreter here) over build_step's VarlenLayout gives
+    what the attention groups of the same step give (backend/te/attention.py's torch path)."""
+    pytest.importorskip("triton")
+    from backend.te import fused_varlen
+    from backend.te.attention import StepContext, paged_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    kv_heads, group, D = 1, 8, 16
+    k_cache, v_cache = (torch.randn(48, kv_heads, D, generator=gen).to(device) for _ in range(2))
+    _, groups = build_step(chunks(), BLOCK, {None, 5}, device)
+    _, varlen = build_step(chunks(), BLOCK, {None, 5}, device, tile_rows=fused_varlen.tile_rows(group))
+    q = torch.randn(varlen.positions.shape[0], kv_heads * group, D, generator=gen).to(device)
+    for window in (None, 5):
+        want = paged_attention(q, k_cache, v_cache, StepContext(ropes={}, slot_mapping=groups.slot_mapping,
+                               groups=groups.groups, positions=groups.positions), window, 0.25, None)
+        got = paged_attention(q, k_cache, v_cache, StepContext(ropes={}, slot_mapping=varlen.slot_mapping,
+                              groups=[], positions=varlen.positions, fused=True, varlen=varlen.varlen),
+                              window, 0.25, None)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)

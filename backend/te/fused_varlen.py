@@ -3,7 +3,7 @@ and decodes, over the paged KV cache addressed through per-sequence block tables
 
 The step's work is described by a table of tiles, 4 ints each: (sequence row of the block tables,
 first query row of the step's flattened tokens, number of rows, position of the first row). The host
-splits each chunk into tiles of `tile_rows(G)` tokens (`tile_table`); a decode is a one-row tile.
+splits each chunk into tiles of `tile_rows(G)` tokens (`backend.batch.tile_table`); a decode is a one-row tile.
 One program per (tile, KV head) takes the tile's tokens times the KV head's G query heads as the
 rows of its matrix products (a multi-query model reads each key block once per tile), walks the
 sequence's key blocks from the tile's lowest visible key to its last position, finds each key's
@@ -47,17 +47,6 @@ def tile_rows(queries_per_kv: int) -> int:
     """Query tokens per tile (the kernel's BLOCK_M): the largest power of two with tokens x G <= 64,
     at least 1 (G = 8: 8 tokens; G = 5: 8 tokens, 40 of 64 rows used; G = 1: 64)."""
     return 1 << (max(1, TILE_ROWS // queries_per_kv).bit_length() - 1)
-
-
-def tile_table(seq_rows, q_starts, q_lens, pos_starts, block_m: int) -> list[int]:
-    """Chunk i (block-table row seq_rows[i]; q_lens[i] new tokens at rows q_starts[i].. of the step,
-    positions pos_starts[i]..) as ceil(q_lens[i] / block_m) tiles, flattened: 4 ints per tile,
-    (seq_row, first_q_row, num_rows, first_position). A decode is a chunk of length 1."""
-    flat = []
-    for seq, row, length, pos in zip(seq_rows, q_starts, q_lens, pos_starts):
-        for offset in range(0, length, block_m):
-            flat += [seq, row + offset, min(block_m, length - offset), pos + offset]
-    return flat
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,7 +123,7 @@ def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      window: Optional[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [T, H, D] (RoPE applied; padding rows allowed), k_cache/v_cache [slots, KV, D] with slot =
     block * block_size + offset, block_tables [S, W] int32/int64, tiles [N, 4] int32 from
-    tile_table(..., tile_rows(H // KV)) (all-zero rows do nothing) -> out [T, H, D]. Row r of tile
+    batch.tile_table(..., tile_rows(H // KV)) (all-zero rows do nothing) -> out [T, H, D]. Row r of tile
     (b, r0, n, p0) is the query at position p0 + r - r0 of sequence b and attends to its keys at
     positions max(0, p - window + 1)..p. Rows in no tile come out zero. No host sync, no shape from
     tensor values: CUDA-graph capturable."""
