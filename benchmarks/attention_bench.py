@@ -23,13 +23,12 @@ import json
 
 import torch
 
-from backend.batch import SeqChunk, build_step, decode_masks
+from backend.batch import SeqChunk, build_step, decode_masks, tile_table
 from backend.config import RopeSpec
 from backend.kv_cache import blocks_for
 from backend.model import AttentionGroup, apply_rope, rope_cos_sin, write_kv
 from backend.te.attention import StepContext, paged_attention
 from backend.te.fused_decode import rope_and_store
-from backend.batch import tile_table
 from backend.te.fused_varlen import tile_rows, varlen_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 1, 256
