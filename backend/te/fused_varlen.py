@@ -46,7 +46,7 @@ from .fused_decode import _pow2
 TILE_ROWS = 64
 KEY_BLOCK_BYTES = 16 * 1024  # one key block of the cache per loop iteration (and as much of values)
 # Splits over keys: enough (tile, KV head, split) programs for PROGRAMS_PER_SM of them per SM. One
-# 8-warp program fills an SM's registers (gemma-2b: 141 a thread, two would need 72k of 64k), so the
+# 8-warp program fills an SM's registers (gemma-2b: 146 a thread, two would need 75k of 64k), so the
 # SMs run the programs in waves and ~4 waves let SMs that drew short slices take more, evening out
 # contexts of different lengths. A slice costs its rows' partial results, written and read back once
 # (a decode: G x D fp32, 8 KB for gemma-2b, a quarter of one 32-key block's keys and values); 64
@@ -226,7 +226,8 @@ def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         part = ml = out  # unused: the kernel writes the output directly
     # A [64, 256] fp32 accumulator over 8 warps is 64 registers a thread (sm_90, gemma-2b: 141 in
-    # all; with 4 warps, 245).
+    # all before the split, 146 with it, the merge 108; with 4 warps, 245). fp32 inputs with D = 256
+    # (no tensor cores) take 182 unsplit but spill storing split partials (255 and ~900 bytes).
     num_warps = 8 if rows * block_d >= 64 * 256 else 4
     varlen, merge = _kernel()
     varlen[(num_tiles, kv_heads, splits)](
