@@ -1,6 +1,7 @@
 """GPU micro-benchmark: one step's attention work for every layer, torch path vs fused kernels.
 
     python3 -m benchmarks.attention_bench [--cases decode,varlen] [--batches 1,8,64] [--ctx 128] [--layers 18]
+        [--programs-per-sm 2,4,8]
 
 gemma-2b attention shapes (8 query heads, 1 KV head, head dim 256, bf16). Each path is captured in a
 CUDA graph for all layers and replayed, so the times are GPU time without launch gaps, as in the
@@ -14,7 +15,9 @@ engine's graph decode. Needs CUDA and Triton; not TransformerEngine. One JSON li
   fused_varlen.varlen_attention (one call per layer) vs the torch path (paged_attention over
   build_step's groups: one SDPA/matmul chain per prefill chunk, one for the decodes) and the current
   fused path (the same with decode groups on decode_attention; decode-only steps as the graphs run
-  them). Effective TFLOP/s counts 4 * heads * head_dim per visible (query, key) pair.
+  them). Effective TFLOP/s counts 4 * heads * head_dim per visible (query, key) pair. `splits` is
+  the kernel's split over keys for the case's tile count; --programs-per-sm sweeps the rule's target
+  (fused_varlen.PROGRAMS_PER_SM), one line per value and case.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from backend.batch import SeqChunk, build_step, decode_masks, tile_table
 from backend.config import RopeSpec
 from backend.kv_cache import blocks_for
 from backend.model import AttentionGroup, apply_rope, rope_cos_sin, write_kv
+from backend.te import fused_varlen
 from backend.te.attention import StepContext, paged_attention
 from backend.te.fused_decode import rope_and_store
-from backend.te.fused_varlen import tile_rows, varlen_attention
+from backend.te.fused_varlen import num_splits, tile_rows, varlen_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 1, 256
 
@@ -128,7 +132,10 @@ def varlen_case(name: str, chunks: list[tuple[int, int]], layers: int) -> dict:
     pairs = sum(n * pos + n * (n + 1) // 2 for n, pos in chunks)  # visible (query, key) pairs, causal
     flops = 4 * HEADS * HEAD_DIM * pairs * layers
     times = {path: graph_ms(fn) for path, fn in varlen_paths(chunks, layers).items()}
-    return dict(case=name, tokens=sum(n for n, _ in chunks), sequences=len(chunks), layers=layers,
+    block_m = tile_rows(HEADS // KV_HEADS)
+    tiles = sum(-(-n // block_m) for n, _ in chunks)
+    return dict(case=name, tokens=sum(n for n, _ in chunks), sequences=len(chunks), layers=layers, tiles=tiles,
+                programs_per_sm=fused_varlen.PROGRAMS_PER_SM, splits=num_splits(tiles, KV_HEADS, torch.device("cuda")),
                 **{f"{path}_ms": round(ms, 4) for path, ms in times.items()},
                 **{f"{path}_tflops": round(flops / ms / 1e9, 1) for path, ms in times.items()},
                 speedup_vs_current=round(times["current"] / times["varlen"], 2), gpu=torch.cuda.get_device_name())
@@ -148,14 +155,18 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,64", help="decode case batch sizes")
     p.add_argument("--ctx", type=int, default=128, help="decode case context")
     p.add_argument("--layers", type=int, default=18)
+    p.add_argument("--programs-per-sm", default=str(fused_varlen.PROGRAMS_PER_SM),
+                   help="varlen: the split rule's programs per SM, comma-separated to sweep")
     args = p.parse_args()
     cases = args.cases.split(",")
     if "decode" in cases:
         for b in (int(x) for x in args.batches.split(",")):
             print(json.dumps(case(b, args.ctx, args.layers)), flush=True)
     if "varlen" in cases:
-        for name, chunks in varlen_cases():
-            print(json.dumps(varlen_case(name, chunks, args.layers)), flush=True)
+        for per_sm in (int(x) for x in args.programs_per_sm.split(",")):
+            fused_varlen.PROGRAMS_PER_SM = per_sm
+            for name, chunks in varlen_cases():
+                print(json.dumps(varlen_case(name, chunks, args.layers)), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from backend.kv_cache import blocks_for  # noqa: E402
 from backend.te import fused_varlen  # noqa: E402
 from backend.te.attention import StepContext, paged_attention  # noqa: E402
 from backend.batch import tile_table  # noqa: E402
-from backend.te.fused_varlen import tile_rows, varlen_attention, varlen_attention_torch  # noqa: E402
+from backend.te.fused_varlen import num_splits, tile_rows, varlen_attention, varlen_attention_torch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -90,6 +90,7 @@ CASES = [  # kv_heads, queries per KV head, softcap, window
 @pytest.mark.parametrize("kv_heads,group,softcap,window", CASES)
 def test_matches_torch_path(kv_heads, group, softcap, window, block_size):
     step = Step(MIXED, kv_heads, group, 16, block_size)
+    assert num_splits(step.tiles.shape[0], kv_heads, step.q.device) > 1  # off the GPU too: the split path
     want = step.torch_path(0.3, softcap, window)
     # The kernel's tanh comes from exp (1 - 2 / (exp(2x) + 1)): near 0 it is off by ~6e-8 absolute,
     # which the softcap scales to ~3e-6 in the scores; without softcap, 2e-6.
@@ -101,14 +102,38 @@ def test_matches_torch_path(kv_heads, group, softcap, window, block_size):
     assert not step.kernel(0.3, softcap, window)[-PAD_ROWS:].any()  # padding rows: zero
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("kv_heads,group,softcap,window", CASES[1:3])
-def test_small_key_blocks(monkeypatch, kv_heads, group, softcap, window):
+def test_small_key_blocks(monkeypatch, kv_heads, group, softcap, window, splits):
     """16-key blocks: many blocks per tile, rows with no visible key in a block (early rows of a
-    tile against its last block; a window's first blocks for late rows) must stay finite."""
+    tile against its last block; a window's first blocks for late rows) must stay finite; split
+    over keys, some rows see no key in a whole split."""
     monkeypatch.setattr(fused_varlen, "KEY_BLOCK_BYTES", 16 * 16 * 4)
     step = Step(MIXED, kv_heads, group, 16, 4, seed=1)
-    torch.testing.assert_close(step.kernel(0.3, softcap, window), step.torch_path(0.3, softcap, window),
-                               atol=1e-5 if softcap else 2e-6, rtol=1e-5)
+    torch.testing.assert_close(step.kernel(0.3, softcap, window, splits=splits),
+                               step.torch_path(0.3, softcap, window), atol=1e-5 if softcap else 2e-6, rtol=1e-5)
+
+
+# A decode with a long context (10 blocks of 16 keys), short ones (fewer blocks than splits: empty
+# splits), prefill tiles whose window starts past their first key block.
+LONG_AND_SHORT = [(1, 159), (1, 2), (9, 0), (20, 30), (1, 40)]
+
+
+@pytest.mark.parametrize("splits,window", [(2, None), (4, 7), (7, None), (16, 20)])
+def test_splits_match_torch_path(monkeypatch, splits, window):
+    monkeypatch.setattr(fused_varlen, "KEY_BLOCK_BYTES", 16 * 16 * 4)
+    step = Step(LONG_AND_SHORT, 1, 4, 16, 4, seed=6)
+    got = step.kernel(0.3, None, window, splits=splits)
+    torch.testing.assert_close(got, step.torch_path(0.3, None, window), atol=2e-6, rtol=1e-5)
+    assert not got[-PAD_ROWS:].any()  # padding rows: zero, padding tiles merge nothing
+
+
+def test_split_count_from_tiles_and_sms(monkeypatch):
+    """4 programs an SM (an H200's 132 SMs), at most 16 splits; enough tiles: one."""
+    monkeypatch.setattr(fused_varlen, "INTERPRETER_SMS", 132)
+    cpu = torch.device("cpu")
+    assert [num_splits(n, 1, cpu) for n in (1, 33, 64, 72, 264, 527, 528, 4096)] == [16, 16, 9, 8, 2, 2, 1, 1]
+    assert num_splits(36, 2, cpu) == num_splits(72, 1, cpu)  # programs count KV heads
 
 
 # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as their raw 16-bit patterns (it stores
@@ -126,15 +151,17 @@ def test_half_precision_matches_torch_path(dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
 
 
-def test_padding_changes_no_bit():
+@pytest.mark.parametrize("splits", [1, 5])
+def test_padding_changes_no_bit(splits):
     """A graph bucket pads the tile table (all-zero rows), the block tables (rows and columns) and
-    the query rows; the tiles may come in any order. Real rows must come out bitwise equal."""
+    the query rows; the tiles may come in any order. Real rows must come out bitwise equal for a
+    given split count (the default count follows the table's length)."""
     step = Step(MIXED, 1, 8, 16, 4, seed=3, pad_tiles=0, pad_tables=(0, 0))
-    narrow = step.kernel(0.3, None, 12)
+    narrow = step.kernel(0.3, None, 12, splits=splits)
     wide_tables = step.padded_tables(5, 9, dtype=torch.int64)
     shuffled = step.tile_tensor(7, order=lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(0)))
     out = torch.full_like(step.q, float("nan"))
-    wide = step.kernel(0.3, None, 12, block_tables=wide_tables, tiles=shuffled, out=out)
+    wide = step.kernel(0.3, None, 12, block_tables=wide_tables, tiles=shuffled, out=out, splits=splits)
     assert wide.data_ptr() == out.data_ptr()
     assert torch.equal(wide, narrow)  # padding rows included: zero in both
 

@@ -10,14 +10,18 @@ sequence's key blocks from the tile's lowest visible key to its last position, f
 cache slot through the block table, and keeps an online softmax in fp32 (causal and sliding-window
 masks per row, optional tanh softcap as in Gemma 2).
 
+Split over keys: a step of decodes has one tile per sequence, too few programs for the GPU, each
+walking its whole context. Each tile's key range is then cut into `splits` contiguous slices (whole
+key blocks, from the tile's own bounds), one program each, and a second kernel merges the slices'
+partial softmaxes (fp32) per row, as fused_decode does. The count comes from the tile table's
+length and the SM count alone, never from tensor values, so a graph bucket has one fixed count.
+
 Every input has a fixed shape chosen by the caller (tiles padded with all-zero rows, which do
 nothing; block tables padded with rows and columns that are never read) and the kernel reads its
 loop bounds from the tile table on the device: a whole mixed step can be captured in a CUDA graph
-keyed by its token count. A row's result depends only on its own tile, so padding changes no bit.
-
-No split over keys: with fixed shapes, the partial results of a split would need a buffer for
-every (tile, split) the bucket could hold, however few are used. Decode-only steps with long
-contexts keep fused_decode.decode_attention, whose splits are sized by the slot list's width.
+keyed by its token count. A row's result depends only on its own tile and the split count, so for
+a given count padding changes no bit (padding tiles add to the table's length, which picks the count:
+an eager step and a graph bucket's replay of it may round differently).
 
 `varlen_attention_torch` is the same contract in plain torch (tests, CPU).
 """
@@ -41,12 +45,38 @@ from .fused_decode import _pow2
 # registers a thread at 64 rows and 222 at 128, no spills (with 4 warps, 128 rows spill).
 TILE_ROWS = 64
 KEY_BLOCK_BYTES = 16 * 1024  # one key block of the cache per loop iteration (and as much of values)
+# Splits over keys: enough (tile, KV head, split) programs for PROGRAMS_PER_SM of them per SM. One
+# 8-warp program fills an SM's registers (gemma-2b: 146 a thread, two would need 75k of 64k), so the
+# SMs run the programs in waves and ~4 waves let SMs that drew short slices take more, evening out
+# contexts of different lengths. A slice costs its rows' partial results, written and read back once
+# (a decode: G x D fp32, 8 KB for gemma-2b, a quarter of one 32-key block's keys and values); 64
+# decodes of gemma-2b (~72 tiles with a graph bucket's padding) get 8 splits, a 1024-key context 4
+# key blocks a program instead of 32. MAX_SPLITS bounds the merge's loop when a step has only a few
+# tiles (16 splits: a 1024-key context is 2 blocks a program). Prefill-heavy steps have enough tiles
+# and keep one split: no partial buffers, the output written directly. The partial buffers hold
+# fewer than 2 x PROGRAMS_PER_SM x SMs tiles' rows (gemma-2b on an H200: < 69 MB, one layer's).
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 16
+# Off the GPU (Triton's interpreter, tests) programs run one at a time: a few "SMs" keep small steps
+# split, so the tests take the split path by default, without hundreds of programs.
+INTERPRETER_SMS = 8
 
 
 def tile_rows(queries_per_kv: int) -> int:
     """Query tokens per tile (the kernel's BLOCK_M): the largest power of two with tokens x G <= 64,
     at least 1 (G = 8: 8 tokens; G = 5: 8 tokens, 40 of 64 rows used; G = 1: 64)."""
     return 1 << (max(1, TILE_ROWS // queries_per_kv).bit_length() - 1)
+
+
+def num_splits(num_tiles: int, kv_heads: int, device: torch.device) -> int:
+    """Splits over keys for a tile table of `num_tiles` rows (padding included): static per graph bucket."""
+    sms = _cuda_sms(device) if device.type == "cuda" else INTERPRETER_SMS
+    return max(1, min(MAX_SPLITS, -(-PROGRAMS_PER_SM * sms // max(1, num_tiles * kv_heads))))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,16 +86,18 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def varlen_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, tiles_ptr, out_ptr,
+    def varlen_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, tiles_ptr, out_ptr, part_ptr, ml_ptr,
                       scale, softcap, window,
                       sq_t, sq_h, skc_s, skc_h, svc_s, svc_h, sbt_s, so_t, so_h,
                       G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                      NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      PRECISION: tl.constexpr):
         # Last tile first: a chunk's last tiles see the most keys, and padding tiles sit at the end,
         # so the long programs start early and the empty ones fill the gaps.
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
         kv = tl.program_id(1)
+        split = tl.program_id(2)
         seq = tl.load(tiles_ptr + tile * 4)
         first_row = tl.load(tiles_ptr + tile * 4 + 1)
         num_rows = tl.load(tiles_ptr + tile * 4 + 2)
@@ -83,10 +115,16 @@ def _kernel():
         lo = hi * 0
         if HAS_WINDOW:  # key j is in row p's window iff p - window < j; the first row sees the lowest
             lo = tl.maximum(first_pos - window + 1, 0)
+        # This split's slice of the tile's key blocks: the first `per_split` blocks from the one
+        # holding lo go to split 0, and so on; late splits of a short range get none.
+        first = lo - lo % BLOCK_N
+        per_split = ((hi - first + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
+        split_lo = first + split * per_split * BLOCK_N
+        split_hi = tl.minimum(split_lo + per_split * BLOCK_N, hi)
         m = tl.full([ROWS], float("-inf"), tl.float32)
         denom = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-        for start in range(lo - lo % BLOCK_N, hi, BLOCK_N):
+        for start in range(split_lo, split_hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)  # key positions
             live = (cols >= lo) & (cols < hi)  # never reads the block table past the sequence
             blocks = tl.load(tables_ptr + seq * sbt_s + cols // BLOCK_SIZE, mask=live, other=0)
@@ -111,22 +149,63 @@ def _kernel():
                         mask=live[:, None] & dm[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m = m_new
-        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a real row always sees its own key
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a real row always sees its own key
+            tl.store(out_ptr + (first_row + token)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & dm[None, :])
+        else:  # partial results [tiles, KV, NUM_SPLITS, ROWS, D] and (max, denominator) [..., ROWS, 2]
+            row = ((tile * tl.num_programs(1) + kv) * NUM_SPLITS + split) * ROWS + i
+            tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=rows_ok[:, None] & dm[None, :])
+            tl.store(ml_ptr + row * 2, m, mask=rows_ok)
+            tl.store(ml_ptr + row * 2 + 1, denom, mask=rows_ok)
+
+    @triton.jit
+    def merge_kernel(part_ptr, ml_ptr, tiles_ptr, out_ptr, so_t, so_h,
+                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+        tile = tl.program_id(0)
+        kv = tl.program_id(1)
+        first_row = tl.load(tiles_ptr + tile * 4 + 1)
+        num_rows = tl.load(tiles_ptr + tile * 4 + 2)
+        i = tl.arange(0, ROWS)
+        token = i // G
+        heads = kv * G + i % G
+        rows_ok = (i < BLOCK_M * G) & (token < num_rows)  # padding tiles: none
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        first = (tile * tl.num_programs(1) + kv) * NUM_SPLITS * ROWS + i  # split 0's rows
+        m_all = tl.full([ROWS], float("-inf"), tl.float32)
+        for split in range(NUM_SPLITS):
+            m_all = tl.maximum(m_all, tl.load(ml_ptr + (first + split * ROWS) * 2, mask=rows_ok,
+                                              other=float("-inf")))
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # rows not in the tile: no NaN
+        acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        denom = tl.zeros([ROWS], tl.float32)
+        for split in range(NUM_SPLITS):
+            row = first + split * ROWS
+            m = tl.load(ml_ptr + row * 2, mask=rows_ok, other=float("-inf"))
+            part_denom = tl.load(ml_ptr + row * 2 + 1, mask=rows_ok, other=0.0)
+            w = tl.where(part_denom > 0, tl.exp(m - m_all), 0.0)  # slices with no visible key weigh exactly 0
+            acc += w[:, None] * tl.load(part_ptr + row[:, None] * D + d[None, :], mask=rows_ok[:, None] & dm[None, :],
+                                        other=0.0)
+            denom += w * part_denom
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
         tl.store(out_ptr + (first_row + token)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & dm[None, :])
 
-    return varlen_kernel
+    return varlen_kernel, merge_kernel
 
 
 def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      tiles: torch.Tensor, block_size: int, scale: float, softcap: Optional[float],
-                     window: Optional[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     window: Optional[int], out: Optional[torch.Tensor] = None,
+                     splits: Optional[int] = None) -> torch.Tensor:
     """q [T, H, D] (RoPE applied; padding rows allowed), k_cache/v_cache [slots, KV, D] with slot =
     block * block_size + offset, block_tables [S, W] int32/int64, tiles [N, 4] int32 from
     batch.tile_table(..., tile_rows(H // KV)) (all-zero rows do nothing) -> out [T, H, D]. Row r of tile
     (b, r0, n, p0) is the query at position p0 + r - r0 of sequence b and attends to its keys at
-    positions max(0, p - window + 1)..p. Rows in no tile come out zero. No host sync, no shape from
-    tensor values: CUDA-graph capturable."""
+    positions max(0, p - window + 1)..p. Rows in no tile come out zero. `splits` over keys: default
+    num_splits(N, KV, device). No host sync, no shape from tensor values: CUDA-graph capturable."""
     T, H, D = q.shape
     kv_heads = k_cache.shape[1]
     G = H // kv_heads
@@ -139,17 +218,30 @@ def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rows = _pow2(block_m * G, 16)  # tl.dot needs at least 16 rows
     block_d = _pow2(D, 16)
     block_n = max(16, min(64, KEY_BLOCK_BYTES // (block_d * k_cache.element_size())))
-    _kernel()[(tiles.shape[0], kv_heads)](
-        q, k_cache, v_cache, block_tables, tiles, out,
+    num_tiles = tiles.shape[0]
+    splits = splits or num_splits(num_tiles, kv_heads, q.device)
+    if splits > 1:
+        part = torch.empty((num_tiles, kv_heads, splits, rows, D), dtype=torch.float32, device=q.device)
+        ml = torch.empty((num_tiles, kv_heads, splits, rows, 2), dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out  # unused: the kernel writes the output directly
+    # A [64, 256] fp32 accumulator over 8 warps is 64 registers a thread (sm_90, gemma-2b: 141 in
+    # all before the split, 146 with it, the merge 108; with 4 warps, 245). fp32 inputs with D = 256
+    # (no tensor cores) take 182 unsplit but spill storing split partials (255 and ~900 bytes).
+    num_warps = 8 if rows * block_d >= 64 * 256 else 4
+    varlen, merge = _kernel()
+    varlen[(num_tiles, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, tiles, out, part, ml,
         scale, softcap or 1.0, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, D=D, BLOCK_M=block_m, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+        NUM_SPLITS=splits, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
-        # A [64, 256] fp32 accumulator over 8 warps is 64 registers a thread (sm_90, gemma-2b: 141 in
-        # all; with 4 warps, 245).
-        num_warps=8 if rows * block_d >= 64 * 256 else 4)
+        num_warps=num_warps)
+    if splits > 1:
+        merge[(num_tiles, kv_heads)](part, ml, tiles, out, out.stride(0), out.stride(1), G=G, D=D, BLOCK_M=block_m,
+                                     ROWS=rows, BLOCK_D=block_d, NUM_SPLITS=splits, num_warps=num_warps)
     return out
 
 
