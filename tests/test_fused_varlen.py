@@ -129,10 +129,10 @@ def test_splits_match_torch_path(monkeypatch, splits, window):
 
 
 def test_split_count_from_tiles_and_sms(monkeypatch):
-    """4 programs an SM (an H200's 132 SMs), at most 16 splits; enough tiles: one."""
+    """2 programs an SM (an H200's 132 SMs), at most 16 splits; enough tiles: one."""
     monkeypatch.setattr(fused_varlen, "INTERPRETER_SMS", 132)
     cpu = torch.device("cpu")
-    assert [num_splits(n, 1, cpu) for n in (1, 33, 64, 72, 264, 527, 528, 4096)] == [16, 16, 9, 8, 2, 2, 1, 1]
+    assert [num_splits(n, 1, cpu) for n in (1, 33, 64, 72, 264, 527, 528, 4096)] == [16, 8, 5, 4, 1, 1, 1, 1]
     assert num_splits(36, 2, cpu) == num_splits(72, 1, cpu)  # programs count KV heads
 
 

@@ -46,20 +46,21 @@ from .fused_decode import _pow2
 TILE_ROWS = 64
 KEY_BLOCK_BYTES = 16 * 1024  # one key block of the cache per loop iteration (and as much of values)
 # Splits over keys: enough (tile, KV head, split) programs for PROGRAMS_PER_SM of them per SM. One
-# 8-warp program fills an SM's registers (gemma-2b: 146 a thread, two would need 75k of 64k), so the
-# SMs run the programs in waves and ~4 waves let SMs that drew short slices take more, evening out
-# contexts of different lengths. A slice costs its rows' partial results, written and read back once
-# (a decode: G x D fp32, 8 KB for gemma-2b, a quarter of one 32-key block's keys and values); 64
-# decodes of gemma-2b (~72 tiles with a graph bucket's padding) get 8 splits, a 1024-key context 4
-# key blocks a program instead of 32. MAX_SPLITS bounds the merge's loop when a step has only a few
-# tiles (16 splits: a 1024-key context is 2 blocks a program). Prefill-heavy steps have enough tiles
-# and keep one split: no partial buffers, the output written directly. The partial buffers hold
-# fewer than 2 x PROGRAMS_PER_SM x SMs tiles' rows (gemma-2b on an H200: < 69 MB, one layer's).
-PROGRAMS_PER_SM = 4
+# 8-warp program fills an SM's registers (gemma-2b: 146 a thread, two would need 75k of 64k). A slice
+# costs its rows' partial results, written and read back once (a decode: G x D fp32, 8 KB for
+# gemma-2b), and the merge a second kernel, so more splits are not free. Measured on the H200
+# (benchmarks.attention_bench --cases varlen --programs-per-sm 1,2,4,8; gemma-2b, 18 layers):
+# one 64-token prompt beside 63 decodes 0.86 / 0.84 / 1.01 / 1.39 ms (unsplit 1.31), 64 decodes
+# 0.68 / 0.74 / 0.83 / 1.02 ms (unsplit 1.30), 8 x 1024-token prefill 5.4 ms at 1-4 (one split) and
+# 6.8 at 8. 2 per SM is best for the mixed step, the case this kernel is for (decode-only steps
+# keep fused_decode). MAX_SPLITS bounds the merge's loop when a step has only a few tiles.
+# Prefill-heavy steps have enough tiles and keep one split: no partial buffers, the output written
+# directly. The partial buffers hold fewer than 2 x PROGRAMS_PER_SM x SMs tiles' rows.
+PROGRAMS_PER_SM = 2
 MAX_SPLITS = 16
 # Off the GPU (Triton's interpreter, tests) programs run one at a time: a few "SMs" keep small steps
 # split, so the tests take the split path by default, without hundreds of programs.
-INTERPRETER_SMS = 8
+INTERPRETER_SMS = 16
 
 
 def tile_rows(queries_per_kv: int) -> int:
