@@ -19,9 +19,9 @@ parts and one failing part leaves the others:
 - serving: vLLM's AsyncLLM in this process (`VllmTarget`, beside our "engine_direct"), under
   benchmarks/serving.py's closed loop with our serving benchmark's prompts and load, so TTFT, ITL and
   tokens/s come from the code that computes ours.
-A part that fails with --attention-backend / --compilation as given runs once more with the fallback
-(vLLM picks the attention backend; no torch.compile, CUDA graphs of whole decode steps), its records
-say which, and later parts start from what worked.
+A part that fails or runs out of time with --attention-backend / --compilation as given runs once more
+with the fallback (vLLM picks the attention backend; no torch.compile, CUDA graphs of whole decode
+steps) if time is left, and the parts after it start from the fallback; every record says which.
 JSON lines go to stdout and --out; at the end a markdown table goes to stdout and --out with .md. With
 --ours (JSON lines of benchmarks.gpu_bench and benchmarks.run from the same machine) the table shows both.
 """
@@ -429,9 +429,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             for i, part in enumerate(args.parts):
                 later = RESERVE_S * (len(args.parts) - i - 1)
                 ok = run_part(args, part, settings, min(PART_TIMEOUT_S, deadline - time.monotonic() - later), report)
+                if ok or settings == FALLBACK:
+                    continue
+                settings = dict(FALLBACK)  # for this part's second try and for the parts after it
                 left = deadline - time.monotonic() - later
-                if not ok and settings != FALLBACK and left > 120:
-                    settings = dict(FALLBACK)
+                if left > 120:
                     report.emit(kind="retry", part=part, **settings)
                     run_part(args, part, settings, min(PART_TIMEOUT_S, left), report)
     except KeyboardInterrupt:  # run.sh's time limit: the table of what was measured still comes out

@@ -13,7 +13,7 @@
 # - run.sh: installs all of it with pip into ~/vllm-site (on PYTHONPATH of the vLLM benchmark alone,
 #   so the server's environment is untouched) and runs benchmarks/vllm_baseline.py.
 # Environment: VLLM_CARRY_CACHE, VLLM_CARRY_FOLDER_BYTES (58000000), VLLM_CARRY_TOKENIZER (a directory
-# with tokenizer.json and tokenizer_config.json; default: the packaged model's). The tests set them.
+# with tokenizer.json and tokenizer_config.json; default: the packaged model's), VLLM_CARRY_DROP (below).
 set -euo pipefail
 VLLM_VERSION=0.26.0
 PREFIX=.gpu-vllm
@@ -33,12 +33,14 @@ DEPS=(
   pyzmq==27.3.0 msgspec==0.22.0 cbor2==6.3.0 cachetools==8.0.2 pybase64==1.5.1  # engine IPC, hashing, caches
   depyf==0.20.0 astor==0.8.1 dill==0.4.1  # imported by vLLM's torch.compile wrapper on some paths
 )
-# Files of the wheel a dense bf16 model on Hopper never loads; without them it fits in one call fewer.
+# Files of the wheel a dense bf16 model on Hopper never loads: without them it takes 3 calls, not 6.
+# VLLM_CARRY_DROP (space-separated) replaces the list; VLLM_CARRY_DROP= carries the whole wheel.
 DROP=(
   vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so  # 129 MB packed: FlashAttention 2; on Hopper vLLM runs FA3
   vllm/_moe_C_stable_libtorch.abi3.so       # 41 MB: MoE kernels, imported under contextlib.suppress
   vllm/vllm-rs                              # 16 MB: `vllm serve`'s Rust frontend (VLLM_USE_RUST_FRONTEND)
 )
+if [[ -v VLLM_CARRY_DROP ]]; then read -ra DROP <<<"$VLLM_CARRY_DROP"; fi
 PLATFORMS=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64
            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
            --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
@@ -113,7 +115,7 @@ for f in "${dep_wheels[@]}"; do deps+=("$(basename "$f")"); done
   echo '# Environment: OUT (required: results go there), PYTHON (python3), WORK (/tmp/gemma-serving: the'
   echo '# checkpoint and tokenizer .gpu-serving/run.sh makes; made here if missing), VLLM_SITE (~/vllm-site),'
   echo '# VLLM_CARRY (~/vllm-carry), LIMIT (500 s for the benchmark; then it is interrupted).'
-  echo '# Leaves under $OUT: vllm.jsonl, vllm_table.md and vllm.log (everything it printed).'
+  echo '# Leaves under $OUT: vllm.jsonl (JSON lines), vllm.md (the table) and vllm.log (everything it printed).'
   printf 'wheel=%q\nwheel_sha256=%s\n' "$wheel" "$wheel_sha256"
   printf 'parts=(%s)\n' "${parts[*]}"
   printf 'deps=(%s)\n' "${deps[*]}"
@@ -146,10 +148,16 @@ if [[ ! -f $stamp ]]; then
   touch "$stamp"
 fi
 export PYTHONPATH=$site
+# vLLM, its kernels and its FlashAttention load, or nothing else can run: on CUDA, vLLM's attention
+# layers import vllm.vllm_flash_attn whatever the backend, and it needs FA2 or FA3.
 "$py" -c 'import vllm, vllm._C_stable_libtorch
-from vllm.vllm_flash_attn import flash_attn_interface as fa
-print("vllm", vllm.__version__, "at", vllm.__file__, "| FlashAttention 3 loads:", fa.FA3_AVAILABLE,
-      fa.FA3_UNAVAILABLE_REASON or "")' || exit 3
+print("vllm", vllm.__version__, "at", vllm.__file__)
+try:
+    from vllm.vllm_flash_attn import flash_attn_interface as fa
+except ImportError as e:
+    raise SystemExit(f"vllm.vllm_flash_attn does not import: {e}. If FA2 would: VLLM_CARRY_DROP= "
+                     "bash scripts/prepare-gpu-vllm-carry.sh carries the whole wheel")
+print("FlashAttention 3 loads:", fa.FA3_AVAILABLE, fa.FA3_UNAVAILABLE_REASON or "")' || exit 3
 
 tok=$work/tokenizer
 if [[ ! -f $tok/tokenizer.json ]]; then
