@@ -362,9 +362,10 @@ def markdown(records: list[dict], ours: list[dict]) -> str:
                          f"| {_fmt(r['itl_ms']['p50'], 0)} / {_fmt(r['itl_ms']['p99'], 0)} |")
         by = {(r["system"], r.get("concurrency")): r["tokens_per_s"] for r in rows}
         for c in sorted({c for s, c in by if s == VllmTarget.name}):
-            mine = {s: _fmt(ratio(by.get((s, c)), by[(VllmTarget.name, c)]), 2) for s in ("engine_direct", "server")}
-            lines.append(f"- {c} clients, tok/s over vLLM's: engine_direct {mine['engine_direct']}, "
-                         f"server (Triton) {mine['server']}")
+            mine = {s: ratio(by.get((s, c)), by[(VllmTarget.name, c)]) for s in ("engine_direct", "server")}
+            if any(v is not None for v in mine.values()):
+                lines.append(f"- {c} clients, tok/s over vLLM's: engine_direct {_fmt(mine['engine_direct'], 2)}, "
+                             f"server (Triton) {_fmt(mine['server'], 2)}")
     return "\n".join(lines) + "\n"
 
 

@@ -129,6 +129,10 @@ work=${WORK:-/tmp/gemma-serving}
 out=${OUT:?set OUT to the results directory}
 [[ -f benchmarks/vllm_baseline.py ]] || { echo "run from the repository root" >&2; exit 1; }
 mkdir -p "$out" "$work"
+# .gpu-serving/run.sh puts numpy 1.26 first on this Python's path through a .pth while it runs; one
+# that a killed run left would give vLLM that numpy too.
+pth=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/00-gemma-serving.pth
+if [[ -f $pth ]]; then echo "removing $pth, left by a .gpu-serving/run.sh that was killed" >&2; rm -f "$pth"; fi
 
 # Install once per wheel: a second run on the same machine goes straight to the benchmark.
 stamp=$site/.installed-$wheel_sha256
