@@ -217,7 +217,7 @@ def run_serving(args, report: Report, settings: dict) -> None:
             for c in args.concurrencies:
                 record = serving.measure(target, "closed", PROMPTS, args.server_tokens, args.load_time_limit,
                                          concurrency=c, num_requests=max(3, c * args.requests_per_client))
-                report.emit(kind="vllm_server", **record, rep=rep, **settings)
+                report.emit(kind="vllm_serving", **record, rep=rep, **settings)
     finally:
         engine.shutdown()
 
@@ -299,7 +299,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
 
 
 def run_part(args, part: str, settings: dict, timeout_s: float, report: Report) -> bool:
-    """One part in a new session (so its engine core goes with it); True if it started and reported."""
+    """One part in a new session (so its engine core goes with it); True if it measured something."""
     before = len(report.records())
     proc = subprocess.Popen(part_argv(args, part, settings), cwd=ROOT, start_new_session=True)
     try:
@@ -309,8 +309,7 @@ def run_part(args, part: str, settings: dict, timeout_s: float, report: Report) 
         report.emit(kind="error", part=part, stage="timeout", error=f"no end after {timeout_s:.0f} s", **settings)
     finally:
         stop_group(proc)
-    started = any(r.get("kind") == "vllm_startup" and r.get("part") == part for r in report.records()[before:])
-    return rc == 0 and started
+    return rc == 0 and any(r.get("kind") == f"vllm_{part}" for r in report.records()[before:])
 
 
 def read_json_lines(paths: list[Path]) -> list[dict]:

@@ -34,6 +34,6 @@ def test_both_parts_measure_a_small_gemma(tmp_path):
     assert [r for r in records if r["kind"] in ("error", "retry")] == []
     offline = [r for r in records if r["kind"] == "vllm_offline"]
     assert [r["batch"] for r in offline] == [1, 4] and all(r["decode_tok_s"] > 0 for r in offline)
-    server = [r for r in records if r["kind"] == "vllm_server"]
+    server = [r for r in records if r["kind"] == "vllm_serving"]
     assert [r["concurrency"] for r in server] == [1, 4]
     assert all(r["errors"] == 0 and r["output_tokens"] == 8 * r["requests"] for r in server)
