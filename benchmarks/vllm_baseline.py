@@ -1,0 +1,448 @@
+"""vLLM side by side (issue #17): vLLM on our GPU benchmarks' checkpoint and load, measured as ours are.
+
+    PYTHONPATH=~/vllm-site python3 -m benchmarks.vllm_baseline --checkpoint DIR [--tokenizer DIR]
+        [--out FILE] [--ours FILE ...] [--parts offline,serving] [--batches 1,8,32,64] [--prompt 64]
+        [--new 64] [--reps 3] [--concurrencies 1,8,32,64] [--server-tokens 64] [--requests-per-client 4]
+        [--server-reps 3] [--gpu-memory-utilization 0.5] [--max-num-seqs 64] [--max-model-len 1024]
+        [--attention-backend FLASH_ATTN|auto] [--compilation default|none] [--time-limit 480]
+
+On the GPU machine ~/vllm-carry/run.sh runs it (scripts/prepare-gpu-vllm-carry.sh, docs/benchmarks.md
+"vLLM side by side"). The checkpoint is .gpu-serving/run.sh's random gemma-2b-shaped one with the Gemma 3
+tokenizer; if it is missing, it is made here the same way (benchmarks.random_checkpoint, --tokenizer).
+Each part runs in a process of its own (vLLM's engine core is its child), so the GPU is free between
+parts and one failing part leaves the others:
+- offline: `vllm.LLM.generate` on B prompts of --prompt random token ids, --new greedy tokens each (EOS
+  ignored), for B in --batches. As benchmarks/gpu_bench.py times HF: decode time = time(--new tokens) -
+  time(1 token) at the same B, decode tok/s = B * (new - 1) / decode time, step ms = decode time /
+  (new - 1); medians over --reps, fresh prompts for every call (no prefix-cache hits). total tok/s =
+  B * new / time(--new tokens), prefill and vLLM's per-call overhead included.
+- serving: vLLM's AsyncLLM in this process (`VllmTarget`, beside our "engine_direct"), under
+  benchmarks/serving.py's closed loop with our serving benchmark's prompts and load, so TTFT, ITL and
+  tokens/s come from the code that computes ours.
+A part that fails or runs out of time with --attention-backend / --compilation as given runs once more
+with the fallback (vLLM picks the attention backend; no torch.compile, CUDA graphs of whole decode
+steps) if time is left, and the parts after it start from the fallback; every record says which.
+JSON lines go to stdout and --out; at the end a markdown table goes to stdout and --out with .md. With
+--ours (JSON lines of benchmarks.gpu_bench and benchmarks.run from the same machine) the table shows both.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import serving
+from .stats import json_line, median, ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+# Set before vLLM is imported (the parts inherit them). FlashInfer is not carried, and vLLM's sampler
+# imports it at startup unless told not to; the GPU machine has no network.
+VLLM_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1"}
+# --compilation none: no torch.compile (no Inductor), decode steps still replayed as whole CUDA graphs.
+NO_COMPILE = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+FALLBACK = {"attention_backend": "auto", "compilation": "none"}
+PART_TIMEOUT_S = 240  # a part's cap, so that a hang in one leaves time for the next
+RESERVE_S = 150  # kept back for each later part
+# The wheel's files that scripts/prepare-gpu-vllm-carry.sh leaves out; recorded if absent, not assumed.
+MAYBE_ABSENT = ("vllm_flash_attn/_vllm_fa2_C.abi3.so", "_moe_C_stable_libtorch.abi3.so", "vllm-rs")
+VERSIONS = ("vllm", "torch", "transformers", "triton", "numpy", "pydantic", "xgrammar", "tokenizers")
+
+
+class VllmTarget:
+    """vLLM's AsyncLLM in this process under benchmarks/serving.py's load, as EngineTarget is our engine:
+    each delta of token ids is timed when it reaches this event loop. `make_params(max_tokens)` gives
+    the request's SamplingParams (serving.GREEDY, DELTA outputs)."""
+    name = "vllm_asyncllm"
+
+    def __init__(self, engine, make_params: Callable[[int], object]):
+        self.engine, self.make_params = engine, make_params
+        self._request_ids = itertools.count()
+
+    async def stream(self, prompt: str, max_tokens: int, timeline) -> None:
+        finish_reason = None
+        request_id = f"bench-{next(self._request_ids)}"
+        async for out in self.engine.generate(prompt, self.make_params(max_tokens), request_id):
+            completion = out.outputs[0]
+            if completion.token_ids:
+                timeline.arrivals.append((time.perf_counter(), len(completion.token_ids)))
+            if out.finished:
+                finish_reason = completion.finish_reason
+        if finish_reason not in ("length", "stop"):
+            raise RuntimeError(f"request ended with finish_reason {finish_reason!r}")
+
+    async def close(self) -> None:  # the engine belongs to whoever made it
+        pass
+
+
+def decode_metrics(batch: int, new: int, one_token_s: list[float], all_tokens_s: list[float]) -> dict:
+    """gpu_bench's decode numbers from generate() timings: decode = median time of `new` tokens minus
+    median time of 1 token, at the same batch."""
+    t1, tn = median(one_token_s), median(all_tokens_s)
+    decode = tn - t1
+    return dict(one_token_s=t1, all_tokens_s=tn, decode_s=decode,
+                decode_tok_s=batch * (new - 1) / decode if decode > 0 else None,
+                step_ms=1e3 * decode / (new - 1), total_tok_s=batch * new / tn, reps=len(all_tokens_s))
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine arguments both parts give vLLM (LLM and AsyncEngineArgs take the same)."""
+    kw = dict(model=str(args.checkpoint), tokenizer=str(args.checkpoint), tokenizer_mode="hf", dtype="bfloat16",
+              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              gpu_memory_utilization=args.gpu_memory_utilization, seed=0, disable_log_stats=True)
+    if args.attention_backend != "auto":
+        kw["attention_backend"] = args.attention_backend
+    if args.compilation == "none":
+        kw["compilation_config"] = dict(NO_COMPILE)
+    return kw
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why `path` is not a checkpoint this benchmark can give vLLM as GemmaForCausalLM (empty: it is)."""
+    from .random_checkpoint import TOKENIZER_FILES
+
+    config = path / "config.json"
+    if not config.exists():
+        return [f"no {config}"]
+    c = json.loads(config.read_text())
+    problems = []
+    if c.get("model_type") != "gemma" or "GemmaForCausalLM" not in (c.get("architectures") or []):
+        problems.append(f"model_type {c.get('model_type')!r}, architectures {c.get('architectures')!r}")
+    if not any(path.glob("*.safetensors")):
+        problems.append("no *.safetensors")
+    problems += [f"no {name}" for name in TOKENIZER_FILES if not (path / name).exists()]
+    return problems
+
+
+class Report:
+    """JSON lines to stdout and appended to `path` (the parts append to the same file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def emit(self, **record) -> dict:
+        line = json_line(record)
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        return record
+
+    def records(self) -> list[dict]:
+        return read_json_lines([self.path])
+
+
+def resolved_config(vllm_config) -> dict:
+    """What vLLM made of the engine arguments, as far as it says (names differ across versions)."""
+    def get(*path):
+        obj = vllm_config
+        for name in path:
+            obj = getattr(obj, name, None)
+        return None if obj is None else str(obj)
+    return {"max_num_batched_tokens": get("scheduler_config", "max_num_batched_tokens"),
+            "async_scheduling": get("scheduler_config", "async_scheduling"),
+            "enable_prefix_caching": get("cache_config", "enable_prefix_caching"),
+            "block_size": get("cache_config", "block_size"),
+            "compilation_mode": get("compilation_config", "mode"),
+            "cudagraph_mode": get("compilation_config", "cudagraph_mode"),
+            "attention_backend": get("attention_config", "backend")}
+
+
+# ---- the parts (child processes; vLLM imported here only) ----
+
+def run_offline(args, report: Report, settings: dict) -> None:
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(**engine_kwargs(args))
+    report.emit(kind="vllm_startup", part="offline", seconds=time.perf_counter() - t0, **settings,
+                resolved=resolved_config(llm.llm_engine.vllm_config))
+    vocab = json.loads((args.checkpoint / "config.json").read_text())["vocab_size"]
+    rng = random.Random(0)
+
+    def timed(batch: int, max_tokens: int) -> float:
+        prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(args.prompt)]} for _ in range(batch)]
+        params = SamplingParams(max_tokens=max_tokens, **serving.GREEDY)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        counts = sorted({len(o.outputs[0].token_ids) for o in outputs})
+        if len(outputs) != batch or counts != [max_tokens]:
+            raise RuntimeError(f"{batch} requests of {max_tokens} tokens gave {len(outputs)} with {counts}")
+        return elapsed
+
+    for batch in args.batches:
+        try:
+            timed(batch, args.new)  # warm-up
+            one, every = [], []
+            for _ in range(args.reps):
+                one.append(timed(batch, 1))
+                every.append(timed(batch, args.new))
+            report.emit(kind="vllm_offline", batch=batch, prompt=args.prompt, new=args.new, **settings,
+                        **decode_metrics(batch, args.new, one, every))
+        except Exception as e:  # noqa: BLE001 - one batch size failing must not hide the others
+            report.emit(kind="error", part="offline", batch=batch, error=repr(e))
+
+
+def run_serving(args, report: Report, settings: dict) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from .engine_level import PROMPTS  # what benchmarks.run's server level sends
+
+    async def start():  # in serving's event loop, where the loads will run
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(args)))
+
+    t0 = time.perf_counter()
+    engine = serving._run(start())
+    report.emit(kind="vllm_startup", part="serving", seconds=time.perf_counter() - t0, **settings,
+                resolved=resolved_config(engine.vllm_config))
+    target = VllmTarget(engine, lambda n: SamplingParams(max_tokens=n, output_kind=RequestOutputKind.DELTA,
+                                                         **serving.GREEDY))
+    try:
+        for c in args.concurrencies:  # warm-up, as benchmarks.run does for its targets
+            serving.measure(target, "closed", PROMPTS, 4, args.load_time_limit, concurrency=c, num_requests=c)
+        for rep in range(args.server_reps):
+            for c in args.concurrencies:
+                record = serving.measure(target, "closed", PROMPTS, args.server_tokens, args.load_time_limit,
+                                         concurrency=c, num_requests=max(3, c * args.requests_per_client))
+                report.emit(kind="vllm_serving", **record, rep=rep, **settings)
+    finally:
+        engine.shutdown()
+
+
+PARTS = {"offline": run_offline, "serving": run_serving}
+
+
+# ---- the parent: checkpoint, parts with timeouts and fallback, table ----
+
+def gpu_name() -> Optional[str]:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except Exception:  # noqa: BLE001 - a machine without the tool still gets its other records
+        return None
+
+
+def environment() -> dict:
+    versions = {}
+    for name in VERSIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    spec = importlib.util.find_spec("vllm")
+    absent = None
+    if spec and spec.submodule_search_locations:
+        package = Path(list(spec.submodule_search_locations)[0])
+        absent = [name for name in MAYBE_ABSENT if not (package / name).exists()]
+    return {"gpu": gpu_name(), "python": sys.version.split()[0], "versions": versions,
+            "vllm_at": str(package) if absent is not None else None, "vllm_files_absent": absent}
+
+
+def ensure_checkpoint(args, report: Report) -> bool:
+    problems = checkpoint_problems(args.checkpoint)
+    if not problems:
+        return True
+    if args.tokenizer is None:
+        report.emit(kind="error", stage="checkpoint", error=f"{args.checkpoint}: {problems}; no --tokenizer to make it")
+        return False
+    report.emit(kind="setup", what="making the checkpoint", checkpoint=str(args.checkpoint), problems=problems)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the machine's packages, not vLLM's
+    t0 = time.perf_counter()
+    rc = subprocess.run([sys.executable, "-m", "benchmarks.random_checkpoint", "--out", str(args.checkpoint),
+                         "--tokenizer", str(args.tokenizer), "--layers", str(args.layers)], cwd=ROOT, env=env).returncode
+    problems = checkpoint_problems(args.checkpoint)
+    report.emit(kind="setup", what="checkpoint made", rc=rc, seconds=time.perf_counter() - t0, problems=problems)
+    return rc == 0 and not problems
+
+
+def part_argv(args, part: str, settings: dict) -> list[str]:
+    argv = [sys.executable, "-m", "benchmarks.vllm_baseline", "--part", part]
+    for key, value in vars(args).items():
+        if key in ("part", "parts", "ours", "time_limit") or value is None:
+            continue
+        value = settings.get(key, value)
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """End `proc` and everything left in its process group (vLLM's engine core): TERM, then KILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            proc.poll()  # reaps the leader, so that a group of only it counts as gone
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+    proc.wait()
+
+
+def run_part(args, part: str, settings: dict, timeout_s: float, report: Report) -> bool:
+    """One part in a new session (so its engine core goes with it); True if it measured something."""
+    before = len(report.records())
+    proc = subprocess.Popen(part_argv(args, part, settings), cwd=ROOT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=max(timeout_s, 1))
+    except subprocess.TimeoutExpired:
+        rc = None
+        report.emit(kind="error", part=part, stage="timeout", error=f"no end after {timeout_s:.0f} s", **settings)
+    finally:
+        stop_group(proc)
+    return rc == 0 and any(r.get("kind") == f"vllm_{part}" for r in report.records()[before:])
+
+
+def read_json_lines(paths: list[Path]) -> list[dict]:
+    """The records of the files that exist; a line cut short (a killed writer) is skipped."""
+    records = []
+    for path in paths:
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _fmt(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def markdown(records: list[dict], ours: list[dict]) -> str:
+    """The side-by-side tables: offline decode against gpu_bench's te_bf16 loop, the closed loop against
+    benchmarks.run's engine_direct and server (ours / vLLM > 1: ours is faster)."""
+    env = next((r for r in records if r.get("kind") == "vllm_env"), {})
+    versions = env.get("versions", {})
+    lines = [f"vLLM {versions.get('vllm')}, torch {versions.get('torch')}, transformers {versions.get('transformers')}"
+             f" on {env.get('gpu')}; vLLM wheel files absent: {env.get('vllm_files_absent')}.", ""]
+    for r in records:
+        if r.get("kind") in ("vllm_startup", "error", "retry"):
+            lines.append(f"- {r['kind']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "kind"))
+    lines.append("")
+    offline = {r["batch"]: r for r in records if r.get("kind") == "vllm_offline"}
+    te = {r["batch"]: r for r in ours if r.get("kind") == "te_bf16"}  # the last run wins
+    if offline:
+        lines += ["| batch | vLLM decode tok/s | vLLM step ms | vLLM total tok/s | ours decode tok/s | ours / vLLM |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for b, r in sorted(offline.items()):
+            mine = te.get(b, {}).get("decode_tok_s")
+            lines.append(f"| {b} | {_fmt(r['decode_tok_s'], 0)} | {_fmt(r['step_ms'], 2)} | {_fmt(r['total_tok_s'], 0)} "
+                         f"| {_fmt(mine, 0)} | {_fmt(ratio(mine, r['decode_tok_s']), 2)} |")
+        lines.append("")
+    server = [r for r in records if r.get("type") == "server"] + \
+             [r for r in ours if r.get("type") == "server" and r.get("mode") == "closed"]
+    if server:
+        rows = serving.table(server)
+        lines += ["| system | clients | requests | errors | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sorted(rows, key=lambda r: (r.get("concurrency") or 0, r["system"])):
+            lines.append(f"| {r['system']} | {r.get('concurrency')} | {r['requests']} | {r['errors']} "
+                         f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['ttft_ms']['p50'], 0)} / {_fmt(r['ttft_ms']['p99'], 0)} "
+                         f"| {_fmt(r['itl_ms']['p50'], 0)} / {_fmt(r['itl_ms']['p99'], 0)} |")
+        by = {(r["system"], r.get("concurrency")): r["tokens_per_s"] for r in rows}
+        for c in sorted({c for s, c in by if s == VllmTarget.name}):
+            mine = {s: ratio(by.get((s, c)), by[(VllmTarget.name, c)]) for s in ("engine_direct", "server")}
+            if any(v is not None for v in mine.values()):
+                lines.append(f"- {c} clients, tok/s over vLLM's: engine_direct {_fmt(mine['engine_direct'], 2)}, "
+                             f"server (Triton) {_fmt(mine['server'], 2)}")
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, default=Path("/tmp/gemma-serving/gemma-2b-random"))
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory for making the checkpoint if it is missing")
+    p.add_argument("--layers", type=int, default=18, help="layers of a checkpoint made here")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "vllm.jsonl")
+    p.add_argument("--ours", type=Path, nargs="*", default=[],
+                   help="our JSON lines (benchmarks.gpu_bench, benchmarks.run) for the table; missing files skipped")
+    p.add_argument("--parts", type=lambda s: s.split(","), default=list(PARTS))
+    p.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # set by the parent for a child
+    p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
+    p.add_argument("--prompt", type=int, default=64, help="offline: prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="offline: tokens generated per request")
+    p.add_argument("--reps", type=int, default=3, help="offline: timed generate() pairs per batch size")
+    p.add_argument("--concurrencies", type=_ints, default=[1, 8, 32, 64])
+    p.add_argument("--server-tokens", type=int, default=64)
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--server-reps", type=int, default=3)
+    p.add_argument("--load-time-limit", type=float, default=60, help="seconds per load run (benchmarks.run's --time-limit)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--attention-backend", default="FLASH_ATTN", help="a vLLM backend name, or auto: vLLM picks")
+    p.add_argument("--compilation", choices=("default", "none"), default="default",
+                   help="default: vLLM's torch.compile and CUDA graphs; none: no torch.compile, full decode graphs")
+    p.add_argument("--time-limit", type=float, default=480, help="seconds for everything; parts are cut to fit")
+    args = p.parse_args(argv)
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {list(PARTS)}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    for key, value in VLLM_ENV.items():
+        os.environ.setdefault(key, value)
+    report = Report(args.out)
+    settings = {"attention_backend": args.attention_backend, "compilation": args.compilation}
+    if args.part:  # a child: one part, then exit (its engine core goes with it)
+        try:
+            PARTS[args.part](args, report, settings)
+        except Exception as e:  # noqa: BLE001 - reported, and the exit code tells the parent
+            report.emit(kind="error", part=args.part, stage="run", error=repr(e), **settings)
+            return 1
+        return 0
+
+    deadline = time.monotonic() + args.time_limit
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("")
+    report.emit(kind="vllm_env", **environment(), checkpoint=str(args.checkpoint), argv=sys.argv[1:],
+                env={k: os.environ[k] for k in VLLM_ENV})
+    try:
+        if ensure_checkpoint(args, report):
+            for i, part in enumerate(args.parts):
+                later = RESERVE_S * (len(args.parts) - i - 1)
+                ok = run_part(args, part, settings, min(PART_TIMEOUT_S, deadline - time.monotonic() - later), report)
+                if ok or settings == FALLBACK:
+                    continue
+                settings = dict(FALLBACK)  # for this part's second try and for the parts after it
+                left = deadline - time.monotonic() - later
+                if left > 120:
+                    report.emit(kind="retry", part=part, **settings)
+                    run_part(args, part, settings, min(PART_TIMEOUT_S, left), report)
+    except KeyboardInterrupt:  # run.sh's time limit: the table of what was measured still comes out
+        report.emit(kind="error", stage="interrupted", error="SIGINT")
+    table = markdown(report.records(), read_json_lines(args.ours))
+    args.out.with_suffix(".md").write_text(table)
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

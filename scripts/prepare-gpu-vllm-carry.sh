@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Prepares vLLM for the GPU machine (issue #17: vLLM side by side with our engine, same checkpoint,
+# same load), which has no network and may carry at most 64 MiB per call, the repository included.
+# Run from the repo root, after `make setup`; downloads are cached in ~/.cache/vllm-carry.
+#   bash scripts/prepare-gpu-vllm-carry.sh              # writes .gpu-vllm0 .. .gpu-vllmN, prints the calls
+#   bash scripts/prepare-gpu-vllm-carry.sh --list-deps  # the carried requirements, one per line
+#
+# What travels (docs/benchmarks.md "vLLM side by side" says why each is in or out):
+# - vLLM 0.26.0's wheel (its last release on torch==2.11.0, the machine's torch) without the files in
+#   DROP below, split into parts (`cat` joins them there; run.sh checks the sha256);
+# - DEPS: what `vllm.LLM` and vLLM's AsyncLLM import for a dense bf16 Gemma and the machine lacks;
+# - the packaged Gemma 3 270M's tokenizer (for the checkpoint, if .gpu-serving/run.sh has not made it);
+# - run.sh: installs all of it with pip into ~/vllm-site (on PYTHONPATH of the vLLM benchmark alone,
+#   so the server's environment is untouched) and runs benchmarks/vllm_baseline.py.
+# Environment: VLLM_CARRY_CACHE, VLLM_CARRY_FOLDER_BYTES (58000000), VLLM_CARRY_TOKENIZER (a directory
+# with tokenizer.json and tokenizer_config.json; default: the packaged model's), VLLM_CARRY_DROP (below).
+set -euo pipefail
+VLLM_VERSION=0.26.0
+PREFIX=.gpu-vllm
+CACHE=${VLLM_CARRY_CACHE:-$HOME/.cache/vllm-carry}
+FOLDER_BYTES=${VLLM_CARRY_FOLDER_BYTES:-58000000}  # at most, per folder: < 56 MiB leaves a call's 64 MiB room for the repo
+
+# Found by importing vLLM's LLM, AsyncLLM, EngineCore, GPU worker, both model runners, FlashAttention
+# backend, sampler and Gemma model against the machine's package list (KINDS.md); versions are the
+# newest within vLLM's pins that resolve together with torch 2.11.0 and transformers 5.17.0.
+DEPS=(
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+  typing-extensions==4.16.0  # pydantic needs >= 4.14.1; this one shadows the machine's for vLLM only
+  fastapi==0.136.3 starlette==1.10.0  # vllm.entrypoints.serve, imported by the LLM class's modules
+  openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1
+  openai-harmony==0.0.8 partial-json-parser==0.2.1.1.post7  # tool and reasoning parsers, imported eagerly
+  xgrammar==0.2.7 apache-tvm-ffi==0.1.10 llguidance==1.7.6  # structured output: annotations evaluated at import
+  pyzmq==27.3.0 msgspec==0.22.0 cbor2==6.3.0 cachetools==8.0.2 pybase64==1.5.1  # engine IPC, hashing, caches
+  depyf==0.20.0 astor==0.8.1 dill==0.4.1  # imported by vLLM's torch.compile wrapper on some paths
+)
+# Files of the wheel a dense bf16 model on Hopper never loads: without them it takes 3 calls, not 6.
+# VLLM_CARRY_DROP (space-separated) replaces the list; VLLM_CARRY_DROP= carries the whole wheel.
+DROP=(
+  vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so  # 129 MB packed: FlashAttention 2; on Hopper vLLM runs FA3
+  vllm/_moe_C_stable_libtorch.abi3.so       # 41 MB: MoE kernels, imported under contextlib.suppress
+  vllm/vllm-rs                              # 16 MB: `vllm serve`'s Rust frontend (VLLM_USE_RUST_FRONTEND)
+)
+if [[ -v VLLM_CARRY_DROP ]]; then read -ra DROP <<<"$VLLM_CARRY_DROP"; fi
+PLATFORMS=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64
+           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
+           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+           --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
+
+if [[ ${1:-} == --list-deps ]]; then printf '%s\n' "${DEPS[@]}"; exit 0; fi
+[[ -f pyproject.toml && -d benchmarks ]] || { echo "run from the repository root" >&2; exit 1; }
+((FOLDER_BYTES < 56 << 20)) || { echo "VLLM_CARRY_FOLDER_BYTES must stay under 56 MiB" >&2; exit 1; }
+
+# One cached file per requirement: NAME==VERSION -> NAME-VERSION-*.whl (wheel names use underscores).
+cached() {
+  local name=${1%%==*} version=${1#*==}
+  find "$CACHE" -maxdepth 1 -iname "${name//-/_}-${version}-*.whl" | sort
+}
+mkdir -p "$CACHE"
+missing=()
+[[ -n $(cached "vllm==$VLLM_VERSION") ]] || missing+=("vllm==$VLLM_VERSION")
+for spec in "${DEPS[@]}"; do [[ -n $(cached "$spec") ]] || missing+=("$spec"); done
+if ((${#missing[@]})); then
+  python3 -m pip download -q --no-deps "${PLATFORMS[@]}" -d "$CACHE" "${missing[@]}"
+fi
+files=()
+for spec in "vllm==$VLLM_VERSION" "${DEPS[@]}"; do
+  found=$(cached "$spec")
+  [[ $(wc -l <<<"$found") == 1 && -n $found ]] || { echo "$spec: want one wheel in $CACHE, found: ${found:-none}" >&2; exit 1; }
+  files+=("$found")
+done
+full_wheel=${files[0]} dep_wheels=("${files[@]:1}")
+
+tokenizer=${VLLM_CARRY_TOKENIZER:-$(.venv/bin/python -m backend.default_model)}  # converts the packaged model once
+for name in tokenizer.json tokenizer_config.json; do
+  [[ -f $tokenizer/$name ]] || { echo "no $name in $tokenizer" >&2; exit 1; }
+done
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+wheel=$(basename "$full_wheel")
+# The wheel without DROP, its RECORD without their lines (pip installs what the archive holds).
+python3 - "$full_wheel" "$stage/$wheel" "${DROP[@]}" <<'PY'
+import sys, zipfile
+src, dst, drop = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+    absent = drop - set(zin.namelist())
+    if absent:
+        sys.exit(f"not in {src}: {sorted(absent)} (a new vLLM version? check DROP)")
+    for info in zin.infolist():
+        if info.filename in drop:
+            continue
+        data = zin.read(info)
+        if info.filename.endswith(".dist-info/RECORD"):
+            data = b"".join(line for line in data.splitlines(keepends=True)
+                            if line.split(b",")[0].decode() not in drop)
+        zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
+PY
+wheel_sha256=$(sha256sum "$stage/$wheel" | cut -d' ' -f1)
+split -b "$FOLDER_BYTES" -d -a 2 "$stage/$wheel" "$stage/vllm.whl.part"
+parts=()
+for part in "$stage"/vllm.whl.part*; do parts+=("$(basename "$part")"); done
+
+extras=$stage/extras  # the last call's files besides wheel parts
+mkdir -p "$extras"
+cp "${dep_wheels[@]}" "$tokenizer/tokenizer_config.json" "$extras/"
+gzip -9 -c "$tokenizer/tokenizer.json" > "$extras/tokenizer.json.gz"
+deps=()
+for f in "${dep_wheels[@]}"; do deps+=("$(basename "$f")"); done
+
+{
+  echo '#!/usr/bin/env bash'
+  echo '# vLLM side by side (issue #17), on the GPU machine from the repository root, once every'
+  echo "# $PREFIX* folder is in ~/vllm-carry. Written by scripts/prepare-gpu-vllm-carry.sh: edit it there."
+  echo '#   bash ~/vllm-carry/run.sh [benchmarks.vllm_baseline options: they win over the ones below]'
+  echo '# Environment: OUT (required: results go there), PYTHON (python3), WORK (/tmp/gemma-serving: the'
+  echo '# checkpoint and tokenizer .gpu-serving/run.sh makes; made here if missing), VLLM_SITE (~/vllm-site),'
+  echo '# VLLM_CARRY (~/vllm-carry), LIMIT (500 s for the benchmark; then it is interrupted).'
+  echo '# Leaves under $OUT: vllm.jsonl (JSON lines), vllm.md (the table) and vllm.log (everything it printed).'
+  printf 'wheel=%q\nwheel_sha256=%s\n' "$wheel" "$wheel_sha256"
+  printf 'parts=(%s)\n' "${parts[*]}"
+  printf 'deps=(%s)\n' "${deps[*]}"
+  printf '# left out of the wheel (scripts/prepare-gpu-vllm-carry.sh says why): %s\n' "${DROP[*]}"
+  cat <<'RUN'
+set -uo pipefail
+py=${PYTHON:-python3}
+carry=${VLLM_CARRY:-$HOME/vllm-carry}
+site=${VLLM_SITE:-$HOME/vllm-site}
+work=${WORK:-/tmp/gemma-serving}
+out=${OUT:?set OUT to the results directory}
+[[ -f benchmarks/vllm_baseline.py ]] || { echo "run from the repository root" >&2; exit 1; }
+mkdir -p "$out" "$work"
+# .gpu-serving/run.sh puts numpy 1.26 first on this Python's path through a .pth while it runs; one
+# that a killed run left would give vLLM that numpy too.
+pth=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/00-gemma-serving.pth
+if [[ -f $pth ]]; then echo "removing $pth, left by a .gpu-serving/run.sh that was killed" >&2; rm -f "$pth"; fi
+
+# Install once per wheel: a second run on the same machine goes straight to the benchmark.
+stamp=$site/.installed-$wheel_sha256
+if [[ ! -f $stamp ]]; then
+  missing=()
+  for f in "${parts[@]}" "${deps[@]}" tokenizer.json.gz tokenizer_config.json; do
+    [[ -f $carry/$f ]] || missing+=("$f")
+  done
+  if ((${#missing[@]})); then
+    echo "not in $carry: ${missing[*]}; every .gpu-vllmN call must run first, on this machine" >&2
+    exit 2
+  fi
+  (cd "$carry" && cat "${parts[@]}" > "$wheel" && echo "$wheel_sha256  $wheel" | sha256sum -c --quiet -) || exit 2
+  rm -rf "$site"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
+    "$carry/$wheel" "${deps[@]/#/$carry/}" || exit 2
+  touch "$stamp"
+fi
+export PYTHONPATH=$site
+# vLLM, its kernels and its FlashAttention load, or nothing else can run: on CUDA, vLLM's attention
+# layers import vllm.vllm_flash_attn whatever the backend, and it needs FA2 or FA3.
+"$py" -c 'import vllm, vllm._C_stable_libtorch
+print("vllm", vllm.__version__, "at", vllm.__file__)
+try:
+    from vllm.vllm_flash_attn import flash_attn_interface as fa
+except ImportError as e:
+    raise SystemExit(f"vllm.vllm_flash_attn does not import: {e}. If FA2 would: VLLM_CARRY_DROP= "
+                     "bash scripts/prepare-gpu-vllm-carry.sh carries the whole wheel")
+print("FlashAttention 3 loads:", fa.FA3_AVAILABLE, fa.FA3_UNAVAILABLE_REASON or "")' || exit 3
+
+tok=$work/tokenizer
+if [[ ! -f $tok/tokenizer.json ]]; then
+  mkdir -p "$tok" && gunzip -c "$carry/tokenizer.json.gz" > "$tok/tokenizer.json" \
+    && cp "$carry/tokenizer_config.json" "$tok/" || exit 1
+fi
+# --ours: our numbers from the same machine, when there (.gpu-serving/run.sh keeps its results in $WORK).
+timeout -s INT -k 30 "${LIMIT:-500}" "$py" -m benchmarks.vllm_baseline --checkpoint "$work/gemma-2b-random" \
+  --tokenizer "$tok" --out "$out/vllm.jsonl" --ours "$work/results/bench.jsonl" "$work/gpu_bench.jsonl" \
+  "$@" 2>&1 | tee "$out/vllm.log"
+exit "${PIPESTATUS[0]}"
+RUN
+} > "$extras/run.sh"
+
+# Folders in call order: wheel parts first, the extras with the last part when they fit beside it.
+folders=()
+for part in "${parts[@]}"; do
+  folder=$stage/$PREFIX${#folders[@]}
+  mkdir -p "$folder" && mv "$stage/$part" "$folder/"
+  folders+=("$folder")
+done
+extras_bytes=$(du -cb "$extras"/* | tail -1 | cut -f1)
+last_bytes=$(du -cb "${folders[-1]}"/* | tail -1 | cut -f1)
+if ((last_bytes + extras_bytes > FOLDER_BYTES)); then
+  folders+=("$stage/$PREFIX${#folders[@]}") && mkdir -p "${folders[-1]}"
+fi
+mv "$extras"/* "${folders[-1]}/"
+for folder in "${folders[@]}"; do
+  bytes=$(du -cb "$folder"/* | tail -1 | cut -f1)
+  ((bytes <= FOLDER_BYTES)) || { echo "$folder holds $bytes bytes, over $FOLDER_BYTES" >&2; exit 1; }
+done
+
+rm -rf "$PREFIX"[0-9]*
+for folder in "${folders[@]}"; do mv "$folder" .; done
+echo "vLLM $VLLM_VERSION wheel without ${DROP[*]}: $(stat -c %s "$stage/$wheel") bytes, sha256 $wheel_sha256"
+for ((i = 0; i < ${#folders[@]}; i++)); do
+  printf '%s  %9d bytes  %2d files\n' "$PREFIX$i" "$(du -cb "$PREFIX$i"/* | tail -1 | cut -f1)" "$(ls "$PREFIX$i" | wc -l)"
+done
+echo
+echo "On the GPU machine, one call per line, back to back on one machine (an idle machine is given back"
+echo "after ~30 s and a fresh one has none of the earlier parts), each carrying the named folder:"
+last=$((${#folders[@]} - 1))
+for ((i = 0; i < last; i++)); do
+  echo "  [$PREFIX$i]  mkdir -p ~/vllm-carry && cp $PREFIX$i/* ~/vllm-carry/"
+done
+echo "  [$PREFIX$last]  mkdir -p ~/vllm-carry && cp $PREFIX$last/* ~/vllm-carry/ && bash ~/vllm-carry/run.sh"
+echo "Again on the same machine, nothing carried (vLLM stays installed in ~/vllm-site): bash ~/vllm-carry/run.sh"
