@@ -49,7 +49,7 @@ def test_continuous_batching_matches_single_requests(family, dtype, servable):
         stats = wait_idle(engine)
         same = [a == b for a, b in zip(solo, together)]
         mixed = engine.runner.mixed_graphs  # steps holding prefill chunks (the fused TE model's varlen attention)
-        mixed_replays = {key: e.replays for key, e in mixed.entries.items()}
+        mixed_replays = {str(tokens): e.replays for (tokens,), e in mixed.entries.items()}
         report(test="engine_batching", family=family, dtype=dtype, identical=same,
                graph_buckets=sorted(graphs.entries), captured_at_start=len(captured_at_start),
                replays=sum(e.replays for e in graphs.entries.values()), graphs_disabled=graphs.disabled,

@@ -136,7 +136,7 @@ def test_cuda_graph_mixed_steps_equal_eager(family, dtype, checkpoints):
         n = greedy_agreement(e, g, TIE[dtype] / 10, f"{family} {dtype} seq {i}")
         equal.append(n)
         errs.append(rel_err(torch.stack(g.logits[:n + 1]), torch.stack(e.logits[:n + 1])))
-    replays = {key: entry.replays for key, entry in mixed.entries.items()}
+    replays = {str(tokens): entry.replays for (tokens,), entry in mixed.entries.items()}
     report(test="mixed_graphs_vs_eager", family=family, dtype=dtype, equal_tokens=equal, of=40,
            logits_rel_err=max(errs), mixed_replays=replays, graphs_disabled=mixed.disabled or decode.disabled)
     assert mixed.disabled is None and sum(replays.values()) > 0
