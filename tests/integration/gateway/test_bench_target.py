@@ -1,0 +1,17 @@
+"""The benchmark's gateway target (benchmarks/serving.py) against the real gateway: every request
+counted to exactly its max_tokens, as the direct gRPC target counts the same load."""
+from __future__ import annotations
+
+from benchmarks import serving
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "¿Dónde está la biblioteca? 图书馆在哪里?"]
+
+
+def test_gateway_target_counts_every_token_as_the_grpc_target_does(server, gateway):
+    for target in (serving.GatewayTarget(gateway.url, timeout_s=60), serving.ServerTarget(server.grpc_url, 60)):
+        try:
+            record = serving.measure(target, "closed", PROMPTS, 12, 60, concurrency=3, num_requests=6)
+        finally:
+            serving.close(target)
+        assert (record["system"], record["requests"], record["errors"]) == (target.name, 6, 0), record
+        assert record["output_tokens"] == 6 * 12 and record["ttft_ms"]["n"] == 6
