@@ -54,11 +54,11 @@ class ServerTarget:
 
 class GatewayTarget:
     """Streamed completions through the gateway, the request the OpenAI SDK sends plus vLLM's
-    `ignore_eos`. A chunk does not say how many tokens its text holds (a gRPC delta that merged
-    several is one chunk): each chunk with text counts one, and the tokens the last chunk's `usage`
-    adds beyond that count at the last text chunk, by when they had all arrived. Totals and TTFT are
-    exact; a merged chunk's inter-token gaps are not spread over its tokens as the other targets'
-    are."""
+    `ignore_eos`. A chunk does not say how many tokens it holds (a gRPC delta that merged several is
+    one chunk; a token whose text is not whole yet rides with the next): each chunk of the choice
+    counts one, and the tokens the `usage` chunk adds beyond that count at the last one, by when
+    they had all arrived. Totals and TTFT are exact; a merged chunk's inter-token gaps are not
+    spread over its tokens as the other targets' are."""
     name = "gateway"
 
     def __init__(self, base_url: str, timeout_s: float, model: str = "gemma"):
@@ -77,16 +77,14 @@ class GatewayTarget:
                 raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             async for line in response.aiter_lines():
                 stamp = time.perf_counter()
-                if not line.startswith("data: "):  # the blank line that ends an event
+                if not line.startswith("data: {"):  # the blank line ending each event, `data: [DONE]`
                     continue
-                if line == "data: [DONE]":
-                    break
                 chunk = json.loads(line[len("data: "):])
                 if "error" in chunk:
                     raise RuntimeError(chunk["error"]["message"])
                 if chunk["usage"] is not None:
                     total = chunk["usage"]["completion_tokens"]
-                if any(choice["text"] for choice in chunk["choices"]):
+                if chunk["choices"]:
                     timeline.arrivals.append((stamp, 1))
         settle_token_counts(timeline, total)
 
@@ -100,7 +98,7 @@ def settle_token_counts(timeline: Timeline, total: Optional[int]) -> None:
         raise RuntimeError("the stream ended without a usage chunk")
     surplus = total - timeline.num_tokens
     if surplus < 0 or (surplus and not timeline.arrivals):
-        raise RuntimeError(f"usage says {total} tokens, the stream held {len(timeline.arrivals)} text chunks")
+        raise RuntimeError(f"usage says {total} tokens, the stream held {len(timeline.arrivals)} chunks")
     if surplus:
         stamp, count = timeline.arrivals[-1]
         timeline.arrivals[-1] = (stamp, count + surplus)
