@@ -10,8 +10,9 @@ Without options: the packaged Gemma 3 270M with EngineConfig's defaults on this 
 The engine options build the one EngineConfig that both the in-process engine and the server run
 (serving.server_env), so the same command measures a GPU server (docs/benchmarks.md, "GPU (H100)
 server level"). Where the gateway's packages are installed, the server level also measures the
-OpenAI-compatible gateway in front of the same server against direct gRPC. Writes one JSON line per measurement to stdout and OUT/bench.jsonl (the last line
-is the summary), OUT/throughput.png, OUT/latency.png and OUT/table.md; progress goes to stderr.
+OpenAI-compatible gateway in front of the same server against direct gRPC. Writes one JSON line per
+measurement to stdout and OUT/bench.jsonl (the last line is the summary), OUT/throughput.png,
+OUT/latency.png and OUT/table.md; progress goes to stderr.
 --publish copies the plots, the JSON lines and the table to docs/benchmarks/ (the committed
 results, docs/benchmarks.md). The engine level on a GPU is benchmarks/gpu_bench.py (docs/gpu.md).
 """
@@ -241,18 +242,21 @@ def openai_vs_grpc(records: list[dict], rows: list[dict], clients: int) -> dict:
     """The gateway against direct gRPC at `clients` closed-loop clients: the medians' tok/s ratio and
     TTFT p50 difference, and the ratio within each repetition (the two ran back to back). Empty
     when the gateway did not run."""
-    def at(system, rs):
-        return next((r for r in rs if (r["system"], r["mode"], r.get("concurrency")) == (system, "closed", clients)),
+    def at(system, among):
+        return next((r for r in among if (r["system"], r["mode"], r.get("concurrency")) == (system, "closed", clients)),
                     None)
+
+    def tok_s(system, rep):
+        return at(system, [r for r in records if r.get("rep") == rep])["tokens_per_s"]
+
     gateway, grpc = at("gateway", rows), at("server", rows)
     if gateway is None or grpc is None:
         return {}
-    by_rep = sorted({r["rep"] for r in records if r["system"] == "gateway"})
+    reps = sorted({r["rep"] for r in records if r["system"] == "gateway"})
     ttft = gateway["ttft_ms"]["p50"], grpc["ttft_ms"]["p50"]
     return {"openai_vs_grpc_throughput": ratio(gateway["tokens_per_s"], grpc["tokens_per_s"]),
             "openai_ttft_overhead_ms_p50": None if None in ttft else ttft[0] - ttft[1],
-            "openai_vs_grpc_by_rep": [ratio(at("gateway", mine)["tokens_per_s"], at("server", mine)["tokens_per_s"])
-                                      for mine in ([r for r in records if r.get("rep") == k] for k in by_rep)],
+            "openai_vs_grpc_by_rep": [ratio(tok_s("gateway", k), tok_s("server", k)) for k in reps],
             "openai_at": f"closed loop, {clients} clients", "gateway_tokens_per_s": gateway["tokens_per_s"],
             "gateway_errors": gateway["errors"]}
 
