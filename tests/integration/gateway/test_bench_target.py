@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import serving
-
 # The last one's first token has no text of its own with the tiny model: its chunk comes with the next token.
 PROMPTS = ["The quick brown fox", "¿Dónde está la biblioteca? 图书馆在哪里?",
            "Translate to German: The weather is nice today, so we are going for a walk in the park."]
@@ -13,6 +11,7 @@ PROMPTS = ["The quick brown fox", "¿Dónde está la biblioteca? 图书馆在哪
 
 @pytest.mark.parametrize("max_tokens", [1, 12])
 def test_gateway_target_counts_every_token_as_the_grpc_target_does(server, gateway, max_tokens):
+    from benchmarks import serving  # not in the client image (docker/client.Dockerfile), where this dir skips
     for target in (serving.GatewayTarget(gateway.url, timeout_s=60), serving.ServerTarget(server.grpc_url, 60)):
         try:
             record = serving.measure(target, "closed", PROMPTS, max_tokens, 60, concurrency=3, num_requests=6)
