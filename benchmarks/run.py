@@ -4,13 +4,15 @@
                              [--checkpoint DIR] [--engine auto|te|torch] [--dtype auto|float32|bfloat16|float16]
                              [--max-num-seqs N] [--kv-cache-bytes N] [--concurrencies 1,4,8] [--server-tokens N]
                              [--requests-per-client N] [--server-reps N] [--rate R] [--open-requests N]
-                             [--time-limit S]
+                             [--openai-concurrency N] [--time-limit S]
 
 Without options: the packaged Gemma 3 270M with EngineConfig's defaults on this machine (its CPU).
 The engine options build the one EngineConfig that both the in-process engine and the server run
 (serving.server_env), so the same command measures a GPU server (docs/benchmarks.md, "GPU (H100)
-server level"). Writes one JSON line per measurement to stdout and OUT/bench.jsonl (the last line
-is the summary), OUT/throughput.png, OUT/latency.png and OUT/table.md; progress goes to stderr.
+server level"). Where the gateway's packages are installed, the server level also measures the
+OpenAI-compatible gateway in front of the same server against direct gRPC. Writes one JSON line per
+measurement to stdout and OUT/bench.jsonl (the last line is the summary), OUT/throughput.png,
+OUT/latency.png and OUT/table.md; progress goes to stderr.
 --publish copies the plots, the JSON lines and the table to docs/benchmarks/ (the committed
 results, docs/benchmarks.md). The engine level on a GPU is benchmarks/gpu_bench.py (docs/gpu.md).
 """
@@ -35,11 +37,14 @@ from .stats import json_line, poisson_arrivals, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISH_DIR = ROOT / "docs" / "benchmarks"
-# Multi-turn chat: the 4th turn's TTFT with prefix caching off over on (>= 4: on is <= 0.25x of off).
+# Goals met at or above their target. Multi-turn chat: the 4th turn's TTFT with prefix caching off
+# over on (>= 4: on is <= 0.25x of off). The gateway: its tok/s over direct gRPC's at the same load.
 GOALS = {"engine_vs_hf_single": 1.5, "engine_vs_hf_concurrent": 3.0, "server_vs_engine_throughput": 0.9,
-         "prefix_cache_ttft_speedup": 4.0}
+         "prefix_cache_ttft_speedup": 4.0, "openai_vs_grpc_throughput": 0.95}
+# Goals met at or below their target: the gateway's TTFT p50 minus direct gRPC's, ms.
+CEILINGS = {"openai_ttft_overhead_ms_p50": 5.0}
 SUMMARY_KEYS = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_engine_throughput", "ttft_p50_ms",
-                "itl_p50_ms")
+                "itl_p50_ms", "openai_vs_grpc_throughput", "openai_ttft_overhead_ms_p50")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Settings:
     rate_per_s: float = 0.3  # ... at this rate
     time_limit_s: float = 240  # per load run; later requests are cancelled and counted as errors
     server_reps: int = 2  # closed-loop repetitions (medians); the open loop runs once
+    openai_concurrency: int = 16  # closed-loop clients of gateway vs direct gRPC (0: no gateway)
     chat_reps: int = 2  # multi-turn conversations per engine (prefix caching on / off)
 
 
@@ -139,41 +145,59 @@ def run_chat_level(report: Report, engine, s: Settings) -> list[dict]:
         gc.collect()
 
 
+def _turn(targets: list, k: int) -> list:
+    """`targets` forwards for even k, backwards for odd: which goes first alternates."""
+    return targets if k % 2 == 0 else targets[::-1]
+
+
 def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dict]:
     prompts = engine_level.PROMPTS
     report.progress(f"starting tritonserver (log: {out / 'server.log'})")
     server = serving.start_server(out / "server.log", engine.config)
+    gateway = None
     records = []
     try:
         report.progress(f"server ready at {server.grpc_url}")
-        targets = [serving.ServerTarget(server.grpc_url, timeout_s=s.time_limit_s), serving.EngineTarget(engine)]
-        # Warm-up, not recorded: the first gRPC connection and steps, and a few steps at each
+        grpc = serving.ServerTarget(server.grpc_url, timeout_s=s.time_limit_s)
+        targets = [grpc, serving.EngineTarget(engine)]
+        loads = {c: list(targets) for c in s.concurrencies}  # closed loop: clients -> the targets run
+        if s.openai_concurrency:
+            gateway = serving.start_gateway(server.grpc_url, out / "gateway.log")
+            if gateway is None:
+                report.progress("gateway vs gRPC skipped: the gateway's packages are not installed")
+            else:
+                report.progress(f"gateway ready at {gateway.url} (log: {out / 'gateway.log'})")
+                loads.setdefault(s.openai_concurrency, [grpc]).append(
+                    serving.GatewayTarget(gateway.url, timeout_s=s.time_limit_s))
+        everyone = list(dict.fromkeys(t for at_c in loads.values() for t in at_c))
+        # Warm-up, not recorded: the first connections and steps, and a few steps at each
         # concurrency, so that on a GPU each batch size's CUDA graph is captured before it is timed.
-        for target in targets:
+        for target in everyone:
             report.progress(f"server level: warm-up -> {target.name}")
-            for c in s.concurrencies:
-                serving.measure(target, "closed", prompts, 4, s.time_limit_s, concurrency=c, num_requests=c)
-        flip = 0  # alternates which target goes first
+            for c, at_c in loads.items():
+                if target in at_c:
+                    serving.measure(target, "closed", prompts, 4, s.time_limit_s, concurrency=c, num_requests=c)
         for rep in range(s.server_reps):
-            for c in s.concurrencies:
+            for i, (c, at_c) in enumerate(loads.items()):
                 n = max(3, c * s.requests_per_client)
-                for target in (targets if flip % 2 == 0 else targets[::-1]):
+                for target in _turn(at_c, rep + i):
                     report.progress(f"server level: rep {rep + 1}/{s.server_reps}: closed loop, {c} clients, "
                                     f"{n} requests x {s.server_tokens} tokens -> {target.name}")
                     records.append(report.emit({**serving.measure(
                         target, "closed", prompts, s.server_tokens, s.time_limit_s, concurrency=c, num_requests=n),
                         "rep": rep}))
-                flip += 1
         arrivals = poisson_arrivals(s.rate_per_s, s.open_requests, seed=0)
-        for target in (targets if flip % 2 == 0 else targets[::-1]):
+        for target in _turn(targets, s.server_reps):
             report.progress(f"server level: open loop, {s.open_requests} Poisson arrivals at {s.rate_per_s}/s "
                             f"-> {target.name}")
             records.append(report.emit({**serving.measure(
                 target, "open", prompts, s.server_tokens, s.time_limit_s, arrivals_s=arrivals,
                 rate_per_s=s.rate_per_s), "rep": 0}))
-        for target in targets:
+        for target in everyone:
             serving.close(target)
     finally:
+        if gateway is not None:
+            gateway.stop()
         server.stop()
     return records
 
@@ -208,10 +232,38 @@ def summarize(engine_records: list[dict], server_records: list[dict], chat_recor
             "engine_direct_errors": sum(r["errors"] for r in server_rows if r["system"] == "engine_direct"),
             "server_table": server_rows,
         })
-    summary["goals"] = {name: {"target": target, "value": summary.get(name),
-                               "met": None if summary.get(name) is None else summary[name] >= target}
-                        for name, target in GOALS.items()}
+    summary.update(openai_vs_grpc(server_records, server_rows, s.openai_concurrency))
+    summary["goals"] = {name: _goal(summary.get(name), target, at_most=name in CEILINGS)
+                        for name, target in {**GOALS, **CEILINGS}.items()}
     return summary
+
+
+def openai_vs_grpc(records: list[dict], rows: list[dict], clients: int) -> dict:
+    """The gateway against direct gRPC at `clients` closed-loop clients: the medians' tok/s ratio and
+    TTFT p50 difference, and the ratio within each repetition (the two ran back to back). Empty
+    when the gateway did not run."""
+    def at(system, among):
+        return next((r for r in among if (r["system"], r["mode"], r.get("concurrency")) == (system, "closed", clients)),
+                    None)
+
+    def tok_s(system, rep):
+        return at(system, [r for r in records if r.get("rep") == rep])["tokens_per_s"]
+
+    gateway, grpc = at("gateway", rows), at("server", rows)
+    if gateway is None or grpc is None:
+        return {}
+    reps = sorted({r["rep"] for r in records if r["system"] == "gateway"})
+    ttft = gateway["ttft_ms"]["p50"], grpc["ttft_ms"]["p50"]
+    return {"openai_vs_grpc_throughput": ratio(gateway["tokens_per_s"], grpc["tokens_per_s"]),
+            "openai_ttft_overhead_ms_p50": None if None in ttft else ttft[0] - ttft[1],
+            "openai_vs_grpc_by_rep": [ratio(tok_s("gateway", k), tok_s("server", k)) for k in reps],
+            "openai_at": f"closed loop, {clients} clients", "gateway_tokens_per_s": gateway["tokens_per_s"],
+            "gateway_errors": gateway["errors"]}
+
+
+def _goal(value: Optional[float], target: float, at_most: bool) -> dict:
+    met = None if value is None else (value <= target if at_most else value >= target)
+    return {"target": target, "at_most": at_most, "value": value, "met": met}
 
 
 def _fmt(x: Optional[float], digits: int = 1) -> str:
@@ -260,8 +312,13 @@ def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) ->
                   f"tokens, {_fmt(summary['chat_turn4_cached_tokens'], 0)} of them cached): TTFT "
                   f"{_fmt(ttft['prefix_caching'], 0)} ms with prefix caching, {_fmt(ttft['no_prefix_caching'], 0)} ms "
                   f"without (median of {summary['settings']['chat_reps']} conversations).", ""]
+    if summary.get("openai_vs_grpc_throughput") is not None:
+        lines += [f"OpenAI-compatible gateway vs direct gRPC ({summary['openai_at']}, the same server; "
+                  f"`openai_vs_grpc_throughput` per repetition: "
+                  f"{' / '.join(_fmt(x, 2) for x in summary['openai_vs_grpc_by_rep'])}): TTFT p50 overhead "
+                  f"{_fmt(summary['openai_ttft_overhead_ms_p50'])} ms.", ""]
     keys = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "engine_vs_hf_batched", "server_vs_engine_throughput",
-            "prefix_cache_ttft_speedup")
+            "prefix_cache_ttft_speedup", "openai_vs_grpc_throughput")
     lines.append("Ratios: " + ", ".join(f"`{k}` {_fmt(summary.get(k), 2)}" for k in keys) + ".")
     paired = summary.get("paired", {})
     if paired:
@@ -270,7 +327,8 @@ def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) ->
             for k, v in paired.items()) + ".")
     for name, goal in summary["goals"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[goal["met"]]
-        lines.append(f"- goal `{name}` >= {goal['target']}: {_fmt(goal['value'], 2)} - {verdict}")
+        lines.append(f"- goal `{name}` {'<=' if goal['at_most'] else '>='} {goal['target']}: "
+                     f"{_fmt(goal['value'], 2)} - {verdict}")
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +353,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     load.add_argument("--chat-reps", type=int, help="multi-turn conversations per engine (medians)")
     load.add_argument("--rate", dest="rate_per_s", type=float, help="open-loop arrival rate, requests/s")
     load.add_argument("--open-requests", type=int, help="open-loop requests")
+    load.add_argument("--openai-concurrency", type=int,
+                      help="closed-loop clients of the OpenAI gateway vs direct gRPC comparison (0: none)")
     load.add_argument("--time-limit", dest="time_limit_s", type=float,
                       help="seconds per load run; what is left then is cancelled and counted as errors")
     engine = p.add_argument_group("engine (one EngineConfig: the in-process engine's and, through GEMMA_*, "

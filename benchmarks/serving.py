@@ -4,7 +4,9 @@ against the same engine in-process, so serving overhead is a measured ratio.
 A target is anything with `async stream(prompt, max_tokens, timeline)` that fills the timeline:
 - `ServerTarget`: `gemma_client.AsyncGemmaClient` on loopback gRPC (one channel, a stream per request);
   token times are taken when a delta reaches the client;
-- `EngineTarget`: `Engine.submit` with a callback; token times are taken on the engine thread.
+- `EngineTarget`: `Engine.submit` with a callback; token times are taken on the engine thread;
+- `GatewayTarget`: the OpenAI-compatible gateway (gateway/) in front of the same server, streamed
+  `POST /v1/completions` over one httpx client; token times are taken when an SSE chunk arrives.
 Two load shapes, both bounded in requests and in time (late requests are cancelled, counted as errors):
 - closed loop: `concurrency` workers, each sends its next request when the previous one ends;
 - open loop: requests arrive at Poisson times (a seeded schedule, identical for both targets).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import time
 from pathlib import Path
@@ -47,6 +50,58 @@ class ServerTarget:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+class GatewayTarget:
+    """Streamed completions through the gateway, the request the OpenAI SDK sends plus vLLM's
+    `ignore_eos`. A chunk does not say how many tokens it holds (a gRPC delta that merged several is
+    one chunk; a token whose text is not whole yet rides with the next): each chunk of the choice
+    counts one, and the tokens the `usage` chunk adds beyond that count at the last one, by when
+    they had all arrived. Totals and TTFT are exact; a merged chunk's inter-token gaps are not
+    spread over its tokens as the other targets' are."""
+    name = "gateway"
+
+    def __init__(self, base_url: str, timeout_s: float, model: str = "gemma"):
+        import httpx
+        # No pool limit: a request never waits for a connection, so TTFT is the gateway's.
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=timeout_s,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+        self.model = model
+
+    async def stream(self, prompt: str, max_tokens: int, timeline: Timeline) -> None:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, **GREEDY}
+        total = None
+        async with self.client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                stamp = time.perf_counter()
+                if not line.startswith("data: {"):  # the blank line ending each event, `data: [DONE]`
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if chunk["usage"] is not None:
+                    total = chunk["usage"]["completion_tokens"]
+                if chunk["choices"]:
+                    timeline.arrivals.append((stamp, 1))
+        settle_token_counts(timeline, total)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def settle_token_counts(timeline: Timeline, total: Optional[int]) -> None:
+    """Give the tokens of `total` (the stream's usage) that one per chunk did not count to the last chunk."""
+    if total is None:
+        raise RuntimeError("the stream ended without a usage chunk")
+    surplus = total - timeline.num_tokens
+    if surplus < 0 or (surplus and not timeline.arrivals):
+        raise RuntimeError(f"usage says {total} tokens, the stream held {len(timeline.arrivals)} chunks")
+    if surplus:
+        stamp, count = timeline.arrivals[-1]
+        timeline.arrivals[-1] = (stamp, count + surplus)
 
 
 class EngineTarget:
@@ -204,6 +259,18 @@ def start_server(log_path: Path, config):
 
     (server,) = start_servers((log_path, server_env(config)))
     return server
+
+
+def start_gateway(triton_url: str, log_path: Path):
+    """`python -m gateway` on a free loopback port in front of the server at `triton_url`, started and
+    stopped by the gateway tests' own launcher. Returns an object with `url` and `stop()`, or None
+    where the gateway's packages (and its tests') are not installed."""
+    import pytest
+    try:
+        from tests.integration.gateway.conftest import start_gateway
+    except pytest.skip.Exception:  # its importorskip: fastapi, uvicorn, httpx or openai missing
+        return None
+    return start_gateway(triton_url, log_path)
 
 
 def table(records: list[dict]) -> list[dict]:

@@ -39,6 +39,9 @@ class GenerationRequest(BaseModel):
     user: Optional[str] = None  # accepted, not used
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    # Not OpenAI's: vLLM's extension of the same name. Generation goes on past EOS until max_tokens
+    # or a stop string (a benchmark's requests all get exactly max_tokens).
+    ignore_eos: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod

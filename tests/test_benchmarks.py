@@ -96,9 +96,9 @@ def _engine_records():
     return records
 
 
-def _server_record(system, mode, tok_s, c=None):
+def _server_record(system, mode, tok_s, c=None, rep=0, ttft_p50=100.0):
     rec = {"type": "server", "system": system, "mode": mode, "requests": 4, "errors": 0, "tokens_per_s": tok_s,
-           "ttft_ms": {"p50": 100.0, "p99": 150.0}, "itl_ms": {"p50": 20.0, "p99": 40.0}}
+           "ttft_ms": {"p50": ttft_p50, "p99": 150.0}, "itl_ms": {"p50": 20.0, "p99": 40.0}, "rep": rep}
     return {**rec, "concurrency": c} if mode == "closed" else {**rec, "rate_per_s": 0.5}
 
 
@@ -140,6 +140,10 @@ def test_summary_has_the_issue_keys_and_goal_verdicts(tmp_path):
     server = [_server_record(s, "closed", tok, c) for c in (1, 4, 8)
               for s, tok in (("server", 9.0 * c), ("engine_direct", 10.0 * c))]
     server += [_server_record("server", "open", 5.0), _server_record("engine_direct", "open", 5.0)]
+    # The gateway vs direct gRPC at 16 clients, two repetitions: 0.95x and 1.0x, TTFT +4 and +6 ms.
+    for rep, tok, ttft in ((0, 95.0, 104.0), (1, 100.0, 106.0)):
+        server += [_server_record("server", "closed", 100.0, 16, rep),
+                   _server_record("gateway", "closed", tok, 16, rep, ttft)]
     info = {"cpu": "Test CPU", "cores": 2, "torch": "x", "torch_threads": 2, "transformers": "y", "date": "today",
             "device": "cpu", "engine_config": {"checkpoint": "/m/gemma-3-270m", "engine": "auto", "dtype": "auto",
                                                "max_num_seqs": 16, "kv_cache_bytes": 1 << 30}}
@@ -157,11 +161,23 @@ def test_summary_has_the_issue_keys_and_goal_verdicts(tmp_path):
     assert summary["chat_turn4_cached_tokens"] == 320 and summary["goals"]["prefix_cache_ttft_speedup"]["met"]
     assert summary["goals"]["engine_vs_hf_single"]["met"] is True
     assert summary["goals"]["server_vs_engine_throughput"]["met"] is True  # 0.9: the issue's bound, inclusive
+    assert summary["openai_vs_grpc_throughput"] == pytest.approx(0.975)  # median 97.5 over median 100
+    assert summary["openai_vs_grpc_by_rep"] == pytest.approx([0.95, 1.0])
+    assert summary["openai_ttft_overhead_ms_p50"] == pytest.approx(5.0)  # median 105 - 100
+    assert summary["openai_at"] == "closed loop, 16 clients"
+    assert summary["goals"]["openai_vs_grpc_throughput"] == {"target": 0.95, "at_most": False,
+                                                             "value": pytest.approx(0.975), "met": True}
+    assert summary["goals"]["openai_ttft_overhead_ms_p50"]["at_most"] is True
+    assert summary["goals"]["openai_ttft_overhead_ms_p50"]["met"] is True  # 5 ms: the bound, inclusive
     assert json.loads(json_line(summary))["type"] == "summary"
     assert summary["server_table"] == serving.table(server)
     table = run.markdown(rows, summary["server_table"], summary)
     assert "| engine | 8 |" in table and "closed, 8 clients" in table and "met" in table and "paired" in table
     assert "Multi-turn chat, turn 4 (400 prompt tokens, 320 of them cached): TTFT 40 ms" in table
+    assert "| gateway | closed, 16 clients | 8 | 0 | 97.5 | 105 / 150 |" in table
+    assert "per repetition: 0.95 / 1.00): TTFT p50 overhead 5.0 ms" in table
+    assert "- goal `openai_vs_grpc_throughput` >= 0.95: 0.97 - met" in table
+    assert "- goal `openai_ttft_overhead_ms_p50` <= 5.0: 5.00 - met" in table
     assert table.startswith("Test CPU, 2 cores,") and "Model gemma-3-270m: engine auto, dtype auto" in table
     gpu = {**summary, "device": "NVIDIA H100 80GB HBM3", "cuda": "13.0"}
     gpu_table = run.markdown(rows, summary["server_table"], gpu)
@@ -177,4 +193,19 @@ def test_summary_without_server_level_has_its_keys_as_null():
     summary = run.summarize(_engine_records(), [], [], run.Settings(),
                             {"cpu": "c"}, [0.0, 0.0, 0.0], 1.0)
     assert summary["server_vs_engine_throughput"] is None and summary["ttft_p50_ms"] is None
+    assert summary["openai_vs_grpc_throughput"] is None and summary["openai_ttft_overhead_ms_p50"] is None
     assert summary["goals"]["engine_vs_hf_concurrent"]["met"] is True
+    assert summary["goals"]["openai_ttft_overhead_ms_p50"]["met"] is None
+
+
+def test_a_gateway_stream_counts_one_token_per_chunk_and_the_rest_of_usage_at_the_last():
+    t = Timeline(0.0, [(0.5, 1), (0.6, 1), (0.9, 1)])
+    serving.settle_token_counts(t, 5)  # a chunk held 3 tokens; which one, the stream does not say
+    assert t.arrivals == [(0.5, 1), (0.6, 1), (0.9, 3)] and t.ttft == 0.5
+    exact = Timeline(0.0, [(0.5, 1), (0.6, 1)])
+    serving.settle_token_counts(exact, 2)
+    assert exact.arrivals == [(0.5, 1), (0.6, 1)]
+    for timeline, total in ((Timeline(0.0, [(0.5, 1), (0.6, 1)]), 1), (Timeline(0.0), 3),
+                            (Timeline(0.0, [(0.5, 1)]), None)):
+        with pytest.raises(RuntimeError):
+            serving.settle_token_counts(timeline, total)

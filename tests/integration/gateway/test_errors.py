@@ -60,6 +60,8 @@ BAD_REQUESTS = [
     pytest.param("completions", {**COMPLETION, "n": 0}, "n", "invalid_value", id="n-0"),
     pytest.param("completions", {**COMPLETION, "n": 17}, "n", "invalid_value", id="n-over-limit"),
     pytest.param("completions", {**COMPLETION, "stream": "yes"}, "stream", "invalid_value", id="stream-str"),
+    pytest.param("chat/completions", {**CHAT, "ignore_eos": "true"}, "ignore_eos", "invalid_value",
+                 id="ignore_eos-str"),
     pytest.param("completions", {**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value",
                  id="five-stops"),
     pytest.param("completions", {**COMPLETION, "stop": [""]}, "stop", "invalid_value", id="empty-stop"),

@@ -79,6 +79,24 @@ def test_streamed_chat_equals_the_whole_one(sdk):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+def test_ignore_eos_gives_exactly_max_tokens_as_the_grpc_client_does(sdk, grpc):
+    # vLLM's extension field, which the SDK sends as an extra body field.
+    ignore_eos = dict(extra_body={"ignore_eos": True}, **GREEDY)
+    expected = grpc.generate(PROMPT, max_tokens=20, ignore_eos=True, **GREEDY)
+    completion = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, **ignore_eos)
+    assert completion.choices[0].text == expected.text
+    assert (completion.usage.completion_tokens, completion.choices[0].finish_reason) == (20, "length")
+    chunks = list(sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, stream=True,
+                                         stream_options={"include_usage": True}, **ignore_eos))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == expected.text
+    assert chunks[-1].usage.completion_tokens == 20
+    chat = sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, **ignore_eos)
+    assert (chat.usage.completion_tokens, chat.choices[0].finish_reason) == (20, "length")
+    chunks = list(sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, stream=True,
+                                              stream_options={"include_usage": True}, **ignore_eos))
+    assert chunks[-1].usage.completion_tokens == 20
+
+
 def test_seed_reproduces_and_n_gives_distinct_choices(sdk):
     def sample(seed, n=1, stream=False):
         args = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=seed, n=n)
