@@ -8,9 +8,11 @@ Nothing here knows about Triton; `model_repository/gemma/1/model.py` is a thin c
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence as Seq, Union
@@ -25,6 +27,7 @@ from .runner import ModelRunner, StepModel
 from .sampling import SamplingParams, make_generator
 from .scheduler import PrefixCacheStats, Scheduler, Sequence
 from .self_check import load_checked_tokenizer
+from .step_times import StepTimes
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class EngineStats:
     num_waiting: int
     prefix_cache: PrefixCacheStats
     num_preemptions: int  # since the engine started
+    step_times: StepTimes  # where the steps' time went, since the engine started
 
 
 class RequestHandle:
@@ -154,6 +158,7 @@ class Engine:
         self._handles: dict[int, RequestHandle] = {}  # request id -> handle, while it runs or waits
         self._next_id = 0
         self._num_preemptions = 0
+        self._step_times = StepTimes()  # written by the engine thread; stats() copies it
         self._stopping = False
         started: list = []  # what the engine thread set up, or the exception it raised
         ready = threading.Event()
@@ -233,7 +238,7 @@ class Engine:
         with self._lock:
             return EngineStats(self.kv_cache.usage(), len(self.scheduler.running),
                                len(self.scheduler.waiting) + len(self._submitted), self.scheduler.prefix_cache,
-                               self._num_preemptions)
+                               self._num_preemptions, dataclasses.replace(self._step_times))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel everything in flight (each gets a final "cancelled" output) and stop the thread."""
@@ -300,17 +305,20 @@ class Engine:
 
     def _step(self) -> None:
         """schedule -> model step and sampling -> apply the tokens -> hand each its delta."""
+        start = time.perf_counter()
         output = self.scheduler.schedule()
         self._num_preemptions += len(output.preempted)
         if not output.chunks:
             return
+        self._step_times.schedule_s += time.perf_counter() - start
         try:
-            sampled = self.runner.execute(output)
+            sampled = self.runner.execute(output, self._step_times)
         except Exception as exc:  # a fault fails this step's requests; the engine keeps serving
             log.exception("engine step failed")
             for scheduled in output.chunks:
                 self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
+        updating = time.perf_counter()
         samplers = [scheduled.seq for scheduled in output.chunks if scheduled.needs_logits]
         for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
             self._finish(samplers[row], "error", error="the model's scores for this request were not finite "
@@ -320,6 +328,7 @@ class Engine:
             self._deliver(seq, TokenDelta([sampled.token_ids[i]], seq.finish_reason,
                                           num_cached_tokens=seq.num_cached_prompt_tokens,
                                           logprobs=None if logprobs is None else [logprobs]))
+        self._step_times.update_s += time.perf_counter() - updating
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         self.scheduler.finish(seq, reason)

@@ -8,6 +8,7 @@ The sampler returns each token and, for requests that ask, its logprobs from tho
 """
 from __future__ import annotations
 
+import time
 from typing import Optional, Protocol
 
 import torch
@@ -19,6 +20,7 @@ from .kv_cache import PagedKVCache
 from .model import StepLayout
 from .sampling import SampledTokens, SamplingRow, sample_with_logprobs
 from .scheduler import SchedulerOutput
+from .step_times import StepTimes
 
 
 class StepModel(Protocol):
@@ -44,6 +46,7 @@ class ModelRunner:
         # attention (their inputs have fixed shapes per token bucket). Other steps run eagerly.
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(model) if graphs else None
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.device.type == "cuda" else []
         self.mixed_graphs = MixedGraphs(model, kv_cache.block_size, max_num_seqs, max_num_batched_tokens, max_len) \
             if graphs and model.tile_rows is not None else None
 
@@ -55,14 +58,31 @@ class ModelRunner:
         if self.mixed_graphs is not None:
             self.mixed_graphs.capture_all(self.kv_cache)
 
-    def execute(self, output: SchedulerOutput) -> SampledTokens:
-        """The next token of each chunk that needs logits (and its logprobs, if asked), in schedule order."""
+    def execute(self, output: SchedulerOutput, times: StepTimes) -> SampledTokens:
+        """The next token of each chunk that needs logits (and its logprobs, if asked), in schedule order.
+        Adds the step's phases to `times`."""
+        start = time.perf_counter()
         token_ids, layout = build_step([s.chunk for s in output.chunks], self.kv_cache.block_size, self._windows,
                                        self.device, self._uploader, self.model.tile_rows)
+        prepared = time.perf_counter()
+        if self._events:
+            self._events[0].record()
         logits = self._forward(token_ids, layout)
+        if self._events:
+            self._events[1].record()
+        launched = time.perf_counter()
         rows = [SamplingRow(s.seq.params, s.seq.generator, s.seq.token_ids, s.seq.num_output_tokens,
                             s.seq.eos_token_ids) for s in output.chunks if s.needs_logits]
-        return sample_with_logprobs(logits, rows) if rows else SampledTokens([], [])
+        sampled = sample_with_logprobs(logits, rows) if rows else SampledTokens([], [])
+        if self._events:  # the sampler read the ids back: the step's GPU work is done
+            self._events[1].synchronize()
+            times.gpu_forward_s += self._events[0].elapsed_time(self._events[1]) / 1e3
+        times.steps += 1
+        times.mixed_steps += any(len(s.chunk.token_ids) > 1 for s in output.chunks)
+        times.prepare_s += prepared - start
+        times.forward_s += launched - prepared
+        times.sample_s += time.perf_counter() - launched
+        return sampled
 
     def _forward(self, token_ids: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         for graphs in (self.graphs, self.mixed_graphs):

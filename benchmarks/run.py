@@ -183,9 +183,12 @@ def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dic
                 for target in _turn(at_c, rep + i):
                     report.progress(f"server level: rep {rep + 1}/{s.server_reps}: closed loop, {c} clients, "
                                     f"{n} requests x {s.server_tokens} tokens -> {target.name}")
-                    records.append(report.emit({**serving.measure(
-                        target, "closed", prompts, s.server_tokens, s.time_limit_s, concurrency=c, num_requests=n),
-                        "rep": rep}))
+                    before = engine.stats().step_times
+                    record = serving.measure(target, "closed", prompts, s.server_tokens, s.time_limit_s,
+                                             concurrency=c, num_requests=n)
+                    if target.name == "engine_direct":  # where its steps' time went (backend/step_times.py)
+                        record["engine_steps"] = engine.stats().step_times.since(before).per_step_ms()
+                    records.append(report.emit({**record, "rep": rep}))
         arrivals = poisson_arrivals(s.rate_per_s, s.open_requests, seed=0)
         for target in _turn(targets, s.server_reps):
             report.progress(f"server level: open loop, {s.open_requests} Poisson arrivals at {s.rate_per_s}/s "
