@@ -51,7 +51,7 @@ class EngineConfig:
     fp8: bool = False  # TE only: FP8 GEMMs on Hopper
     fp8_recipe: str = "delayed"  # delayed | current | block (backend.te.model.make_fp8_recipe)
     fp8_lm_head: bool = False  # with fp8: the tied LM head in FP8 too (half its bytes per step, FP8 logits)
-    cuda_graphs: bool = True  # GPU: decode-only steps replay captured CUDA graphs
+    cuda_graphs: bool = True  # GPU: decode steps (and the TE model's mixed steps) replay captured CUDA graphs
 
 
 @dataclass(frozen=True)

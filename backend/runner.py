@@ -2,7 +2,8 @@
 
 It owns what a step needs besides the schedule: the model, its KV cache, the step's input buffer
 (one host-to-device copy), the CUDA graphs of its steps (on a GPU: decode steps for any model,
-mixed steps for models with varlen attention) and the sampler. The model's contract is explicit (`StepModel`): its dtype, device and row multiple, and
+mixed steps for models with varlen attention) and the sampler. The model's contract is explicit
+(`StepModel`): its dtype, device, row multiple and varlen tile size, and
 forward(token_ids, layout, kv_cache) -> fp32 logits of the layout's logit rows.
 The sampler returns each token and, for requests that ask, its logprobs from those logits.
 """
