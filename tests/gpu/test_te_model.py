@@ -95,6 +95,17 @@ def test_greedy_64_tokens_match_reference(family, dtype, checkpoints):
     assert graphs.entries, f"decode steps should have replayed CUDA graphs ({graphs.disabled})"
 
 
+def agreement_and_errors(eager, graphed, dtype, family):
+    """Per sequence: greedy tokens equal (only near-ties may part), and the logits' relative error
+    over those tokens and the one after."""
+    equal, errs = [], []
+    for i, (e, g) in enumerate(zip(eager, graphed)):
+        n = greedy_agreement(e, g, TIE[dtype] / 10, f"{family} {dtype} seq {i}")
+        equal.append(n)
+        errs.append(rel_err(torch.stack(g.logits[:n + 1]), torch.stack(e.logits[:n + 1])))
+    return equal, errs
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_graph_decode_equals_eager(family, dtype, checkpoints):
@@ -106,11 +117,7 @@ def test_cuda_graph_decode_equals_eager(family, dtype, checkpoints):
     graphed = drive(graphs, cfg, prompts, 48, **kw)
     buckets = sorted(graphs.entries)
     eager = drive(te, cfg, prompts, 48, **kw)
-    equal, errs = [], []
-    for i, (e, g) in enumerate(zip(eager, graphed)):
-        n = greedy_agreement(e, g, TIE[dtype] / 10, f"{family} {dtype} seq {i}")
-        equal.append(n)
-        errs.append(rel_err(torch.stack(g.logits[:n + 1]), torch.stack(e.logits[:n + 1])))
+    equal, errs = agreement_and_errors(eager, graphed, dtype, family)
     report(test="graphs_vs_eager", family=family, dtype=dtype, equal_tokens=equal, of=48,
            logits_rel_err=max(errs), buckets=buckets, replays=sum(x.replays for x in graphs.entries.values()),
            graphs_disabled=graphs.disabled)
@@ -131,11 +138,7 @@ def test_cuda_graph_mixed_steps_equal_eager(family, dtype, checkpoints):
     graphed = drive(lambda ids, layout, kv: (decode if decode.can_run(ids, layout) else mixed)(ids, layout, kv),
                     cfg, prompts, 40, **kw)
     eager = drive(te, cfg, prompts, 40, **kw)
-    equal, errs = [], []
-    for i, (e, g) in enumerate(zip(eager, graphed)):
-        n = greedy_agreement(e, g, TIE[dtype] / 10, f"{family} {dtype} seq {i}")
-        equal.append(n)
-        errs.append(rel_err(torch.stack(g.logits[:n + 1]), torch.stack(e.logits[:n + 1])))
+    equal, errs = agreement_and_errors(eager, graphed, dtype, family)
     replays = {str(tokens): entry.replays for (tokens,), entry in mixed.entries.items()}
     report(test="mixed_graphs_vs_eager", family=family, dtype=dtype, equal_tokens=equal, of=40,
            logits_rel_err=max(errs), mixed_replays=replays, graphs_disabled=mixed.disabled or decode.disabled)
