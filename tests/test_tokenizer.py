@@ -235,6 +235,22 @@ def test_gemma_special_ids(gemma):
 
 
 @pytest.mark.slow
+def test_gemma_decode_equals_hf_decode_without_clean_up(gemma):
+    """decode() goes to the Rust tokenizer directly; it must give what HF's decode gives (no space
+    clean-up), special tokens kept or skipped, for any ids (random ones, byte tokens, specials)."""
+    import random
+
+    assert gemma._backend is not None  # the real tokenizer is a fast one: the direct path is tested
+    rng = random.Random(0)
+    for _ in range(500):
+        ids = [rng.randrange(gemma.vocab_size) for _ in range(rng.randint(0, 12))] + rng.sample([1, 2, 105, 106], 2)
+        rng.shuffle(ids)
+        for skip in (True, False):
+            assert gemma.decode(ids, skip_special_tokens=skip) == gemma.hf_tokenizer.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.slow
 def test_gemma_chat_prompt_tokens(gemma):
     prompt = gemma.apply_chat_template(CONVERSATION)
     assert prompt == GEMMA_CONVERSATION
