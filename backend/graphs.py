@@ -94,7 +94,6 @@ class _GraphSet:
     def __init__(self, model):
         self.model = model
         self.device = model.device
-        self.windows = sorted({layer.sliding_window for layer in model.cfg.layers}, key=lambda w: (w is not None, w or 0))
         self.entries: dict[tuple, object] = {}
         self.pool = None
         self.cache_ptr: Optional[int] = None
@@ -161,6 +160,7 @@ class DecodeGraphs(_GraphSet):
 
     def __init__(self, model, max_batch: int = 256):
         super().__init__(model)
+        self.windows = sorted({layer.sliding_window for layer in model.cfg.layers}, key=lambda w: (w is not None, w or 0))
         buckets = tuple(b for b in BF16_BUCKETS if b % model.row_multiple == 0)
         self.buckets = tuple(b for b in buckets if b <= max(max_batch, buckets[0]))
         self.max_ctx = _ctx_bucket(model.cfg.max_position_embeddings)

@@ -30,9 +30,9 @@ NEW_TOKENS = 64
 def distinct_prompts(tokenizer, count: int, num_tokens: int, seed: int) -> list[str]:
     """`count` texts of about `num_tokens` tokens each, different from their first word on."""
     rng = random.Random(seed)
-    words = [w for w in ("time person year way day thing man world life hand part child eye woman place work week "
-                         "case point government company number group problem fact river stone light garden music "
-                         "window paper market story table ocean mountain engine letter voice").split()]
+    words = ("time person year way day thing man world life hand part child eye woman place work week case point "
+             "government company number group problem fact river stone light garden music window paper market "
+             "story table ocean mountain engine letter voice").split()
     prompts = []
     for i in range(count):
         text = f"{i} " + " ".join(rng.choice(words) for _ in range(num_tokens + 16))
