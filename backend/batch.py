@@ -25,29 +25,23 @@ class SeqChunk:
 
 
 class HostToDevice:
-    """A step's small integer inputs, gathered into one persistent host buffer (pinned on CUDA) and
-    sent to the device in one copy. Reusing the buffer is safe: every step ends with the sampler
-    reading the sampled ids back, which waits for this copy to be done."""
+    """A step's small integer inputs, gathered into one host buffer (pinned on CUDA) and sent to the
+    device in one copy. Each step takes a fresh buffer from torch's pinned-memory cache, which hands
+    a buffer out again only once its copy is done: the next step is built while this one's copy may
+    still be queued behind the step before."""
 
-    def __init__(self, device: torch.device | str, capacity: int = 4096, pinned: bool = True):
+    def __init__(self, device: torch.device | str, pinned: bool = True):
         self.device = torch.device(device)
         self.pinned = pinned and self.device.type == "cuda"
-        self._host = self._alloc(capacity if self.pinned else 0)
-
-    def _alloc(self, n: int) -> torch.Tensor:
-        return torch.empty(n, dtype=torch.long, pin_memory=self.pinned)
 
     def upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """Each list of ints as a 1-D long tensor on the device."""
         sizes = [len(p) for p in parts]
         flat = torch.tensor([v for p in parts for v in p], dtype=torch.long)
-        if not self.pinned:  # the CPU (no copy at all), or a one-off layout
-            return list(flat.to(self.device, non_blocking=True).split(sizes))
-        if flat.numel() > self._host.numel():
-            self._host = self._alloc(2 * flat.numel())
-        host = self._host[:flat.numel()]
-        host.copy_(flat)
-        return list(host.to(self.device, non_blocking=True).split(sizes))
+        if self.pinned:
+            flat = flat.pin_memory()
+        # Not pinned: the CPU (no copy at all), or a one-off layout.
+        return list(flat.to(self.device, non_blocking=True).split(sizes))
 
 
 def build_step(chunks: list[SeqChunk], block_size: int, windows: set[int | None],

@@ -1,9 +1,17 @@
 """The generation engine: a request queue, one engine thread, and handles that stream results.
 
-Data path of one step (`Engine._step`): scheduler.schedule() picks the chunks -> runner.execute()
-lays them out, runs the model (reference or TransformerEngine) and samples -> scheduler.update()
-appends the tokens and applies the stop rules -> each request's handle gets its token delta.
-Text is made by the handle's reader, off this thread (backend/outputs.py).
+Data path of one step: scheduler.schedule() picks the chunks -> runner.launch() lays them out, runs
+the model (reference or TransformerEngine) and the sampler -> runner.complete() brings the sampled
+ids to the host -> scheduler.update() appends the tokens and applies the stop rules -> each
+request's handle gets its token delta. Text is made by the handle's reader, off this thread
+(backend/outputs.py).
+
+With async scheduling (on a GPU by default) the engine launches step N+1 before it completes step
+N: while the GPU computes N, this thread schedules and lays out N+1 and then hands out N's tokens,
+so the host's work per step hides behind the GPU's instead of adding to it. The price is one
+wasted row per sequence that stops on a token (its next decode was already launched) and
+admissions one step later; a batch holding a request with repetition, presence or frequency
+penalties runs step by step, since those need every token on the host.
 Nothing here knows about Triton; `model_repository/gemma/1/model.py` is a thin client of this API.
 """
 from __future__ import annotations
@@ -23,9 +31,9 @@ from .errors import EngineOverloadedError, InvalidRequestError
 from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
 from .outputs import OutputProcessor, RequestOutput, TokenDelta
-from .runner import ModelRunner, StepModel
-from .sampling import SamplingParams, make_generator
-from .scheduler import PrefixCacheStats, Scheduler, Sequence
+from .runner import ModelRunner, StepInFlight, StepModel
+from .sampling import SamplingParams, make_generator, needs_token_history
+from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
 from .self_check import load_checked_tokenizer
 from .step_times import StepTimes
 from .tokenizer import Tokenizer
@@ -52,6 +60,7 @@ class EngineConfig:
     fp8_recipe: str = "delayed"  # delayed | current | block (backend.te.model.make_fp8_recipe)
     fp8_lm_head: bool = False  # with fp8: the tied LM head in FP8 too (half its bytes per step, FP8 logits)
     cuda_graphs: bool = True  # GPU: decode steps (and the TE model's mixed steps) replay captured CUDA graphs
+    async_scheduling: str = "auto"  # on: launch step N+1 before step N's tokens are back; auto: on for CUDA
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,10 @@ class Engine:
         self.runner = ModelRunner(model, self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                   self.max_model_len, self.config.cuda_graphs)
         self.runner.warm_up()
+        if self.config.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, not {self.config.async_scheduling!r}")
+        self._async = self.config.async_scheduling == "on" or (
+            self.config.async_scheduling == "auto" and self.device.type == "cuda")
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -285,9 +298,11 @@ class Engine:
         self._loop()
 
     def _loop(self) -> None:
+        in_flight: Optional[StepInFlight] = None  # launched, its tokens not handed out yet
         while True:
             with self._lock:
-                while not (self._submitted or self._finish_requests or self._stopping or self.scheduler.has_work()):
+                while in_flight is None and not (self._submitted or self._finish_requests or self._stopping
+                                                 or self.scheduler.has_work()):
                     self._lock.wait()
                 for seq in self._submitted:
                     self.scheduler.add(seq)
@@ -297,28 +312,46 @@ class Engine:
             for seq, reason in finish_requests:
                 if seq.finish_reason is None:
                     self._finish(seq, reason)
+            if in_flight is not None and (stopping or not self._async or self._needs_every_token()):
+                self._complete(in_flight)
+                in_flight = None
             if stopping:
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(seq, "cancelled")
                 return
-            self._step()
+            launched = self._launch(in_flight)
+            if in_flight is not None:
+                self._complete(in_flight)
+            in_flight = launched
 
-    def _step(self) -> None:
-        """schedule -> model step and sampling -> apply the tokens -> hand each its delta."""
+    def _needs_every_token(self) -> bool:
+        """A running request's sampler needs its tokens so far on the host (penalties): the next
+        step waits for the one in flight."""
+        return any(seq.num_in_flight and needs_token_history(seq.params) for seq in self.scheduler.running)
+
+    def _launch(self, previous: Optional[StepInFlight]) -> Optional[StepInFlight]:
+        """Schedule and launch the next step (None if nothing could be scheduled, or it failed)."""
         start = time.perf_counter()
         output = self.scheduler.schedule()
         self._num_preemptions += len(output.preempted)
         if not output.chunks:
-            return
+            return None
         self._step_times.schedule_s += time.perf_counter() - start
         try:
-            sampled = self.runner.execute(output, self._step_times)
+            return self.runner.launch(output, previous, self._step_times)
         except Exception as exc:  # a fault fails this step's requests; the engine keeps serving
-            log.exception("engine step failed")
-            for scheduled in output.chunks:
-                self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
+            self._fail_step(output, exc)
+            return None
+
+    def _complete(self, step: StepInFlight) -> None:
+        """Wait for a launched step's tokens, apply them and hand each request its delta."""
+        try:
+            sampled = self.runner.complete(step, self._step_times)
+        except Exception as exc:
+            self._fail_step(step.output, exc)
             return
         updating = time.perf_counter()
+        output = step.output
         samplers = [scheduled.seq for scheduled in output.chunks if scheduled.needs_logits]
         for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
             self._finish(samplers[row], "error", error="the model's scores for this request were not finite "
@@ -330,7 +363,14 @@ class Engine:
                                           logprobs=None if logprobs is None else [logprobs]))
         self._step_times.update_s += time.perf_counter() - updating
 
+    def _fail_step(self, output: SchedulerOutput, exc: Exception) -> None:
+        log.error("engine step failed", exc_info=exc)
+        for scheduled in output.chunks:
+            self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
+
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
+        if seq.finish_reason is not None:  # already ended (e.g. cancelled while its step ran)
+            return
         self.scheduler.finish(seq, reason)
         self._deliver(seq, TokenDelta([], reason, error, seq.num_cached_prompt_tokens))
 

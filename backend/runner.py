@@ -6,21 +6,28 @@ mixed steps for models with varlen attention) and the sampler. The model's contr
 (`StepModel`): its dtype, device, row multiple and varlen tile size, and
 forward(token_ids, layout, kv_cache) -> fp32 logits of the layout's logit rows.
 The sampler returns each token and, for requests that ask, its logprobs from those logits.
+
+`launch(output)` queues the whole step (input copy, forward, sampler, the copy of the sampled ids to
+the host) without waiting for the device; `complete(step)` waits for its ids. In between, the engine
+can launch the next step: a decode of a token still in flight reads it from the previous step's
+sampled ids on the device.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
 
-from .batch import HostToDevice, build_step
+from .batch import HostToDevice, SeqChunk, build_step
 from .config import GemmaConfig
 from .graphs import DecodeGraphs, MixedGraphs
 from .kv_cache import PagedKVCache
 from .model import StepLayout
-from .sampling import SampledTokens, SamplingRow, sample_with_logprobs
-from .scheduler import SchedulerOutput
+from .sampling import SampledOnDevice, SampledTokens, SamplingRow
+from .scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput
 from .step_times import StepTimes
 
 
@@ -47,7 +54,7 @@ class ModelRunner:
         # attention (their inputs have fixed shapes per token bucket). Other steps run eagerly.
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(model) if graphs else None
-        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.device.type == "cuda" else []
+        self._spare_events: list = []
         self.mixed_graphs = MixedGraphs(model, kv_cache.block_size, max_num_seqs, max_num_batched_tokens, max_len) \
             if graphs and model.tile_rows is not None else None
 
@@ -59,34 +66,83 @@ class ModelRunner:
         if self.mixed_graphs is not None:
             self.mixed_graphs.capture_all(self.kv_cache)
 
-    def execute(self, output: SchedulerOutput, times: StepTimes) -> SampledTokens:
-        """The next token of each chunk that needs logits (and its logprobs, if asked), in schedule order.
-        Adds the step's phases to `times`."""
+    def launch(self, output: SchedulerOutput, previous: Optional["StepInFlight"], times: StepTimes) -> "StepInFlight":
+        """Start the step: lay it out, run the model and the sampler, and start copying the sampled
+        ids to the host, without waiting for the device. A decode of a token still in flight
+        (PENDING_TOKEN) takes it from `previous`, the step launched just before, on the device."""
         start = time.perf_counter()
-        token_ids, layout = build_step([s.chunk for s in output.chunks], self.kv_cache.block_size, self._windows,
-                                       self.device, self._uploader, self.model.tile_rows)
+        chunks, pending = [s.chunk for s in output.chunks], False
+        if previous is not None:
+            chunks, pending = previous.feed_pending(output.chunks)
+        token_ids, layout = build_step(chunks, self.kv_cache.block_size, self._windows, self.device,
+                                       self._uploader, self.model.tile_rows)
+        if pending:
+            token_ids = previous.fill_pending(token_ids)
         prepared = time.perf_counter()
-        if self._events:
-            self._events[0].record()
+        events = self._events() if self.device.type == "cuda" else None
+        if events:
+            events[0].record()
         logits = self._forward(token_ids, layout)
-        if self._events:
-            self._events[1].record()
+        if events:
+            events[1].record()
         launched = time.perf_counter()
-        rows = [SamplingRow(s.seq.params, s.seq.generator, s.seq.token_ids, s.seq.num_output_tokens,
-                            s.seq.eos_token_ids) for s in output.chunks if s.needs_logits]
-        sampled = sample_with_logprobs(logits, rows) if rows else SampledTokens([], [])
-        if self._events:  # the sampler read the ids back: the step's GPU work is done
-            self._events[1].synchronize()
-            times.gpu_forward_s += self._events[0].elapsed_time(self._events[1]) / 1e3
+        rows = [SamplingRow(s.seq.params, s.seq.generator, s.seq.token_ids, s.num_output_tokens, s.seq.eos_token_ids)
+                for s in output.chunks if s.needs_logits]
+        sampled = SampledOnDevice(logits, rows) if rows else None
         times.steps += 1
-        times.mixed_steps += any(len(s.chunk.token_ids) > 1 for s in output.chunks)
+        times.mixed_steps += any(len(c.token_ids) > 1 for c in chunks)
         times.prepare_s += prepared - start
         times.forward_s += launched - prepared
         times.sample_s += time.perf_counter() - launched
+        return StepInFlight(output, sampled, events)
+
+    def complete(self, step: "StepInFlight", times: StepTimes) -> SampledTokens:
+        """Wait for a launched step's sampled ids (and logprobs) on the host."""
+        start = time.perf_counter()
+        sampled = step.sampled.result() if step.sampled is not None else SampledTokens([], [])
+        if step.events:  # the sampler's copy is done, so is the forward
+            step.events[1].synchronize()
+            times.gpu_forward_s += step.events[0].elapsed_time(step.events[1]) / 1e3
+            self._spare_events.append(step.events)
+        times.wait_s += time.perf_counter() - start
         return sampled
+
+    def _events(self) -> list:
+        """A pair of timing events; pairs come back once their step is complete."""
+        if self._spare_events:
+            return self._spare_events.pop()
+        return [torch.cuda.Event(enable_timing=True) for _ in range(2)]
 
     def _forward(self, token_ids: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         for graphs in (self.graphs, self.mixed_graphs):
             if graphs is not None and graphs.can_run(token_ids, layout):
                 return graphs.run(token_ids, layout, self.kv_cache)
         return self.model(token_ids, layout, self.kv_cache)
+
+
+@dataclass
+class StepInFlight:
+    """A launched step: what was scheduled, its sampler output still on the device, and the events
+    timing its forward (GPU)."""
+    output: SchedulerOutput
+    sampled: Optional[SampledOnDevice]
+    events: Optional[list]
+
+    def feed_pending(self, scheduled: list[ScheduledChunk]) -> tuple[list[SeqChunk], bool]:
+        """The next step's chunks, each decode of a token this step is sampling marked with its row
+        here (PENDING_TOKEN becomes -1 - row); and whether there was any."""
+        chunks, rows = [], None
+        for next_chunk in scheduled:
+            chunk = next_chunk.chunk
+            if chunk.token_ids[-1] == PENDING_TOKEN:  # only ever a decode: the sequence's last token
+                if rows is None:
+                    rows = {id(s.seq): i for i, s in enumerate(s for s in self.output.chunks if s.needs_logits)}
+                chunk = dataclasses.replace(chunk, token_ids=[-1 - rows[id(next_chunk.seq)]])
+            chunks.append(chunk)
+        return chunks, rows is not None
+
+    def fill_pending(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`token_ids` with each -1 - row replaced by the token this step sampled in that row, on the
+        device (no wait)."""
+        rows = (-1 - token_ids).clamp_min(0)
+        return torch.where(token_ids < 0, self.sampled.token_ids[rows], token_ids)

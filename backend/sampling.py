@@ -140,8 +140,13 @@ class NonFiniteLogitsError(RuntimeError):
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     """Pick one token per row of `logits` [B, V]; rows[i] describes row i. Raises
     NonFiniteLogitsError for rows that cannot be sampled."""
+    return _checked(*_sample_on_device(logits, rows))
+
+
+def _sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token, and whether the row could be sampled at all (see _rankable), on the device."""
     if not any(_needs_processing(row) for row in rows):  # all-greedy batch: no float copy, no Python per row
-        return _checked(logits.argmax(dim=-1), _rankable(logits))
+        return logits.argmax(dim=-1), _rankable(logits)
     scores = _penalized_scores(logits, rows)
     finite = _rankable(scores)
     token_ids = scores.argmax(dim=-1)
@@ -150,17 +155,44 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         index = _on_device(sampled, scores.device)
         warped = _warp(scores[index], [rows[i].params for i in sampled])
         token_ids[index] = _draw(warped, [rows[i].generator for i in sampled])
-    return _checked(token_ids, finite)
+    return token_ids, finite
+
+
+class SampledOnDevice:
+    """One step's sampler output while it is still on the device. `token_ids` can feed the next
+    step at once; the copy to the host starts here without waiting, and only `result()` waits for
+    it (on a GPU the host meanwhile prepares the next step)."""
+
+    def __init__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]):
+        self.token_ids, finite = _sample_on_device(logits, rows)
+        self._rows = rows
+        self._asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        on_device = [torch.stack([self.token_ids, finite.to(self.token_ids.dtype)])]
+        if self._asking:
+            on_device += _logprobs_on_device(logits, self.token_ids, rows, self._asking)
+        self._on_host, self._copied = on_device, None
+        if logits.is_cuda:  # into pinned memory: a copy into pageable memory would wait for the GPU
+            self._on_host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                             for t in on_device]
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def result(self) -> SampledTokens:
+        """The tokens and logprobs on the host; rows that could not be sampled in `failed_rows`."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens, ok = self._on_host[0].tolist()
+        logprobs: list[Optional[TokenLogprobs]] = [None] * len(self._rows)
+        if self._asking:
+            values, top_ids = self._on_host[1].tolist(), self._on_host[2].tolist()
+            _fill_logprobs(logprobs, self._rows, self._asking, tokens, values, top_ids)
+        return SampledTokens(tokens, logprobs, tuple(i for i, row_ok in enumerate(ok) if not row_ok))
 
 
 def sample_with_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
     """`sample`, plus each asking row's TokenLogprobs (None for the other rows). Rows that cannot be
     sampled are listed in `failed_rows` instead of failing the batch."""
-    try:
-        token_ids, failed = sample(logits, rows), ()
-    except NonFiniteLogitsError as exc:
-        token_ids, failed = exc.token_ids, tuple(exc.rows)
-    return SampledTokens(token_ids, token_logprobs(logits, rows, token_ids), failed)
+    return SampledOnDevice(logits, rows).result()
 
 
 def token_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],
@@ -169,19 +201,29 @@ def token_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],
     from the raw logits. Only those rows are computed, together; a batch where none asked costs nothing."""
     asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     result: list[Optional[TokenLogprobs]] = [None] * len(rows)
-    if not asking:
-        return result
-    device = logits.device
-    logprobs = torch.log_softmax(logits[_on_device(asking, device)].to(torch.float32), dim=-1)
-    chosen = _on_device([token_ids[i] for i in asking], device, torch.long)[:, None]
+    if asking:
+        chosen = _on_device(list(token_ids), logits.device, torch.long)
+        values, top_ids = _logprobs_on_device(logits, chosen, rows, asking)
+        _fill_logprobs(result, rows, asking, list(token_ids), values.tolist(), top_ids.tolist())
+    return result
+
+
+def _logprobs_on_device(logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow],
+                        asking: list[int]) -> list[torch.Tensor]:
+    """For the `asking` rows: [chosen logprob, top-k logprobs] values and the top-k ids, k the most
+    any row asked for, from the raw logits."""
+    index = _on_device(asking, logits.device)
+    logprobs = torch.log_softmax(logits[index].to(torch.float32), dim=-1)
     k = max(rows[i].params.logprobs for i in asking)
     top_values, top_ids = logprobs.topk(k, dim=-1)  # sorted, best first; k == 0 gives empty rows
-    # Two device-to-host copies for the whole batch: the values (sampled first), the top ids.
-    values, ids = torch.cat([logprobs.gather(1, chosen), top_values], dim=1).tolist(), top_ids.tolist()
-    for row_values, row_ids, i in zip(values, ids, asking):
+    return [torch.cat([logprobs.gather(1, token_ids[index][:, None]), top_values], dim=1), top_ids]
+
+
+def _fill_logprobs(result: list, rows: Sequence[SamplingRow], asking: list[int], token_ids: Sequence[int],
+                   values: list[list[float]], top_ids: list[list[int]]) -> None:
+    for row_values, row_ids, i in zip(values, top_ids, asking):
         n = rows[i].params.logprobs
         result[i] = TokenLogprobs(token_ids[i], row_values[0], tuple(row_ids[:n]), tuple(row_values[1:n + 1]))
-    return result
 
 
 def _rankable(scores: torch.Tensor) -> torch.Tensor:
@@ -217,8 +259,12 @@ def _on_device(values: Sequence, device: torch.device, dtype: Optional[torch.dty
 
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.params
-    return (not params.greedy or params.repetition_penalty != 1.0 or _has_occurrence_penalty(params)
-            or row.num_output_tokens < params.min_tokens)
+    return not params.greedy or needs_token_history(params) or row.num_output_tokens < params.min_tokens
+
+
+def needs_token_history(params: SamplingParams) -> bool:
+    """Sampling reads the tokens so far (the repetition, presence or frequency penalty)."""
+    return params.repetition_penalty != 1.0 or _has_occurrence_penalty(params)
 
 
 def _has_occurrence_penalty(params: SamplingParams) -> bool:

@@ -6,6 +6,12 @@ tokens with its block table. `update()` takes the sampled tokens back, appends t
 every stop rule (EOS, stop ids, max_tokens; none before min_tokens) in one place. Knows no model,
 no tokenizer and no thread: tested alone (tests/test_scheduler.py).
 
+Steps may overlap (async scheduling, backend/engine.py): the next step is scheduled before the
+current one's tokens are back. `schedule()` therefore counts a chunk's K/V as computed as soon as it
+is scheduled (steps run in order on one device stream), and a sequence whose sampled token is still
+in flight gets a decode of that token (`PENDING_TOKEN`, filled in on the device by the runner). A
+sequence certain to stop at max_tokens gets no further step. `update()` later appends the tokens.
+
 KV blocks are allocated as sequences grow. When the pool runs dry, the newest running sequence is
 preempted: its blocks go back (full ones stay cached as a prefix), it rejoins the front of the
 queue, and on resume its prompt and the tokens it had generated are computed again as a prefill,
@@ -24,6 +30,10 @@ from .batch import SeqChunk
 from .kv_cache import BlockPool, block_hash, blocks_for
 from .sampling import SamplingParams
 
+# A chunk's token that is still being sampled by the step in flight; the runner feeds it to the
+# model from that step's sampled ids on the device.
+PENDING_TOKEN = -1
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -35,7 +45,8 @@ class Sequence:
     eos_token_ids: frozenset[int] = frozenset()
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # names of the full blocks of token_ids so far
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_computed: int = 0  # tokens whose K/V are in the cache, or computed by a step already scheduled
+    num_in_flight: int = 0  # tokens sampled by scheduled steps, not yet appended to token_ids
     num_cached_prompt_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
@@ -45,15 +56,26 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_tokens(self) -> int:
+        """Known tokens and those still in flight."""
+        return len(self.token_ids) + self.num_in_flight
+
+    @property
     def num_pending(self) -> int:
         """Tokens whose K/V are not computed yet: one for a decode, more for a prefill."""
-        return len(self.token_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
+
+    @property
+    def stops_in_flight(self) -> bool:
+        """The tokens in flight reach max_tokens: this sequence needs no further step."""
+        return self.num_in_flight > 0 and self.num_tokens - self.num_prompt_tokens >= self.params.max_tokens
 
 
 @dataclass(frozen=True)
 class ScheduledChunk:
     seq: Sequence
     chunk: SeqChunk  # its tokens computed this step; needs_logits: it reaches the last token
+    num_output_tokens: int  # generated before the token this chunk samples (in-flight ones included)
 
     @property
     def needs_logits(self) -> bool:
@@ -104,7 +126,7 @@ class Scheduler:
         for seq in by_kind:
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted earlier in this loop
+            if seq not in self.running or seq.stops_in_flight:  # preempted earlier in this loop, or done
                 continue
             n = min(seq.num_pending, budget)
             victims = self._grow(seq, seq.num_computed + n)
@@ -118,31 +140,37 @@ class Scheduler:
             chunks.append(self._chunk(seq, n))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if not self._admit(seq, budget):
+            # A sequence preempted with a token in flight waits for it (first come, first served).
+            if seq.num_in_flight or not self._admit(seq, budget):
                 break  # first come, first served: a big request does not starve behind small ones
             self.waiting.popleft()
             self.running.append(seq)
             n = min(seq.num_pending, budget)
             budget -= n
             chunks.append(self._chunk(seq, n))
+        for scheduled in chunks:  # the step's K/V count as computed; its samples are in flight
+            seq, chunk = scheduled.seq, scheduled.chunk
+            seq.num_computed = chunk.start + len(chunk.token_ids)
+            seq.num_in_flight += chunk.needs_logits
         return SchedulerOutput(chunks, preempted)
 
     def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int]]:
-        """Apply a computed step: record the chunks' K/V as computed (naming newly full blocks for
-        prefix reuse), append each sampled token (sampled[i] for the i-th chunk that needs logits)
-        and finish sequences that reached a stop. Sequences finished meanwhile (a request failed by
-        its own step) are left alone. Returns (sequence, i) for each sequence that got token i."""
-        for scheduled in output.chunks:
-            seq, chunk = scheduled.seq, scheduled.chunk
-            if seq.finish_reason is None:  # a finished sequence's blocks are back in the pool
-                seq.num_computed = chunk.start + len(chunk.token_ids)
-                self._name_full_blocks(seq, first=chunk.start // self.block_size)
+        """Apply a computed step: append each sampled token (sampled[i] for the i-th chunk that
+        needs logits), name the blocks now full for prefix reuse, and finish sequences that reached
+        a stop. Sequences finished meanwhile (cancelled, or failed by their own step) are left
+        alone; a preempted one keeps its token (it is valid). Returns (sequence, i) for each
+        sequence that got token i."""
         appended = []
         for i, seq in enumerate(c.seq for c in output.chunks if c.needs_logits):
-            if seq.finish_reason is not None:
-                continue
-            seq.token_ids.append(sampled[i])
-            appended.append((seq, i))
+            seq.num_in_flight -= 1
+            if seq.finish_reason is None:
+                seq.token_ids.append(sampled[i])
+                appended.append((seq, i))
+        for scheduled in output.chunks:
+            seq = scheduled.seq
+            if seq.finish_reason is None and seq.block_table:  # running: not finished, not preempted
+                self._name_full_blocks(seq, first=scheduled.chunk.start // self.block_size)
+        for seq, i in appended:
             reason = stop_reason(seq, sampled[i])
             if reason is not None:
                 self.finish(seq, reason)
@@ -208,8 +236,11 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         end = seq.num_computed + n
-        return ScheduledChunk(seq, SeqChunk(seq.token_ids[seq.num_computed:end], seq.num_computed,
-                                            list(seq.block_table), needs_logits=end == len(seq.token_ids)))
+        token_ids = seq.token_ids[seq.num_computed:end]
+        token_ids += [PENDING_TOKEN] * (n - len(token_ids))  # a decode of the token in flight
+        return ScheduledChunk(seq, SeqChunk(token_ids, seq.num_computed, list(seq.block_table),
+                                            needs_logits=end == seq.num_tokens),
+                              num_output_tokens=seq.num_tokens - seq.num_prompt_tokens)
 
     def _extend_hashes(self, seq: Sequence, num_tokens: int) -> None:
         """Name every full block among the first `num_tokens` tokens (names depend on tokens only)."""
@@ -219,11 +250,13 @@ class Scheduler:
             seq.block_hashes.append(block_hash(parent, seq.token_ids[i * size:(i + 1) * size]))
 
     def _name_full_blocks(self, seq: Sequence, first: int) -> None:
-        """Name the blocks from index `first` on that are now full and computed."""
+        """Name the blocks from index `first` on that are now full and computed (or computed by a
+        step already scheduled: it runs before any step that could read them)."""
         if not self.pool.enable_prefix_caching:
             return
-        self._extend_hashes(seq, seq.num_computed)
-        for i in range(first, seq.num_computed // self.block_size):
+        known = min(seq.num_computed, len(seq.token_ids))  # a name needs the block's tokens
+        self._extend_hashes(seq, known)
+        for i in range(first, known // self.block_size):
             self.pool.name(seq.block_table[i], seq.block_hashes[i])
 
 

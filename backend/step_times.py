@@ -3,8 +3,10 @@
 Under load the engine delivers tokens more slowly than its decode step alone would allow; these sums
 split each step into its phases so a benchmark can say which one (benchmarks/run.py reports them per
 step for the in-process engine). Host phases are wall-clock on the engine thread; on a GPU the
-forward is also timed on the device (CUDA events), so host work the GPU waits for shows as
-`forward_s + sample_s` well above `gpu_forward_s`.
+forward is also timed on the device (CUDA events). With steps overlapped (async scheduling), the
+host phases of one step run while the GPU computes the one before, and `wait_s` is the time the
+engine thread had nothing left to do but wait for a step's tokens: small when the GPU is the
+bottleneck, zero when the host is.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ class StepTimes:
     schedule_s: float = 0.0  # Scheduler.schedule
     prepare_s: float = 0.0  # build_step: the layout and its one host-to-device copy
     forward_s: float = 0.0  # launching the forward: a graph replay (with its input copies) or eager
-    sample_s: float = 0.0  # the sampler, including the wait for the GPU to finish the step
+    sample_s: float = 0.0  # launching the sampler and the copy of its ids to the host
+    wait_s: float = 0.0  # waiting for a step's sampled ids to reach the host
     update_s: float = 0.0  # Scheduler.update and the deltas handed to the requests
     gpu_forward_s: float = 0.0  # the forward on the device (CUDA events); 0 on CPU
 

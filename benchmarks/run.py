@@ -367,6 +367,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     engine.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     engine.add_argument("--max-num-seqs", type=int, help="sequences decoded together (at least the top concurrency)")
     engine.add_argument("--kv-cache-bytes", type=int)
+    engine.add_argument("--async-scheduling", choices=("auto", "on", "off"),
+                        help="launch step N+1 before step N's tokens are back (auto: on for CUDA)")
     return p.parse_args(argv)
 
 

@@ -16,14 +16,21 @@ PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, again an
            "1 2 3 4 5", "Über naïve café — 東京"]
 
 
-def make_engine(checkpoint, **kw) -> Engine:
+def make_engine(checkpoint, scheduling: str, **kw) -> Engine:
     kw.setdefault("max_num_batched_tokens", 16)  # small: the long prompt is prefilled in chunks
-    return Engine.from_config(EngineConfig(checkpoint=str(checkpoint), **kw))
+    return Engine.from_config(EngineConfig(checkpoint=str(checkpoint), async_scheduling=scheduling, **kw))
+
+
+# Every test runs with steps one at a time and overlapped (async scheduling: step N+1 launched
+# before step N's tokens are back; on by default on a GPU, forced here on the CPU).
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+def scheduling(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def engine(servable_checkpoint):
-    eng = make_engine(servable_checkpoint)
+def engine(servable_checkpoint, scheduling):
+    eng = make_engine(servable_checkpoint, scheduling)
     yield eng
     eng.shutdown()
 
@@ -94,8 +101,8 @@ def test_cancel_frees_blocks(engine):
     assert wait_idle(engine).kv_cache.used_blocks == 0
 
 
-def test_cancel_while_waiting(servable_checkpoint):
-    eng = make_engine(servable_checkpoint, max_num_seqs=1)
+def test_cancel_while_waiting(servable_checkpoint, scheduling):
+    eng = make_engine(servable_checkpoint, scheduling, max_num_seqs=1)
     try:
         long = eng.submit(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
         queued = eng.submit(PROMPTS[1], GREEDY)
@@ -112,7 +119,7 @@ def test_cancel_while_waiting(servable_checkpoint):
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
                                     SamplingParams(max_tokens=40, temperature=0.9, top_k=50, seed=7, ignore_eos=True)],
                          ids=["greedy", "seeded"])
-def test_cache_far_too_small_preempts_and_outputs_match(servable_checkpoint, params):
+def test_cache_far_too_small_preempts_and_outputs_match(servable_checkpoint, scheduling, params):
     # 5 blocks of 16 tokens; each request ends holding 3-4 blocks, so three at once cannot all fit:
     # the newest is preempted (its blocks freed), requeued and recomputed, repeatedly.
     import torch
@@ -122,7 +129,7 @@ def test_cache_far_too_small_preempts_and_outputs_match(servable_checkpoint, par
 
     cfg = GemmaConfig.from_checkpoint(servable_checkpoint)
     budget = 5 * bytes_per_block(cfg, 16, torch.float32)
-    eng = make_engine(servable_checkpoint, kv_cache_bytes=budget)
+    eng = make_engine(servable_checkpoint, scheduling, kv_cache_bytes=budget)
     try:
         prompts = PROMPTS[:3]
         solo = [eng.submit(p, params).result() for p in prompts]
@@ -140,8 +147,8 @@ def test_cache_far_too_small_preempts_and_outputs_match(servable_checkpoint, par
 
 
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
-def test_prefix_cache_reuses_a_shared_prompt(servable_checkpoint, caching):
-    eng = make_engine(servable_checkpoint, enable_prefix_caching=caching, block_size=4)
+def test_prefix_cache_reuses_a_shared_prompt(servable_checkpoint, scheduling, caching):
+    eng = make_engine(servable_checkpoint, scheduling, enable_prefix_caching=caching, block_size=4)
     try:
         prompt = PROMPTS[1] + " " + PROMPTS[1]  # ~30 tokens: several full blocks of 4
         first = eng.submit(prompt, GREEDY).result()
@@ -161,8 +168,8 @@ def test_prefix_cache_reuses_a_shared_prompt(servable_checkpoint, caching):
         eng.shutdown()
 
 
-def test_queue_bound_refuses_with_overloaded(servable_checkpoint):
-    eng = make_engine(servable_checkpoint, max_num_seqs=1, max_queue_size=2)
+def test_queue_bound_refuses_with_overloaded(servable_checkpoint, scheduling):
+    eng = make_engine(servable_checkpoint, scheduling, max_num_seqs=1, max_queue_size=2)
     try:
         params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
         handles = [eng.submit(PROMPTS[0], params)]
@@ -204,8 +211,8 @@ def test_stop_strings_and_min_tokens(engine):
     assert delayed.num_output_tokens >= 3
 
 
-def test_shutdown_cancels_in_flight(servable_checkpoint):
-    eng = make_engine(servable_checkpoint)
+def test_shutdown_cancels_in_flight(servable_checkpoint, scheduling):
+    eng = make_engine(servable_checkpoint, scheduling)
     handle = eng.submit(PROMPTS[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     next(iter(handle))
     eng.shutdown()
@@ -215,8 +222,8 @@ def test_shutdown_cancels_in_flight(servable_checkpoint):
         eng.submit(PROMPTS[0], GREEDY)
 
 
-def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint):
-    eng = make_engine(servable_checkpoint)
+def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint, scheduling):
+    eng = make_engine(servable_checkpoint, scheduling)
     try:
         real_forward = eng.runner.model.forward
         calls = {"n": 0}
@@ -236,7 +243,7 @@ def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint):
         eng.shutdown()
 
 
-def test_load_failure_on_the_engine_thread_reaches_the_caller(servable_checkpoint, tmp_path):
+def test_load_failure_on_the_engine_thread_reaches_the_caller(servable_checkpoint, scheduling, tmp_path):
     import json
     import shutil
 
@@ -245,13 +252,13 @@ def test_load_failure_on_the_engine_thread_reaches_the_caller(servable_checkpoin
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
     with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
-        make_engine(tmp_path)
+        make_engine(tmp_path, scheduling)
 
 
-def test_non_finite_scores_fail_only_their_request(servable_checkpoint):
+def test_non_finite_scores_fail_only_their_request(servable_checkpoint, scheduling):
     import math
 
-    eng = make_engine(servable_checkpoint)
+    eng = make_engine(servable_checkpoint, scheduling)
     try:
         real_forward = eng.runner.model.forward
         poisoned = []
@@ -278,3 +285,39 @@ def test_non_finite_scores_fail_only_their_request(servable_checkpoint):
         assert wait_idle(eng).kv_cache.used_blocks == 0
     finally:
         eng.shutdown()
+
+
+def test_overlapped_steps_give_the_outputs_of_steps_one_at_a_time(servable_checkpoint):
+    """Requests of every kind together (greedy, seeded sampling, logprobs, min_tokens, stop ids
+    found early, penalties, which make the batch wait for each step's tokens): the same outputs
+    with async scheduling as without, and no block left behind."""
+    def run(scheduling):
+        eng = make_engine(servable_checkpoint, scheduling)
+        try:
+            first = eng.submit(PROMPTS[3], GREEDY).result().token_ids[0]
+            kinds = [GREEDY, SEEDED, SamplingParams(max_tokens=9, temperature=0, logprobs=2, ignore_eos=True),
+                     SamplingParams(max_tokens=9, temperature=0, min_tokens=2, stop_token_ids=(first,)),
+                     SamplingParams(max_tokens=9, temperature=0, stop_token_ids=(first,)),
+                     SamplingParams(max_tokens=9, temperature=0.8, seed=3, repetition_penalty=1.3,
+                                    frequency_penalty=0.5, ignore_eos=True)]
+            outputs = [h.result() for h in [eng.submit(prompt, params) for params in kinds for prompt in PROMPTS]]
+            assert wait_idle(eng).kv_cache.used_blocks == 0
+            return [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in outputs]
+        finally:
+            eng.shutdown()
+
+    overlapped, one_at_a_time = run("on"), run("off")
+    assert overlapped == one_at_a_time
+    assert {reason for _, _, reason, _ in overlapped} == {"length", "stop"}
+
+
+def test_with_async_scheduling_the_next_step_is_launched_before_the_tokens_are_back(engine, scheduling):
+    """Observable in the step count: a request whose first token is a stop id takes one step one at a
+    time; overlapped, its decode of that token was already launched (one wasted row)."""
+    first = engine.submit(PROMPTS[3], GREEDY).result().token_ids[0]
+    wait_idle(engine)
+    before = engine.stats().step_times
+    out = engine.submit(PROMPTS[3], SamplingParams(max_tokens=9, temperature=0, stop_token_ids=(first,))).result()
+    assert out.token_ids == [first] and out.finish_reason == "stop"
+    # The whole prompt fits one step (16 tokens per step here).
+    assert engine.stats().step_times.since(before).steps == {"off": 1, "on": 2}[scheduling]

@@ -4,7 +4,7 @@ import pytest
 
 from backend.kv_cache import BlockPool
 from backend.sampling import SamplingParams
-from backend.scheduler import Scheduler, Sequence
+from backend.scheduler import PENDING_TOKEN, Scheduler, Sequence
 
 BLOCK = 4
 EOS = 1
@@ -179,3 +179,78 @@ def test_admission_waits_for_a_free_slot_first_come_first_served():
     assert [c.seq for c in step(sched).chunks] == [b]
     sched.finish(b, "cancelled")
     assert sched.pool.num_used == 0
+
+
+# --- overlapped steps (async scheduling): step N+1 is scheduled before step N's tokens are back ---
+
+def test_a_token_in_flight_is_decoded_next_step_as_pending():
+    sched = make()
+    a = seq(0, 5)
+    sched.add(a)
+    first = sched.schedule()  # the prompt; its first token is in flight
+    assert a.num_computed == 5 and a.num_in_flight == 1 and a.num_pending == 1
+    second = sched.schedule()  # before first's token is back
+    [chunk] = [c.chunk for c in second.chunks]
+    assert (chunk.token_ids, chunk.start, chunk.needs_logits) == ([PENDING_TOKEN], 5, True)
+    assert second.chunks[0].num_output_tokens == 1  # the token in flight counts as generated
+    assert a.num_in_flight == 2 and a.num_computed == 6
+    sched.update(first, [7])
+    assert a.token_ids[5:] == [7] and a.num_in_flight == 1
+    sched.update(second, [8])
+    assert a.token_ids[5:] == [7, 8] and a.num_in_flight == 0 and a.num_pending == 1
+
+
+def test_a_sequence_reaching_max_tokens_in_flight_gets_no_further_step():
+    sched = make()
+    a, b = seq(0, 3, max_tokens=2), seq(1, 3, max_tokens=50)
+    sched.add(a), sched.add(b)
+    first = sched.schedule()
+    second = sched.schedule()  # a's second token is sampled here: its last
+    assert [c.seq for c in second.chunks] == [a, b]
+    sched.update(first, [7, 7])
+    third = sched.schedule()
+    assert [c.seq for c in third.chunks] == [b]  # a's max_tokens are all in flight or back
+    sched.update(second, [7, 7])
+    assert a.finish_reason == "length" and a.num_output_tokens == 2 and not a.block_table
+
+
+def test_a_stop_found_late_wastes_one_row_and_its_blocks_come_back():
+    sched = make()
+    a = seq(0, 3, ignore_eos=False)
+    sched.add(a)
+    first = sched.schedule()
+    second = sched.schedule()  # decodes first's token, which turns out to be EOS
+    sched.update(first, [EOS])
+    assert a.finish_reason == "stop" and sched.pool.num_used == 0
+    assert sched.update(second, [7]) == []  # the wasted row's token is dropped
+    assert a.token_ids[3:] == [EOS] and a.num_in_flight == 0
+
+
+def test_a_sequence_preempted_with_a_token_in_flight_keeps_it_and_resumes_after_it():
+    sched = make(num_blocks=3)
+    a, b = seq(0, 4), seq(1, 3)
+    sched.add(a), sched.add(b)
+    first = sched.schedule()  # a: 1 block, b: 1 block; both tokens in flight
+    second = sched.schedule()  # a's position 4 takes the last free block
+    assert [c.seq for c in second.chunks] == [a, b]
+    sched.update(first, [7, 8])
+    third = sched.schedule()  # b's position 4 needs a block, none is free: b, the newest, is preempted
+    assert b in third.preempted and b.num_in_flight == 1 and b.num_computed == 0
+    assert [c.seq for c in third.chunks] == [a]
+    sched.update(second, [9, 10])  # b is waiting, but its token is real
+    assert b.token_ids[3:] == [8, 10] and b.num_in_flight == 0
+    sched.update(third, [11])
+    sched.finish(a, "stop")
+    fourth = sched.schedule()  # b resumes: its first block from the prefix cache, the rest computed again
+    [chunk] = [c.chunk for c in fourth.chunks]
+    assert (chunk.token_ids, chunk.start, chunk.needs_logits) == ([10], 4, True) and b.token_ids[3:] == [8, 10]
+
+
+def test_blocks_are_named_only_once_their_tokens_are_known():
+    sched = make()
+    a = seq(0, 3)
+    sched.add(a)
+    steps = [sched.schedule(), sched.schedule()]  # positions 0-2, then 3 (the token in flight)
+    assert a.num_computed == 4 and not a.block_hashes  # block 0 is (being) computed, its 4th token unknown
+    sched.update(steps[0], [7])  # the 4th token is back: block 0 gets its name
+    assert len(a.block_hashes) == 1 and sched.pool.cached_prefix(a.block_hashes) == [a.block_table[0]]
