@@ -17,20 +17,19 @@ Nothing here knows about Triton; `model_repository/gemma/1/model.py` is a thin c
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence as Seq, Union
+from typing import Callable, Optional
 
 import torch
 
-from .errors import EngineOverloadedError, InvalidRequestError
+from .front import EngineFront, EngineLimits, RequestHandle  # noqa: F401 - RequestHandle: the API's handle type
 from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
-from .outputs import OutputProcessor, RequestOutput, TokenDelta
+from .outputs import TokenDelta
 from .runner import ModelRunner, StepInFlight, StepModel
 from .sampling import SamplingParams, make_generator, needs_token_history
 from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
@@ -73,57 +72,12 @@ class EngineStats:
     step_times: StepTimes  # where the steps' time went, since the engine started
 
 
-class RequestHandle:
-    """One submitted request. The engine thread appends its token deltas; whoever reads them (poll,
-    or iterate) turns them into text in their own thread. Cancel any time."""
-
-    def __init__(self, engine: "Engine", seq: Sequence, processor: OutputProcessor,
-                 on_ready: Optional[Callable[["RequestHandle"], None]]):
-        self._engine, self._seq, self._processor, self._on_ready = engine, seq, processor, on_ready
-        self._deltas: list[TokenDelta] = []
-        self._arrived = threading.Condition()
-        self.request_id = seq.request_id
-        self.num_prompt_tokens = seq.num_prompt_tokens
-
-    def cancel(self) -> None:
-        self._engine._finish_early(self._seq, "cancelled")
-
-    def poll(self) -> Optional[RequestOutput]:
-        """Everything generated since the last poll as one output (None if nothing new). Call
-        from one thread at a time. A stop string found here stops the sequence in the engine."""
-        with self._arrived:
-            deltas, self._deltas = self._deltas, []
-        out = self._processor.process(deltas)
-        if out is not None and self._processor.stopped_by_text:
-            self._engine._finish_early(self._seq, "stop")
-        return out
-
-    def __iter__(self) -> Iterator[RequestOutput]:
-        while True:
-            with self._arrived:
-                self._arrived.wait_for(lambda: self._deltas)
-            out = self.poll()
-            if out is not None:
-                yield out
-                if out.finish_reason is not None:
-                    return
-
-    def result(self) -> RequestOutput:
-        """Block until finished; one output holding the whole completion."""
-        return functools.reduce(RequestOutput.followed_by, self)
-
-    def _deliver(self, delta: TokenDelta) -> None:  # engine thread
-        with self._arrived:
-            first_unread = not self._deltas
-            self._deltas.append(delta)
-            self._arrived.notify()
-        # One notice per batch of unread deltas: a reader that falls behind is told once and then
-        # takes everything at its next poll (no per-token wake-ups, no per-token detokenizing).
-        if first_unread and self._on_ready is not None:
-            try:
-                self._on_ready(self)
-            except Exception:  # a broken consumer must not take the engine down
-                log.exception("on_ready callback failed for request %d", self.request_id)
+def checkpoint_path(config: EngineConfig) -> Path:
+    """The checkpoint directory to load: the configured one, or the packaged Gemma 3 270M."""
+    if config.checkpoint:
+        return Path(config.checkpoint)
+    from .default_model import ensure_default_checkpoint
+    return ensure_default_checkpoint()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,21 +108,25 @@ def load_model(config: EngineConfig, path: Path, device: torch.device, dtype: to
     return prepare_for_cpu(model) if device.type == "cpu" and dtype == torch.float32 else model
 
 
-class Engine:
+class Engine(EngineFront):
+    """The engine on a thread of this process (see EngineFront for the request side)."""
+
     def __init__(self, build_model: Callable[[], StepModel], tokenizer: Tokenizer, config: EngineConfig,
-                 device: torch.device):
+                 device: torch.device, publish: Optional[Callable[[list[tuple[int, TokenDelta]]], None]] = None):
         """`build_model` runs on the engine thread, which then owns every torch op of the engine.
         Measured on the 2-core CPU: a model whose weights were loaded by another thread (whose OpenMP
-        team then exists too) decodes ~10% slower (Gemma 3 270M: 64-70 vs 59-61 ms per step)."""
-        self.tokenizer, self.config, self.device = tokenizer, config, device
-        self._lock = threading.Condition()
+        team then exists too) decodes ~10% slower (Gemma 3 270M: 64-70 vs 59-61 ms per step).
+        `publish` gets each loop's token deltas as [(request id, delta)]; by default they go to
+        this process's request handles (an engine process sends them to its parent instead)."""
+        super().__init__(tokenizer, config)
+        self.device = device
+        self._publish_to = publish or self._publish
         self._submitted: list[Sequence] = []
-        self._finish_requests: list[tuple[Sequence, str]] = []  # cancellations, stop strings found
-        self._handles: dict[int, RequestHandle] = {}  # request id -> handle, while it runs or waits
-        self._next_id = 0
+        self._end_requests: list[tuple[int, str]] = []  # cancellations, stop strings found
+        self._sequences: dict[int, Sequence] = {}  # request id -> sequence, until it finishes (engine thread)
+        self._outbox: list[tuple[int, TokenDelta]] = []  # this loop's deltas (engine thread)
         self._num_preemptions = 0
         self._step_times = StepTimes()  # written by the engine thread; stats() copies it
-        self._stopping = False
         started: list = []  # what the engine thread set up, or the exception it raised
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(build_model, started, ready),
@@ -183,14 +141,14 @@ class Engine:
             torch.cuda.set_device(self.device)  # a new thread starts on cuda:0
         model = build_model()
         cfg = model.cfg
-        self.vocab_size = cfg.vocab_size
-        self.max_model_len = min(self.config.max_model_len, cfg.max_position_embeddings)
+        max_model_len = min(self.config.max_model_len, cfg.max_position_embeddings)
         self.kv_cache = PagedKVCache.from_budget(cfg, self.config.kv_cache_bytes, self.config.block_size, model.dtype,
                                                  self.device, self.config.enable_prefix_caching)
+        self.limits = EngineLimits(cfg.vocab_size, max_model_len, self.kv_cache.pool.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.kv_cache.pool, self.config.block_size, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                  self.max_model_len, self.config.cuda_graphs)
+                                  max_model_len, self.config.cuda_graphs)
         self.runner.warm_up()
         if self.config.async_scheduling not in ("auto", "on", "off"):
             raise ValueError(f"async_scheduling must be auto, on or off, not {self.config.async_scheduling!r}")
@@ -198,12 +156,8 @@ class Engine:
             self.config.async_scheduling == "auto" and self.device.type == "cuda")
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "Engine":
-        if config.checkpoint:
-            path = Path(config.checkpoint)
-        else:
-            from .default_model import ensure_default_checkpoint
-            path = ensure_default_checkpoint()
+    def from_config(cls, config: EngineConfig, publish=None) -> "Engine":
+        path = checkpoint_path(config)
         device = resolve_device(config.device)
         if config.dtype == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -211,41 +165,10 @@ class Engine:
             dtype = DTYPES[config.dtype]
         else:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {config.dtype!r}")
-        return cls(lambda: load_model(config, path, device, dtype), load_checked_tokenizer(path), config, device)
+        return cls(lambda: load_model(config, path, device, dtype), load_checked_tokenizer(path), config, device,
+                   publish)
 
     # --- API (any thread) -------------------------------------------------------------------------
-
-    def submit(self, prompt: Union[str, Seq[int]], params: SamplingParams,
-               on_ready: Optional[Callable[[RequestHandle], None]] = None) -> RequestHandle:
-        """Queue a request. With `on_ready`, the engine thread calls on_ready(handle) whenever the
-        request has new output, for the caller to `poll()` (from its own thread)."""
-        if isinstance(prompt, str) and not prompt:
-            raise InvalidRequestError("prompt is empty")
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_fits(prompt_ids, params)
-        processor = OutputProcessor(self.tokenizer, prompt_ids, params)
-        with self._lock:
-            if self._stopping:
-                raise EngineOverloadedError("the engine is shutting down")
-            # Requests the engine thread has not admitted yet count as waiting only beyond the free
-            # running slots: a burst that fits the batch is never refused.
-            not_admitted = len(self.scheduler.waiting) + len(self._submitted)
-            free_slots = self.config.max_num_seqs - len(self.scheduler.running)
-            if not_admitted - free_slots >= self.config.max_queue_size:
-                raise EngineOverloadedError(
-                    f"{self.config.max_queue_size} requests are already waiting; retry later")
-            seq = Sequence(
-                request_id=self._next_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
-                # Unseeded requests share the global RNG (one batched draw); a seed gets its own
-                # generator so its output does not depend on what else is in the batch.
-                generator=None if params.seed is None else make_generator(params.seed, self.device),
-                eos_token_ids=self.tokenizer.eos_token_ids)
-            handle = RequestHandle(self, seq, processor, on_ready)
-            self._handles[seq.request_id] = handle
-            self._next_id += 1
-            self._submitted.append(seq)
-            self._lock.notify()
-        return handle
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -256,33 +179,29 @@ class Engine:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel everything in flight (each gets a final "cancelled" output) and stop the thread."""
         with self._lock:
-            self._stopping = True
+            self._closed = True
             self._lock.notify()
         self._thread.join(timeout)
 
-    def _finish_early(self, seq: Sequence, reason: str) -> None:
-        """Ask the engine thread to end `seq` (cancelled, or a stop string found by its reader)."""
+    def enqueue(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request already checked and numbered (by an EngineFront: this one's submit, or
+        an engine process's parent)."""
         with self._lock:
-            if seq.finish_reason is None:
-                self._finish_requests.append((seq, reason))
-                self._lock.notify()
+            self._enqueue(request_id, prompt_ids, params)
 
-    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("prompt is empty")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"the context of {self.max_model_len} tokens")
-        # A sequence alone must fit the cache: then preempting newer ones always lets the oldest finish.
-        if self.kv_cache.blocks_for(total) > self.kv_cache.pool.num_blocks:
-            raise InvalidRequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache "
-                                      f"({self.kv_cache.pool.num_blocks * self.kv_cache.block_size} tokens)")
-        if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if any(t >= self.vocab_size for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})")
+    def end(self, request_id: int, reason: str) -> None:
+        with self._lock:
+            self._end_requests.append((request_id, reason))
+            self._lock.notify()
+
+    def _enqueue(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:  # lock held
+        self._submitted.append(Sequence(
+            request_id=request_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
+            # Unseeded requests share the global RNG (one batched draw); a seed gets its own
+            # generator so its output does not depend on what else is in the batch.
+            generator=None if params.seed is None else make_generator(params.seed, self.device),
+            eos_token_ids=self.tokenizer.eos_token_ids))
+        self._lock.notify()
 
     # --- engine thread ----------------------------------------------------------------------------
 
@@ -301,16 +220,18 @@ class Engine:
         in_flight: Optional[StepInFlight] = None  # launched, its tokens not handed out yet
         while True:
             with self._lock:
-                while in_flight is None and not (self._submitted or self._finish_requests or self._stopping
+                while in_flight is None and not (self._submitted or self._end_requests or self._closed
                                                  or self.scheduler.has_work()):
                     self._lock.wait()
                 for seq in self._submitted:
+                    self._sequences[seq.request_id] = seq
                     self.scheduler.add(seq)
                 self._submitted.clear()
-                finish_requests, self._finish_requests = self._finish_requests, []
-                stopping = self._stopping
-            for seq, reason in finish_requests:
-                if seq.finish_reason is None:
+                end_requests, self._end_requests = self._end_requests, []
+                stopping = self._closed
+            for request_id, reason in end_requests:
+                seq = self._sequences.get(request_id)
+                if seq is not None:
                     self._finish(seq, reason)
             if in_flight is not None and (stopping or not self._async or self._needs_every_token()):
                 self._complete(in_flight)
@@ -318,11 +239,13 @@ class Engine:
             if stopping:
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(seq, "cancelled")
+                self._flush()
                 return
             launched = self._launch(in_flight)
             if in_flight is not None:
                 self._complete(in_flight)
             in_flight = launched
+            self._flush()
 
     def _needs_every_token(self) -> bool:
         """A running request's sampler needs its tokens so far on the host (penalties): the next
@@ -376,8 +299,11 @@ class Engine:
 
     def _deliver(self, seq: Sequence, delta: TokenDelta) -> None:
         if delta.finish_reason is not None:
-            with self._lock:
-                handle = self._handles.pop(seq.request_id)
-        else:
-            handle = self._handles[seq.request_id]
-        handle._deliver(delta)
+            del self._sequences[seq.request_id]
+        self._outbox.append((seq.request_id, delta))
+
+    def _flush(self) -> None:
+        """Publish this loop's deltas, all at once."""
+        if self._outbox:
+            deltas, self._outbox = self._outbox, []
+            self._publish_to(deltas)

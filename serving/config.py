@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch is imported where an EngineConfig is built, not with 
 class ModelSettings:
     engine: EngineConfig
     max_prompt_bytes: int  # the serving side's own limit (not an engine setting)
+    engine_process: bool  # the engine in a process of its own (backend/engine_process.py), not a thread of the stub
 
 
 def model_settings(args: dict[str, str]) -> ModelSettings:
@@ -29,7 +30,8 @@ def model_settings(args: dict[str, str]) -> ModelSettings:
     if args["model_instance_kind"] == "GPU":
         params["device"] = f"cuda:{args['model_instance_device_id']}"
     max_prompt_bytes = int(params.pop("max_prompt_bytes"))
-    return ModelSettings(engine_config(params), max_prompt_bytes)
+    engine_process = params.pop("engine_process", "true").strip().lower() in ("1", "true", "yes", "")
+    return ModelSettings(engine_config(params), max_prompt_bytes, engine_process)
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:

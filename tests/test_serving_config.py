@@ -45,7 +45,7 @@ def test_a_gpu_instance_runs_its_engine_on_its_own_gpu(clean_env):
     clean_env.setenv("GEMMA_MAX_NUM_SEQS", "64")
     settings = model_settings(triton_args("GPU", 1))
     assert settings.engine == EngineConfig(device="cuda:1", max_num_seqs=64)
-    assert settings.max_prompt_bytes == 262144
+    assert settings.max_prompt_bytes == 262144 and settings.engine_process
 
 
 def test_a_cpu_instance_takes_the_device_parameter(clean_env):
@@ -82,8 +82,15 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
         asked.append(config)
         raise Stop
 
-    clean_env.setattr(Engine, "from_config", staticmethod(from_config))
+    from backend.engine_process import EngineProcess
+
+    clean_env.setattr(EngineProcess, "__init__", lambda self, config: from_config(config))  # the default
     with pytest.raises(Stop):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
     assert [c.device for c in asked] == ["cuda:1"]
+    clean_env.setenv("GEMMA_ENGINE_PROCESS", "0")  # the engine on a thread of the stub instead
+    clean_env.setattr(Engine, "from_config", staticmethod(from_config))
+    with pytest.raises(Stop):
+        model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
+    assert [c.device for c in asked] == ["cuda:1", "cuda:1"]
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"

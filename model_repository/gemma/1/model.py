@@ -107,12 +107,15 @@ class TritonPythonModel:
     def initialize(self, args):
         bound_cpu_kernel_caches()  # before torch is imported (below)
         from backend.engine import Engine
+        from backend.engine_process import EngineProcess
         from serving.requests import parse_request
 
         self._parse_request = parse_request
         settings = model_settings(args)
         self.max_prompt_bytes = settings.max_prompt_bytes
-        self.engine = Engine.from_config(settings.engine)
+        # In a process of its own, the engine's loop does not share this process's GIL with the
+        # responder thread (backend/engine_process.py).
+        self.engine = EngineProcess(settings.engine) if settings.engine_process else Engine.from_config(settings.engine)
         self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # (request, handle with new output) | None
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
@@ -166,6 +169,8 @@ class TritonPythonModel:
                 raise
 
     def finalize(self):
+        self._stopping.set()  # first: the monitor's engine.stats() would be refused during the shutdown
+        self._monitor.join()
         self.engine.shutdown()  # cancels what is in flight; their final outputs are still sent
         self._outputs.put(None)
         self._responder.join()
@@ -173,8 +178,6 @@ class TritonPythonModel:
             orphans, self._active = self._active, set()
         for req in orphans:  # only if the engine stopped without a final output for them
             req.sender.send(_error("CANCELLED", "the model is shutting down"), flags=FINAL)
-        self._stopping.set()
-        self._monitor.join()
 
     def _refuse(self, sender, status: str, message: str, outcome: str) -> None:
         sender.send(_error(status, message), flags=FINAL)

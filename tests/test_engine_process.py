@@ -1,0 +1,125 @@
+"""The engine in a process of its own (backend/engine_process.py), behind the same request API:
+the same outputs as the engine on a thread, cancellation and stop strings reaching the engine
+process, the queue bound and request checks on the caller's side, shutdown, and a start that fails
+or an engine process that dies mid-generation ending every request with an error."""
+import json
+import shutil
+import threading
+
+import pytest
+
+from backend.engine import Engine, EngineConfig
+from backend.engine_process import EngineProcess
+from backend.errors import EngineOverloadedError, InvalidRequestError
+from backend.sampling import SamplingParams
+from tests.engine_runs import run_staggered, token_ids, wait_idle
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, again and again and",
+           "1 2 3 4 5", "Über naïve café — 東京"]
+LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+
+def config(checkpoint, **kw) -> EngineConfig:
+    return EngineConfig(checkpoint=str(checkpoint), max_num_batched_tokens=16, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(servable_checkpoint):
+    eng = EngineProcess(config(servable_checkpoint))
+    yield eng
+    eng.shutdown()
+
+
+def test_outputs_equal_the_engine_on_a_thread(engine, servable_checkpoint):
+    in_process = Engine.from_config(config(servable_checkpoint))
+    try:
+        for params in (GREEDY, SEEDED):
+            expected = [in_process.submit(p, params).result() for p in PROMPTS]
+            together = [token_ids(outs) for outs in run_staggered(engine, PROMPTS, params)]
+            assert together == [e.token_ids for e in expected]
+            assert [engine.submit(p, params).result().text for p in PROMPTS] == [e.text for e in expected]
+    finally:
+        in_process.shutdown()
+    stats = wait_idle(engine)
+    assert stats.kv_cache.used_blocks == 0 and stats.step_times.steps > 0
+
+
+def test_cancel_and_stop_strings_reach_the_engine_process(engine):
+    handle = engine.submit(PROMPTS[0], LONG)
+    seen = []
+    for out in handle:
+        seen.append(out)
+        if len(seen) == 3:
+            handle.cancel()
+    assert seen[-1].finish_reason == "cancelled" and seen[-1].num_output_tokens < 400
+    base = engine.submit(PROMPTS[3], GREEDY).result()
+    stop = base.text[2:4]
+    cut = engine.submit(PROMPTS[3], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True, stop=(stop,)))
+    out = cut.result()
+    assert out.finish_reason == "stop" and out.text == base.text[:base.text.index(stop)]
+    stats = wait_idle(engine)  # the stop string ended the sequence in the engine process too
+    assert stats.kv_cache.used_blocks == 0
+
+
+def test_requests_are_checked_on_the_callers_side(engine):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.submit("", GREEDY)
+    with pytest.raises(InvalidRequestError, match="exceeds the context"):
+        engine.submit("word " * 600, SamplingParams(max_tokens=10))  # tiny model: 512 positions
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.submit([5, 10**7], GREEDY)
+    assert engine.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"
+
+
+def test_queue_bound_refuses_with_overloaded(servable_checkpoint):
+    eng = EngineProcess(config(servable_checkpoint, max_num_seqs=1, max_queue_size=2))
+    try:
+        handles = [eng.submit(PROMPTS[0], LONG) for _ in range(3)]  # one running, two waiting
+        with pytest.raises(EngineOverloadedError):
+            eng.submit(PROMPTS[0], LONG)
+        for h in handles:
+            h.cancel()
+        assert all(h.result().finish_reason == "cancelled" for h in handles)
+        assert eng.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"
+    finally:
+        eng.shutdown()
+
+
+def test_shutdown_cancels_in_flight_and_refuses_new_requests(servable_checkpoint):
+    eng = EngineProcess(config(servable_checkpoint))
+    handle = eng.submit(PROMPTS[0], LONG)
+    next(iter(handle))
+    eng.shutdown()
+    assert handle.result().finish_reason == "cancelled"
+    assert eng._process.returncode == 0
+    with pytest.raises(EngineOverloadedError):
+        eng.submit(PROMPTS[0], GREEDY)
+
+
+def test_a_start_that_fails_raises_the_engines_error(servable_checkpoint, tmp_path):
+    for f in servable_checkpoint.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
+        EngineProcess(config(tmp_path))
+
+
+def test_an_engine_process_that_dies_ends_every_request_with_an_error(servable_checkpoint):
+    eng = EngineProcess(config(servable_checkpoint))
+    try:
+        started = threading.Event()
+        handles = [eng.submit(p, LONG, on_ready=lambda h: started.set()) for p in PROMPTS[:2]]
+        assert started.wait(60)
+        eng._process.kill()
+        outs = [h.result() for h in handles]
+        assert [o.finish_reason for o in outs] == ["error", "error"]
+        assert all("engine process exited" in o.error for o in outs)
+        with pytest.raises(EngineOverloadedError):
+            eng.submit(PROMPTS[0], GREEDY)
+        with pytest.raises(EngineOverloadedError):
+            eng.stats()
+    finally:
+        eng.shutdown()
