@@ -347,6 +347,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--only", choices=("engine", "chat", "server"), help="run one level only")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="output directory (default: results/)")
     p.add_argument("--publish", action="store_true", help="copy plots, JSON lines and table to docs/benchmarks/")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the in-process engine in a process of its own (backend/engine_process.py), as the server "
+                        "runs it; server and chat levels only")
     load = p.add_argument_group("load")
     load.add_argument("--reps", type=int, help="engine-level repetitions")
     load.add_argument("--concurrencies", type=_ints, help="closed-loop client counts, e.g. 1,8,32,64")
@@ -401,7 +404,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report.emit({"type": "run", **info, "settings": dataclasses.asdict(s), "only": args.only,
                  "gemma_env": {k: v for k, v in os.environ.items() if k.startswith("GEMMA_")}})
     report.progress(f"loading the engine ({config}) on {where(info)}")
-    engine = Engine.from_config(config)
+    if args.engine_process:  # engine_direct then drives the engine as the server hosts it by default
+        from backend.engine_process import EngineProcess
+        engine = EngineProcess(config)
+    else:
+        engine = Engine.from_config(config)
     engine_records, chat_records, server_records = [], [], []
     try:
         if args.only in (None, "engine"):

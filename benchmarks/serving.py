@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -248,6 +249,7 @@ def server_env(config) -> dict[str, str]:
         elif value != getattr(defaults, f.name):
             raise ValueError(f"EngineConfig.{f.name}={value!r}: the server cannot be given it (not a parameter "
                              "in model_repository/gemma/config.pbtxt)")
+    env["GEMMA_ENGINE_PROCESS"] = os.environ.get("GEMMA_ENGINE_PROCESS", "")  # a serving setting, not the engine's
     return env
 
 
