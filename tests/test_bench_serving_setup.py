@@ -85,7 +85,7 @@ def test_random_checkpoint_has_the_tokenizer_and_its_vocabulary_and_serves(tmp_p
 
     engine = Engine.from_config(EngineConfig(checkpoint=str(out), max_num_seqs=2, kv_cache_bytes=4 << 20))
     try:
-        assert max(engine.tokenizer.hf_tokenizer.get_vocab().values()) < engine.vocab_size
+        assert max(engine.tokenizer.hf_tokenizer.get_vocab().values()) < engine.limits.vocab_size
         result = engine.submit("The capital of France is",
                                SamplingParams(max_tokens=12, **serving.GREEDY)).result()
         assert (result.num_output_tokens, result.finish_reason) == (12, "length")
