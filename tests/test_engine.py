@@ -8,12 +8,7 @@ import pytest
 from backend.engine import Engine, EngineConfig
 from backend.errors import EngineOverloadedError, InvalidRequestError
 from backend.sampling import SamplingParams
-from tests.engine_runs import run_staggered, token_ids, wait_idle
-
-GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
-PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, again and again and",
-           "1 2 3 4 5", "Über naïve café — 東京"]
+from tests.engine_runs import GREEDY, PROMPTS, SEEDED, check_bad_requests_refused, run_staggered, token_ids, wait_idle
 
 
 def make_engine(checkpoint, scheduling: str, **kw) -> Engine:
@@ -185,14 +180,7 @@ def test_queue_bound_refuses_with_overloaded(servable_checkpoint, scheduling):
 
 
 def test_bad_requests(engine):
-    with pytest.raises(InvalidRequestError, match="empty"):
-        engine.submit("", GREEDY)
-    with pytest.raises(InvalidRequestError, match="exceeds the context"):
-        engine.submit("word " * 600, SamplingParams(max_tokens=10))  # tiny model: 512 positions
-    with pytest.raises(InvalidRequestError, match="token ids"):
-        engine.submit([5, 10**7], GREEDY)
-    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
-        engine.submit("hi", SamplingParams(max_tokens=4, stop_token_ids=(10**7,)))
+    check_bad_requests_refused(engine)
 
 
 def test_stop_strings_and_min_tokens(engine):

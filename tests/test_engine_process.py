@@ -10,14 +10,10 @@ import pytest
 
 from backend.engine import Engine, EngineConfig
 from backend.engine_process import EngineProcess
-from backend.errors import EngineOverloadedError, InvalidRequestError
+from backend.errors import EngineOverloadedError
 from backend.sampling import SamplingParams
-from tests.engine_runs import run_staggered, token_ids, wait_idle
+from tests.engine_runs import GREEDY, PROMPTS, SEEDED, check_bad_requests_refused, run_staggered, token_ids, wait_idle
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
-PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, again and again and",
-           "1 2 3 4 5", "Über naïve café — 東京"]
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 
 
@@ -64,12 +60,7 @@ def test_cancel_and_stop_strings_reach_the_engine_process(engine):
 
 
 def test_requests_are_checked_on_the_callers_side(engine):
-    with pytest.raises(InvalidRequestError, match="empty"):
-        engine.submit("", GREEDY)
-    with pytest.raises(InvalidRequestError, match="exceeds the context"):
-        engine.submit("word " * 600, SamplingParams(max_tokens=10))  # tiny model: 512 positions
-    with pytest.raises(InvalidRequestError, match="token ids"):
-        engine.submit([5, 10**7], GREEDY)
+    check_bad_requests_refused(engine)
     assert engine.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"
 
 
