@@ -14,8 +14,9 @@ time a prefill takes here), the rest after a random number of tokens. Then:
   races reported as such: a cancel that crossed the final response on the wire (a success on the
   server, `cancel_raced_finish`) and one that reached Triton before the model got the request (never
   executed, `cancelled_before_reaching_the_model`); no error, invalid or overloaded outcome;
-- memory: the Python backend stub's resident set (VmRSS, and its anonymous and shared parts) after
-  the first `--warmup` requests and after each quarter of the rest.
+- memory: the resident set (VmRSS, and its anonymous and shared parts) of the Python backend stub
+  and its engine process together, after the first `--warmup` requests and after each quarter of
+  the rest.
 Goals (issue #15, default model on the CPU): 0 unexpected errors, 0 leaked blocks, RSS growth after
 warm-up < 5% and < 1% over the last half. Writes OUT/soak.json (the summary and the RSS curve);
 progress on stderr; exit status 1 when a goal is missed.
@@ -82,22 +83,29 @@ class RssSample:
     shmem_mib: float
 
 
-def stub_pid(server_pid: int) -> int:
-    """The gemma model's Python backend stub among the server's children."""
+def _processes():
+    """(pid, /proc status fields, cmdline) of every process still readable."""
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-            cmdline = (status.parent / "cmdline").read_bytes()
+            yield int(status.parent.name), fields, (status.parent / "cmdline").read_bytes()
         except OSError:
             continue
+
+
+def stub_pid(server_pid: int) -> int:
+    """The gemma model's Python backend stub among the server's children."""
+    for pid, fields, cmdline in _processes():
         if int(fields["PPid"]) == server_pid and b"triton_python_backend_stub" in cmdline and b"gemma" in cmdline:
-            return int(status.parent.name)
+            return pid
     raise RuntimeError(f"no Python backend stub under tritonserver (pid {server_pid})")
 
 
 def rss(pid: int, requests_done: int, start: float) -> RssSample:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    mib = {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "RssAnon", "RssShmem")}
+    """The stub's memory and its children's: the engine process (backend/engine_process.py) holds the
+    model and its kernel caches."""
+    tree = [fields for p, fields, _ in _processes() if p == pid or int(fields["PPid"]) == pid]
+    mib = {key: sum(int(f[key].split()[0]) for f in tree) / 1024 for key in ("VmRSS", "RssAnon", "RssShmem")}
     return RssSample(requests_done, round(time.monotonic() - start, 1), round(mib["VmRSS"], 1),
                      round(mib["RssAnon"], 1), round(mib["RssShmem"], 1))
 
