@@ -1,4 +1,5 @@
-"""The generation engine: a request queue, one engine thread, and handles that stream results.
+"""The generation engine: a request queue and one engine thread (the request side, with the handles
+that stream results, is EngineFront in backend/front.py).
 
 Data path of one step: scheduler.schedule() picks the chunks -> runner.launch() lays them out, runs
 the model (reference or TransformerEngine) and the sampler -> runner.complete() brings the sampled
@@ -26,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .front import EngineFront, EngineLimits, RequestHandle  # noqa: F401 - RequestHandle: the API's handle type
+from .front import EngineFront, EngineLimits
 from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
 from .outputs import TokenDelta
@@ -137,6 +138,10 @@ class Engine(EngineFront):
             raise started[0]
 
     def _setup(self, build_model) -> None:
+        if self.config.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, not {self.config.async_scheduling!r}")
+        self._async = self.config.async_scheduling == "on" or (
+            self.config.async_scheduling == "auto" and self.device.type == "cuda")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on cuda:0
         model = build_model()
@@ -150,10 +155,6 @@ class Engine(EngineFront):
         self.runner = ModelRunner(model, self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                   max_model_len, self.config.cuda_graphs)
         self.runner.warm_up()
-        if self.config.async_scheduling not in ("auto", "on", "off"):
-            raise ValueError(f"async_scheduling must be auto, on or off, not {self.config.async_scheduling!r}")
-        self._async = self.config.async_scheduling == "on" or (
-            self.config.async_scheduling == "auto" and self.device.type == "cuda")
 
     @classmethod
     def from_config(cls, config: EngineConfig, publish=None) -> "Engine":

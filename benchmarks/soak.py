@@ -1,4 +1,5 @@
-"""`make soak`: a long streamed load on a server it starts, then the accounting and the stub's memory.
+"""`make soak`: a long streamed load on a server it starts, then the accounting and the memory of the
+model's stub and engine processes.
 
     python -m benchmarks.soak [--requests 3000] [--concurrency 16] [--cancel 0.3] [--max-tokens 4,12]
                               [--warmup 300] [--checkpoint DIR] [--seed 0] [--out results]
@@ -219,7 +220,7 @@ def accounting(num_requests: int, tally: ClientTally, server_outcomes: dict[str,
 
 
 def memory_report(samples: list[RssSample], warmup: int, num_requests: int) -> dict:
-    """The stub's RSS after warm-up and after each quarter of the remaining requests."""
+    """The stub and engine processes' RSS after warm-up and after each quarter of the remaining requests."""
     def at(done: int) -> RssSample:
         return next(s for s in samples if s.requests_done >= done)
 
@@ -268,7 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 samples.append(rss(pid, done, start))
             if done % max(args.requests // 10, 1) == 0:
                 s = samples[-1]
-                print(f"{done}/{args.requests} requests, {s.seconds:.0f} s, stub RSS {s.rss_mib:.0f} MiB "
+                print(f"{done}/{args.requests} requests, {s.seconds:.0f} s, stub + engine RSS {s.rss_mib:.0f} MiB "
                       f"(anon {s.anon_mib:.0f}, shared {s.shmem_mib:.0f})", file=sys.stderr, flush=True)
 
         tally = asyncio.run(run_load(server.grpc_url, args.requests, args.concurrency, args.cancel, (low, high),
@@ -291,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{args.requests} requests in {wall:.0f} s: {report['client']['completed']} completed, "
           f"{tally.cancelled} cancelled ({report['cancel_raced_finish']} crossed their final response, "
           f"{report['cancelled_before_reaching_the_model']} never reached the model), "
-          f"{len(tally.errors)} unexpected errors; stub RSS by quarter (MiB): "
+          f"{len(tally.errors)} unexpected errors; stub + engine RSS by quarter (MiB): "
           f"{' -> '.join(str(p['rss_mib']) for p in memory['by_quarter'])}, growth after warm-up "
           f"{memory['rss_growth_after_warmup']:.1%}, over the last half {memory['rss_growth_last_half']:.1%}; "
           f"{'all goals met' if not missed else 'MISSED: ' + '; '.join(missed)}", file=sys.stderr)
