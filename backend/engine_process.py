@@ -25,6 +25,7 @@ import os
 import pickle
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -189,4 +190,7 @@ def _picklable(exc: BaseException) -> bool:
 
 
 if __name__ == "__main__":
+    # Ctrl-C in a terminal interrupts the whole process group; the parent (Triton's stub) then
+    # unloads the model and shuts this process down through the pipe, cancelling what is in flight.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve_engine(os.fdopen(int(sys.argv[1]), "rb"), os.fdopen(int(sys.argv[2]), "wb"))

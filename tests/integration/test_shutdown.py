@@ -8,6 +8,7 @@ server here is the suite's tiny-model one, started for this test alone since the
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -95,3 +96,40 @@ def test_sigint_after_hostile_traffic_stops_the_server_and_every_stub(tmp_path, 
         assert "Exit timeout expired" not in server.log_tail(), server.log_tail(30)
     finally:
         stop_servers([server])  # whatever is left of its process group goes too
+
+
+def test_ctrl_c_in_a_terminal_finishes_what_is_in_flight_and_stops_every_process(tmp_path, tiny_checkpoint):
+    """Ctrl-C interrupts the whole process group: tritonserver, its stub and the stub's engine process
+    (backend/engine_process.py). Triton lets in-flight requests finish before it unloads the model;
+    the engine process ignores the interrupt and leaves its shutdown to the stub, so a stream in
+    flight still gets all its tokens, and then everything exits."""
+    (server,) = start_servers((tmp_path / "server.log",
+                               {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}))
+    pgid = server.process.pid
+    outcome: list = []
+    long = json.dumps({"max_tokens": 400, "temperature": 0.0, "ignore_eos": True})
+
+    def stream() -> None:
+        try:
+            outcome.append(server.stream("Once upon a time", stream=True, sampling_parameters=long, timeout=120))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion
+            outcome.append(e)
+
+    try:
+        assert any("backend.engine_process" in cmd for cmd in process_group(pgid).values())
+        reader = threading.Thread(target=stream)
+        reader.start()
+        time.sleep(1.0)  # tokens are flowing
+        os.killpg(pgid, signal.SIGINT)
+        reader.join(STOP_LIMIT_S)
+        server.process.wait(timeout=STOP_LIMIT_S)
+        sent = time.monotonic()
+        while process_group(pgid) and time.monotonic() - sent < STOP_LIMIT_S:
+            time.sleep(0.2)
+        assert not process_group(pgid), server.log_tail(30)
+        assert len(outcome) == 1 and getattr(outcome[0], "num_output_tokens", None) == 400, outcome
+        assert outcome[0].finish_reason == "length"
+        log = server.log_tail(400)
+        assert "Traceback" not in log and "exited unexpectedly" not in log, log
+    finally:
+        stop_servers([server])

@@ -265,6 +265,7 @@ class TritonPythonModel:
         return None if logprobs is None else logprobs_json(self.engine.tokenizer, logprobs)
 
     def _monitor_loop(self) -> None:
+        last_error = None  # logged once, not every period (e.g. an engine process that has died)
         while not self._stopping.wait(METRICS_PERIOD_S):
             try:
                 while True:
@@ -274,4 +275,6 @@ class TritonPythonModel:
                         break
                 self.metrics.set_engine_stats(self.engine.stats())
             except Exception as e:
-                pb_utils.Logger.log_error(f"gemma: metrics: {e!r}")
+                if repr(e) != last_error:
+                    pb_utils.Logger.log_error(f"gemma: metrics: {e!r}")
+                last_error = repr(e)
