@@ -195,23 +195,11 @@ def sample_with_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> S
     return SampledOnDevice(logits, rows).result()
 
 
-def token_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow],
-                   token_ids: Sequence[int]) -> list[Optional[TokenLogprobs]]:
-    """The logprob of token_ids[i] and the params.logprobs most likely tokens of each row that asked,
-    from the raw logits. Only those rows are computed, together; a batch where none asked costs nothing."""
-    asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    result: list[Optional[TokenLogprobs]] = [None] * len(rows)
-    if asking:
-        chosen = _on_device(list(token_ids), logits.device, torch.long)
-        values, top_ids = _logprobs_on_device(logits, chosen, rows, asking)
-        _fill_logprobs(result, rows, asking, list(token_ids), values.tolist(), top_ids.tolist())
-    return result
-
-
 def _logprobs_on_device(logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow],
                         asking: list[int]) -> list[torch.Tensor]:
     """For the `asking` rows: [chosen logprob, top-k logprobs] values and the top-k ids, k the most
-    any row asked for, from the raw logits."""
+    any row asked for, from the raw logits. Only those rows are computed, together; a batch where
+    none asked never calls this."""
     index = _on_device(asking, logits.device)
     logprobs = torch.log_softmax(logits[index].to(torch.float32), dim=-1)
     k = max(rows[i].params.logprobs for i in asking)

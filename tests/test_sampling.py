@@ -9,7 +9,7 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, Top
 
 from backend.errors import InvalidRequestError
 from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator, process_logits,
-                              sample, sample_with_logprobs, token_logprobs)
+                              sample, sample_with_logprobs)
 
 VOCAB = 1000
 EOS = 7
@@ -344,5 +344,5 @@ def test_rows_without_logprobs_cost_nothing(monkeypatch):
         raise AssertionError("log_softmax ran for a batch where no row asked for logprobs")
     monkeypatch.setattr(torch, "log_softmax", fail)
     logits = random_logits(batch=2)
-    assert token_logprobs(logits, rows_for(SamplingParams(), 2), [0, 1]) == [None, None]
+    assert sample_with_logprobs(logits, rows_for(SamplingParams(), 2)).logprobs == [None, None]
     assert sample_with_logprobs(logits, rows_for(SamplingParams(temperature=0), 2)).logprobs == [None, None]
