@@ -1,7 +1,8 @@
 """GPU benchmark: gemma-2b shapes with random bf16 weights; our TE engine path against HF transformers.
 
     python3 -m benchmarks.gpu_bench [--batches 1,8,32,64] [--prompt 64] [--new 64] [--fp8-recipes current,delayed]
-                                    [--fp8-lm-head] [--compare-unfused] [--hf-compile] [--profile]
+                                    [--fp8-lm-head] [--compare-unfused] [--compare-te-norms] [--hf-compile]
+                                    [--profile]
 
 Prints one JSON object per line (also appended to --out); the last line is the summary.
 
@@ -20,6 +21,8 @@ What is measured, per batch size B (B prompts of --prompt random tokens, --new g
 - te_fp8_<recipe>_lm_head (--fp8-lm-head): the same with the tied LM head in FP8 too.
 - te_unfused (--compare-unfused): the TE model with the plain-torch attention instead of the fused
   Triton kernels (backend/te/fused_decode.py).
+- te_te_norms (--compare-te-norms): the TE model with TE's own norms, residual adds and GeGLU
+  (LayerNormLinear / LayerNormMLP) instead of backend/te/fused_pointwise.py's kernels.
 """
 from __future__ import annotations
 
@@ -196,7 +199,7 @@ def profile_step(model, cfg, kv, batch: int, prompt_len: int, steps: int = 20) -
 
 
 def run_variant(out, name: str, model, te16_step, kv16, batches, prompt: int, new: int) -> dict:
-    """Decode speed of a TE variant per batch size; for FP8, accuracy against the bf16 model on the
+    """Decode speed of a TE variant per batch size, and its accuracy against the bf16 model on the
     same teacher-forced tokens (logits relative error, top-1 agreement)."""
     emit(out, kind="setup", what=f"{name}_load", weight_bytes=model.weight_bytes_per_step())
     kv = make_cache(model, max(batches + [8]), prompt, new)
@@ -206,15 +209,13 @@ def run_variant(out, name: str, model, te16_step, kv16, batches, prompt: int, ne
         te_run(step, model.cfg, kv, b, prompt, new)  # warm-up: captures this batch's graphs
         r, _, _ = te_run(step, model.cfg, kv, b, prompt, new, seed=1)
         rows[b] = emit(out, kind=name, batch=b, graphs_disabled=step.disabled, **r)
-    if model.fp8:
-        acc_batch = 8
-        _, chosen, ref_logits = te_run(te16_step, model.cfg, kv16, acc_batch, prompt, new, seed=2, keep_logits=True)
-        _, _, got_logits = te_run(step, model.cfg, kv, acc_batch, prompt, new, seed=2, forced=chosen,
-                                  keep_logits=True)
-        a, f = torch.stack(ref_logits).float(), torch.stack(got_logits).float()
-        emit(out, kind="fp8_accuracy", variant=name, batch=acc_batch, positions=a.shape[0] * a.shape[1],
-             logits_rel_err=float((f - a).norm() / a.norm()),
-             top1_agreement=float((f.argmax(-1) == a.argmax(-1)).float().mean()))
+    acc_batch = 8
+    _, chosen, ref_logits = te_run(te16_step, model.cfg, kv16, acc_batch, prompt, new, seed=2, keep_logits=True)
+    _, _, got_logits = te_run(step, model.cfg, kv, acc_batch, prompt, new, seed=2, forced=chosen, keep_logits=True)
+    a, f = torch.stack(ref_logits).float(), torch.stack(got_logits).float()
+    emit(out, kind="accuracy", variant=name, batch=acc_batch, positions=a.shape[0] * a.shape[1],
+         logits_rel_err=float((f - a).norm() / a.norm()),
+         top1_agreement=float((f.argmax(-1) == a.argmax(-1)).float().mean()))
     return rows
 
 
@@ -255,6 +256,8 @@ def main() -> None:
     p.add_argument("--fp8-lm-head", action="store_true", help="also each FP8 variant with its LM head in FP8")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also the TE model with the plain-torch attention instead of the fused Triton kernels")
+    p.add_argument("--compare-te-norms", action="store_true",
+                   help="also the TE model with TE's norms and adds instead of the fused residual add + RMSNorm")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="also HF static cache + torch.compile (slow to compile)")
     p.add_argument("--profile", action="store_true", help="kernel time vs wall time of decode steps")
@@ -316,6 +319,8 @@ def main() -> None:
         variants.update({f"{name}_lm_head": dict(kw, fp8_lm_head=True) for name, kw in list(variants.items())})
     if args.compare_unfused:
         variants["te_unfused"] = dict(fused=False)
+    if args.compare_te_norms:
+        variants["te_te_norms"] = dict(fused_norms=False)
     for name, kw in variants.items():
         try:
             results[name] = run_variant(out, name, load_te_model(ckpt, torch.bfloat16, "cuda", **kw), te16_step, kv16,

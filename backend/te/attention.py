@@ -37,6 +37,7 @@ class StepContext:
     row_valid: Optional[torch.Tensor] = None
     padded: bool = False  # rows beyond the groups exist (FP8 row padding): zero their attention output
     fused: bool = False  # RoPE + K/V write and decode attention by the Triton kernels (fused_decode.py)
+    fused_norms: bool = False  # residual add + RMSNorm, GeGLU by Triton kernels (fused_pointwise.py)
     varlen: Optional[VarlenLayout] = None  # instead of groups: every row in one fused_varlen kernel call
 
 

@@ -10,9 +10,12 @@ fused QKV grouped per KV head, no biases, no dropout). The family differences ar
              local/global RoPE bases per layer, no softcap
 
 Two ways to run a layer:
-- `step(x, ctx, kv_cache)`: the serving engine. TE's LayerNormLinear (QKV), Linear (proj),
+- `step(x, pending, ctx, kv_cache)`: the serving engine. TE's LayerNormLinear (QKV), Linear (proj),
   LayerNormMLP and RMSNorm modules of this layer, with attention over the engine's paged cache
-  (backend/te/attention.py). Fixed shapes, no host syncs: CUDA-graph capturable.
+  (backend/te/attention.py). Fixed shapes, no host syncs: CUDA-graph capturable. With
+  `StepContext.fused_norms`, each residual add and the RMSNorm after it are one Triton kernel
+  (fused_pointwise.py) and the GEMMs run on the same TE weights through cuBLAS, as TE's
+  LayerNormLinear / LayerNormMLP do in bf16 after their norm; GeGLU is a Triton kernel too.
 - `forward(...)`: TE's own attention (DotProductAttention through MultiheadAttention), called like
   an HF decoder layer or like a TransformerLayer (rotary_pos_emb, inference_params, masks), so the
   layer drops into HF `GemmaForCausalLM` (see `use_te_layers_in_hf`) or runs with TE's KV cache.
@@ -24,9 +27,10 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 import transformer_engine.pytorch as te
 
 from backend.config import GemmaConfig, RopeSpec
@@ -34,6 +38,7 @@ from backend.model import apply_rope, write_kv
 
 from .attention import StepContext, paged_attention
 from .fused_decode import rope_and_store
+from .fused_pointwise import add_rms_norm, geglu
 
 # Our parameter names (backend.weights.load_mapped_state, per layer) -> this module's parameters.
 TE_PARAM_NAMES = {
@@ -52,6 +57,27 @@ TE_PARAM_NAMES = {
 # Keyword arguments of HF decoder-layer calls that this layer does not use (see forward()).
 _HF_IGNORED = ("position_embeddings", "past_key_value", "past_key_values", "cache", "output_attentions",
                "cache_position")
+
+
+class Branch(NamedTuple):
+    """A sublayer's output not yet added to the residual stream, and the RMSNorm that Gemma 2/3
+    apply to it before the add (None: Gemma 1 adds it as it is)."""
+    output: torch.Tensor
+    norm: Optional[torch.nn.Module]
+
+    def added_to(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.output if self.norm is None else self.norm(self.output))
+
+    def rows(self, index: torch.Tensor) -> "Branch":
+        return Branch(self.output[index], self.norm)
+
+
+def add_then_norm(x: torch.Tensor, pending: Optional[Branch], weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + pending, its zero-centred RMSNorm with `weight`) in one kernel (fused_pointwise.py)."""
+    if pending is None:
+        return add_rms_norm(x, None, weight, eps)
+    return add_rms_norm(x, pending.output, weight, eps, None if pending.norm is None else pending.norm.weight)
 
 
 def rope_freqs(spec: RopeSpec, head_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -149,13 +175,18 @@ class TEGemmaDecoderLayer(te.TransformerLayer):
 
     # --- serving engine path ----------------------------------------------------------------------
 
-    def step(self, x: torch.Tensor, ctx: StepContext, kv_cache) -> torch.Tensor:
-        """x: [T, hidden] (the step's flattened tokens) -> [T, hidden]."""
+    def step(self, x: torch.Tensor, pending: Optional[Branch], ctx: StepContext,
+             kv_cache) -> tuple[torch.Tensor, Branch]:
+        """x: [T, hidden] (the step's flattened tokens), the residual stream without `pending`, the
+        previous layer's MLP output (None before the first layer). Returns the stream after this
+        layer's attention and this layer's MLP output: each residual add is left to the norm that
+        follows it, so that `ctx.fused_norms` can do both in one kernel."""
         cfg = self.cfg
         T = x.shape[0]
         attn = self.self_attention
         group = cfg.queries_per_kv
-        qkv = attn.layernorm_qkv(x).view(T, cfg.num_kv_heads, group + 2, cfg.head_dim)
+        x, qkv = self._norm_then_linear(x, pending, attn.layernorm_qkv, ctx)
+        qkv = qkv.view(T, cfg.num_kv_heads, group + 2, cfg.head_dim)
         q = qkv[:, :, :group]  # [T, KV, G, D]
         k, v = qkv[:, :, group], qkv[:, :, group + 1]
         if cfg.qk_norm:
@@ -171,9 +202,25 @@ class TEGemmaDecoderLayer(te.TransformerLayer):
             write_kv(k_slots, v_slots, ctx.slot_mapping, k, v, ctx.row_valid)
         out = paged_attention(q, k_slots, v_slots, ctx, self.sliding_window, self.query_scale, self.attn_softcap)
         h = _first(attn.proj(out.reshape(T, cfg.num_heads * cfg.head_dim)))
-        x = x + (self.attn_out_norm(h) if self.sandwich else h)
-        h = _first(self.layernorm_mlp(x))
-        return x + (self.mlp_out_norm(h) if self.sandwich else h)
+        x, h = self._norm_then_mlp(x, Branch(h, self.attn_out_norm if self.sandwich else None), ctx)
+        return x, Branch(h, self.mlp_out_norm if self.sandwich else None)
+
+    def _norm_then_linear(self, x, pending: Optional[Branch], module, ctx: StepContext):
+        """(x + pending, TE LayerNormLinear `module` applied to it)."""
+        if not ctx.fused_norms:
+            x = x if pending is None else pending.added_to(x)
+            return x, _first(module(x))
+        x, normed = add_then_norm(x, pending, module.layer_norm_weight, self.cfg.rms_norm_eps)
+        return x, F.linear(normed, module.weight)
+
+    def _norm_then_mlp(self, x, pending: Branch, ctx: StepContext):
+        """(x + pending, TE LayerNormMLP applied to it)."""
+        mlp = self.layernorm_mlp
+        if not ctx.fused_norms:
+            x = pending.added_to(x)
+            return x, _first(mlp(x))
+        x, normed = add_then_norm(x, pending, mlp.layer_norm_weight, self.cfg.rms_norm_eps)
+        return x, F.linear(geglu(F.linear(normed, mlp.fc1_weight)), mlp.fc2_weight)
 
     # --- TE attention path: HF drop-in, or TransformerLayer-style with TE's KV cache ----------------
 

@@ -25,7 +25,7 @@ from backend.model import StepLayout, rope_cos_sin
 
 from . import fused_decode, fused_varlen, import_te
 from .attention import StepContext
-from .layers import TEGemmaDecoderLayer, strict_copy
+from .layers import TEGemmaDecoderLayer, add_then_norm, strict_copy
 
 FP8_ROWS = 8  # TE's FP8 GEMMs need the product of leading dims divisible by 8
 
@@ -48,7 +48,8 @@ def make_fp8_recipe(name: str):
 
 class TEGemmaModel(nn.Module):
     def __init__(self, cfg: GemmaConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda",
-                 fp8: bool = False, fp8_recipe: str = "delayed", fused: bool = True, fp8_lm_head: bool = False):
+                 fp8: bool = False, fp8_recipe: str = "delayed", fused: bool = True, fp8_lm_head: bool = False,
+                 fused_norms: bool = True):
         super().__init__()
         te = import_te()
         device = torch.device(device)
@@ -85,6 +86,10 @@ class TEGemmaModel(nn.Module):
         # With the fused kernels, a mixed step's attention is one varlen kernel call per layer
         # (fused_varlen.py), which lets the runner capture mixed steps in CUDA graphs too.
         self.tile_rows = fused_varlen.tile_rows(cfg.queries_per_kv) if self.fused else None
+        # Residual adds with the RMSNorm after each, and GeGLU, as Triton kernels (fused_pointwise.py).
+        # Not with FP8: there TE's LayerNormLinear / LayerNormMLP write the norm's output in FP8 for
+        # their GEMMs in the same kernel, which a separate norm would cost an extra cast.
+        self.fused_norms = fused_norms and self.fused and not fp8
 
     # --- weights ----------------------------------------------------------------------------------
 
@@ -138,14 +143,17 @@ class TEGemmaModel(nn.Module):
             positions = F.pad(positions, (0, padded_rows))
         ctx = StepContext(ropes=self.ropes(positions), slot_mapping=layout.slot_mapping, groups=layout.groups,
                           positions=positions, row_valid=layout.row_valid, padded=padded_rows > 0, fused=self.fused,
-                          varlen=layout.varlen)
+                          fused_norms=self.fused_norms, varlen=layout.varlen)
+        pending = None  # each layer's MLP output, added to x by the norm after it
         for layer in self.layers:
-            x = layer.step(x, ctx, kv_cache)
-        if layout.logit_rows is None:
-            return self.logits(self.final_norm(x[:T]))
-        if layout.logit_rows.numel() == 0:  # a prefill chunk that does not end its prompt
+            x, pending = layer.step(x, pending, ctx, kv_cache)
+        if layout.logit_rows is not None and layout.logit_rows.numel() == 0:  # a chunk not ending its prompt
             return torch.empty(0, self.cfg.vocab_size, device=x.device)  # (TE's RMSNorm rejects 0 rows)
-        return self.logits(self.final_norm(x[layout.logit_rows]))
+        rows = slice(T) if layout.logit_rows is None else layout.logit_rows
+        x, pending = x[rows], pending.rows(rows)
+        if self.fused_norms:
+            return self.logits(add_then_norm(x, pending, self.final_norm.weight, self.cfg.rms_norm_eps)[1])
+        return self.logits(self.final_norm(pending.added_to(x)))
 
     # --- pieces ------------------------------------------------------------------------------------
 

@@ -19,11 +19,12 @@ from . import import_te, te_available
 
 
 def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-                  fp8_recipe: str = "delayed", fused: bool = True, fp8_lm_head: bool = False):
+                  fp8_recipe: str = "delayed", fused: bool = True, fp8_lm_head: bool = False, fused_norms: bool = True):
     """Build TEGemmaModel from an HF Gemma checkpoint directory (strict safetensors loading).
 
     fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype` unless fp8_lm_head).
-    fused: RoPE, K/V writes and decode attention in Triton kernels (when Triton is installed)."""
+    fused: RoPE, K/V writes and decode attention in Triton kernels (when Triton is installed).
+    fused_norms: with fused and without fp8, residual add + RMSNorm and GeGLU in Triton kernels too."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"the TransformerEngine model runs on CUDA devices, not {device}")
@@ -44,7 +45,7 @@ def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     cfg = GemmaConfig.from_checkpoint(path)
     state = load_mapped_state(path, cfg, dtype)
     model = TEGemmaModel(cfg, dtype=dtype, device=device, fp8=fp8, fp8_recipe=fp8_recipe, fused=fused,
-                         fp8_lm_head=fp8_lm_head)
+                         fp8_lm_head=fp8_lm_head, fused_norms=fused_norms)
     model.load_reference_state(state)
     del state
     model.eval()

@@ -146,6 +146,24 @@ def test_cuda_graph_mixed_steps_equal_eager(family, dtype, checkpoints):
     assert max(errs) < (1e-4 if dtype == "fp32" else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_norms_match_te_norms(family, dtype, checkpoints):
+    """The residual add + RMSNorm and GeGLU kernels (fused_pointwise.py) against TE's LayerNormLinear /
+    LayerNormMLP / RMSNorm on the same weights: prefill chunks through the varlen kernel, then decodes."""
+    fused = load(checkpoints[family], DTYPES[dtype])
+    te_norms = load(checkpoints[family], DTYPES[dtype], fused_norms=False)
+    assert fused.fused_norms and not te_norms.fused_norms
+    cfg = fused.cfg
+    prompt = prompts_for(cfg.vocab_size, [40], seed=7)[0]
+    got = stepped_logits(fused, cfg, prompt, 21, DTYPES[dtype], tile_rows=fused.tile_rows)
+    want = stepped_logits(te_norms, cfg, prompt, 21, DTYPES[dtype], tile_rows=te_norms.tile_rows)
+    err, top1 = rel_err(got, want), float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    report(test="fused_norms_vs_te_norms", family=family, dtype=dtype, logits_rel_err=err, top1_agreement=top1)
+    # fp32: TE's GEMMs use TF32, the fused path's cuBLAS GEMMs full fp32.
+    assert err < (5e-3 if dtype == "fp32" else 2e-2)
+
+
 @pytest.mark.parametrize("lm_head", ["bf16", "fp8"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp8_stays_close_to_bf16(family, lm_head, checkpoints):
@@ -155,6 +173,7 @@ def test_fp8_stays_close_to_bf16(family, lm_head, checkpoints):
         pytest.skip("this GPU has no FP8")
     te16 = load(checkpoints[family], torch.bfloat16)
     te8 = load(checkpoints[family], torch.bfloat16, fp8=True, fp8_lm_head=lm_head == "fp8")
+    assert te16.fused_norms and not te8.fused_norms  # FP8 keeps TE's norm fused with its FP8 cast
     cfg = te16.cfg
     # Teacher-forced: the same tokens through both, prefill (eager) then decode (graphs).
     tokens = prompts_for(cfg.vocab_size, [60], seed=4)[0]
