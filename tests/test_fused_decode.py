@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from backend.batch import decode_masks  # noqa: E402
 from backend.config import RopeSpec  # noqa: E402
-from backend.model import AttentionGroup, apply_rope, rope_cos_sin, write_kv  # noqa: E402
+from backend.model import AttentionGroup, RMSNorm, apply_rope, rope_cos_sin, write_kv  # noqa: E402
 from backend.te import fused_decode  # noqa: E402
 from backend.te.attention import StepContext, attend, paged_attention  # noqa: E402
 
@@ -26,8 +26,9 @@ def qkv_views(T, kv_heads, group, D, gen):
     return qkv[:, :, :group], qkv[:, :, group], qkv[:, :, group + 1]
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("kv_heads,group", [(1, 4), (2, 3), (4, 1)])
-def test_rope_and_store_matches_torch(kv_heads, group):
+def test_rope_and_store_matches_torch(kv_heads, group, qk_norm):
     gen = torch.Generator().manual_seed(0)
     T, D, num_slots = 7, 32, 40
     q, k, v = qkv_views(T, kv_heads, group, D, gen)
@@ -36,9 +37,18 @@ def test_rope_and_store_matches_torch(kv_heads, group):
     slots = torch.tensor([3, 11, 12, 30, 4], device=DEVICE)  # 5 stored rows; the last 2 are FP8 row padding
     row_valid = torch.tensor([True, True, False, True, True, True, True], device=DEVICE)  # row 2: graph padding
     caches = [torch.zeros(num_slots, kv_heads, D, device=DEVICE) for _ in range(2)]
-    q_out = fused_decode.rope_and_store(q, k, v, cos, sin, *caches, slots, row_valid)
+    norms = None
+    want_q, want_k = q.reshape(T, kv_heads * group, D), k
+    if qk_norm:  # Gemma 3: each head's zero-centred RMSNorm, then RoPE
+        q_norm, k_norm = RMSNorm(D, 1e-6), RMSNorm(D, 1e-6)
+        with torch.no_grad():
+            q_norm.weight.normal_(generator=gen), k_norm.weight.normal_(generator=gen)
+        q_norm, k_norm = q_norm.to(DEVICE), k_norm.to(DEVICE)
+        norms = (q_norm.weight.detach(), k_norm.weight.detach(), 1e-6)
+        want_q, want_k = q_norm(want_q), k_norm(want_k)
+    q_out = fused_decode.rope_and_store(q, k, v, cos, sin, *caches, slots, row_valid, qk_norm=norms)
 
-    want_q, want_k = apply_rope(q.reshape(T, kv_heads * group, D), cos, sin), apply_rope(k, cos, sin)
+    want_q, want_k = apply_rope(want_q, cos, sin), apply_rope(want_k, cos, sin)
     torch.testing.assert_close(q_out, want_q, atol=1e-6, rtol=1e-5)
     keep = torch.tensor([0, 1, 3, 4], device=DEVICE)
     want = [torch.zeros(num_slots, kv_heads, D, device=DEVICE) for _ in range(2)]

@@ -189,14 +189,15 @@ class TEGemmaDecoderLayer(te.TransformerLayer):
         qkv = qkv.view(T, cfg.num_kv_heads, group + 2, cfg.head_dim)
         q = qkv[:, :, :group]  # [T, KV, G, D]
         k, v = qkv[:, :, group], qkv[:, :, group + 1]
-        if cfg.qk_norm:
-            q = attn.q_norm(q.reshape(T, cfg.num_heads, cfg.head_dim)).view(q.shape)
-            k = attn.k_norm(k.contiguous())
         cos, sin = ctx.ropes[self.rope_spec]
         k_slots, v_slots = kv_cache.layer(self.layer_idx)
-        if ctx.fused:
-            q = rope_and_store(q, k, v, cos, sin, k_slots, v_slots, ctx.slot_mapping, ctx.row_valid)
+        if ctx.fused:  # with Gemma 3's q/k norms in the same kernel
+            qk_norm = (attn.q_norm.weight, attn.k_norm.weight, cfg.rms_norm_eps) if cfg.qk_norm else None
+            q = rope_and_store(q, k, v, cos, sin, k_slots, v_slots, ctx.slot_mapping, ctx.row_valid, qk_norm)
         else:
+            if cfg.qk_norm:
+                q = attn.q_norm(q.reshape(T, cfg.num_heads, cfg.head_dim)).view(q.shape)
+                k = attn.k_norm(k.contiguous())
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             write_kv(k_slots, v_slots, ctx.slot_mapping, k, v, ctx.row_valid)
