@@ -4,7 +4,7 @@
                              [--checkpoint DIR] [--engine auto|te|torch] [--dtype auto|float32|bfloat16|float16]
                              [--max-num-seqs N] [--kv-cache-bytes N] [--concurrencies 1,4,8] [--server-tokens N]
                              [--requests-per-client N] [--server-reps N] [--rate R] [--open-requests N]
-                             [--openai-concurrency N] [--time-limit S]
+                             [--openai-concurrency N] [--client-processes N] [--time-limit S]
 
 Without options: the packaged Gemma 3 270M with EngineConfig's defaults on this machine (its CPU).
 The engine options build the one EngineConfig that both the in-process engine and the server run
@@ -61,6 +61,7 @@ class Settings:
     time_limit_s: float = 240  # per load run; later requests are cancelled and counted as errors
     server_reps: int = 2  # closed-loop repetitions (medians); the open loop runs once
     openai_concurrency: int = 16  # closed-loop clients of gateway vs direct gRPC (0: no gateway)
+    client_processes: int = 1  # processes the gRPC target's closed-loop clients are split over
     chat_reps: int = 2  # multi-turn conversations per engine (prefix caching on / off)
 
 
@@ -158,7 +159,9 @@ def run_server_level(report: Report, engine, s: Settings, out: Path) -> list[dic
     records = []
     try:
         report.progress(f"server ready at {server.grpc_url}")
-        grpc = serving.ServerTarget(server.grpc_url, timeout_s=s.time_limit_s)
+        if s.client_processes > 1:
+            report.progress(f"starting {s.client_processes} client processes for the gRPC closed loops")
+        grpc = serving.ServerTarget(server.grpc_url, timeout_s=s.time_limit_s, client_processes=s.client_processes)
         targets = [grpc, serving.EngineTarget(engine)]
         loads = {c: list(targets) for c in s.concurrencies}  # closed loop: clients -> the targets run
         if s.openai_concurrency:
@@ -305,6 +308,8 @@ def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) ->
         for r in sorted(server_rows, key=lambda r: (r["mode"], r.get("concurrency", 0), r["system"] != "server")):
             load = (f"closed, {r['concurrency']} client{'s' * (r['concurrency'] > 1)}" if r["mode"] == "closed"
                     else f"open, Poisson {r['rate_per_s']}/s")
+            if r.get("client_processes", 1) > 1:
+                load += f" in {r['client_processes']} processes"
             lines.append(f"| {r['system']} | {load} | {r['requests']} | {r['errors']} | {_fmt(r['tokens_per_s'])} "
                          f"| {_fmt(r['ttft_ms']['p50'], 0)} / {_fmt(r['ttft_ms']['p99'], 0)} "
                          f"| {_fmt(r['itl_ms']['p50'], 0)} / {_fmt(r['itl_ms']['p99'], 0)} |")
@@ -339,6 +344,12 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def _positive(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return int(text)
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     """Options; each one in the load and engine groups is named after (`dest`) the Settings or
     EngineConfig field it sets, and left out it keeps that field's default."""
@@ -361,6 +372,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     load.add_argument("--open-requests", type=int, help="open-loop requests")
     load.add_argument("--openai-concurrency", type=int,
                       help="closed-loop clients of the OpenAI gateway vs direct gRPC comparison (0: none)")
+    load.add_argument("--client-processes", type=_positive,
+                      help="split the closed-loop clients of the server (gRPC) target, its run beside the gateway "
+                           "included, over N processes, each with its own client and event loop, so one process's "
+                           "CPU does not cap a fast server (default 1: in this process); engine_direct, the gateway "
+                           "target and the open loop stay in this process")
     load.add_argument("--time-limit", dest="time_limit_s", type=float,
                       help="seconds per load run; what is left then is cancelled and counted as errors")
     engine = p.add_argument_group("engine (one EngineConfig: the in-process engine's and, through GEMMA_*, "

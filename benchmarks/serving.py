@@ -3,7 +3,8 @@ against the same engine in-process, so serving overhead is a measured ratio.
 
 A target is anything with `async stream(prompt, max_tokens, timeline)` that fills the timeline:
 - `ServerTarget`: `gemma_client.AsyncGemmaClient` on loopback gRPC (one channel, a stream per request);
-  token times are taken when a delta reaches the client;
+  token times are taken when a delta reaches the client. With `client_processes` > 1 its closed loops
+  run in that many client processes (`ClientProcesses`), so one process's CPU does not cap a fast server;
 - `EngineTarget`: `Engine.submit` with a callback; token times are taken on the engine thread;
 - `GatewayTarget`: the OpenAI-compatible gateway (gateway/) in front of the same server, streamed
   `POST /v1/completions` over one httpx client; token times are taken when an SSE chunk arrives.
@@ -22,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -40,9 +44,11 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 class ServerTarget:
     name = "server"
 
-    def __init__(self, url: str, timeout_s: float):
+    def __init__(self, url: str, timeout_s: float, client_processes: int = 1):
         from gemma_client import AsyncGemmaClient
         self.client = AsyncGemmaClient(url, timeout=timeout_s)
+        # Closed loops only; the open loop stays on `client`, in this process.
+        self.processes = ClientProcesses(url, timeout_s, client_processes) if client_processes > 1 else None
 
     async def stream(self, prompt: str, max_tokens: int, timeline: Timeline) -> None:
         async for delta in self.client.stream(prompt, max_tokens=max_tokens, **GREEDY):
@@ -51,6 +57,8 @@ class ServerTarget:
 
     async def close(self) -> None:
         await self.client.close()
+        if self.processes is not None:
+            self.processes.close()
 
 
 class GatewayTarget:
@@ -169,10 +177,17 @@ async def _bounded(tasks: list[asyncio.Task], deadline: float) -> None:
 async def closed_loop(target, prompts: list[str], concurrency: int, num_requests: int, max_tokens: int,
                       time_limit_s: float) -> tuple[list[Timeline], float]:
     """`concurrency` clients, `num_requests` in all, prompts taken round-robin."""
-    timelines: list[Timeline] = []
-    next_index = iter(range(num_requests))
     start = time.perf_counter()
-    deadline = start + time_limit_s
+    timelines = await _clients(target, prompts, concurrency, range(num_requests), max_tokens, start + time_limit_s)
+    return timelines, time.perf_counter() - start
+
+
+async def _clients(target, prompts: list[str], concurrency: int, requests: range, max_tokens: int,
+                   deadline: float) -> list[Timeline]:
+    """`concurrency` workers that send request i (prompt i mod len(prompts)) of `requests`, each
+    when its previous one ends, until they are all sent or `deadline` passes."""
+    timelines: list[Timeline] = []
+    next_index = iter(requests)
 
     async def worker():
         for i in next_index:
@@ -181,7 +196,106 @@ async def closed_loop(target, prompts: list[str], concurrency: int, num_requests
             await _one(target, prompts[i % len(prompts)], max_tokens, timelines)
 
     await _bounded([asyncio.create_task(worker()) for _ in range(concurrency)], deadline)
-    return timelines, time.perf_counter() - start
+    return timelines
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` shares as even as can be, the larger ones first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+class ClientProcesses:
+    """`count` client processes that share each closed loop of a `ServerTarget`: its workers and
+    requests split as evenly as can be (with at least as many requests as workers, each process gets
+    at least one request per worker), prompts numbered as in one process. Each has its own event
+    loop and AsyncGemmaClient, kept from run to run as the in-process target keeps its own.
+
+    Started once, spawned (a fork would copy this process's gRPC channel and event loop); each
+    opens its channel (`check_ready`) before the first run. One barrier starts every run in all of
+    them at once, so start-up and dispatch stay out of the measured time, and each one's deadline
+    is its start plus the time limit. Each sends back its timelines, start and end (perf_counter is
+    CLOCK_MONOTONIC on Linux, one clock for all processes): wall time = last end - first start."""
+
+    READY_TIMEOUT_S = 300  # start-up: a child imports this process's main module (benchmarks.run: torch)
+    GO_TIMEOUT_S = 60  # from sending a run's jobs to every process holding its own
+
+    def __init__(self, url: str, timeout_s: float, count: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.barrier = ctx.Barrier(count + 1)
+        self.conns, self.processes = [], []
+        for _ in range(count):
+            conn, child_conn = ctx.Pipe()
+            process = ctx.Process(target=_client_process, args=(url, timeout_s, child_conn, self.barrier),
+                                  daemon=True, name="bench-client")
+            process.start()
+            child_conn.close()  # then recv() sees EOF if the child dies
+            self.conns.append(conn)
+            self.processes.append(process)
+        self._answers(self.READY_TIMEOUT_S)
+
+    def closed_loop(self, prompts: list[str], concurrency: int, num_requests: int, max_tokens: int,
+                    time_limit_s: float) -> tuple[list[Timeline], float, int]:
+        """`closed_loop` over the processes; also returns how many of them had workers (one per
+        worker at most: those beyond `concurrency` sit the run out)."""
+        workers = _split(concurrency, len(self.conns))
+        used = sum(w > 0 for w in workers)
+        requests = _split(num_requests, used) + [0] * (len(workers) - used)
+        first = 0
+        for conn, w, n in zip(self.conns, workers, requests):
+            conn.send((prompts, w, range(first, first + n), max_tokens, time_limit_s))
+            first += n
+        try:
+            self.barrier.wait(self.GO_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            pass  # a process failed: its error is among the answers
+        results = self._answers(time_limit_s + self.GO_TIMEOUT_S)[:used]
+        timelines = [t for mine, _, _ in results for t in mine]
+        return timelines, max(end for _, _, end in results) - min(start for _, start, _ in results), used
+
+    def _answers(self, timeout_s: float) -> list:
+        """One message from each process; raises with every process's error if any failed."""
+        answers = []
+        for conn in self.conns:
+            if not conn.poll(timeout_s):
+                raise TimeoutError(f"a benchmark client process did not answer within {timeout_s:.0f} s")
+            answers.append(conn.recv())  # EOFError: it died
+        errors = [a for a in answers if isinstance(a, Exception)]
+        if errors:
+            raise RuntimeError("benchmark client processes failed:\n" + "\n".join(map(str, errors)))
+        return answers
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:  # that one has exited already
+                pass
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+def _client_process(url: str, timeout_s: float, conn, barrier) -> None:
+    """A `ClientProcesses` child: "ready" once its channel is open, then for each job received a
+    closed loop started by the barrier, answered with (timelines, start, end); None ends it. A
+    failure is answered with its traceback and breaks the barrier, so nobody waits for it."""
+    loop = asyncio.new_event_loop()
+    try:
+        target = ServerTarget(url, timeout_s)
+        loop.run_until_complete(target.client.check_ready())
+        conn.send("ready")
+        while (job := conn.recv()) is not None:
+            prompts, concurrency, requests, max_tokens, time_limit_s = job
+            barrier.wait(ClientProcesses.GO_TIMEOUT_S)
+            start = time.perf_counter()
+            timelines = loop.run_until_complete(
+                _clients(target, prompts, concurrency, requests, max_tokens, start + time_limit_s))
+            conn.send((timelines, start, time.perf_counter()))
+        loop.run_until_complete(target.close())
+    except BaseException:
+        barrier.abort()
+        conn.send(RuntimeError(f"client process {os.getpid()}: {traceback.format_exc()}"))
 
 
 async def open_loop(target, prompts: list[str], arrivals_s: list[float], max_tokens: int,
@@ -210,8 +324,13 @@ def measure(target, mode: str, prompts: list[str], max_tokens: int, time_limit_s
             return await closed_loop(target, prompts, concurrency, num_requests, max_tokens, time_limit_s)
         return await open_loop(target, prompts, arrivals_s, max_tokens, time_limit_s)
 
-    timelines, wall = _run(go())
-    record = {"type": "server", "system": target.name, "mode": mode, "max_tokens": max_tokens}
+    processes = getattr(target, "processes", None) if mode == "closed" else None
+    if processes is None:
+        (timelines, wall), used = _run(go()), 1
+    else:
+        timelines, wall, used = processes.closed_loop(prompts, concurrency, num_requests, max_tokens, time_limit_s)
+    record = {"type": "server", "system": target.name, "mode": mode, "max_tokens": max_tokens,
+              "client_processes": used}
     if mode == "closed":
         record["concurrency"] = concurrency
     else:
@@ -284,7 +403,7 @@ def table(records: list[dict]) -> list[dict]:
     for key in dict.fromkeys(load(r) for r in records):
         mine = [r for r in records if load(r) == key]
         row = {k: v for k, v in mine[0].items() if k in ("type", "system", "mode", "concurrency", "rate_per_s",
-                                                          "max_tokens")}
+                                                          "max_tokens", "client_processes")}
         row.update(reps=len(mine), requests=sum(r["requests"] for r in mine), errors=sum(r["errors"] for r in mine),
                    tokens_per_s=median([r["tokens_per_s"] for r in mine if r["tokens_per_s"] is not None]))
         for metric in ("ttft_ms", "itl_ms"):

@@ -1,6 +1,7 @@
 """The server-level benchmark's setup, checked on the CPU: the options build one EngineConfig that the
 server's model.py rebuilds from the GEMMA_* environment, the random gemma-2b-shaped checkpoint has a
-tokenizer and a vocabulary the engine can serve, and a request cut short is an error."""
+tokenizer and a vocabulary the engine can serve, a request cut short is an error, and client
+processes that cannot start say why."""
 import dataclasses
 import json
 import os
@@ -51,17 +52,20 @@ def test_options_set_the_load_and_the_one_engine_config(default_checkpoint):
     args = run.parse_args(["--checkpoint", "/m/gemma-2b", "--engine", "te", "--dtype", "bfloat16",
                            "--max-num-seqs", "64", "--kv-cache-bytes", "1000", "--concurrencies", "1,8,32,64",
                            "--server-tokens", "64", "--requests-per-client", "4", "--server-reps", "3",
-                           "--rate", "40", "--open-requests", "160", "--time-limit", "60"])
+                           "--rate", "40", "--open-requests", "160", "--time-limit", "60",
+                           "--client-processes", "4"])
     assert run.engine_config(args) == EngineConfig(checkpoint="/m/gemma-2b", engine="te", dtype="bfloat16",
                                                    max_num_seqs=64, kv_cache_bytes=1000)
     assert run.settings(args) == dataclasses.replace(
         run.Settings(), concurrencies=(1, 8, 32, 64), server_tokens=64, requests_per_client=4, server_reps=3,
-        rate_per_s=40.0, open_requests=160, time_limit_s=60.0)
+        rate_per_s=40.0, open_requests=160, time_limit_s=60.0, client_processes=4)
     # No options: what `make bench` always ran (the packaged model, EngineConfig's defaults).
     plain = run.parse_args([])
     assert run.settings(plain) == run.Settings()
     assert run.engine_config(plain) == EngineConfig(checkpoint=str(default_checkpoint))
     assert run.settings(run.parse_args(["--quick", "--rate", "2"])) == dataclasses.replace(run.QUICK, rate_per_s=2.0)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--client-processes", "0"])
 
 
 def test_gemma_2b_shapes():
@@ -104,3 +108,9 @@ class _Target:
 def test_a_request_that_ends_with_fewer_tokens_is_an_error():
     record = serving.measure(_Target(), "closed", ["full", "short"], 5, 10, concurrency=2, num_requests=4)
     assert (record["requests"], record["errors"], record["error_kinds"]) == (4, 2, {"wrong_token_count": 2})
+    assert record["client_processes"] == 1  # every server record says how many client processes ran it
+
+
+def test_client_processes_that_cannot_reach_their_server_fail_at_once_with_each_ones_error():
+    with pytest.raises(RuntimeError, match=r"(?s)client process \d+: .*ConnectionFailedError.*client process \d+: "):
+        serving.ServerTarget("localhost:1", timeout_s=10, client_processes=2)  # port 1: nothing listens

@@ -2,6 +2,7 @@
 Nothing here is timed; `make bench` is the benchmark itself."""
 import json
 import math
+import pickle
 
 import pytest
 
@@ -37,6 +38,8 @@ def test_timeline_splits_a_multi_token_delivery_into_per_token_gaps():
     assert t.end == 11.3
     assert t.inter_token() == pytest.approx([0.2, 0.2, 0.2, 0.2])
     assert Timeline(start=1.0).ttft is None
+    failed = Timeline(2.0, [(2.5, 2)], error="timeout")  # client processes send theirs back pickled
+    assert pickle.loads(pickle.dumps([t, failed])) == [t, failed]
 
 
 def test_summarize_requests_counts_errors_and_keeps_them_out_of_latencies():
@@ -209,3 +212,24 @@ def test_a_gateway_stream_counts_one_token_per_chunk_and_the_rest_of_usage_at_th
                             (Timeline(0.0, [(0.5, 1)]), None)):
         with pytest.raises(RuntimeError):
             serving.settle_token_counts(timeline, total)
+
+
+def test_client_processes_share_workers_and_requests_evenly():
+    assert serving._split(7, 2) == [4, 3] and serving._split(3, 4) == [1, 1, 1, 0]
+    for concurrency, requests, parts in ((3, 7, 2), (5, 6, 2), (5, 5, 4), (64, 256, 3), (8, 9, 3)):
+        workers, shares = serving._split(concurrency, parts), serving._split(requests, parts)
+        assert sum(shares) == requests and max(shares) - min(shares) <= 1
+        assert all(n >= w for n, w in zip(shares, workers))  # no worker idle while another process queues
+
+
+def test_the_table_shows_client_processes():
+    records = [{**_server_record("server", "closed", 10.0, 8), "client_processes": 4},
+               {**_server_record("engine_direct", "closed", 9.0, 8), "client_processes": 1}]
+    rows = serving.table(records)
+    assert [r["client_processes"] for r in rows] == [4, 1]
+    summary = run.summarize([], records, [], run.Settings(concurrencies=(8,)), {"cpu": "c", "cores": 2,
+                            "torch": "x", "torch_threads": 2, "transformers": "y", "date": "today", "device": "cpu",
+                            "engine_config": {"checkpoint": "/m/x", "engine": "auto", "dtype": "auto",
+                                              "max_num_seqs": 16, "kv_cache_bytes": 1}}, [0.0] * 3, 1.0)
+    table = run.markdown([], summary["server_table"], summary)
+    assert "| server | closed, 8 clients in 4 processes |" in table and "| engine_direct | closed, 8 clients |" in table
