@@ -193,12 +193,12 @@ def profile_step(model, cfg, kv, batch: int, prompt_len: int, steps: int = 20) -
     by_name: dict = {}
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
-    top = sorted(by_name.items(), key=lambda kv_: -kv_[1])[:8]
+    top = sorted(by_name.items(), key=lambda kv_: -kv_[1])[:14]
     return dict(wall_ms=1e3 * wall, kernel_ms=total, kernels_per_step=len(kernels) / steps,
                 top=[(name[:80], round(ms, 4)) for name, ms in top])
 
 
-def run_variant(out, name: str, model, te16_step, kv16, batches, prompt: int, new: int) -> dict:
+def run_variant(out, name: str, model, te16_step, kv16, batches, prompt: int, new: int, profile: bool) -> dict:
     """Decode speed of a TE variant per batch size, and its accuracy against the bf16 model on the
     same teacher-forced tokens (logits relative error, top-1 agreement)."""
     emit(out, kind="setup", what=f"{name}_load", weight_bytes=model.weight_bytes_per_step())
@@ -209,6 +209,9 @@ def run_variant(out, name: str, model, te16_step, kv16, batches, prompt: int, ne
         te_run(step, model.cfg, kv, b, prompt, new)  # warm-up: captures this batch's graphs
         r, _, _ = te_run(step, model.cfg, kv, b, prompt, new, seed=1)
         rows[b] = emit(out, kind=name, batch=b, graphs_disabled=step.disabled, **r)
+    if profile:
+        for b in (1, max(batches)):
+            emit(out, kind="profile", variant=name, batch=b, **profile_step(step, model.cfg, kv, b, prompt))
     acc_batch = 8
     _, chosen, ref_logits = te_run(te16_step, model.cfg, kv16, acc_batch, prompt, new, seed=2, keep_logits=True)
     _, _, got_logits = te_run(step, model.cfg, kv, acc_batch, prompt, new, seed=2, forced=chosen, keep_logits=True)
@@ -260,7 +263,8 @@ def main() -> None:
                    help="also the TE model with TE's norms and adds instead of the fused residual add + RMSNorm")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="also HF static cache + torch.compile (slow to compile)")
-    p.add_argument("--profile", action="store_true", help="kernel time vs wall time of decode steps")
+    p.add_argument("--profile", action="store_true",
+                   help="kernel time vs wall time of decode steps, batch 1 and the largest, for every TE variant")
     p.add_argument("--out", default=None)
     p.add_argument("--checkpoint-dir", default=None)
     args = p.parse_args()
@@ -302,7 +306,8 @@ def main() -> None:
     if args.profile:
         for b in (1, max(batches)):
             try:
-                emit(out, kind="profile", batch=b, **profile_step(te16_step, cfg, kv16, b, args.prompt))
+                emit(out, kind="profile", variant="te_bf16", batch=b,
+                     **profile_step(te16_step, cfg, kv16, b, args.prompt))
             except Exception as e:  # noqa: BLE001
                 emit(out, kind="error", section="profile", batch=b, error=repr(e))
     if not args.no_hf:
@@ -324,7 +329,7 @@ def main() -> None:
     for name, kw in variants.items():
         try:
             results[name] = run_variant(out, name, load_te_model(ckpt, torch.bfloat16, "cuda", **kw), te16_step, kv16,
-                                        batches, args.prompt, args.new)
+                                        batches, args.prompt, args.new, args.profile)
         except Exception as e:  # noqa: BLE001
             emit(out, kind="error", section=name, error=repr(e))
         torch.cuda.empty_cache()
