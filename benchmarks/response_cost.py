@@ -4,7 +4,8 @@
 
 Starts a server (the test launcher, the engine in its own process as by default), streams
 `--clients` greedy requests at once through one AsyncGemmaClient (as benchmarks.serving's server
-target does), and reads the CPU time each process used meanwhile (/proc, every thread). Divided by
+target does), and reads the CPU time each of that server's processes used meanwhile (/proc, every
+thread; another server on the machine, e.g. a test run's, is not counted). Divided by
 the responses streamed, it says what one response costs each side. Why: behind Triton, 64 streams
 of a fast engine mean thousands of responses a second. The stub's Python threads and the
 benchmark's single client process must each keep up, so this cost bounds the server's throughput
@@ -23,20 +24,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_seconds(marker: bytes) -> float:
-    """User + system CPU time of every process whose command line holds `marker`."""
+def cpu_seconds(marker: bytes, session: int) -> float:
+    """User + system CPU time of every process of `session` whose command line holds `marker` (the
+    server runs in a session of its own: other servers on the machine are not counted)."""
     total = 0.0
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if marker in cmdline.read_bytes():
                 fields = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                if int(fields[3]) == session:
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except OSError:  # gone meanwhile
             continue
     return total
 
 
-async def stream_all(url: str, clients: int, max_tokens: int) -> dict:
+async def stream_all(url: str, session: int, clients: int, max_tokens: int) -> dict:
     from gemma_client import AsyncGemmaClient
 
     client = AsyncGemmaClient(url, timeout=600)
@@ -49,11 +52,12 @@ async def stream_all(url: str, clients: int, max_tokens: int) -> dict:
 
     await asyncio.gather(*[one() for _ in range(4)])  # warm-up: connections, first steps
     counts.update(responses=0, tokens=0)
-    stub, engine = cpu_seconds(b"triton_python_backend_stub"), cpu_seconds(b"backend.engine_process")
+    stub, engine = cpu_seconds(b"triton_python_backend_stub", session), cpu_seconds(b"backend.engine_process", session)
     own, start = time.process_time(), time.perf_counter()
     await asyncio.gather(*[one() for _ in range(clients)])
     own, wall = time.process_time() - own, time.perf_counter() - start
-    stub, engine = cpu_seconds(b"triton_python_backend_stub") - stub, cpu_seconds(b"backend.engine_process") - engine
+    stub = cpu_seconds(b"triton_python_backend_stub", session) - stub
+    engine = cpu_seconds(b"backend.engine_process", session) - engine
     await client.close()
     n = counts["responses"]
     return {"clients": clients, "responses": n, "tokens": counts["tokens"], "wall_s": round(wall, 2),
@@ -76,7 +80,7 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "server.log"
     (server,) = start_servers((log, env))
     try:
-        print(json.dumps(asyncio.run(stream_all(server.grpc_url, args.clients, args.max_tokens))))
+        print(json.dumps(asyncio.run(stream_all(server.grpc_url, server.process.pid, args.clients, args.max_tokens))))
     finally:
         stop_servers([server])
 
