@@ -111,6 +111,39 @@ def test_concurrent_streams(server):
         assert r.finish_reason == "length" and len(r.token_ids) == r.num_output_tokens == 24 + i
 
 
+def test_each_streamed_response_carries_its_own_values(server):
+    """The model reuses the tensors of values that recur (counts, finish reasons, common tokens),
+    also across streams: concurrent streams, with prompts of different lengths, still get in each
+    response their own counts so far and an empty finish_reason until the last."""
+    prompts = ["word " * i + PROMPT for i in range(6)]
+    sampling = json.dumps({"max_tokens": 20, **GREEDY})
+    whole = [server.stream(p, sampling_parameters=sampling, exclude_input_in_output=True) for p in prompts]
+    seen: dict[int, list] = {i: [] for i in range(len(prompts))}
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        def record(r) -> bool:
+            seen[i].append((len(r.token_ids), r.num_output_tokens, r.num_input_tokens, r.finish_reason))
+            return False
+        try:
+            results[i] = server.stream(prompts[i], cancel_when=record, stream=True, sampling_parameters=sampling)
+        except Exception as e:  # noqa: BLE001 - reported by the assertions below
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len({w.num_input_tokens for w in whole}) == len(prompts)
+    for i, expected in enumerate(whole):
+        assert not isinstance(results[i], Exception), f"stream {i}: {results[i]}"
+        assert (results[i].text, results[i].token_ids) == (expected.text, expected.token_ids)
+        assert [n_out for n_ids, n_out, _, _ in seen[i]] == [n_ids for n_ids, _, _, _ in seen[i]]
+        assert {n_in for _, _, n_in, _ in seen[i]} == {expected.num_input_tokens}
+        assert [reason for *_, reason in seen[i]] == [""] * (len(seen[i]) - 1) + ["length"]
+
+
 def test_batched_greedy_equals_alone(tiny_server):
     """In float32 on the CPU, a stream batched with nine others gets what it gets alone."""
     prompts = [f"Story number {i}: once upon a time" for i in range(10)]

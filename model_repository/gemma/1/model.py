@@ -74,17 +74,59 @@ def _ready_requests(items: list) -> list:
     return list(dict(items).items())
 
 
-def _response(text: str, finish_reason: str, out, token_ids, logprobs=None) -> pb_utils.InferenceResponse:
-    tensors = [
-        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
-        pb_utils.Tensor("num_input_tokens", np.array([out.num_prompt_tokens], dtype=np.uint32)),
-        pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], dtype=np.uint32)),
-        pb_utils.Tensor("output_ids", np.array(token_ids, dtype=np.int32)),
-    ]
-    if logprobs is not None:  # only requests that asked get the output
-        tensors.append(pb_utils.Tensor("logprobs", np.array([logprobs.encode()], dtype=np.object_)))
-    return pb_utils.InferenceResponse(output_tensors=tensors)
+# Responses are built from tensors that are reused. A pb_utils.Tensor costs the responder 2-5 us of
+# the GIL to build and its send a shared-memory allocation; the stub saves a tensor to shared memory
+# once (reference-counted) and Triton copies it into each response that holds it. So each value that
+# recurs (every count, a finish_reason, a common token's text and id) gets its tensor once.
+TENSOR_CACHE_SIZE = 4096  # tensors kept per output; a full cache starts again empty
+CACHED_TEXT_CHARS = 16  # longer texts rarely recur
+
+
+def _bytes_tensor(name: str, text: str) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+
+def _uint32_tensor(name: str, value: int) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([value], dtype=np.uint32))
+
+
+class _TensorCache:
+    """One output's tensors by value, each made once by `make(value)`."""
+
+    def __init__(self, make):
+        self._make, self._tensors = make, {}
+
+    def __call__(self, value) -> pb_utils.Tensor:
+        tensor = self._tensors.get(value)
+        if tensor is None:
+            if len(self._tensors) >= TENSOR_CACHE_SIZE:
+                self._tensors.clear()
+            tensor = self._tensors[value] = self._make(value)
+        return tensor
+
+
+class _Responses:
+    """Makes the model's responses (gemma_protocol.OUTPUTS). Only the responder thread uses it."""
+
+    def __init__(self):
+        self.text = _TensorCache(lambda text: _bytes_tensor("text_output", text))
+        self.finish_reason = _TensorCache(lambda reason: _bytes_tensor("finish_reason", reason))
+        self.num_input_tokens = _TensorCache(lambda n: _uint32_tensor("num_input_tokens", n))
+        self.num_output_tokens = _TensorCache(lambda n: _uint32_tensor("num_output_tokens", n))
+        self.output_id = _TensorCache(lambda i: pb_utils.Tensor("output_ids", np.array([i], dtype=np.int32)))
+
+    def __call__(self, text: str, finish_reason: str, out, token_ids, logprobs=None) -> pb_utils.InferenceResponse:
+        tensors = [
+            self.text(text) if len(text) <= CACHED_TEXT_CHARS else _bytes_tensor("text_output", text),
+            self.finish_reason(finish_reason),
+            self.num_input_tokens(out.num_prompt_tokens),
+            self.num_output_tokens(out.num_output_tokens),
+            self.output_id(token_ids[0]) if len(token_ids) == 1 else
+            pb_utils.Tensor("output_ids", np.array(token_ids, dtype=np.int32)),
+        ]
+        if logprobs is not None:  # only requests that asked get the output
+            tensors.append(_bytes_tensor("logprobs", logprobs))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def _error(status: str, message: str) -> pb_utils.InferenceResponse:
@@ -121,6 +163,7 @@ class TritonPythonModel:
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
         self._active: set[_Request] = set()
         self._lock = threading.Lock()
+        self._response = _Responses()
         self._stopping = threading.Event()
         self._responder = threading.Thread(target=self._respond_loop, name="gemma-responder", daemon=True)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
@@ -239,7 +282,7 @@ class TritonPythonModel:
                 if req.logprobs is not None:
                     req.logprobs.extend(out.logprobs)
             elif out.text or out.token_ids:
-                req.sender.send(_response(out.text, "", out, out.token_ids, self._logprobs_json(out.logprobs)))
+                req.sender.send(self._response(out.text, "", out, out.token_ids, self._logprobs_json(out.logprobs)))
             return
         with self._lock:
             self._active.discard(req)
@@ -252,13 +295,13 @@ class TritonPythonModel:
             record.outcome = "error"
             req.sender.send(_error("INTERNAL", f"generation failed: {out.error}"), flags=FINAL)
         elif req.stream:
-            req.sender.send(_response(out.text, out.finish_reason, out, out.token_ids,
-                                      self._logprobs_json(out.logprobs)), flags=FINAL)
+            req.sender.send(self._response(out.text, out.finish_reason, out, out.token_ids,
+                                           self._logprobs_json(out.logprobs)), flags=FINAL)
         else:
             text = req.echo + "".join(req.text) + out.text
             logprobs = None if req.logprobs is None else req.logprobs + out.logprobs
-            req.sender.send(_response(text, out.finish_reason, out, req.token_ids + list(out.token_ids),
-                                      self._logprobs_json(logprobs)), flags=FINAL)
+            req.sender.send(self._response(text, out.finish_reason, out, req.token_ids + list(out.token_ids),
+                                           self._logprobs_json(logprobs)), flags=FINAL)
         self._records.put(record)
 
     def _logprobs_json(self, logprobs) -> str | None:
