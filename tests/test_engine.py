@@ -288,7 +288,11 @@ def test_overlapped_steps_give_the_outputs_of_steps_one_at_a_time(servable_check
                      SamplingParams(max_tokens=9, temperature=0, stop_token_ids=(first,)),
                      SamplingParams(max_tokens=9, temperature=0.8, seed=3, repetition_penalty=1.3,
                                     frequency_penalty=0.5, ignore_eos=True)]
-            outputs = [h.result() for h in [eng.submit(prompt, params) for params in kinds for prompt in PROMPTS]]
+            # All queued before the engine schedules any (its loop waits for this lock): which requests
+            # share a step then does not depend on thread timing, and neither do the CPU matmuls' sums.
+            with eng._lock:
+                handles = [eng.submit(prompt, params) for params in kinds for prompt in PROMPTS]
+            outputs = [h.result() for h in handles]
             assert wait_idle(eng).kv_cache.used_blocks == 0
             return [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in outputs]
         finally:
