@@ -84,22 +84,29 @@ def test_http_generate_stream(server):
     assert events[-1]["finish_reason"] == "length"
 
 
-def _concurrent_streams(server, prompts: list[str]) -> dict:
+def _in_threads(call, count: int) -> dict:
+    """call(i) for i in range(count), each on a thread of its own, all at once: i -> its result,
+    or the exception it raised (for the caller's assertions)."""
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
         try:
-            results[i] = server.stream(prompts[i], stream=True,
-                                       sampling_parameters=json.dumps({"max_tokens": 24 + i, **GREEDY}))
+            results[i] = call(i)
         except Exception as e:  # noqa: BLE001 - reported by the caller's assertions
             results[i] = e
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     return results
+
+
+def _concurrent_streams(server, prompts: list[str]) -> dict:
+    return _in_threads(lambda i: server.stream(prompts[i], stream=True,
+                                               sampling_parameters=json.dumps({"max_tokens": 24 + i, **GREEDY})),
+                       len(prompts))
 
 
 def test_concurrent_streams(server):
@@ -119,22 +126,14 @@ def test_each_streamed_response_carries_its_own_values(server):
     sampling = json.dumps({"max_tokens": 20, **GREEDY})
     whole = [server.stream(p, sampling_parameters=sampling, exclude_input_in_output=True) for p in prompts]
     seen: dict[int, list] = {i: [] for i in range(len(prompts))}
-    results: dict[int, object] = {}
 
-    def run(i: int) -> None:
+    def stream(i: int):
         def record(r) -> bool:
             seen[i].append((len(r.token_ids), r.num_output_tokens, r.num_input_tokens, r.finish_reason))
             return False
-        try:
-            results[i] = server.stream(prompts[i], cancel_when=record, stream=True, sampling_parameters=sampling)
-        except Exception as e:  # noqa: BLE001 - reported by the assertions below
-            results[i] = e
+        return server.stream(prompts[i], cancel_when=record, stream=True, sampling_parameters=sampling)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    results = _in_threads(stream, len(prompts))
     assert len({w.num_input_tokens for w in whole}) == len(prompts)
     for i, expected in enumerate(whole):
         assert not isinstance(results[i], Exception), f"stream {i}: {results[i]}"
