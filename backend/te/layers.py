@@ -68,7 +68,7 @@ class Branch(NamedTuple):
     def added_to(self, x: torch.Tensor) -> torch.Tensor:
         return x + (self.output if self.norm is None else self.norm(self.output))
 
-    def rows(self, index: torch.Tensor) -> "Branch":
+    def rows(self, index: torch.Tensor | slice) -> "Branch":
         return Branch(self.output[index], self.norm)
 
 

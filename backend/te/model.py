@@ -4,8 +4,9 @@
 
 Same contract and math as backend.model.GemmaModel (the reference): embedding scaled by
 sqrt(hidden) in the model dtype, TEGemmaDecoderLayer.step per layer (TE GEMMs/norms/MLP, attention
-over the paged cache), final zero-centred RMSNorm on the rows that need logits, tied LM head in
-the model dtype, optional final softcap, fp32 logits.
+over the paged cache; each layer's MLP output is added by the norm after it), the last layer's MLP
+output added and the final zero-centred RMSNorm on the rows that need logits, tied LM head in the
+model dtype, optional final softcap, fp32 logits.
 
 Every call runs eagerly; the engine's runner replays decode-only steps from CUDA graphs of this
 forward (backend/graphs.py). With fp8=True the TE GEMMs run in FP8 (Hopper) with FP8 weights (the
