@@ -66,6 +66,7 @@ class EngineProcess(EngineFront):
             self._process.wait()
             raise payload
         self.limits, self.device = payload
+        self.exit_error: str | None = None  # set when the process died on its own
         self._stats_lock = threading.Lock()
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
         self._receiver = threading.Thread(target=self._receive, name="gemma-engine-events", daemon=True)
@@ -75,11 +76,11 @@ class EngineProcess(EngineFront):
         """Asked of the engine process; refused (EngineOverloadedError) once it is shutting down or gone."""
         with self._stats_lock:  # one question in flight: the answers come back in order
             if self._closed:
-                raise EngineOverloadedError("the engine process has stopped")
+                raise EngineOverloadedError(self.exit_error or "the engine process has stopped")
             self._send(("stats",))
             stats = self._stats.get(timeout=STATS_TIMEOUT_S)
         if stats is None:  # it stopped meanwhile
-            raise EngineOverloadedError("the engine process has stopped")
+            raise EngineOverloadedError(self.exit_error or "the engine process has stopped")
         return stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -124,8 +125,9 @@ class EngineProcess(EngineFront):
                     self._stats.put(None)  # a stats() asked after the shutdown gets no answer
                     return
         except (EOFError, OSError):
-            log.error("the engine process exited unexpectedly (exit code %s)", self._process.wait())
-            self._end_all("the engine process exited unexpectedly")
+            self.exit_error = f"the engine process exited unexpectedly (exit code {self._process.wait()})"
+            log.error(self.exit_error)
+            self._end_all(self.exit_error)
             self._stats.put(None)
 
     def _end_all(self, error: str) -> None:

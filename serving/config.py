@@ -20,6 +20,9 @@ class ModelSettings:
     engine: EngineConfig
     max_prompt_bytes: int  # the serving side's own limit (not an engine setting)
     engine_process: bool  # the engine in a process of its own (backend/engine_process.py), not a thread of the stub
+    # The vLLM backend's ENABLE_VLLM_HEALTH_CHECK: an engine that died or stopped answering unloads the
+    # model, so Triton reports it not ready (model control mode explicit only).
+    unload_when_unhealthy: bool = False
 
 
 def model_settings(args: dict[str, str]) -> ModelSettings:
@@ -30,8 +33,14 @@ def model_settings(args: dict[str, str]) -> ModelSettings:
     if args["model_instance_kind"] == "GPU":
         params["device"] = f"cuda:{args['model_instance_device_id']}"
     max_prompt_bytes = int(params.pop("max_prompt_bytes"))
-    engine_process = params.pop("engine_process", "true").strip().lower() in ("1", "true", "yes", "")
-    return ModelSettings(engine_config(params), max_prompt_bytes, engine_process)
+    engine_process = _true(params.pop("engine_process", "true"), empty=True)
+    unload_when_unhealthy = _true(params.pop("ENABLE_VLLM_HEALTH_CHECK", "false"), empty=False)
+    return ModelSettings(engine_config(params), max_prompt_bytes, engine_process, unload_when_unhealthy)
+
+
+def _true(text: str, empty: bool) -> bool:
+    text = text.strip().lower()
+    return empty if not text else text in ("1", "true", "yes")
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:

@@ -39,13 +39,16 @@ import numpy as np
 import pytest
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
-from gemma_protocol import INPUTS  # noqa: E402
+from gemma_protocol import INPUTS, RETURN_FLAGS  # noqa: E402
 from tritonclient.utils import triton_to_np_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma"
 STARTUP_TIMEOUT_S = 300
 INPUT_TYPES = {spec.name: spec.datatype for spec in INPUTS}
+# What TritonServer.stream asks for unless a test says otherwise: every optional output of one choice
+# but the TensorRT-LLM-named ones.
+RETURN_ALL = {flag.name: True for flag in RETURN_FLAGS if flag.origin != "trtllm"}
 EXTERNAL_GRPC_URL = os.environ.get("GEMMA_TEST_SERVER_URL", "")
 
 # The tiny servers' limits: small, so the overload tests are cheap.
@@ -65,7 +68,7 @@ class Result:
     token_ids: list = field(default_factory=list)
     finish_reason: str = ""
     num_input_tokens: int = 0
-    num_output_tokens: int = 0
+    num_output_tokens: int = 0  # summed over the responses (each carries its own count)
     responses: int = 0
     logprobs: Optional[list] = None  # the `logprobs` outputs' entries, when the server sent any
 
@@ -115,7 +118,9 @@ class TritonServer:
         """One request on its own gRPC stream; a failure raises InferenceServerException.
 
         cancel_when(result) is asked after each response; when true, the stream is stopped with
-        cancel_requests=True and the partial result returned. `parameters`: the request's parameters."""
+        cancel_requests=True and the partial result returned. `parameters`: the request's parameters.
+        Every optional output is asked for (RETURN_ALL) unless `tensors` sets the flag."""
+        tensors = {**RETURN_ALL, **tensors}
         client = grpcclient.InferenceServerClient(self.grpc_url)
         responses: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -130,13 +135,17 @@ class TritonServer:
                 if response.get_response().outputs:
                     result.responses += 1
                     result.text += response.as_numpy("text_output")[0].decode()
-                    result.token_ids += response.as_numpy("output_ids").tolist()
-                    result.finish_reason = response.as_numpy("finish_reason")[0].decode()
-                    result.num_input_tokens = int(response.as_numpy("num_input_tokens")[0])
-                    result.num_output_tokens = int(response.as_numpy("num_output_tokens")[0])
+                    if (ids := response.as_numpy("output_ids")) is not None:
+                        result.token_ids += ids.tolist()
+                    if (reason := response.as_numpy("finish_reason")) is not None:
+                        result.finish_reason = reason[0].decode()
+                    if (num_input := response.as_numpy("num_input_tokens")) is not None:
+                        result.num_input_tokens = int(num_input[0])
+                    if (num_output := response.as_numpy("num_output_tokens")) is not None:
+                        result.num_output_tokens += int(num_output[0])
                     logprobs = response.as_numpy("logprobs")
-                    if logprobs is not None:
-                        result.logprobs = (result.logprobs or []) + json.loads(logprobs[0])
+                    if logprobs is not None and (entries := json.loads(logprobs[0])) is not None:
+                        result.logprobs = (result.logprobs or []) + entries
                     if cancel_when is not None and cancel_when(result):
                         client.stop_stream(cancel_requests=True)
                         return result
@@ -226,7 +235,7 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _launch(log_path: Path, env: dict[str, str]) -> TritonServer:
+def _launch(log_path: Path, env: dict[str, str], server_args: tuple[str, ...] = ()) -> TritonServer:
     http_port, grpc_port, metrics_port = _free_ports(3)
     # The model's GEMMA_<PARAMETER> overrides come only from `env`, never from the caller's shell.
     overrides = {f"GEMMA_{key.upper()}" for key in
@@ -236,15 +245,16 @@ def _launch(log_path: Path, env: dict[str, str]) -> TritonServer:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "scripts" / "tritonserver.py"),
              "--model-repository", str(ROOT / "model_repository"),
-             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+             *server_args],
             stdout=log, stderr=subprocess.STDOUT, env={**base_env, **env}, cwd=ROOT, start_new_session=True)
     return TritonServer(f"localhost:{grpc_port}", f"http://localhost:{http_port}",
                         f"http://localhost:{metrics_port}/metrics", process, log_path)
 
 
-def start_servers(*configs: tuple[Path, dict[str, str]]) -> list[TritonServer]:
-    """Start scripts/tritonserver.py on model_repository/ once per (log path, added environment),
-    all at once; return when every model is ready."""
+def start_servers(*configs: tuple) -> list[TritonServer]:
+    """Start scripts/tritonserver.py on model_repository/ once per (log path, added environment[,
+    tritonserver arguments]), all at once; return when every model is ready."""
     servers = [_launch(*config) for config in configs]
     for i, config in enumerate(configs):
         for attempt in range(3):

@@ -14,21 +14,20 @@ import queue
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from gemma_protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
 
-from backend.errors import EngineOverloadedError, InvalidRequestError
 from serving.config import bound_cpu_kernel_caches, model_settings
-from serving.logprobs import logprobs_json
-from serving.metrics import GemmaMetrics, RequestRecord
 
-# torch is imported by initialize, not here: Triton also loads this file in a short-lived process
-# of its own just to call auto_complete_config, which then starts seconds sooner.
-if TYPE_CHECKING:
-    from serving.requests import GenerateRequest
+bound_cpu_kernel_caches()  # before torch is imported (by the modules below)
+
+from backend.errors import EngineOverloadedError, InvalidRequestError  # noqa: E402
+from serving.logprobs import logprobs_json  # noqa: E402
+from serving.metrics import GemmaMetrics, RequestRecord  # noqa: E402
+from serving.requests import GenerateRequest, StreamEchoError, parse_request  # noqa: E402
+from serving.responses import ResponseBuilder  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The TritonError codes this model sends, by the gRPC status name that also prefixes each message
@@ -41,36 +40,37 @@ METRICS_PERIOD_S = 0.1
 
 
 class _Request:
-    """One in-flight request: where its responses go and what it has produced so far."""
+    """One in-flight request: where its responses go, its choices' engine handles, and its timings."""
 
     def __init__(self, sender, request: GenerateRequest):
         self.sender = sender
-        self.stream = request.stream
-        self.echo = "" if request.stream or request.exclude_input_in_output else request.prompt
-        self.handle = None
-        self.text: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs = [] if request.params.logprobs is not None else None  # the engine's TokenLogprobs
+        self.request = request
+        self.handles: list = []  # one per choice (n)
+        self.responses: ResponseBuilder | None = None  # made once the prompt's length is known
+        self.ended = False  # its final response (or error) went out
         self.submitted = time.monotonic()
         self.last_token_at: float | None = None
-        self.record = RequestRecord("success")
+        self.record = RequestRecord("success", n=request.n)
 
     def note_tokens(self, count: int) -> None:
         """`count` tokens go out now. A gap g before k tokens counts as k inter-token gaps of g/k
-        (as benchmarks/stats.py's Timeline counts them), so merged responses hide no tokens."""
+        (as benchmarks/stats.py's Timeline counts them), so merged responses hide no tokens; the
+        first k tokens are the first token and k - 1 gaps of nothing."""
         now = time.monotonic()
         if self.last_token_at is None:
             self.record.ttft_s = now - self.submitted
+            self.record.inter_token_s.extend([0.0] * (count - 1))
         else:
             self.record.inter_token_s.extend([(now - self.last_token_at) / count] * count)
         self.last_token_at = now
 
 
 def _ready_requests(items: list) -> list:
-    """(request, handle) notices in arrival order -> each request once, with its handle. Every send
-    costs the same whatever it carries (~0.1 ms through the stub), and with many streams one send
-    per token falls behind the engine (measured: 64 streams of a 3 ms/step engine on an H200 got 45%
-    of its throughput): a responder that fell behind polls each stream once, for all its new tokens."""
+    """((request, choice), handle) notices in arrival order -> each choice once, with its handle.
+    Every send costs the same whatever it carries (~0.1 ms through the stub), and with many streams
+    one send per token falls behind the engine (measured: 64 streams of a 3 ms/step engine on an H200
+    got 45% of its throughput): a responder that fell behind polls each stream once, for all its new
+    tokens."""
     return list(dict(items).items())
 
 
@@ -80,53 +80,34 @@ def _ready_requests(items: list) -> list:
 # recurs (every count, a finish_reason, a common token's text and id) gets its tensor once.
 TENSOR_CACHE_SIZE = 4096  # tensors kept per output; a full cache starts again empty
 CACHED_TEXT_CHARS = 16  # longer texts rarely recur
+NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_FP32": np.float32, "TYPE_UINT32": np.uint32, "TYPE_INT32": np.int32}
+OUTPUT_TYPES = {spec.name: NUMPY_TYPES[spec.triton_type] for spec in OUTPUTS}
 
 
-def _bytes_tensor(name: str, text: str) -> pb_utils.Tensor:
-    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+def _array(name: str, values: list) -> np.ndarray:
+    if OUTPUT_TYPES[name] is np.object_:
+        return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+    return np.array(values, dtype=OUTPUT_TYPES[name])
 
 
-def _uint32_tensor(name: str, value: int) -> pb_utils.Tensor:
-    return pb_utils.Tensor(name, np.array([value], dtype=np.uint32))
-
-
-class _TensorCache:
-    """One output's tensors by value, each made once by `make(value)`."""
-
-    def __init__(self, make):
-        self._make, self._tensors = make, {}
-
-    def __call__(self, value) -> pb_utils.Tensor:
-        tensor = self._tensors.get(value)
-        if tensor is None:
-            if len(self._tensors) >= TENSOR_CACHE_SIZE:
-                self._tensors.clear()
-            tensor = self._tensors[value] = self._make(value)
-        return tensor
-
-
-class _Responses:
-    """Makes the model's responses (gemma_protocol.OUTPUTS). Only the responder thread uses it."""
+class _Tensors:
+    """Makes each response's tensors (gemma_protocol.OUTPUTS); one-element values come from a cache
+    per output. Only the responder thread uses it."""
 
     def __init__(self):
-        self.text = _TensorCache(lambda text: _bytes_tensor("text_output", text))
-        self.finish_reason = _TensorCache(lambda reason: _bytes_tensor("finish_reason", reason))
-        self.num_input_tokens = _TensorCache(lambda n: _uint32_tensor("num_input_tokens", n))
-        self.num_output_tokens = _TensorCache(lambda n: _uint32_tensor("num_output_tokens", n))
-        self.output_id = _TensorCache(lambda i: pb_utils.Tensor("output_ids", np.array([i], dtype=np.int32)))
+        self._cached: dict[str, dict] = {name: {} for name in OUTPUT_TYPES}
 
-    def __call__(self, text: str, finish_reason: str, out, token_ids, logprobs=None) -> pb_utils.InferenceResponse:
-        tensors = [
-            self.text(text) if len(text) <= CACHED_TEXT_CHARS else _bytes_tensor("text_output", text),
-            self.finish_reason(finish_reason),
-            self.num_input_tokens(out.num_prompt_tokens),
-            self.num_output_tokens(out.num_output_tokens),
-            self.output_id(token_ids[0]) if len(token_ids) == 1 else
-            pb_utils.Tensor("output_ids", np.array(token_ids, dtype=np.int32)),
-        ]
-        if logprobs is not None:  # only requests that asked get the output
-            tensors.append(_bytes_tensor("logprobs", logprobs))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+    def __call__(self, name: str, values: list) -> pb_utils.Tensor:
+        value = values[0] if len(values) == 1 else None
+        if value is None or isinstance(value, (list, float)) or (isinstance(value, str) and len(value) > CACHED_TEXT_CHARS):
+            return pb_utils.Tensor(name, _array(name, values))
+        cache = self._cached[name]
+        tensor = cache.get(value)
+        if tensor is None:
+            if len(cache) >= TENSOR_CACHE_SIZE:
+                cache.clear()
+            tensor = cache[value] = pb_utils.Tensor(name, _array(name, values))
+        return tensor
 
 
 def _error(status: str, message: str) -> pb_utils.InferenceResponse:
@@ -147,23 +128,23 @@ class TritonPythonModel:
         return config
 
     def initialize(self, args):
-        bound_cpu_kernel_caches()  # before torch is imported (below)
         from backend.engine import Engine
         from backend.engine_process import EngineProcess
-        from serving.requests import parse_request
 
-        self._parse_request = parse_request
         settings = model_settings(args)
         self.max_prompt_bytes = settings.max_prompt_bytes
+        self.model_name = args["model_name"]
+        self.unload_when_unhealthy = settings.unload_when_unhealthy
+        self.unhealthy: str | None = None  # why the engine cannot serve (it died or stopped answering)
         # In a process of its own, the engine's loop does not share this process's GIL with the
         # responder thread (backend/engine_process.py).
         self.engine = EngineProcess(settings.engine) if settings.engine_process else Engine.from_config(settings.engine)
         self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
-        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # (request, handle with new output) | None
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # ((request, choice), handle with new output) | None
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
         self._active: set[_Request] = set()
         self._lock = threading.Lock()
-        self._response = _Responses()
+        self._tensors = _Tensors()
         self._stopping = threading.Event()
         self._responder = threading.Thread(target=self._respond_loop, name="gemma-responder", daemon=True)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
@@ -189,21 +170,35 @@ class TritonPythonModel:
         return None
 
     def _submit(self, request, sender) -> None:
+        if self.unhealthy is not None:
+            return self._refuse(sender, "UNAVAILABLE", f"Model is unavailable due to unhealthy engine: {self.unhealthy}",
+                                "overloaded")
         tensors = {spec.name: t.as_numpy() for spec in INPUTS
                    if (t := pb_utils.get_input_tensor_by_name(request, spec.name)) is not None}
         try:
-            parsed = self._parse_request(tensors, request.parameters(), self.max_prompt_bytes)
+            parsed = parse_request(tensors, request.parameters(), self.max_prompt_bytes)
+        except StreamEchoError as e:  # the vLLM backend's words, which its clients compare verbatim
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)),
+                        flags=FINAL)
+            return self._records.put(RequestRecord("invalid"))
         except ProtocolError as e:
             return self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
         req = _Request(sender, parsed)
         with self._lock:  # registered first: its final output may arrive before submit returns
             self._active.add(req)
         try:
-            req.handle = self.engine.submit(parsed.prompt, parsed.params,
-                                            on_ready=lambda handle, r=req: self._outputs.put((r, handle)))
+            for choice in range(parsed.n):
+                req.handles.append(self.engine.submit(
+                    parsed.prompt, parsed.choice_params(choice),
+                    on_ready=lambda handle, key=(req, choice): self._outputs.put((key, handle))))
+                if req.responses is None:
+                    req.responses = ResponseBuilder(parsed, req.handles[0].num_prompt_tokens, self._logprobs_json)
         except Exception as e:
             with self._lock:
                 self._active.discard(req)
+            for handle in req.handles:  # the choices already queued: their outputs find the request ended
+                handle.cancel()
+            req.ended = True
             if isinstance(e, EngineOverloadedError):
                 self._refuse(sender, "UNAVAILABLE", str(e), "overloaded")
             elif isinstance(e, InvalidRequestError):
@@ -237,11 +232,11 @@ class TritonPythonModel:
             except queue.Empty:
                 items = []
             stopping = self._drain_into(items)
-            for req, handle in _ready_requests(items):
+            for (req, choice), handle in _ready_requests(items):
                 try:
                     out = handle.poll()  # detokenizes here, off the engine thread
                     if out is not None:
-                        self._respond(req, out)
+                        self._respond(req, choice, out)
                 except Exception as e:  # a client gone mid-send must not stop the other streams
                     pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
             if stopping:
@@ -269,43 +264,48 @@ class TritonPythonModel:
         with self._lock:
             active = list(self._active)
         for req in active:
-            if req.handle is not None and req.sender.is_cancelled():
-                req.handle.cancel()  # the engine frees its KV blocks and sends a final "cancelled"
+            if req.responses is not None and req.sender.is_cancelled():
+                for handle in req.handles:
+                    handle.cancel()  # the engine frees its KV blocks and sends a final "cancelled"
 
-    def _respond(self, req: _Request, out) -> None:
+    def _respond(self, req: _Request, choice: int, out) -> None:
+        if req.ended:  # a sibling choice ended the request with an error
+            return
+        record = req.record
         if out.token_ids:
             req.note_tokens(len(out.token_ids))
-        if out.finish_reason is None:
-            if not req.stream:
-                req.text.append(out.text)
-                req.token_ids.extend(out.token_ids)
-                if req.logprobs is not None:
-                    req.logprobs.extend(out.logprobs)
-            elif out.text or out.token_ids:
-                req.sender.send(self._response(out.text, "", out, out.token_ids, self._logprobs_json(out.logprobs)))
-            return
-        with self._lock:
-            self._active.discard(req)
-        record = req.record
-        record.prompt_tokens, record.output_tokens = out.num_prompt_tokens, out.num_output_tokens
-        if out.finish_reason == "cancelled":
-            record.outcome = "cancelled"
-            req.sender.send(_error("CANCELLED", "request cancelled"), flags=FINAL)
-        elif out.finish_reason == "error":
-            record.outcome = "error"
-            req.sender.send(_error("INTERNAL", f"generation failed: {out.error}"), flags=FINAL)
-        elif req.stream:
-            req.sender.send(self._response(out.text, out.finish_reason, out, out.token_ids,
-                                           self._logprobs_json(out.logprobs)), flags=FINAL)
+            record.output_tokens += len(out.token_ids)
+        if out.finish_reason in ("cancelled", "error"):
+            self._end(req)
+            for handle in req.handles:
+                handle.cancel()
+            record.outcome = record.finish_reason = out.finish_reason
+            if out.finish_reason == "cancelled":
+                req.sender.send(_error("CANCELLED", "request cancelled"), flags=FINAL)
+            else:
+                req.sender.send(_error("INTERNAL", f"generation failed: {out.error}"), flags=FINAL)
         else:
-            text = req.echo + "".join(req.text) + out.text
-            logprobs = None if req.logprobs is None else req.logprobs + out.logprobs
-            req.sender.send(self._response(text, out.finish_reason, out, req.token_ids + list(out.token_ids),
-                                           self._logprobs_json(logprobs)), flags=FINAL)
+            response = req.responses.add(choice, out)
+            if response is None:
+                return
+            tensors = [self._tensors(name, values) for name, values in response.values.items()]
+            if not response.final:
+                req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+                return
+            self._end(req)
+            req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+            record.finish_reason = out.finish_reason
+        record.prompt_tokens = out.num_prompt_tokens
+        record.e2e_s = time.monotonic() - req.submitted
         self._records.put(record)
 
-    def _logprobs_json(self, logprobs) -> str | None:
-        return None if logprobs is None else logprobs_json(self.engine.tokenizer, logprobs)
+    def _end(self, req: _Request) -> None:
+        req.ended = True
+        with self._lock:
+            self._active.discard(req)
+
+    def _logprobs_json(self, logprobs) -> str:
+        return logprobs_json(self.engine.tokenizer, logprobs)
 
     def _monitor_loop(self) -> None:
         last_error = None  # logged once, not every period (e.g. an engine process that has died)
@@ -321,3 +321,17 @@ class TritonPythonModel:
                 if repr(e) != last_error:
                     pb_utils.Logger.log_error(f"gemma: metrics: {e!r}")
                 last_error = repr(e)
+                if not self._stopping.is_set() and self.unhealthy is None:
+                    self._mark_unhealthy(str(e))
+
+    def _mark_unhealthy(self, cause: str) -> None:
+        """The engine died or stopped answering: refuse requests from now on, and, as the vLLM
+        backend's ENABLE_VLLM_HEALTH_CHECK does, unload the model so that it reads as not ready
+        (Triton allows that in model control mode explicit only)."""
+        self.unhealthy = cause
+        pb_utils.Logger.log_error(f"gemma: the engine is unhealthy: {cause}")
+        if self.unload_when_unhealthy:
+            try:
+                pb_utils.unload_model(self.model_name)
+            except Exception as e:  # noqa: BLE001 - e.g. model control mode none
+                pb_utils.Logger.log_error(f"gemma: could not unload the unhealthy model: {e!r}")
