@@ -1,8 +1,15 @@
 """The model's Prometheus metrics, served by Triton on its metrics port (/metrics).
 
-Counters and histograms are fed per finished request; gauges from `Engine.stats()`. Every update is
-an IPC call to the Triton server process, so the model makes them from its monitor thread, never
-from the engine thread.
+Each quantity is exported under our name (gemma_*, labelled model, version and instance) and, where
+vLLM exports it, under vLLM's name too (vllm:*, labelled model_name and engine, as vLLM labels them),
+so that dashboards and routers written for vLLM read this server unchanged: the Gateway API Inference
+Extension's endpoint picker reads vllm:num_requests_waiting, vllm:num_requests_running and
+vllm:kv_cache_usage_perc (deploy/k8s/components/inference-pool). FAMILIES lists every family; the
+families of one quantity get the same updates.
+
+Counters and histograms are fed per finished request (RequestRecord); gauges and the engine's own
+counters from `Engine.stats()`. Every update is an IPC call to the Triton server process, so the model
+makes them from its monitor thread, never from the engine thread.
 """
 from __future__ import annotations
 
@@ -11,8 +18,84 @@ from dataclasses import dataclass, field
 import triton_python_backend_utils as pb_utils
 
 OUTCOMES = ("success", "cancelled", "invalid", "overloaded", "error")
-TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+# Our finish reasons under vLLM's names (its FinishReason): a cancelled request is vLLM's "abort".
+VLLM_FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# vLLM's bounds (vllm/v1/metrics/loggers.py) for its names: a quantile query written against vLLM
+# reads the same buckets here.
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0)
+VLLM_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                    240.0, 480.0, 960.0, 1920.0, 7680.0)
+VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's 1-2-5 series for token counts. vLLM stops it at max_model_len; this one runs past the longest
+# Gemma context (128k), so it needs no engine setting and its bounds up to any max_model_len match.
+TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+
+@dataclass(frozen=True)
+class Family:
+    quantity: str  # what it shows; every family of a quantity is fed the same values
+    name: str  # vllm:* names get vLLM's labels, the others ours
+    kind: str
+    help: str
+    buckets: tuple[float, ...] = ()  # histograms only
+    per: tuple[str, tuple[str, ...]] | None = None  # a label and its values: one series per value
+
+
+FAMILIES = (
+    # Per finished request (GemmaMetrics.record).
+    Family("outcome", "gemma_requests_total", COUNTER, "Finished requests by outcome", per=("outcome", OUTCOMES)),
+    Family("finish_reason", "vllm:request_success_total", COUNTER, "Requests the engine finished, by finish reason",
+           per=("finished_reason", tuple(VLLM_FINISH_REASONS.values()))),
+    Family("prompt_tokens", "gemma_prompt_tokens_total", COUNTER, "Prompt tokens of admitted requests"),
+    Family("prompt_tokens", "vllm:prompt_tokens_total", COUNTER, "Prompt tokens of admitted requests"),
+    Family("generated_tokens", "gemma_generated_tokens_total", COUNTER, "Generated tokens"),
+    Family("generated_tokens", "vllm:generation_tokens_total", COUNTER, "Generated tokens"),
+    Family("ttft", "gemma_time_to_first_token_seconds", HISTOGRAM, "Time from submit to the first token",
+           TTFT_BUCKETS),
+    Family("ttft", "vllm:time_to_first_token_seconds", HISTOGRAM, "Seconds from submit to the first token",
+           VLLM_TTFT_BUCKETS),
+    Family("inter_token", "gemma_inter_token_latency_seconds", HISTOGRAM, "Time between consecutive output deltas",
+           ITL_BUCKETS),
+    Family("inter_token", "vllm:inter_token_latency_seconds", HISTOGRAM,
+           "Seconds between consecutive output tokens", VLLM_ITL_BUCKETS),
+    # The name Triton's vLLM backend gives the same observations (vLLM's own before it was renamed).
+    Family("inter_token", "vllm:time_per_output_token_seconds", HISTOGRAM,
+           "Seconds between consecutive output tokens (the older name of vllm:inter_token_latency_seconds)",
+           VLLM_ITL_BUCKETS),
+    Family("e2e", "vllm:e2e_request_latency_seconds", HISTOGRAM, "Seconds from submit to the final response",
+           VLLM_E2E_BUCKETS),
+    Family("request_prompt_tokens", "vllm:request_prompt_tokens", HISTOGRAM, "Prompt tokens per finished request",
+           TOKEN_COUNT_BUCKETS),
+    Family("request_generated_tokens", "vllm:request_generation_tokens", HISTOGRAM,
+           "Generated tokens per finished request", TOKEN_COUNT_BUCKETS),
+    Family("n", "vllm:request_params_n", HISTOGRAM, "Choices (n) asked for per finished request", VLLM_N_BUCKETS),
+    # From Engine.stats() (GemmaMetrics.set_engine_stats).
+    Family("kv_used", "gemma_kv_blocks_used", GAUGE, "KV cache blocks in use"),
+    Family("kv_total", "gemma_kv_blocks_total", GAUGE, "KV cache blocks in the pool"),
+    Family("kv_cached", "gemma_kv_blocks_cached", GAUGE, "Unreferenced KV blocks kept for prefix reuse"),
+    Family("kv_usage", "vllm:kv_cache_usage_perc", GAUGE,
+           "Fraction of the KV cache blocks in use, 0 to 1; blocks kept only for prefix reuse count as free"),
+    Family("prefix_queries", "gemma_prefix_cache_queries_total", COUNTER,
+           "Prompt tokens looked up in the prefix cache"),
+    Family("prefix_queries", "vllm:prefix_cache_queries_total", COUNTER,
+           "Prompt tokens looked up in the prefix cache"),
+    Family("prefix_hits", "gemma_prefix_cache_hits_total", COUNTER, "Prompt tokens found in the prefix cache"),
+    Family("prefix_hits", "vllm:prefix_cache_hits_total", COUNTER, "Prompt tokens found in the prefix cache"),
+    Family("preemptions", "gemma_preemptions_total", COUNTER, "Sequences preempted when the KV cache ran dry"),
+    Family("preemptions", "vllm:num_preemptions_total", COUNTER, "Sequences preempted when the KV cache ran dry"),
+    Family("running", "gemma_running_requests", GAUGE, "Sequences being decoded"),
+    Family("running", "vllm:num_requests_running", GAUGE, "Sequences being decoded"),
+    Family("waiting", "gemma_queue_depth", GAUGE, "Requests waiting for a slot"),
+    Family("waiting", "vllm:num_requests_waiting", GAUGE, "Requests waiting for a batch slot or KV cache blocks"),
+)
 
 
 @dataclass
@@ -23,68 +106,75 @@ class RequestRecord:
     output_tokens: int = 0
     ttft_s: float | None = None
     inter_token_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None  # submit to final response
+    n: int = 1  # choices the request asked for
+    finish_reason: str | None = None  # the engine's ("stop", "length", "cancelled", "error"); None: refused
 
 
 class GemmaMetrics:
     def __init__(self, model: str, version: str, instance: str):
         # One engine per model instance (one per GPU): each has its own series, sum them for the model.
-        labels = {"model": model, "version": version, "instance": instance}
-
-        def family(name: str, kind, doc: str):
-            return pb_utils.MetricFamily(name=name, description=doc, kind=kind)
-
-        C, G, H = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.HISTOGRAM
-        # Families must outlive their metrics; keep references to both.
-        self._families = [
-            requests := family("gemma_requests_total", C, "Finished requests by outcome"),
-            prompt := family("gemma_prompt_tokens_total", C, "Prompt tokens of admitted requests"),
-            generated := family("gemma_generated_tokens_total", C, "Generated tokens"),
-            ttft := family("gemma_time_to_first_token_seconds", H, "Time from submit to the first token"),
-            itl := family("gemma_inter_token_latency_seconds", H, "Time between consecutive output deltas"),
-            kv_used := family("gemma_kv_blocks_used", G, "KV cache blocks in use"),
-            kv_total := family("gemma_kv_blocks_total", G, "KV cache blocks in the pool"),
-            kv_cached := family("gemma_kv_blocks_cached", G, "Unreferenced KV blocks kept for prefix reuse"),
-            prefix_queries := family("gemma_prefix_cache_queries_total", C, "Prompt tokens looked up in the prefix cache"),
-            prefix_hits := family("gemma_prefix_cache_hits_total", C, "Prompt tokens found in the prefix cache"),
-            preemptions := family("gemma_preemptions_total", C, "Sequences preempted when the KV cache ran dry"),
-            running := family("gemma_running_requests", G, "Sequences being decoded"),
-            waiting := family("gemma_queue_depth", G, "Requests waiting for a slot"),
-        ]
-        self.requests = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
-        self.prompt_tokens = prompt.Metric(labels=labels)
-        self.generated_tokens = generated.Metric(labels=labels)
-        self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
-        self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
-        self.kv_used = kv_used.Metric(labels=labels)
-        self.kv_total = kv_total.Metric(labels=labels)
-        self.kv_cached = kv_cached.Metric(labels=labels)
+        # vLLM labels a series with the served model and the engine, which for us is the instance.
+        ours = {"model": model, "version": version, "instance": instance}
+        vllms = {"model_name": model, "engine": instance}
+        kinds = {COUNTER: pb_utils.MetricFamily.COUNTER, GAUGE: pb_utils.MetricFamily.GAUGE,
+                 HISTOGRAM: pb_utils.MetricFamily.HISTOGRAM}
+        self._families = []  # families must outlive their metrics: keep references to both
+        self._series: dict[str, list] = {}  # quantity -> its metrics ({label value: metric} for `per`)
+        for f in FAMILIES:
+            family = pb_utils.MetricFamily(name=f.name, description=f.help, kind=kinds[f.kind])
+            self._families.append(family)
+            labels = vllms if f.name.startswith("vllm:") else ours
+            options = {"buckets": list(f.buckets)} if f.kind == HISTOGRAM else {}
+            if f.per is None:
+                series = family.Metric(labels=labels, **options)
+            else:
+                label, values = f.per
+                series = {value: family.Metric(labels={**labels, label: value}, **options) for value in values}
+            self._series.setdefault(f.quantity, []).append(series)
         # The engine counts these itself; the counters advance by what it added since the last update.
-        self._engine_counters = {"prefix_queries": (prefix_queries.Metric(labels=labels), 0),
-                                 "prefix_hits": (prefix_hits.Metric(labels=labels), 0),
-                                 "preemptions": (preemptions.Metric(labels=labels), 0)}
-        self.running = running.Metric(labels=labels)
-        self.waiting = waiting.Metric(labels=labels)
+        self._engine_totals = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
 
     def record(self, r: RequestRecord) -> None:
-        self.requests[r.outcome].increment(1)
-        if r.prompt_tokens:
-            self.prompt_tokens.increment(r.prompt_tokens)
-        if r.output_tokens:
-            self.generated_tokens.increment(r.output_tokens)
-        if r.ttft_s is not None:
-            self.ttft.observe(r.ttft_s)
+        self._add("outcome", 1, key=r.outcome)
+        self._add("prompt_tokens", r.prompt_tokens)
+        self._add("generated_tokens", r.output_tokens)
+        self._observe("ttft", r.ttft_s)
         for s in r.inter_token_s:
-            self.itl.observe(s)
+            self._observe("inter_token", s)
+        reason = VLLM_FINISH_REASONS.get(r.finish_reason)
+        if reason is None:  # refused before the engine had it: vLLM would not have seen it either
+            return
+        self._add("finish_reason", 1, key=reason)
+        self._observe("e2e", r.e2e_s)
+        self._observe("request_prompt_tokens", r.prompt_tokens)
+        self._observe("request_generated_tokens", r.output_tokens)
+        self._observe("n", r.n)
 
     def set_engine_stats(self, stats) -> None:
-        self.kv_used.set(stats.kv_cache.used_blocks)
-        self.kv_total.set(stats.kv_cache.total_blocks)
-        self.kv_cached.set(stats.kv_cache.cached_blocks)
-        for name, total in (("prefix_queries", stats.prefix_cache.queries), ("prefix_hits", stats.prefix_cache.hits),
-                            ("preemptions", stats.num_preemptions)):
-            metric, reported = self._engine_counters[name]
-            if total > reported:
-                metric.increment(total - reported)
-                self._engine_counters[name] = (metric, total)
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
+        kv = stats.kv_cache
+        self._set("kv_used", kv.used_blocks)
+        self._set("kv_total", kv.total_blocks)
+        self._set("kv_cached", kv.cached_blocks)
+        self._set("kv_usage", kv.used_blocks / kv.total_blocks)
+        for quantity, total in (("prefix_queries", stats.prefix_cache.queries),
+                                ("prefix_hits", stats.prefix_cache.hits), ("preemptions", stats.num_preemptions)):
+            if total > self._engine_totals[quantity]:
+                self._add(quantity, total - self._engine_totals[quantity])
+                self._engine_totals[quantity] = total
+        self._set("running", stats.num_running)
+        self._set("waiting", stats.num_waiting)
+
+    def _add(self, quantity: str, amount: float, key: str | None = None) -> None:
+        if amount:  # each update is an IPC call: none for nothing
+            for series in self._series[quantity]:
+                (series if key is None else series[key]).increment(amount)
+
+    def _observe(self, quantity: str, value: float | None) -> None:
+        if value is not None:
+            for series in self._series[quantity]:
+                series.observe(value)
+
+    def _set(self, quantity: str, value: float) -> None:
+        for series in self._series[quantity]:
+            series.set(value)

@@ -9,7 +9,7 @@ import pytest
 from gemma_protocol import ProtocolError
 
 from backend.sampling import SamplingParams
-from serving.requests import parse_request
+from serving.requests import StreamEchoError, parse_request
 
 
 def tensors(prompt: str = "Hi", **values) -> dict[str, np.ndarray]:
@@ -24,21 +24,30 @@ def tensors(prompt: str = "Hi", **values) -> dict[str, np.ndarray]:
 
 def test_json_and_scalar_tensors_build_sampling_params():
     request = parse_request(tensors(sampling_parameters='{"max_tokens": 5, "temperature": 1, "stop": ["\\n"]}',
-                                    top_k=np.int64(3), stream=np.bool_(True)))
-    assert request.prompt == "Hi" and request.stream and not request.exclude_input_in_output
+                                    top_k=np.int32(3), stream=np.bool_(True)))
+    assert request.prompt == "Hi" and request.stream and not request.echo_prompt
     assert request.params == SamplingParams(max_tokens=5, temperature=1.0, top_k=3, stop=("\n",))
     assert isinstance(request.params.temperature, float)
 
 
 def test_a_scalar_tensor_wins_over_the_same_json_key():
-    request = parse_request(tensors(sampling_parameters='{"max_tokens": 5}', max_tokens=np.int64(2)))
+    request = parse_request(tensors(sampling_parameters='{"max_tokens": 5}', max_tokens=np.int32(2)))
     assert request.params.max_tokens == 2
 
 
+def test_string_values_convert_as_the_vllm_backend_converts_them():
+    request = parse_request(tensors(sampling_parameters=json.dumps(
+        {"temperature": "0.5", "top_p": "1", "max_tokens": "1500", "seed": "7", "ignore_eos": "false",
+         "stop": "END", "top_k": "-1"})))
+    assert request.params == SamplingParams(temperature=0.5, top_p=1.0, max_tokens=1500, seed=7, ignore_eos=False,
+                                            stop=("END",), top_k=0)
+
+
 @pytest.mark.parametrize("json_text, field", [
-    ('{"max_tokens": true}', "max_tokens"), ('{"top_p": "x"}', "top_p"), ('{"stop": "END"}', "stop"),
-    ('{"stop_token_ids": [1.5]}', "stop_token_ids"), ('{"ignore_eos": 1}', "ignore_eos"),
-    ('{"max_tokens": 0}', "max_tokens"), ('{"beam_width": 2}', "beam_width"),
+    ('{"max_tokens": true}', "max_tokens"), ('{"top_p": "x"}', "top_p"), ('{"max_tokens": 2.5}', "max_tokens"),
+    ('{"stop_token_ids": [1.5]}', "stop_token_ids"), ('{"ignore_eos": "maybe"}', "ignore_eos"),
+    ('{"max_tokens": 0}', "max_tokens"), ('{"beam_width": 2}', "beam_width"), ('{"n": 0}', "'n'"),
+    ('{"min_p": 0.3}', "min_p"), ('{"structured_outputs": "{}"}', "structured_outputs"),
     ('{"max_tokens": 4', "sampling_parameters"), ('[1]', "sampling_parameters"),
 ])
 def test_bad_sampling_json_names_the_field(json_text, field):
@@ -70,12 +79,21 @@ def test_brackets_inside_strings_do_not_count_as_nesting():
     assert request.params.stop == ("[[[[[[[[[[" * 10, '"{{{{')
 
 
+def test_request_parameters_are_the_sampling_keys_without_the_tensor():
+    request = parse_request(tensors(), '{"temperature": "0", "max_tokens": 3, "stream": false}')
+    assert request.params == SamplingParams(temperature=0.0, max_tokens=3)
+
+
+def test_request_parameters_are_ignored_beside_the_tensor():
+    request = parse_request(tensors(sampling_parameters='{"max_tokens": 2}'), '{"bogus": 1, "max_tokens": "x"}')
+    assert request.params.max_tokens == 2
+
+
 @pytest.mark.parametrize("parameters, words", [
     ('{"temprature": 0.5}', ["'temprature'", "did you mean 'temperature'"]),
-    ('{"max_token": 2, "foo": "bar"}', ["'foo'", "'max_token'", "did you mean 'max_tokens'"]),
-    ('{"ignore_eos": true}', ["'ignore_eos'", "inside 'sampling_parameters'"]),
+    ('{"max_token": 2}', ["'max_token'", "did you mean 'max_tokens'"]),
 ])
-def test_request_parameters_are_refused_naming_them(parameters, words):
+def test_misspelt_request_parameters_are_refused_naming_them(parameters, words):
     with pytest.raises(ProtocolError) as info:
         parse_request(tensors(), parameters)
     assert all(word in str(info.value) for word in words), info.value
@@ -85,8 +103,40 @@ def test_no_request_parameters_is_fine():
     assert parse_request(tensors(), "{}").prompt == parse_request(tensors(), "").prompt == "Hi"
 
 
-def test_64_bit_scalars_keep_their_value():
-    # Not wrapped to 3: the engine then refuses it against its context, showing the value sent.
-    assert parse_request(tensors(max_tokens=np.int64(2**32 + 3))).params.max_tokens == 2**32 + 3
-    with pytest.raises(ProtocolError, match="'max_tokens' must be >= 1, got -2147483649"):
-        parse_request(tensors(max_tokens=np.int64(-(2**31) - 1)))
+def test_the_prompt_is_echoed_by_whole_responses_only():
+    assert parse_request(tensors()).echo_prompt
+    assert not parse_request(tensors(stream=np.bool_(True))).echo_prompt
+    assert not parse_request(tensors(exclude_input_in_output=np.bool_(True))).echo_prompt
+    with pytest.raises(StreamEchoError, match="`exclude_input_in_output` = False is not allowed"):
+        parse_request(tensors(stream=np.bool_(True), exclude_input_in_output=np.bool_(False)))
+
+
+def test_return_flags_name_the_outputs_and_sums_make_the_engine_compute_logprobs():
+    request = parse_request(tensors(return_finish_reason=np.bool_(True), return_cumulative_logprob=np.bool_(True),
+                                    return_logprobs=np.bool_(False)))
+    assert request.outputs == {"finish_reason", "cumulative_logprob"}
+    assert request.params.logprobs == 0 and request.logprobs is None  # the `logprobs` output stays 'null'
+
+
+def test_n_choices_draw_from_consecutive_seeds():
+    request = parse_request(tensors(sampling_parameters='{"n": "3", "seed": 5}'))
+    assert request.n == 3 and [request.choice_params(i).seed for i in range(3)] == [5, 6, 7]
+    with pytest.raises(ProtocolError, match="single-choice"):
+        parse_request(tensors(sampling_parameters='{"n": 2}', return_output_ids=np.bool_(True)))
+
+
+def test_trtllm_inputs_that_change_nothing_here_are_accepted():
+    request = parse_request(tensors(beam_width=np.int32(1), pad_id=np.int32(0), length_penalty=np.float32(1.0),
+                                    end_id=np.int32(7), return_context_logits=np.bool_(False),
+                                    num_return_sequences=np.int32(2)))
+    assert request.params.stop_token_ids == (7,) and request.n == 2
+    for bad in (dict(beam_width=np.int32(4)), dict(return_generation_logits=np.bool_(True))):
+        with pytest.raises(ProtocolError, match=next(iter(bad))):
+            parse_request(tensors(**bad))
+
+
+def test_fp32_and_int32_scalars_keep_their_value():
+    request = parse_request(tensors(temperature=np.float32(0.25), max_tokens=np.int32(2**31 - 1)))
+    assert request.params.temperature == 0.25 and request.params.max_tokens == 2**31 - 1
+    with pytest.raises(ProtocolError, match="'max_tokens' must be >= 1, got -3"):
+        parse_request(tensors(max_tokens=np.int32(-3)))

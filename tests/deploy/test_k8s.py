@@ -9,7 +9,6 @@ Deployment's own arguments and settings on a tiny checkpoint, and probe, scrape 
 """
 from __future__ import annotations
 
-import ast
 import functools
 import importlib.util
 import inspect
@@ -23,10 +22,12 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -39,16 +40,21 @@ LOADER_POD = K8S / "components" / "checkpoint-pvc" / "loader.yaml"  # applied by
 # The oldest Kubernetes these files target (the kubelet's preStop `sleep` is on by default from 1.30)
 # and the newest that kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
-# Custom resources: no schema in kubernetes-validate; test_metrics_are_scraped_once checks them.
-CRD_KINDS = {"ServiceMonitor"}
+# Custom resources: kubernetes-validate has schemas for Kubernetes' own kinds only, and the CRDs are not
+# ours to ship. test_metrics_are_scraped_once checks the ServiceMonitor, the inference-pool tests the
+# InferencePool.
+CRD_KINDS = {"ServiceMonitor", "InferencePool"}
 # overlay, extra components
 VARIANTS = {
     "gpu": ("overlays/gpu", ()),
     "cpu": ("overlays/cpu", ()),
     "gpu+gateway": ("overlays/gpu", ("components/openai-gateway",)),
     "cpu+gateway+annotations": ("overlays/cpu", ("components/openai-gateway", "components/scrape-annotations")),
+    "gpu+inference-pool": ("overlays/gpu", ("components/inference-pool",)),
+    "cpu+inference-pool+annotations": ("overlays/cpu", ("components/inference-pool", "components/scrape-annotations")),
 }
 SERVER, BALANCER, GATEWAY = "gemma-triton", "gemma-triton-lb", "gemma-triton-gateway"
+POOL, EPP = "gemma-triton", "gemma-triton-epp"  # the InferencePool and its endpoint picker
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 # A long generation: max_model_len tokens at 30 ms a step, ten times the decode step measured for a
 # 2B model on an H100 (docs/gpu.md). The preStop drain waits at least this long for streams to end.
@@ -109,20 +115,31 @@ def named_ports(c: dict) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in c["ports"]}
 
 
-def flag(args: list[str], name: str) -> float:
+def arg(args: list[str], name: str) -> str:
     (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
-    return float(value)
+    return value
+
+
+def flag(args: list[str], name: str) -> float:
+    return float(arg(args, name))
 
 
 def project_version() -> str:
     return re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 
 
+@functools.lru_cache(maxsize=None)
+def metric_families() -> tuple:
+    """serving/metrics.py's FAMILIES. The module imports Triton's stub module, which exists only inside
+    Triton; an empty stand-in takes its place while it is imported (only GemmaMetrics would use it)."""
+    stub = types.ModuleType("triton_python_backend_utils")
+    with mock.patch.dict(sys.modules, {"triton_python_backend_utils": stub}):
+        sys.modules.pop("serving.metrics", None)  # patch.dict restores whatever was there
+        return importlib.import_module("serving.metrics").FAMILIES
+
+
 def exported_metrics() -> set[str]:
-    """The metric families serving/metrics.py declares (it imports Triton's stub module: read, not run)."""
-    tree = ast.parse((ROOT / "serving" / "metrics.py").read_text())
-    return {node.args[0].value for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "family"}
+    return {f.name for f in metric_families()}
 
 
 def adapter_rule() -> dict:
@@ -179,6 +196,9 @@ def test_variants_hold_the_expected_objects(variant):
                 ("ConfigMap", "gemma-triton-drain"), ("ConfigMap", "gemma-triton-envoy")}
     if "gateway" in variant:
         expected |= {("Deployment", GATEWAY), ("Service", GATEWAY)}
+    if "inference-pool" in variant:
+        expected |= {("InferencePool", POOL), ("Deployment", EPP), ("Service", EPP), ("ConfigMap", EPP),
+                     ("ServiceAccount", EPP), ("Role", EPP), ("RoleBinding", EPP)}
     if variant.startswith("gpu"):
         expected.add(("PersistentVolumeClaim", "gemma-checkpoints"))
     if "annotations" not in variant:
@@ -273,10 +293,11 @@ def test_checkpoint_volume_is_mounted_read_only(variant):
 
 # --- security and resources -----------------------------------------------------------------------
 
-def assert_secure_pod(pod: dict, name: str) -> None:
+def assert_secure_pod(pod: dict, name: str, api_access: bool = False) -> None:
+    """`api_access`: the pod talks to the API server, with its service account's token."""
     assert pod["securityContext"]["runAsNonRoot"] is True, name
     assert pod["securityContext"]["runAsUser"] > 0, name
-    assert pod["automountServiceAccountToken"] is False, name
+    assert pod["automountServiceAccountToken"] is api_access, name
     assert pod["enableServiceLinks"] is False, name
     for c in pod["containers"] + pod.get("initContainers", []):
         security = c["securityContext"]
@@ -289,7 +310,8 @@ def assert_secure_pod(pod: dict, name: str) -> None:
 
 def test_pods_run_as_non_root_on_a_read_only_root_filesystem_with_resources(variant):
     for deployment in objects(variant, "Deployment"):
-        assert_secure_pod(deployment["spec"]["template"]["spec"], deployment["metadata"]["name"])
+        name = deployment["metadata"]["name"]
+        assert_secure_pod(deployment["spec"]["template"]["spec"], name, api_access=name == EPP)
 
 
 def test_server_has_its_writable_paths_as_empty_dirs(variant):
@@ -317,6 +339,8 @@ def test_images_are_pinned_to_the_project_version(variant):
     assert re.fullmatch(r"envoyproxy/envoy:distroless-v\d+\.\d+\.\d+", images["envoy"])
     if "gateway" in variant:
         assert images["gateway"] == f"gemma-triton-gateway:{version}"
+    if "inference-pool" in variant:  # the release whose EndpointPickerConfig epp-config.yaml is written for
+        assert images["epp"] == "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"
 
 
 def test_no_secret_values_in_the_files(variant):
@@ -463,6 +487,93 @@ def test_gateway_reaches_triton_through_the_balancer(variant):
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     (service_port,) = one(variant, "Service", GATEWAY)["spec"]["ports"]
     assert service_port["targetPort"] == "http"
+
+
+# --- the inference pool (Gateway API Inference Extension) ----------------------------------------
+
+INFERENCE_POOL_VARIANTS = [v for v in VARIANTS if "inference-pool" in v]
+
+
+def epp_config(variant: str) -> dict:
+    """The endpoint picker's EndpointPickerConfig, as mounted where its --config-file points."""
+    epp = container(variant, EPP)
+    path = Path(arg(epp["args"], "--config-file"))
+    (mount,) = [m for m in epp["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    (volume,) = [v for v in pod_spec(variant, EPP)["volumes"] if v["name"] == mount["name"]]
+    return yaml.safe_load(one(variant, "ConfigMap", volume["configMap"]["name"])["data"][path.name])
+
+
+@pytest.mark.parametrize("variant", INFERENCE_POOL_VARIANTS)
+def test_inference_pool_holds_exactly_the_server_pods_on_their_http_port(variant):
+    pool = one(variant, "InferencePool", POOL)
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    selector = pool["spec"]["selector"]["matchLabels"]
+    assert selector == one(variant, "Deployment", SERVER)["spec"]["selector"]["matchLabels"]
+    selected = [d["metadata"]["name"] for d in objects(variant, "Deployment")
+                if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    assert selected == [SERVER]
+    # One target port: the EPP reads metrics from another port only for a pool of one.
+    assert pool["spec"]["targetPorts"] == [{"number": named_ports(container(variant, SERVER))["http"]}]
+    assert "appProtocol" not in pool["spec"]  # HTTP/1.1, as Triton's HTTP port speaks
+
+
+@pytest.mark.parametrize("variant", INFERENCE_POOL_VARIANTS)
+def test_inference_pool_points_at_its_endpoint_picker(variant):
+    picker = one(variant, "InferencePool", POOL)["spec"]["endpointPickerRef"]
+    assert picker.get("kind", "Service") == "Service" and picker["failureMode"] == "FailOpen"
+    service = one(variant, "Service", picker["name"])["spec"]
+    (port,) = [p for p in service["ports"] if p["port"] == picker["port"]["number"]]
+    assert named_ports(container(variant, EPP))[port["targetPort"]] == 9002  # the EPP's ext_proc port
+    assert service["selector"].items() <= \
+        one(variant, "Deployment", EPP)["spec"]["template"]["metadata"]["labels"].items()
+    args = container(variant, EPP)["args"]
+    assert arg(args, "--pool-name") == POOL
+    assert not [a for a in args if a.startswith("--pool-namespace")]  # the pod's own: NAMESPACE
+    (namespace,) = [e for e in container(variant, EPP)["env"] if e["name"] == "NAMESPACE"]
+    assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+@pytest.mark.parametrize("variant", INFERENCE_POOL_VARIANTS)
+def test_endpoint_picker_reads_the_gauges_the_server_exports_where_it_serves_them(variant):
+    """The EPP scrapes Triton's metrics port and path, and reads the queue, running and KV cache
+    gauges under the vLLM names that serving/metrics.py declares for those quantities."""
+    args = container(variant, EPP)["args"]
+    assert int(arg(args, "--model-server-metrics-port")) == TRITON_PORTS["metrics"] == \
+        named_ports(container(variant, SERVER))["metrics"]
+    config = epp_config(variant)
+    plugins = {p.get("name", p["type"]): p for p in config["plugins"]}
+    (source,) = config["dataLayer"]["sources"]
+    assert plugins[source["pluginRef"]]["type"] == "metrics-data-source"
+    assert plugins[source["pluginRef"]]["parameters"] == {"scheme": "http", "path": "/metrics"}
+    (extractor,) = source["extractors"]
+    extractor = plugins[extractor["pluginRef"]]
+    assert extractor["type"] == "core-metrics-extractor"
+    engines = {e["name"]: e for e in extractor["parameters"]["engineConfigs"]}
+    engine = engines[extractor["parameters"]["defaultEngine"]]  # the server pods carry no engine-type label
+
+    vllm_gauges = {f.quantity: f.name for f in metric_families() if f.name.startswith("vllm:") and f.kind == "gauge"}
+    assert (engine["queuedRequestsSpec"], engine["runningRequestsSpec"], engine["kvUsageSpec"]) == \
+        (vllm_gauges["waiting"], vllm_gauges["running"], vllm_gauges["kv_usage"])
+    assert engine["loraSpec"] == engine["cacheInfoSpec"] == ""  # series we do not export: off
+    # Triton's generate body is not OpenAI's: unparsed, so no scorer may need the prompt.
+    assert plugins[config["parser"]["pluginRef"]]["type"] == "passthrough-parser"
+    (profile,) = config["schedulingProfiles"]
+    scorers = {plugins[p["pluginRef"]]["type"] for p in profile["plugins"]}
+    assert scorers == {"queue-scorer", "running-requests-size-scorer", "kv-cache-utilization-scorer"}
+
+
+@pytest.mark.parametrize("variant", INFERENCE_POOL_VARIANTS)
+def test_endpoint_picker_may_only_read_in_its_namespace(variant):
+    """The one pod with a service account token: it watches the pool and its pods, nothing more."""
+    account = pod_spec(variant, EPP)["serviceAccountName"]
+    one(variant, "ServiceAccount", account)
+    (binding,) = objects(variant, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert binding["roleRef"]["kind"] == "Role" and not objects(variant, "ClusterRoleBinding")
+    rules = one(variant, "Role", binding["roleRef"]["name"])["rules"]
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in rules)
+    readable = {(group, resource) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert {("", "pods"), ("inference.networking.k8s.io", "inferencepools")} <= readable
 
 
 # --- on a real server -----------------------------------------------------------------------------

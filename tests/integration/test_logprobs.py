@@ -9,29 +9,34 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def test_logprobs_output_matches_output_ids_streamed_or_not(server):
+    """The vLLM backend's layout: per token {id: {logprob, rank, decoded_token}}, the sampled one first."""
     sampling = json.dumps({"max_tokens": 8, "logprobs": 3, **GREEDY})
     whole = server.stream(PROMPT, sampling_parameters=sampling, exclude_input_in_output=True)
     streamed = server.stream(PROMPT, sampling_parameters=sampling, stream=True)
     assert streamed.responses > 1
     for result in (whole, streamed):
-        assert [e["token_id"] for e in result.logprobs] == result.token_ids
-        for entry in result.logprobs:
-            assert set(entry) == {"token_id", "token", "logprob", "top_logprobs"}
-            top = entry["top_logprobs"]
-            assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
-            # Greedy: the sampled token is the most likely one, with the same logprob.
-            assert (top[0]["token_id"], top[0]["logprob"]) == (entry["token_id"], entry["logprob"])
-            assert entry["logprob"] <= 0 and isinstance(entry["token"], str)
+        assert [int(next(iter(position))) for position in result.logprobs] == result.token_ids
+        for position in result.logprobs:
+            # Greedy: the sampled token is the most likely one, so it is one of the 3 (rank 1).
+            assert len(position) == 3 and sorted(e["rank"] for e in position.values()) == [1, 2, 3]
+            by_rank = sorted(position.values(), key=lambda e: e["rank"])
+            assert [e["logprob"] for e in by_rank] == sorted((e["logprob"] for e in by_rank), reverse=True)
+            assert next(iter(position.values())) == by_rank[0]
+            assert all(e["logprob"] <= 0 and isinstance(e["decoded_token"], str) for e in by_rank)
     assert streamed.logprobs == whole.logprobs
 
 
-def test_logprobs_scalar_tensor_and_none_by_default(server):
-    with_tensor = server.stream(PROMPT, sampling_parameters=json.dumps({"max_tokens": 4, **GREEDY}), logprobs=0,
-                                exclude_input_in_output=True)
-    assert [e["top_logprobs"] for e in with_tensor.logprobs] == [[]] * 4
-    assert all(math.isfinite(e["logprob"]) for e in with_tensor.logprobs)
+def test_logprobs_zero_is_the_sampled_token_alone_and_none_by_default(server):
+    sampled = server.stream(PROMPT, sampling_parameters=json.dumps({"max_tokens": 4, "logprobs": 0, "top_k": 5,
+                                                                    "temperature": 1.0, "ignore_eos": True}),
+                            exclude_input_in_output=True)
+    assert [len(position) for position in sampled.logprobs] == [1] * 4
+    for position in sampled.logprobs:
+        (entry,) = position.values()
+        assert math.isfinite(entry["logprob"]) and 1 <= entry["rank"] <= 5  # top-k 5 drew it
     plain = server.stream(PROMPT, sampling_parameters=json.dumps({"max_tokens": 4, **GREEDY}))
-    assert plain.logprobs is None
+    assert plain.logprobs is None  # the output holds 'null'
+
 
 
 def test_penalties_steer_away_from_repeats(server):

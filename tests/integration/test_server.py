@@ -64,7 +64,8 @@ def test_greedy_output_equals_in_process_engine(tiny_server, tiny_checkpoint):
 def test_http_generate(server):
     status, body = server.post("/v2/models/gemma/generate",
                                {"text_input": PROMPT, "max_tokens": 8, "temperature": 0.0,
-                                "exclude_input_in_output": True})
+                                "exclude_input_in_output": True, "return_finish_reason": True,
+                                "return_num_output_tokens": True})
     assert status == 200, body
     reply = json.loads(body)
     grpc = server.stream(PROMPT, sampling_parameters=greedy_json(8), exclude_input_in_output=True)
@@ -74,7 +75,7 @@ def test_http_generate(server):
 
 def test_http_generate_stream(server):
     status, body = server.post("/v2/models/gemma/generate_stream",
-                               {"text_input": PROMPT, "stream": True,
+                               {"text_input": PROMPT, "stream": True, "return_finish_reason": True,
                                 "sampling_parameters": greedy_json(8)})
     assert status == 200, body
     events = [json.loads(line.removeprefix("data: ")) for line in body.splitlines() if line.startswith("data: ")]
@@ -121,7 +122,7 @@ def test_concurrent_streams(server):
 def test_each_streamed_response_carries_its_own_values(server):
     """The model reuses the tensors of values that recur (counts, finish reasons, common tokens),
     also across streams: concurrent streams, with prompts of different lengths, still get in each
-    response their own counts so far and an empty finish_reason until the last."""
+    response their own counts and finish_reason "None" until the last."""
     prompts = ["word " * i + PROMPT for i in range(6)]
     sampling = json.dumps({"max_tokens": 20, **GREEDY})
     whole = [server.stream(p, sampling_parameters=sampling, exclude_input_in_output=True) for p in prompts]
@@ -140,7 +141,7 @@ def test_each_streamed_response_carries_its_own_values(server):
         assert (results[i].text, results[i].token_ids) == (expected.text, expected.token_ids)
         assert [n_out for n_ids, n_out, _, _ in seen[i]] == [n_ids for n_ids, _, _, _ in seen[i]]
         assert {n_in for _, _, n_in, _ in seen[i]} == {expected.num_input_tokens}
-        assert [reason for *_, reason in seen[i]] == [""] * (len(seen[i]) - 1) + ["length"]
+        assert [reason for *_, reason in seen[i]] == ["None"] * (len(seen[i]) - 1) + ["length"]
 
 
 def test_batched_greedy_equals_alone(tiny_server):
@@ -160,7 +161,7 @@ SAMPLING_12 = json.dumps({"max_tokens": 12, "ignore_eos": True})
     pytest.param(dict(sampling_parameters=SAMPLING_12, temperature=1e-40), id="temperature-1e-40"),
     pytest.param(dict(sampling_parameters='{"max_tokens": 12, "ignore_eos": true, "temperature": 1e-320}'),
                  id="temperature-1e-320-json"),
-    pytest.param(dict(sampling_parameters=SAMPLING_12, top_p=1e-300), id="top_p-1e-300"),
+    pytest.param(dict(sampling_parameters=SAMPLING_12, top_p=1e-45), id="top_p-1e-45"),  # FP32's smallest
     pytest.param(dict(sampling_parameters='{"max_tokens": 12, "ignore_eos": true, "top_p": 1e-300, '
                                           '"temperature": 3.0, "seed": 5}'), id="top_p-1e-300-hot-seeded"),
 ])
@@ -183,7 +184,7 @@ def test_cancelled_stream_frees_kv_blocks(server):
 
     result = server.stream(PROMPT, cancel_when=once_kv_blocks_show, stream=True,
                            sampling_parameters=greedy_json(LONG))
-    assert result.finish_reason == "" and kv_in_use[-1] > 0, "the stream ended before it was cancelled"
+    assert result.finish_reason == "None" and kv_in_use[-1] > 0, "the stream ended before it was cancelled"
     assert wait_for(lambda: server.metric("gemma_requests_total", outcome="cancelled") > cancelled_before)
     assert wait_for(lambda: server.metric("gemma_kv_blocks_used") == 0)
 
@@ -193,15 +194,17 @@ BAD_REQUESTS = [
     pytest.param(PROMPT, dict(sampling_parameters="{not json"), "sampling_parameters", id="malformed-json"),
     pytest.param(PROMPT, dict(sampling_parameters='["max_tokens", 3]'), "sampling_parameters", id="json-not-object"),
     pytest.param(PROMPT, dict(sampling_parameters='{"bogus_key": 1}'), "bogus_key", id="unknown-key"),
-    pytest.param(PROMPT, dict(sampling_parameters='{"max_tokens": "8"}'), "max_tokens", id="wrong-type-str"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"max_tokens": "eight"}'), "max_tokens", id="wrong-type-str"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"max_tokens": 2.5}'), "max_tokens", id="wrong-type-float"),
     pytest.param(PROMPT, dict(sampling_parameters='{"temperature": true}'), "temperature", id="wrong-type-bool"),
-    pytest.param(PROMPT, dict(sampling_parameters='{"stop": "end"}'), "stop", id="wrong-type-list"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"stop": 5}'), "stop", id="wrong-type-list"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"lora_name": "x"}'), "lora_name", id="not-implemented"),
     pytest.param(PROMPT, dict(max_tokens=0), "max_tokens", id="max_tokens-0"),
     pytest.param(PROMPT, dict(sampling_parameters='{"max_tokens": -5}'), "max_tokens", id="max_tokens-negative-json"),
     pytest.param(PROMPT, dict(temperature=-0.5), "temperature", id="temperature-negative"),
     pytest.param(PROMPT, dict(top_p=0.0), "top_p", id="top_p-0"),
     pytest.param(PROMPT, dict(top_p=1.5), "top_p", id="top_p-above-1"),
-    pytest.param(PROMPT, dict(top_k=-1), "top_k", id="top_k-negative"),
+    pytest.param(PROMPT, dict(top_k=-2), "top_k", id="top_k-below-minus-1"),
     pytest.param("", dict(max_tokens=4), "text_input", id="empty-prompt"),
     # Over the shipped max_prompt_bytes (256 KiB) and the tiny server's (64 KiB).
     pytest.param("x" * 300_000, dict(max_tokens=4), "text_input", id="prompt-over-max-bytes"),
@@ -219,22 +222,26 @@ BAD_REQUESTS = [
                  id="json-5000-digit-number"),
     pytest.param(PROMPT, dict(sampling_parameters='{"temperature": ' + "9" * 400 + "}"), "temperature",
                  id="json-float-from-400-digit-integer"),
-    # 64-bit inputs: what is sent is what the model checks (no wrap to 32 bits).
-    pytest.param(PROMPT, dict(max_tokens=2**32 + 3), "4294967299", id="max_tokens-2**32+3"),
-    pytest.param(PROMPT, dict(max_tokens=-(2**40)), "-1099511627776", id="max_tokens-minus-2**40"),
-    pytest.param(PROMPT, dict(top_k=-(2**33)), "-8589934592", id="top_k-minus-2**33"),
+    # INT32 inputs (the TensorRT-LLM ensemble's types) at their extremes.
+    pytest.param(PROMPT, dict(max_tokens=-(2**31)), "-2147483648", id="max_tokens-minus-2**31"),
+    pytest.param(PROMPT, dict(max_tokens=2**31 - 1), "2147483647", id="max_tokens-2**31-1"),
+    pytest.param(PROMPT, dict(top_k=-(2**31)), "-2147483648", id="top_k-minus-2**31"),
     # Sampling values that would make logits non-finite.
     pytest.param(PROMPT, dict(repetition_penalty=1e-300), "repetition_penalty", id="repetition_penalty-1e-300"),
     pytest.param(PROMPT, dict(sampling_parameters='{"repetition_penalty": 1e300}'), "repetition_penalty",
                  id="repetition_penalty-1e300"),
-    pytest.param(PROMPT, dict(temperature=1e300), "temperature", id="temperature-1e300"),
+    pytest.param(PROMPT, dict(temperature=1e30), "temperature", id="temperature-1e30"),
     pytest.param(PROMPT, dict(presence_penalty=2.5), "presence_penalty", id="presence_penalty-2.5"),
     pytest.param(PROMPT, dict(sampling_parameters='{"frequency_penalty": -3}'), "frequency_penalty",
                  id="frequency_penalty-minus-3"),
-    pytest.param(PROMPT, dict(logprobs=21), "logprobs", id="logprobs-21"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"logprobs": 21}'), "logprobs", id="logprobs-21"),
+    pytest.param(PROMPT, dict(beam_width=2), "beam_width", id="beam_width-2"),
+    pytest.param(PROMPT, dict(sampling_parameters='{"n": 2}', return_output_ids=True), "output_ids",
+                 id="output_ids-with-n-2"),
     pytest.param(PROMPT, dict(sampling_parameters='{"logprobs": true}'), "logprobs", id="logprobs-bool"),
-    # Request parameters: the model takes none; a typo is refused, not ignored.
+    # Request parameters are sampling keys (without `sampling_parameters`): a typo is refused, not ignored.
     pytest.param(PROMPT, dict(parameters={"temprature": 0.5}), "temprature", id="unknown-request-parameter"),
+    pytest.param(PROMPT, dict(parameters={"max_tokens": "lots"}), "max_tokens", id="bad-request-parameter"),
 ]
 
 
@@ -251,13 +258,12 @@ def test_bad_request_is_invalid_argument_naming_the_field(server, prompt, tensor
 
 # Triton's HTTP generate endpoint makes each JSON key an input of that name, or else a request parameter.
 HTTP_BAD_REQUESTS = [
-    pytest.param({"max_tokens": 4294967299}, ["max_tokens", "4294967299"], id="max_tokens-2**32+3"),
-    pytest.param({"max_tokens": 2147483648}, ["max_tokens", "2147483648"], id="max_tokens-2**31"),
+    # Triton converts the JSON number into the INT32 input and wraps it (docs/vllm-backend.md).
+    pytest.param({"max_tokens": 2147483648}, ["max_tokens", "-2147483648"], id="max_tokens-2**31-wraps"),
     pytest.param({"max_tokens": 3, "temprature": 0.5}, ["'temprature'", "'temperature'"], id="typo-temprature"),
     pytest.param({"max_token": 2}, ["'max_token'", "'max_tokens'"], id="typo-max_token"),
     pytest.param({"max_tokens": 3, "foo": "bar"}, ["'foo'"], id="unknown-foo"),
-    pytest.param({"max_tokens": 3, "ignore_eos": True}, ["'ignore_eos'", "sampling_parameters"],
-                 id="sampling-key-without-an-input"),
+    pytest.param({"max_tokens": 3, "stop": 5}, ["'stop'"], id="sampling-key-of-the-wrong-type"),
 ]
 
 
@@ -269,6 +275,18 @@ def test_http_generate_refuses_naming_the_key_and_the_value_sent(server, payload
     tag, message = split_error_status(json.loads(body)["error"])
     assert tag == "INVALID_ARGUMENT" and all(word in message for word in words), message
     assert wait_for(lambda: server.metric("gemma_requests_total", outcome="invalid") == invalid_before + 1)
+
+
+def test_http_generate_takes_sampling_keys_without_an_input_as_request_parameters(server):
+    """A top-level key that is not an input becomes a request parameter, and request parameters are
+    sampling keys (the vLLM backend's rule) when no `sampling_parameters` is sent."""
+    status, body = server.post("/v2/models/gemma/generate",
+                               {"text_input": PROMPT, "max_tokens": 5, "temperature": 0.0, "ignore_eos": True,
+                                "exclude_input_in_output": True,
+                                "return_num_output_tokens": True, "return_finish_reason": True})
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["num_output_tokens"] == 5 and reply["finish_reason"] == "length"
 
 
 def test_overload_is_unavailable_and_the_engine_recovers(tiny_server):

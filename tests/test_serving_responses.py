@@ -1,0 +1,82 @@
+"""serving/responses.py: the vLLM backend's response rules, without a server: what each response of a
+streamed or whole request holds, per choice, and only the outputs asked for."""
+from __future__ import annotations
+
+import pytest
+
+from backend.outputs import RequestOutput
+from backend.sampling import SamplingParams, TokenLogprobs
+from serving.requests import GenerateRequest
+from serving.responses import ResponseBuilder
+
+EVERY_OUTPUT = frozenset({"finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens", "num_output_tokens",
+                          "output_ids", "num_cached_tokens", "cum_log_probs", "output_log_probs"})
+
+
+def output(text, ids, finish=None, logprob=-0.5, cached=0):
+    return RequestOutput(text, ids, num_prompt_tokens=4, num_output_tokens=0, finish_reason=finish,
+                         num_cached_tokens=cached, logprobs=[TokenLogprobs(i, logprob, 1) for i in ids])
+
+
+def builder(stream, outputs=EVERY_OUTPUT, n=1, echo=False, logprobs=0):
+    request = GenerateRequest("Say:", SamplingParams(logprobs=0), n=n, stream=stream, echo_prompt=echo,
+                              outputs=outputs, logprobs=logprobs)
+    return ResponseBuilder(request, num_prompt_tokens=4, logprobs_text=lambda lps: f"{len(lps)} entries")
+
+
+def test_a_stream_sends_each_output_as_it_comes_with_its_own_counts():
+    responses = builder(stream=True)
+    first = responses.add(0, output(" a", [5]))
+    last = responses.add(0, output(" b c", [6, 7], finish="length", cached=2))
+    assert not first.final and last.final
+    assert first.values == {"text_output": [" a"], "finish_reason": ["None"], "cumulative_logprob": [-0.5],
+                            "cum_log_probs": [-0.5], "logprobs": ["1 entries"], "num_input_tokens": [4],
+                            "num_output_tokens": [1], "output_log_probs": [[-0.5]], "output_ids": [5],
+                            "num_cached_tokens": [0]}
+    assert last.values["text_output"] == [" b c"] and last.values["finish_reason"] == ["length"]
+    assert last.values["num_output_tokens"] == [2] and last.values["output_ids"] == [6, 7]
+    assert last.values["cumulative_logprob"] == [-1.5] and last.values["num_cached_tokens"] == [2]
+
+
+def test_a_whole_response_comes_at_the_end_after_the_echoed_prompt():
+    responses = builder(stream=False, echo=True)
+    assert responses.add(0, output(" a", [5])) is None
+    (response := responses.add(0, output(" b", [6], finish="stop")))
+    assert response.final and response.values["text_output"] == ["Say: a b"]
+    assert response.values["num_output_tokens"] == [2] and response.values["output_ids"] == [5, 6]
+    assert response.values["logprobs"] == ["2 entries"] and response.values["finish_reason"] == ["stop"]
+
+
+def test_only_the_outputs_asked_for_are_sent():
+    response = builder(stream=False, outputs=frozenset()).add(0, output("x", [1], finish="length"))
+    assert response.values == {"text_output": ["x"]}
+
+
+def test_logprobs_are_null_when_the_sampling_parameters_did_not_ask():
+    response = builder(stream=False, logprobs=None).add(0, output("x", [1], finish="length"))
+    assert response.values["logprobs"] == ["null"]
+
+
+def test_choices_stream_one_element_each_and_finish_together():
+    outputs = frozenset({"finish_reason", "num_output_tokens"})
+    responses = builder(stream=True, outputs=outputs, n=2)
+    a = responses.add(1, output(" x", [3], finish="length"))
+    b = responses.add(0, output(" y", [4]))
+    c = responses.add(0, output(" z", [8], finish="stop"))
+    assert a.values == {"text_output": ["", " x"], "finish_reason": ["None", "length"], "num_output_tokens": [0, 1]}
+    assert not a.final and not b.final and c.final
+    assert c.values == {"text_output": [" z", ""], "finish_reason": ["stop", "length"], "num_output_tokens": [1, 0]}
+
+
+def test_whole_choices_each_carry_the_prompt_when_echoed():
+    responses = builder(stream=False, outputs=frozenset(), n=2, echo=True)
+    assert responses.add(0, output(" a", [1], finish="length")) is None
+    assert responses.add(1, output(" b", [2], finish="length")).values == {"text_output": ["Say: a", "Say: b"]}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_final_output_without_tokens_still_ends_the_request(stream):
+    responses = builder(stream=stream, outputs=frozenset({"num_output_tokens"}))
+    responses.add(0, output(" a", [1]))
+    last = responses.add(0, output("", [], finish="stop"))
+    assert last.final and last.values["num_output_tokens"] == ([0] if stream else [1])
