@@ -40,7 +40,7 @@ class Choices:
                 self._events.put_nowait((request.index, Delta(
                     whole.text, token_ids=whole.token_ids, finish_reason=whole.finish_reason,
                     num_input_tokens=whole.num_input_tokens, num_output_tokens=whole.num_output_tokens,
-                    logprobs=whole.logprobs)))
+                    logprobs=whole.logprobs, num_cached_tokens=whole.num_cached_tokens)))
         except GemmaClientError as e:
             self._events.put_nowait((request.index, e))
         finally:

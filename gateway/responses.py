@@ -24,22 +24,37 @@ log = logging.getLogger("gateway")
 
 
 class Usage:
-    """A request's token counts, as the server reports them: each prompt once, every choice's output."""
+    """A request's token counts, as the server reports them: each prompt once, every choice's output.
+
+    Each response reports its own tokens, so a choice's output is their sum. Cached tokens count per
+    prompt, as its tokens do: the fewest any of its choices found in the prefix cache. The choices
+    run at once, so a later one may find blocks an earlier one just wrote; the prompt counts once,
+    as the choice that computed the most of it saw it."""
 
     def __init__(self, requests: Sequence[ChoiceRequest]):
         self._prompt_of = {r.index: r.prompt_index for r in requests}
-        self._prompt_tokens: dict[int, int] = {}
-        self._output_tokens: dict[int, int] = {}
+        self._prompt_tokens: dict[int, int] = {}  # by prompt
+        self._output_tokens: dict[int, int] = {}  # by choice
+        self._cached_tokens: dict[int, int] = {}  # by choice: the latest report
 
     def add(self, index: int, delta: Delta) -> None:
         if delta.num_input_tokens is not None:
             self._prompt_tokens[self._prompt_of[index]] = delta.num_input_tokens
         if delta.num_output_tokens is not None:
-            self._output_tokens[index] = delta.num_output_tokens
+            self._output_tokens[index] = self._output_tokens.get(index, 0) + delta.num_output_tokens
+        if delta.num_cached_tokens is not None:
+            self._cached_tokens[index] = delta.num_cached_tokens
 
     def body(self) -> dict:
         prompt, completion = sum(self._prompt_tokens.values()), sum(self._output_tokens.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self._cached_tokens:  # vLLM's `prompt_tokens_details`; absent when the server does not say
+            cached_by_prompt: dict[int, int] = {}
+            for index, cached in self._cached_tokens.items():
+                prompt_index = self._prompt_of[index]
+                cached_by_prompt[prompt_index] = min(cached, cached_by_prompt.get(prompt_index, cached))
+            usage["prompt_tokens_details"] = {"cached_tokens": sum(cached_by_prompt.values())}
+        return usage
 
 
 class ResponseFormat:

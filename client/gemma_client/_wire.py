@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import gemma_protocol as protocol
@@ -36,6 +37,17 @@ NUM_INPUT_TOKENS = _spec(protocol.OUTPUTS, "num_input_tokens")
 NUM_OUTPUT_TOKENS = _spec(protocol.OUTPUTS, "num_output_tokens")
 OUTPUT_IDS = _spec(protocol.OUTPUTS, "output_ids")
 LOGPROBS = _spec(protocol.OUTPUTS, "logprobs")
+NUM_CACHED_TOKENS = _spec(protocol.OUTPUTS, "num_cached_tokens")
+
+# The server sends an optional output only when its BOOL `return_*` input asks. These are a few
+# numbers per response, so every request asks; `logprobs` (a JSON list per response) only when the
+# sampling parameters ask for logprobs.
+ALWAYS_RETURNED = tuple(_spec(protocol.INPUTS, name) for name in (
+    "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_output_ids",
+    "return_num_cached_tokens"))
+RETURN_LOGPROBS = _spec(protocol.INPUTS, "return_logprobs")
+# `finish_reason` before a choice has ended: vLLM's str(None) ("" from servers before the vLLM layout).
+NOT_FINISHED = ("None", "")
 
 # Triton's response parameter marking the last response of a decoupled request.
 FINAL_RESPONSE_PARAM = "triton_final_response"
@@ -78,15 +90,32 @@ def _tensor(spec: protocol.TensorSpec, value: Any) -> InferInput:
 
 
 def build_inputs(prompt: str, sampling: Mapping[str, Any], stream: bool) -> list[InferInput]:
-    """The request tensors: prompt, stream flag, no prompt echo, sampling as one JSON object."""
+    """The request tensors: prompt, stream flag, no prompt echo, sampling as one JSON object, and
+    the `return_*` flags of the outputs the client reads."""
     if not isinstance(prompt, str):
         raise InvalidArgumentError(f"prompt must be str, got {type(prompt).__name__}")
+    flags = ALWAYS_RETURNED + ((RETURN_LOGPROBS,) if sampling.get("logprobs") is not None else ())
     return [
         _tensor(TEXT_INPUT, prompt.encode("utf-8")),
         _tensor(STREAM, stream),
         _tensor(EXCLUDE_INPUT, True),
         _tensor(SAMPLING_PARAMETERS, json.dumps(dict(sampling)).encode("utf-8")),
+        *(_tensor(flag, True) for flag in flags),
     ]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's request tensors, and what reading its responses takes."""
+    inputs: list[InferInput]
+    num_top_logprobs: Optional[int]  # the `logprobs` sampling value; None: no logprobs asked for
+
+    def decoder(self) -> ResponseDecoder:
+        return ResponseDecoder(self.num_top_logprobs)
+
+
+def build_request(prompt: str, sampling: Mapping[str, Any], stream: bool) -> Request:
+    return Request(build_inputs(prompt, sampling, stream), sampling.get("logprobs"))
 
 
 def merge_headers(*dicts: Optional[Mapping[str, str]], grpc_error_status: bool = False) -> dict[str, str]:
@@ -106,10 +135,14 @@ class ResponseDecoder:
 
     Text arrives as UTF-8 bytes; an incremental decoder keeps a character split across two
     responses (possible with other backends) intact, so streamed text equals generated text.
+    `num_top_logprobs` is the request's `logprobs` sampling value: how many alternatives each
+    token's logprobs list; None (no logprobs asked for) leaves `Delta.logprobs` None, whatever the
+    server sends. Any optional output may be missing, or sent unasked.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_top_logprobs: Optional[int] = None) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._num_top_logprobs = num_top_logprobs
 
     def decode(self, result: InferResult) -> tuple[Optional[Delta], bool]:
         """Return (delta or None for an empty response, whether this is the request's last)."""
@@ -120,24 +153,24 @@ class ResponseDecoder:
         data = b"".join(_as_bytes(t) for t in text_parts.flat) if text_parts is not None else b""
         text = self._utf8.decode(data, final=final)
 
-        reason_array = _optional(result, FINISH_REASON)
-        finish_reason = _as_bytes(reason_array.flat[0]).decode("utf-8") if reason_array is not None else ""
+        reason = _first_text(result, FINISH_REASON)
+        finish_reason = None if reason is None or reason in NOT_FINISHED else reason
         ids = _optional(result, OUTPUT_IDS)
         token_ids = tuple(int(i) for i in ids.flat) if ids is not None else ()
-        n_in = _optional(result, NUM_INPUT_TOKENS)
-        n_out = _optional(result, NUM_OUTPUT_TOKENS)
-        logprobs_json = _optional(result, LOGPROBS)
-        logprobs = _parse_logprobs(_as_bytes(logprobs_json.flat[0])) if logprobs_json is not None else None
+        n_in, n_out = _first_int(result, NUM_INPUT_TOKENS), _first_int(result, NUM_OUTPUT_TOKENS)
+        logprobs_json = _first_text(result, LOGPROBS) if self._num_top_logprobs is not None else None
+        logprobs = parse_logprobs(logprobs_json, self._num_top_logprobs) if logprobs_json is not None else None
 
         if not (text or token_ids or finish_reason or n_in is not None or n_out is not None):
             return None, final
         return Delta(
             text=text,
             token_ids=token_ids,
-            finish_reason=finish_reason or None,
-            num_input_tokens=int(n_in.flat[-1]) if n_in is not None else None,
-            num_output_tokens=int(n_out.flat[-1]) if n_out is not None else None,
+            finish_reason=finish_reason,
+            num_input_tokens=n_in,
+            num_output_tokens=n_out,
             logprobs=logprobs,
+            num_cached_tokens=_first_int(result, NUM_CACHED_TOKENS),
         ), final
 
     def flush(self) -> str:
@@ -145,11 +178,43 @@ class ResponseDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _parse_logprobs(data: bytes) -> tuple[TokenLogprobs, ...]:
-    """The `logprobs` output's JSON (see gemma_protocol.OUTPUTS)."""
-    return tuple(TokenLogprobs(e["token_id"], e["token"], e["logprob"],
-                               tuple(Logprob(t["token_id"], t["token"], t["logprob"]) for t in e["top_logprobs"]))
-                 for e in json.loads(data))
+def _first_text(result: InferResult, spec: protocol.TensorSpec) -> Optional[str]:
+    """Choice 0's element of a per-choice string output (the client sends n = 1)."""
+    array = _optional(result, spec)
+    return None if array is None else _as_bytes(array.flat[0]).decode("utf-8")
+
+
+def _first_int(result: InferResult, spec: protocol.TensorSpec) -> Optional[int]:
+    array = _optional(result, spec)
+    return None if array is None else int(array.flat[0])
+
+
+def parse_logprobs(text: str, num_top_logprobs: int) -> Optional[tuple[TokenLogprobs, ...]]:
+    """The `logprobs` output's JSON, the vLLM backend's layout: per token, a map from token id to
+    {"logprob", "rank", "decoded_token"}, the sampled token first, then the `num_top_logprobs` most
+    likely tokens (the sampled one once, if it is among them). "null": the request asked for none.
+
+    Which entries are the top ones is read from the ranks: an entry listed only as the sampled token
+    ranks below them. The count is needed too - with k = 1 a sampled token of rank 2 and its better
+    rival read exactly as k = 2 with the sampled token second."""
+    positions = json.loads(text)
+    if positions is None:
+        return None
+    return tuple(_token_logprobs(position, num_top_logprobs) for position in positions)
+
+
+def _token_logprobs(position: Mapping[str, Mapping[str, Any]], num_top_logprobs: int) -> TokenLogprobs:
+    sampled_id, sampled = next(iter(position.items()))
+    by_rank = sorted(position.items(), key=lambda item: item[1]["rank"])
+    top = tuple(_logprob(token_id, entry) for token_id, entry in by_rank
+                if entry["rank"] <= num_top_logprobs)[:num_top_logprobs]  # a tie can rank k + 1 within k
+    head = _logprob(sampled_id, sampled)
+    return TokenLogprobs(head.token_id, head.token, head.logprob, top, sampled["rank"])
+
+
+def _logprob(token_id: str, entry: Mapping[str, Any]) -> Logprob:
+    # vLLM sends a null decoded_token when it does not detokenize.
+    return Logprob(int(token_id), entry["decoded_token"] or "", entry["logprob"])
 
 
 def _as_bytes(item: Any) -> bytes:

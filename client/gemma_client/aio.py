@@ -36,9 +36,9 @@ class AsyncGemmaClient(_ClientOptions):
                        headers: Optional[Mapping[str, str]] = None, request_id: str = "",
                        **sampling: Any) -> Completion:
         """Generate a whole completion (prompt excluded) in one response."""
-        inputs, timeout, headers = self._prepare(prompt, sampling, False, timeout, headers)
+        request, timeout, headers = self._prepare(prompt, sampling, False, timeout, headers)
         builder = CompletionBuilder()
-        async with AsyncDeltaStream(self, inputs, timeout, headers, request_id) as deltas:
+        async with AsyncDeltaStream(self, request, timeout, headers, request_id) as deltas:
             async for delta in deltas:
                 builder.add(delta)
         return builder.build()
@@ -48,8 +48,8 @@ class AsyncGemmaClient(_ClientOptions):
                **sampling: Any) -> "AsyncDeltaStream":
         """Return an async iterator of `Delta`s (also an async context manager). Arguments are
         checked now; the request is sent on the first `__anext__`."""
-        inputs, timeout, headers = self._prepare(prompt, sampling, True, timeout, headers)
-        return AsyncDeltaStream(self, inputs, timeout, headers, request_id)
+        request, timeout, headers = self._prepare(prompt, sampling, True, timeout, headers)
+        return AsyncDeltaStream(self, request, timeout, headers, request_id)
 
     async def is_ready(self, timeout: Optional[float] = None) -> bool:
         """True when the server is reachable and ready and the model is loaded and ready."""
@@ -101,15 +101,15 @@ class AsyncDeltaStream:
     `async with client.stream(...) as deltas:` for cancellation at a well-defined point.
     """
 
-    def __init__(self, client: AsyncGemmaClient, inputs, timeout: Optional[float], headers: dict,
-                 request_id: str):
+    def __init__(self, client: AsyncGemmaClient, request: _wire.Request, timeout: Optional[float],
+                 headers: dict, request_id: str):
         self._client = client
-        self._inputs = inputs
+        self._inputs = request.inputs
         self._headers = headers
         self._request_id = request_id
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._call = None         # tritonclient's response iterator for the current attempt
-        self._decoder = _wire.ResponseDecoder()
+        self._decoder = request.decoder()
         self._attempt = 0
         self._yielded = False
         self._finished = False    # the server is done with the request

@@ -83,10 +83,10 @@ class _ClientOptions:
 
     def _prepare(self, prompt: str, sampling: Mapping[str, Any], stream: bool,
                  timeout: Optional[float], headers: Optional[Mapping[str, str]]):
-        """Validate everything before anything is sent; return (inputs, timeout, headers)."""
+        """Validate everything before anything is sent; return (request, timeout, headers)."""
         params = _wire.check_sampling(sampling, strict=self.strict_sampling)
-        inputs = _wire.build_inputs(prompt, params, stream)
-        return (inputs, self.timeout if timeout is None else timeout,
+        request = _wire.build_request(prompt, params, stream)
+        return (request, self.timeout if timeout is None else timeout,
                 _wire.merge_headers(self.headers, headers, grpc_error_status=self.grpc_error_status))
 
     def _retry_delay(self, attempt: int) -> float:
@@ -133,9 +133,9 @@ class GemmaClient(_ClientOptions):
                  headers: Optional[Mapping[str, str]] = None, request_id: str = "",
                  **sampling: Any) -> Completion:
         """Generate a whole completion (prompt excluded) in one response."""
-        inputs, timeout, headers = self._prepare(prompt, sampling, False, timeout, headers)
+        request, timeout, headers = self._prepare(prompt, sampling, False, timeout, headers)
         builder = CompletionBuilder()
-        for delta in self._run(inputs, timeout, headers, request_id):
+        for delta in self._run(request, timeout, headers, request_id):
             builder.add(delta)
         return builder.build()
 
@@ -144,8 +144,8 @@ class GemmaClient(_ClientOptions):
                **sampling: Any) -> Iterator[Delta]:
         """Yield `Delta`s as tokens arrive. Arguments are checked now; the request is sent on the
         first `next()`. Leaving the loop early cancels the request on the server."""
-        inputs, timeout, headers = self._prepare(prompt, sampling, True, timeout, headers)
-        return self._run(inputs, timeout, headers, request_id)
+        request, timeout, headers = self._prepare(prompt, sampling, True, timeout, headers)
+        return self._run(request, timeout, headers, request_id)
 
     def is_ready(self, timeout: Optional[float] = None) -> bool:
         """True when the server is reachable and ready and the model is loaded and ready."""
@@ -190,14 +190,15 @@ class GemmaClient(_ClientOptions):
                 self._admin_client = triton_grpc.InferenceServerClient(**self._connection)
             return self._admin_client
 
-    def _run(self, inputs, timeout: Optional[float], headers: dict, request_id: str) -> Iterator[Delta]:
+    def _run(self, request: _wire.Request, timeout: Optional[float], headers: dict,
+             request_id: str) -> Iterator[Delta]:
         """One request, retried on connection failure while nothing has been yielded yet."""
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         while True:
             yielded = False
             try:
-                with contextlib.closing(self._attempt(inputs, _remaining(deadline), headers, request_id)) as deltas:
+                with contextlib.closing(self._attempt(request, _remaining(deadline), headers, request_id)) as deltas:
                     for delta in deltas:
                         yielded = True
                         yield delta
@@ -208,7 +209,8 @@ class GemmaClient(_ClientOptions):
                 time.sleep(self._retry_delay(attempt))
                 attempt += 1
 
-    def _attempt(self, inputs, timeout: Optional[float], headers: dict, request_id: str) -> Iterator[Delta]:
+    def _attempt(self, request: _wire.Request, timeout: Optional[float], headers: dict,
+                 request_id: str) -> Iterator[Delta]:
         responses: queue.SimpleQueue = queue.SimpleQueue()
         triton = triton_grpc.InferenceServerClient(**self._connection)
         finished = False  # the server is done with the request: close politely instead of cancelling
@@ -216,7 +218,7 @@ class GemmaClient(_ClientOptions):
             triton.start_stream(callback=lambda result, error: responses.put((result, error)),
                                 stream_timeout=timeout, headers=headers)
             try:
-                triton.async_stream_infer(self.model, inputs, model_version=self.model_version,
+                triton.async_stream_infer(self.model, request.inputs, model_version=self.model_version,
                                           request_id=request_id, enable_empty_final_response=True)
             except InferenceServerException as e:
                 # The stream died already (e.g. connection refused); its callback has the reason.
@@ -224,7 +226,7 @@ class GemmaClient(_ClientOptions):
                     responses.put(responses.get(timeout=5.0))
                 except queue.Empty:
                     raise from_triton(e) from None
-            decoder = _wire.ResponseDecoder()
+            decoder = request.decoder()
             while True:
                 result, error = responses.get()
                 if error is not None:

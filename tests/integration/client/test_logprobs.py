@@ -17,7 +17,7 @@ def test_sync_stream_and_generate_carry_aligned_logprobs(server):
     assert [lp.token_id for lp in whole.logprobs] == list(whole.token_ids)
     for lp in whole.logprobs:
         assert len(lp.top_logprobs) == 2 and lp.top_logprobs[0].token_id == lp.token_id  # greedy: the top-1
-        assert lp.top_logprobs[0].logprob == lp.logprob <= 0
+        assert lp.top_logprobs[0].logprob == lp.logprob <= 0 and lp.rank == 1
     deltas = list(client.stream(PROMPT, max_tokens=8, logprobs=2, **GREEDY))
     assert all(len(d.logprobs) == len(d.token_ids) for d in deltas if d.token_ids)
     assert tuple(lp for d in deltas for lp in d.logprobs or ()) == whole.logprobs

@@ -7,6 +7,7 @@ import pytest
 
 from gemma_client import (ConnectionFailedError, Conversation, DeadlineExceededError, GemmaClient,
                           InvalidArgumentError, ModelNotFoundError)
+from gemma_client.outputs import CompletionBuilder
 
 from ..conftest import wait_for
 from .conftest import GREEDY, LONG
@@ -28,9 +29,32 @@ def test_stream_and_generate_give_the_same_completion(server):
     assert [t for d in deltas for t in d.token_ids] == list(whole.token_ids)
     assert whole.finish_reason == deltas[-1].finish_reason == "length"
     assert all(d.finish_reason is None for d in deltas[:-1])
-    assert whole.num_output_tokens == deltas[-1].num_output_tokens == len(whole.token_ids) == 16
+    assert all(d.num_output_tokens == len(d.token_ids) for d in deltas)  # each response counts its own
+    assert whole.num_output_tokens == sum(d.num_output_tokens for d in deltas) == len(whole.token_ids) == 16
     assert whole.num_input_tokens == deltas[-1].num_input_tokens > 0
+    assert whole.num_cached_tokens is not None and deltas[-1].num_cached_tokens is not None
     assert not whole.text.startswith(PROMPT)  # exclude_input_in_output is always sent
+
+
+def test_a_completion_folded_from_many_responses_counts_every_token(server):
+    client = GemmaClient(server.grpc_url)
+    deltas = list(client.stream(PROMPT, max_tokens=40, **GREEDY))
+    builder = CompletionBuilder()  # what the CLI folds a stream with
+    for delta in deltas:
+        builder.add(delta)
+    completion = builder.build()
+    assert len(deltas) > 1
+    assert completion.num_output_tokens == len(completion.token_ids) == 40
+    assert completion.text == client.generate(PROMPT, max_tokens=40, **GREEDY).text
+
+
+def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(server):
+    client = GemmaClient(server.grpc_url)
+    prompt = " ".join(f"Item {i} is a word." for i in range(30))  # several 16-token KV blocks
+    first = client.generate(prompt, max_tokens=2, **GREEDY)
+    again = client.generate(prompt, max_tokens=2, **GREEDY)
+    assert 0 < again.num_cached_tokens < again.num_input_tokens == first.num_input_tokens
+    assert again.text == first.text
 
 
 def test_seeded_sampling_is_reproducible(server):
@@ -79,8 +103,10 @@ def test_timeout_raises_deadline_exceeded_and_cancels(idle_server):
     with pytest.raises(DeadlineExceededError):
         client.generate(PROMPT, max_tokens=LONG, timeout=0.3, **GREEDY)
     received = []
+    # Long enough for a first token on a loaded CPU (~0.3 s seen with other suites running), far
+    # short of LONG tokens.
     with pytest.raises(DeadlineExceededError):
-        for delta in GemmaClient(server.grpc_url, timeout=0.3).stream(PROMPT, max_tokens=LONG, **GREEDY):
+        for delta in GemmaClient(server.grpc_url, timeout=2.0).stream(PROMPT, max_tokens=LONG, **GREEDY):
             received.append(delta)
     assert received, "the stream timed out before its first token: the test proves nothing"
     assert wait_for(lambda: cancelled_count(server) == before + 2)

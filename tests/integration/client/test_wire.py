@@ -12,9 +12,10 @@ from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
 import gemma_protocol as protocol
-from gemma_client import InvalidArgumentError
-from gemma_client._wire import (FINAL_RESPONSE_PARAM, ResponseDecoder, build_inputs, check_sampling,
-                                merge_headers)
+from gemma_client import InvalidArgumentError, Logprob, TokenLogprobs
+from gemma_client._wire import (FINAL_RESPONSE_PARAM, ResponseDecoder, build_inputs, build_request,
+                                check_sampling, merge_headers, parse_logprobs)
+from gemma_client.outputs import CompletionBuilder
 
 SPECS = {spec.name: spec for spec in protocol.INPUTS + protocol.OUTPUTS}
 
@@ -26,9 +27,15 @@ def test_known_sampling_values_are_type_checked_and_normalised():
     assert "seed" not in checked  # None: the server default applies
 
 
+def test_values_convert_as_the_server_converts_them():
+    # The protocol's rules (the vLLM backend's): the client sends what the server would have read.
+    assert check_sampling(dict(max_tokens="8", top_p="0.5", stop="one string", ignore_eos=1, logprobs=2.0)) == \
+        {"max_tokens": 8, "top_p": 0.5, "stop": ["one string"], "ignore_eos": True, "logprobs": 2}
+
+
 @pytest.mark.parametrize("bad", [
-    dict(max_tokens="8"), dict(max_tokens=True), dict(max_tokens=8.0), dict(temperature="hot"),
-    dict(stop="single string"), dict(stop=[1, 2]), dict(ignore_eos=1), dict(stop_token_ids=[1.5]),
+    dict(max_tokens="eight"), dict(max_tokens=True), dict(max_tokens=8.5), dict(temperature="hot"),
+    dict(stop=[1, 2]), dict(ignore_eos=2), dict(stop_token_ids=[1.5]), dict(logprobs=[1]),
 ])
 def test_badly_typed_sampling_values_are_rejected_before_sending(bad):
     key = next(iter(bad))
@@ -44,7 +51,7 @@ def test_unknown_sampling_keys_rejected_unless_not_strict():
     assert check_sampling({"length_penalty": 0.5, "max_tokens": 3}, strict=False) == \
         {"length_penalty": 0.5, "max_tokens": 3}
     with pytest.raises(InvalidArgumentError):  # known keys are still checked
-        check_sampling({"max_tokens": "3"}, strict=False)
+        check_sampling({"max_tokens": "three"}, strict=False)
 
 
 def test_every_sampling_field_round_trips_through_the_server_parser():
@@ -62,7 +69,10 @@ def test_every_sampling_field_round_trips_through_the_server_parser():
 def test_inputs_follow_the_protocol_table():
     inputs = build_inputs("Why is the sky blue? ☀", {"max_tokens": 4}, stream=False)
     by_name = {i.name(): i for i in inputs}
-    assert set(by_name) == {"text_input", "stream", "exclude_input_in_output", "sampling_parameters"}
+    flags = {"return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_output_ids",
+             "return_num_cached_tokens"}
+    assert set(by_name) == {"text_input", "stream", "exclude_input_in_output", "sampling_parameters"} | flags
+    assert flags <= {flag.name for flag in protocol.RETURN_FLAGS}
     for name, tensor in by_name.items():
         spec = SPECS[name]
         assert tensor.datatype() == spec.datatype
@@ -71,6 +81,17 @@ def test_inputs_follow_the_protocol_table():
     assert by_name["stream"]._get_content() == b"\x00"
     assert by_name["exclude_input_in_output"]._get_content() == b"\x01"  # never echo the prompt
     assert json.loads(by_name["sampling_parameters"]._get_content()[4:]) == {"max_tokens": 4}
+    assert all(by_name[flag]._get_content() == b"\x01" for flag in flags)
+
+
+def test_logprobs_are_asked_for_only_with_the_logprobs_key():
+    def flags(sampling):
+        return {i.name() for i in build_inputs("hi", sampling, stream=True) if i.name().startswith("return_")}
+
+    assert "return_logprobs" not in flags({"max_tokens": 4})
+    assert "return_logprobs" in flags({"logprobs": 0})
+    assert build_request("hi", {"logprobs": 3}, stream=True).num_top_logprobs == 3
+    assert build_request("hi", {}, stream=True).num_top_logprobs is None
 
 
 def test_prompt_must_be_text():
@@ -106,11 +127,22 @@ def response(final: bool = False, **outputs) -> InferResult:
 def test_full_response_decodes_every_output():
     decoder = ResponseDecoder()
     delta, final = decoder.decode(response(
-        text_output=[b"Hello"], finish_reason=[b""], num_input_tokens=[5], num_output_tokens=[2],
-        output_ids=[10, 11]))
+        text_output=[b"Hello"], finish_reason=[b"None"], num_input_tokens=[5], num_output_tokens=[2],
+        output_ids=[10, 11], num_cached_tokens=[0]))
     assert not final
-    assert (delta.text, delta.token_ids, delta.finish_reason) == ("Hello", (10, 11), None)
-    assert (delta.num_input_tokens, delta.num_output_tokens) == (5, 2)
+    assert (delta.text, delta.token_ids, delta.finish_reason) == ("Hello", (10, 11), None)  # "None": not yet
+    assert (delta.num_input_tokens, delta.num_output_tokens, delta.num_cached_tokens) == (5, 2, 0)
+
+
+def test_token_counts_are_per_response_and_a_completion_sums_them():
+    decoder, builder = ResponseDecoder(), CompletionBuilder()
+    for ids, reason, final in (([1, 2], b"None", False), ([3], b"None", False), ([4, 5, 6], b"length", True)):
+        delta, _ = decoder.decode(response(final, text_output=[b"x"], finish_reason=[reason], num_input_tokens=[7],
+                                           num_output_tokens=[len(ids)], output_ids=ids, num_cached_tokens=[16]))
+        builder.add(delta)
+    completion = builder.build()
+    assert completion.token_ids == (1, 2, 3, 4, 5, 6) and completion.num_output_tokens == 6
+    assert (completion.finish_reason, completion.num_input_tokens, completion.num_cached_tokens) == ("length", 7, 16)
 
 
 def test_optional_outputs_may_be_missing():
@@ -136,3 +168,40 @@ def test_character_split_across_responses_is_reassembled():
     texts = [decoder.decode(response(text_output=[p]))[0] for p in pieces[:-1]]
     last, _ = decoder.decode(response(final=True, text_output=[pieces[-1]]))
     assert "".join(d.text for d in texts if d is not None) + last.text == "naïve ☀ 日本"
+
+
+# The vLLM backend's `logprobs` layout, as vLLM's Logprob dicts serialise: per token, the sampled
+# token first, then the top `logprobs` alternatives by rank (the sampled one once).
+VLLM_LOGPROBS = json.dumps([
+    {"42": {"logprob": -0.25, "rank": 1, "decoded_token": " fox"},        # sampled = the top-1
+     "7": {"logprob": -1.75, "rank": 2, "decoded_token": " dog"}},
+    {"9": {"logprob": -3.5, "rank": 4, "decoded_token": " jumps"},        # sampled outside the top 2
+     "11": {"logprob": -0.5, "rank": 1, "decoded_token": " ran"},
+     "12": {"logprob": -1.0, "rank": 2, "decoded_token": " sat"}},
+    {"13": {"logprob": -0.1, "rank": 2, "decoded_token": " over"},        # sampled second of the top 2
+     "14": {"logprob": -0.05, "rank": 1, "decoded_token": " under"}},
+])
+
+
+def test_vllm_layout_logprobs_parse_into_token_logprobs_best_first():
+    fox, jumps, over = parse_logprobs(VLLM_LOGPROBS, 2)
+    assert fox == TokenLogprobs(42, " fox", -0.25, (Logprob(42, " fox", -0.25), Logprob(7, " dog", -1.75)), rank=1)
+    assert (jumps.token_id, jumps.token, jumps.logprob, jumps.rank) == (9, " jumps", -3.5, 4)
+    assert jumps.top_logprobs == (Logprob(11, " ran", -0.5), Logprob(12, " sat", -1.0))
+    assert [t.token_id for t in over.top_logprobs] == [14, 13] and over.rank == 2
+
+
+def test_logprobs_need_the_requested_count_to_tell_the_top_ones():
+    # Token 13 (rank 2) and its better rival: with 1 alternative asked for, 13 is only the sampled token.
+    *_, over = parse_logprobs(VLLM_LOGPROBS, 1)
+    assert over.token_id == 13 and over.top_logprobs == (Logprob(14, " under", -0.05),)
+    assert all(lp.top_logprobs == () for lp in parse_logprobs(VLLM_LOGPROBS, 0))
+    assert parse_logprobs("null", 2) is None
+    assert parse_logprobs("[]", 2) == ()
+
+
+def test_logprobs_are_decoded_only_when_the_request_asked_for_them():
+    sent = response(text_output=[b" fox jumps over"], logprobs=[VLLM_LOGPROBS.encode()])
+    assert ResponseDecoder().decode(sent)[0].logprobs is None  # a server that sends outputs unasked
+    assert len(ResponseDecoder(2).decode(sent)[0].logprobs) == 3
+    assert ResponseDecoder(2).decode(response(text_output=[b"x"], logprobs=[b"null"]))[0].logprobs is None

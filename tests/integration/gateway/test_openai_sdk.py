@@ -28,6 +28,11 @@ def chat_reference(grpc, max_tokens: int, **sampling):
     return grpc.generate(conversation.render(), max_tokens=max_tokens, stop=[END_OF_TURN], **(sampling or GREEDY))
 
 
+def counts(usage) -> tuple[int, int, int]:
+    """The token counts, which a repeated request shares (its cached tokens may differ)."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 def test_models_lists_the_served_model(sdk):
     assert [m.id for m in sdk.models.list()] == [MODEL]
     assert sdk.models.retrieve(MODEL).id == MODEL
@@ -43,6 +48,7 @@ def test_greedy_completion_equals_the_grpc_client(sdk, grpc):
     assert completion.usage.prompt_tokens == expected.num_input_tokens
     assert completion.usage.completion_tokens == expected.num_output_tokens
     assert completion.usage.total_tokens == expected.num_input_tokens + expected.num_output_tokens
+    assert 0 <= completion.usage.prompt_tokens_details.cached_tokens < completion.usage.prompt_tokens
 
 
 def test_streamed_completion_equals_the_whole_one(sdk):
@@ -53,7 +59,7 @@ def test_streamed_completion_equals_the_whole_one(sdk):
     assert len(text_chunks) > 1
     assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in text_chunks][-1] == whole.choices[0].finish_reason
-    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+    assert usage_chunk.choices == [] and counts(usage_chunk.usage) == counts(whole.usage)
 
 
 def test_greedy_chat_equals_the_grpc_client_with_gemma_turns(sdk, grpc):
@@ -76,7 +82,7 @@ def test_streamed_chat_equals_the_whole_one(sdk):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == [] and counts(chunks[-1].usage) == counts(whole.usage)
 
 
 def test_ignore_eos_gives_exactly_max_tokens_as_the_grpc_client_does(sdk, grpc):
@@ -191,3 +197,22 @@ def test_penalties_change_the_output(sdk):
     assert complete(frequency_penalty=2.0) != plain
     assert complete(presence_penalty=2.0) != plain
     assert complete(presence_penalty=0.0, frequency_penalty=0) == plain
+
+
+def test_a_repeated_long_prompt_reports_cached_tokens(sdk):
+    """vLLM's usage.prompt_tokens_details.cached_tokens: prompt tokens the server's prefix cache held."""
+    prompt = " ".join(f"Item {i} is a word." for i in range(30))  # several 16-token KV blocks
+
+    def usage(create, stream, **args):
+        if not stream:
+            return create(**args).usage
+        return list(create(stream=True, stream_options={"include_usage": True}, **args))[-1].usage
+
+    endpoints = ((sdk.completions.create, dict(prompt=prompt)),
+                 (sdk.chat.completions.create, dict(messages=[{"role": "user", "content": prompt}])))
+    for create, args in endpoints:
+        args = dict(model=MODEL, max_tokens=2, **GREEDY, **args)
+        first = usage(create, False, **args)  # its prompt's blocks are in the cache from now on
+        for stream in (False, True):
+            again = usage(create, stream, **args)
+            assert 0 < again.prompt_tokens_details.cached_tokens < again.prompt_tokens == first.prompt_tokens
