@@ -218,13 +218,25 @@ def test_server_ports_are_the_ones_triton_is_started_with(variant):
     assert named_ports(triton) == TRITON_PORTS
     assert {k: env(triton)[k] for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT")} == \
         {f"{name.upper()}_PORT": str(port) for name, port in TRITON_PORTS.items()}
-    assert triton["args"][:3] == ["bash", "scripts/serve.sh", "--model-control-mode=none"]
+    assert triton["args"][:4] == ["bash", "scripts/serve.sh", "--model-control-mode=explicit", "--load-model=gemma"]
     service = one(variant, "Service", SERVER)["spec"]
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["ports"]} == \
         {name: (port, name) for name, port in TRITON_PORTS.items()}
     assert service["clusterIP"] == "None"  # headless: the balancer resolves it to the pods
     labels = one(variant, "Deployment", SERVER)["spec"]["template"]["metadata"]["labels"]
     assert service["selector"].items() <= labels.items()
+
+
+def test_the_repository_api_is_locked_behind_the_pods_uid(variant):
+    """Explicit model control lets the model unload itself when its engine dies; nobody else may load
+    or unload: the repository API needs a header whose value only the pod knows."""
+    triton = container(variant, SERVER)
+    (uid_env,) = [e for e in triton["env"] if e["name"] == "POD_UID"]
+    assert uid_env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+    assert arg(triton["args"], "--http-restricted-api") == \
+        "model-repository:gemma-repository-key=$(POD_UID)"
+    assert arg(triton["args"], "--grpc-restricted-protocol") == \
+        "model-repository:gemma-repository-key=$(POD_UID)"
 
 
 def test_probes_ask_triton_for_health_and_wait_for_model_load(variant):
@@ -234,9 +246,11 @@ def test_probes_ask_triton_for_health_and_wait_for_model_load(variant):
     def probe(kind: str) -> tuple[str, int]:
         return triton[kind]["httpGet"]["path"], ports[triton[kind]["httpGet"]["port"]]
 
-    assert probe("readinessProbe") == ("/v2/health/ready", 8000)
-    assert probe("livenessProbe") == ("/v2/health/live", 8000)
+    # The model's readiness: false once the engine died (GEMMA_ENABLE_VLLM_HEALTH_CHECK unloads it).
+    assert probe("readinessProbe") == ("/v2/models/gemma/ready", 8000)
+    assert probe("livenessProbe") == ("/v2/models/gemma/ready", 8000)
     assert probe("startupProbe") == ("/v2/health/ready", 8000)
+    assert env(triton)["GEMMA_ENABLE_VLLM_HEALTH_CHECK"] == "true"
     startup = triton["startupProbe"]
     budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
     assert budget >= 10 * 60  # loading a large checkpoint and capturing CUDA graphs takes minutes
@@ -455,7 +469,7 @@ def test_balancer_spreads_requests_over_the_server_pods(variant):
         address = endpoint["endpoint"]["address"]["socket_address"]
         assert (address["address"], address["port_value"]) == (SERVER, server_ports[port_name])
         (check,) = cluster["health_checks"]  # Triton's readiness, on its HTTP port whatever the cluster's
-        assert check["http_health_check"]["path"] == "/v2/health/ready"
+        assert check["http_health_check"]["path"] == "/v2/models/gemma/ready"
         health_port = endpoint["endpoint"].get("health_check_config", {}).get("port_value", address["port_value"])
         assert health_port == server_ports["http"]
     grpc_options = clusters["triton_grpc"]["typed_extension_protocol_options"]
@@ -589,6 +603,16 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+POD_UID = "0f1e2d3c-test-pod-uid"
+
+
+def expanded_args(c: dict) -> list[str]:
+    """The container's args with $(VAR) replaced as the kubelet replaces it (a fieldRef to the pod's
+    UID gets POD_UID)."""
+    values = {e["name"]: e["value"] if "value" in e else POD_UID for e in c.get("env", [])}
+    return [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in c["args"]]
+
+
 def launch_like_the_pod(checkpoint: Path, log_path: Path):
     """scripts/serve.sh with the server container's arguments and GEMMA_* settings (the CPU variant's),
     on the tiny checkpoint and free ports. Returns a tests/integration TritonServer once ready."""
@@ -601,7 +625,7 @@ def launch_like_the_pod(checkpoint: Path, log_path: Path):
     environment.update({f"{name.upper()}_PORT": str(port) for name, port in ports.items()},
                        GEMMA_CHECKPOINT=str(checkpoint))
     with open(log_path, "w") as log:
-        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), *triton["args"][2:]], cwd=ROOT,
+        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), *expanded_args(triton)[2:]], cwd=ROOT,
                                    env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = conftest.TritonServer(f"localhost:{ports['grpc']}", f"http://localhost:{ports['http']}",
                                    f"http://localhost:{ports['metrics']}/metrics", process, log_path)
@@ -635,6 +659,31 @@ def test_probes_succeed_on_a_server_started_like_the_pod(pod_server):
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = triton[kind]["httpGet"]
         assert _status(base[named_ports(triton)[get["port"]]] + get["path"]) == 200, kind
+
+
+def test_a_dead_engine_fails_the_probes_and_only_the_pod_may_use_the_repository_api(servable_checkpoint,
+                                                                                     tmp_path):
+    """Started like the pod: the repository API refuses a client without the pod's key; killing the
+    engine process unloads the model, and the readiness and liveness probes fail."""
+    conftest = pytest.importorskip("tests.integration.conftest")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    server = launch_like_the_pod(servable_checkpoint, tmp_path / "server.log")
+    try:
+        triton = container("cpu", SERVER)
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            with pytest.raises(Exception, match="(?i)restricted|unavailable|permission|denied"):
+                client.unload_model("gemma")
+            index = client.get_model_repository_index(headers={"triton-grpc-protocol-gemma-repository-key": POD_UID})
+            assert [m.name for m in index.models] == ["gemma"]
+        (engine,) = conftest.engine_processes(server)
+        os.kill(engine, signal.SIGKILL)
+        for kind in ("readinessProbe", "livenessProbe"):
+            get = triton[kind]["httpGet"]
+            url = server.http_url + get["path"]
+            assert conftest.wait_for(lambda: _status(url) != 200, timeout=30), kind
+        assert server.process.poll() is None  # Triton stays up; the kubelet restarts the container
+    finally:
+        server.stop()
 
 
 def test_adapter_series_are_exported_by_a_real_server(pod_server):

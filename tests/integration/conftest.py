@@ -207,6 +207,21 @@ class TritonServer:
             pass
 
 
+def engine_processes(server: TritonServer) -> list[int]:
+    """The pids of the engine processes of a server this suite started (it runs in a session of its
+    own, with its stubs and their engine processes)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"backend.engine_process" in (proc / "cmdline").read_bytes() \
+                        and os.getsid(int(proc.name)) == server.process.pid:
+                    pids.append(int(proc.name))
+            except OSError:  # the process ended meanwhile
+                continue
+    return pids
+
+
 def wait_for(predicate, timeout: float = 15.0, period: float = 0.05):
     """The predicate's first truthy value, polled until `timeout` (then its last value)."""
     deadline = time.monotonic() + timeout

@@ -13,14 +13,13 @@ import json
 import os
 import queue
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .conftest import MODEL, TINY_SERVER_ENV, start_servers, stop_servers, wait_for
+from .conftest import MODEL, TINY_SERVER_ENV, engine_processes, start_servers, stop_servers, wait_for
 
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": "0", "top_p": "1"}  # as the vLLM backend's tests send them: strings
@@ -307,20 +306,6 @@ def test_http_generate_takes_trtllm_style_json(vllm_server):
 
 # --- health (the vLLM backend's ENABLE_VLLM_HEALTH_CHECK) ---------------------------------------------------
 
-def _engine_processes(server) -> list[int]:
-    """The engine processes in the server's session (it runs in its own, with its stubs)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-                if b"backend.engine_process" in cmdline and os.getsid(int(proc.name)) == server.process.pid:
-                    pids.append(int(proc.name))
-            except (OSError, ProcessLookupError):
-                continue
-    return pids
-
-
 def test_a_dead_engine_makes_the_model_unavailable_and_not_ready(tmp_path, tiny_checkpoint):
     (server,) = start_servers((tmp_path / "server.log",
                                {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint),
@@ -330,7 +315,7 @@ def test_a_dead_engine_makes_the_model_unavailable_and_not_ready(tmp_path, tiny_
         ok(server, vllm_inputs(PROMPT, True, {**GREEDY, "max_tokens": "4"}))
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
             assert client.is_model_ready(MODEL)
-            (engine,) = _engine_processes(server)
+            (engine,) = engine_processes(server)
             os.kill(engine, signal.SIGKILL)
             assert wait_for(lambda: not client.is_model_ready(MODEL), timeout=30)
             index = {m.name: m.state for m in client.get_model_repository_index().models}
@@ -345,7 +330,7 @@ def test_a_dead_engine_makes_the_model_unavailable_and_not_ready(tmp_path, tiny_
 def test_without_the_health_check_a_dead_engine_refuses_requests_as_unavailable(tmp_path, tiny_checkpoint):
     (server,) = start_servers((tmp_path / "server.log", {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}))
     try:
-        (engine,) = _engine_processes(server)
+        (engine,) = engine_processes(server)
         os.kill(engine, signal.SIGKILL)
         # A request that reaches the engine before its death is noticed fails as INTERNAL (in flight).
         message = wait_for(lambda: (error := infer(server, vllm_inputs(PROMPT, True, GREEDY))[1]) is not None

@@ -311,7 +311,11 @@ class TritonPythonModel:
         last_error = None  # logged once, not every period (e.g. an engine process that has died)
         while not self._stopping.wait(METRICS_PERIOD_S):
             try:
-                while True:
+                # Each metric update is an IPC call (~20 us), a few per generated token: under heavy
+                # load the records may take longer than a period. They wait for the next one, so the
+                # gauges that autoscalers and routers read never go stale.
+                deadline = time.monotonic() + METRICS_PERIOD_S
+                while time.monotonic() < deadline:
                     try:
                         self.metrics.record(self._records.get_nowait())
                     except queue.Empty:
