@@ -12,7 +12,7 @@ N: while the GPU computes N, this thread schedules and lays out N+1 and then han
 so the host's work per step hides behind the GPU's instead of adding to it. The price is one
 wasted row per sequence that stops on a token (its next decode was already launched) and
 admissions one step later; a batch holding a request with repetition, presence or frequency
-penalties runs step by step, since those need every token on the host.
+penalties, or bad words of several tokens, runs step by step, since those need every token on the host.
 Nothing here knows about Triton; `model_repository/gemma/1/model.py` is a thin client of this API.
 """
 from __future__ import annotations
@@ -249,8 +249,8 @@ class Engine(EngineFront):
             self._flush()
 
     def _needs_every_token(self) -> bool:
-        """A running request's sampler needs its tokens so far on the host (penalties): the next
-        step waits for the one in flight."""
+        """A running request's sampler needs its tokens so far on the host (penalties, bad words of
+        several tokens): the next step waits for the one in flight."""
         return any(seq.num_in_flight and needs_token_history(seq.params) for seq in self.scheduler.running)
 
     def _launch(self, previous: Optional[StepInFlight]) -> Optional[StepInFlight]:

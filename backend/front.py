@@ -8,6 +8,7 @@ checked, numbered and streamed by the same code either way. Text is made by each
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -103,6 +104,9 @@ class EngineFront:
         if isinstance(prompt, str) and not prompt:
             raise InvalidRequestError("prompt is empty")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if params.bad_words:
+            params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(self.tokenizer,
+                                                                                         params.bad_words))
         self._check_fits(prompt_ids, params)
         processor = OutputProcessor(self.tokenizer, prompt_ids, params)
         with self._lock:
@@ -156,3 +160,15 @@ class EngineFront:
             raise InvalidRequestError(f"prompt token ids must be in [0, {limits.vocab_size})")
         if any(t >= limits.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {limits.vocab_size})")
+        # A tokenizer may know more tokens than the model scores (added tokens); those cannot be banned.
+        if any(t >= limits.vocab_size for ids in params.bad_words_token_ids for t in ids):
+            raise InvalidRequestError(f"'bad_words' tokenize to ids the model does not score "
+                                      f"(not in [0, {limits.vocab_size}))")
+
+
+def bad_words_token_ids(tokenizer: Tokenizer, words: Seq[str]) -> tuple[tuple[int, ...], ...]:
+    """Each word's tokens as the word would start the text and as it would follow a space (vLLM's
+    bad_words: a word and " word" are different tokens), without <bos>; each distinct sequence once."""
+    sequences = (tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+                 for word in words for prefix in ("", " "))
+    return tuple(dict.fromkeys(tuple(ids) for ids in sequences))

@@ -1,8 +1,9 @@
 """Sampling parameters, and the batched sampler that turns one decode step's logits into tokens.
 
 The logits pipeline is HF transformers' logits processors, in HF's order, so HF is the oracle:
-min_tokens masking -> repetition penalty -> presence/frequency penalties -> temperature -> top-k
--> top-p -> draw. (Presence and frequency penalties are OpenAI's, as vLLM applies them; HF has none.)
+min_tokens masking -> bad words -> repetition penalty -> presence/frequency penalties -> temperature
+-> top-k -> top-p -> draw. (Presence and frequency penalties are OpenAI's, as vLLM applies them, and
+bad words vLLM's; HF has neither.)
 Logprobs, when a row asks for them, come from the raw logits, before any of these steps.
 Each sampled row draws from its own torch.Generator, so a seeded request gets the same tokens
 whatever else shares its batch.
@@ -19,6 +20,7 @@ import torch
 from backend.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+MAX_BAD_WORDS = 16
 # Below this temperature sampling is greedy: dividing logits by a smaller one (1e-40 is a float32
 # denormal) overflows them to infinity, and softmax then has nothing to draw from.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -33,11 +35,12 @@ MAX_LOGPROBS = 20  # most top alternatives per generated token (OpenAI's top_log
 @dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling parameters. The wire contract (gemma_protocol.SAMPLING_FIELDS) documents
-    the same fields and defaults for clients; tests/test_sampling.py checks that the two agree."""
-    max_tokens: int = 64
+    the same fields and defaults for clients (all but `bad_words_token_ids`, which the request side
+    fills in); tests/test_sampling.py checks that the two agree."""
+    max_tokens: int = 16  # vLLM's default
     min_tokens: int = 0
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0 keeps all tokens; vLLM's -1 is accepted and stored as 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -47,11 +50,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: none; k: the sampled token's logprob and the k most likely
+    bad_words: tuple[str, ...] = ()  # never generated (vLLM's bad_words), as the token sequences below
+    # Each bad word's token sequences, filled in by EngineFront.submit (where the tokenizer is), not
+    # by clients: a sequence's last token is banned wherever the output so far ends with the rest.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         # Lists are accepted but stored as tuples, so the params stay immutable and hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        object.__setattr__(self, "bad_words_token_ids", tuple(tuple(ids) for ids in self.bad_words_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         for ok, message in self._range_checks():
             if not ok:
                 raise InvalidRequestError(message)
@@ -64,7 +75,7 @@ class SamplingParams:
             (0 <= self.temperature <= MAX_TEMPERATURE,  # also false for NaN
              f"'temperature' must be in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_BELOW_TEMPERATURE:g}: greedy), "
              f"got {self.temperature}"),
-            (self.top_k >= 0, f"'top_k' must be >= 0 (0 keeps all tokens), got {self.top_k}"),
+            (self.top_k >= 0, f"'top_k' must be >= -1 (-1 or 0 keeps all tokens), got {self.top_k}"),
             (0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p}"),
             (REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
              f"'repetition_penalty' must be in [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}], "
@@ -80,6 +91,10 @@ class SamplingParams:
             (all(t >= 0 for t in self.stop_token_ids), f"'stop_token_ids' must be >= 0, got {self.stop_token_ids}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"'logprobs' must be in [0, {MAX_LOGPROBS}] (or absent), got {self.logprobs}"),
+            (len(self.bad_words) <= MAX_BAD_WORDS,
+             f"'bad_words' has {len(self.bad_words)} strings; at most {MAX_BAD_WORDS} are allowed"),
+            # A blank word has no tokens of its own (vLLM tokenizes words without leading spaces).
+            (all(word.strip() for word in self.bad_words), "'bad_words' strings must not be empty or blank"),
         )
 
     @property
@@ -101,10 +116,13 @@ class SamplingRow:
 @dataclass(frozen=True)
 class TokenLogprobs:
     """A generated token's log-probability and the most likely tokens' (best first), under the model's
-    raw distribution: log_softmax of the fp32 logits, before min_tokens masking, penalties,
-    temperature, top-k and top-p (vLLM's default, "raw_logprobs")."""
+    raw distribution: log_softmax of the fp32 logits, before min_tokens masking, bad words,
+    penalties, temperature, top-k and top-p (vLLM's default, "raw_logprobs"). `rank` is the token's place in that
+    distribution, vLLM's: 1 + the number of tokens more likely (the argmax is 1). The top tokens'
+    ranks are their places in `top_ids`."""
     token_id: int
     logprob: float
+    rank: int
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
 
@@ -184,8 +202,8 @@ class SampledOnDevice:
         tokens, ok = self._on_host[0].tolist()
         logprobs: list[Optional[TokenLogprobs]] = [None] * len(self._rows)
         if self._asking:
-            values, top_ids = self._on_host[1].tolist(), self._on_host[2].tolist()
-            _fill_logprobs(logprobs, self._rows, self._asking, tokens, values, top_ids)
+            values, ranks_and_ids = self._on_host[1].tolist(), self._on_host[2].tolist()
+            _fill_logprobs(logprobs, self._rows, self._asking, tokens, values, ranks_and_ids)
         return SampledTokens(tokens, logprobs, tuple(i for i, row_ok in enumerate(ok) if not row_ok))
 
 
@@ -197,21 +215,24 @@ def sample_with_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> S
 
 def _logprobs_on_device(logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow],
                         asking: list[int]) -> list[torch.Tensor]:
-    """For the `asking` rows: [chosen logprob, top-k logprobs] values and the top-k ids, k the most
-    any row asked for, from the raw logits. Only those rows are computed, together; a batch where
-    none asked never calls this."""
+    """For the `asking` rows, from the raw logits: [chosen logprob, top-k logprobs] values and
+    [chosen rank, top-k ids] integers, k the most any row asked for. Only those rows are computed,
+    together; a batch where none asked never calls this."""
     index = _on_device(asking, logits.device)
     logprobs = torch.log_softmax(logits[index].to(torch.float32), dim=-1)
+    chosen = logprobs.gather(1, token_ids[index][:, None])
+    rank = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
     k = max(rows[i].params.logprobs for i in asking)
     top_values, top_ids = logprobs.topk(k, dim=-1)  # sorted, best first; k == 0 gives empty rows
-    return [torch.cat([logprobs.gather(1, token_ids[index][:, None]), top_values], dim=1), top_ids]
+    return [torch.cat([chosen, top_values], dim=1), torch.cat([rank, top_ids], dim=1)]
 
 
 def _fill_logprobs(result: list, rows: Sequence[SamplingRow], asking: list[int], token_ids: Sequence[int],
-                   values: list[list[float]], top_ids: list[list[int]]) -> None:
-    for row_values, row_ids, i in zip(values, top_ids, asking):
+                   values: list[list[float]], ranks_and_ids: list[list[int]]) -> None:
+    for row_values, row_ints, i in zip(values, ranks_and_ids, asking):
         n = rows[i].params.logprobs
-        result[i] = TokenLogprobs(token_ids[i], row_values[0], tuple(row_ids[:n]), tuple(row_values[1:n + 1]))
+        result[i] = TokenLogprobs(token_ids[i], row_values[0], row_ints[0], tuple(row_ints[1:n + 1]),
+                                  tuple(row_values[1:n + 1]))
 
 
 def _rankable(scores: torch.Tensor) -> torch.Tensor:
@@ -247,12 +268,15 @@ def _on_device(values: Sequence, device: torch.device, dtype: Optional[torch.dty
 
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.params
-    return not params.greedy or needs_token_history(params) or row.num_output_tokens < params.min_tokens
+    return (not params.greedy or needs_token_history(params) or bool(params.bad_words_token_ids)
+            or row.num_output_tokens < params.min_tokens)
 
 
 def needs_token_history(params: SamplingParams) -> bool:
-    """Sampling reads the tokens so far (the repetition, presence or frequency penalty)."""
-    return params.repetition_penalty != 1.0 or _has_occurrence_penalty(params)
+    """Sampling reads the tokens so far (the repetition, presence or frequency penalty, or a bad word
+    of several tokens; a one-token bad word is banned whatever came before)."""
+    return (params.repetition_penalty != 1.0 or _has_occurrence_penalty(params)
+            or any(len(ids) > 1 for ids in params.bad_words_token_ids))
 
 
 def _has_occurrence_penalty(params: SamplingParams) -> bool:
@@ -261,24 +285,45 @@ def _has_occurrence_penalty(params: SamplingParams) -> bool:
 
 def _penalized_scores(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     scores = logits.to(torch.float32, copy=True)
-    _mask_early_stops(scores, rows)
+    _mask_banned_tokens(scores, rows)
     _apply_repetition_penalty(scores, rows)
     _apply_occurrence_penalties(scores, rows)
     return scores
 
 
-def _mask_early_stops(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Before min_tokens, EOS and stop_token_ids get -inf (HF MinNewTokensLengthLogitsProcessor)."""
+def _mask_banned_tokens(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """-inf for each row's early stops and bad words' last tokens, in one write for the batch."""
     row_index: list[int] = []
     token_index: list[int] = []
     for i, row in enumerate(rows):
-        if row.num_output_tokens < row.params.min_tokens:
-            banned = row.eos_token_ids.union(row.params.stop_token_ids)
-            row_index += [i] * len(banned)
-            token_index += banned
+        banned = _early_stops(row) | _bad_word_ends(row)
+        row_index += [i] * len(banned)
+        token_index += banned
     if row_index:
         device = scores.device
         scores[_on_device(row_index, device), _on_device(token_index, device)] = -math.inf
+
+
+def _early_stops(row: SamplingRow) -> frozenset[int]:
+    """Before min_tokens: EOS and stop_token_ids (HF MinNewTokensLengthLogitsProcessor)."""
+    if row.num_output_tokens < row.params.min_tokens:
+        return row.eos_token_ids.union(row.params.stop_token_ids)
+    return frozenset()
+
+
+def _bad_word_ends(row: SamplingRow) -> frozenset[int]:
+    """vLLM's bad words: each sequence's last token, where the output so far ends with the rest of
+    the sequence (a one-token sequence: always). As in vLLM only generated tokens count, so the
+    output may finish a word the prompt began."""
+    words = row.params.bad_words_token_ids
+    if not words:
+        return frozenset()
+    longest_prefix = min(max(len(ids) for ids in words) - 1, row.num_output_tokens)
+    seen = row.seen_token_ids
+    tail = seen[len(seen) - longest_prefix:] if longest_prefix else []
+    tail = tuple(tail.tolist() if isinstance(tail, torch.Tensor) else tail)
+    return frozenset(ids[-1] for ids in words
+                     if len(ids) - 1 <= len(tail) and tail[len(tail) - len(ids) + 1:] == ids[:-1])
 
 
 def _apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from backend.engine import Engine, EngineConfig
 from backend.errors import EngineOverloadedError, InvalidRequestError
+from backend.front import bad_words_token_ids
 from backend.sampling import SamplingParams
 from tests.engine_runs import GREEDY, PROMPTS, SEEDED, check_bad_requests_refused, run_staggered, token_ids, wait_idle
 
@@ -65,7 +66,7 @@ def test_greedy_logprobs_name_the_top_token_through_the_engine(engine):
     whole = engine.submit(PROMPTS[3], params).result()
     assert len(whole.logprobs) == len(whole.token_ids) == 12
     for token, lp in zip(whole.token_ids, whole.logprobs):
-        assert lp.token_id == token == lp.top_ids[0]
+        assert lp.token_id == token == lp.top_ids[0] and lp.rank == 1
         assert lp.logprob == lp.top_logprobs[0] <= 0 and len(lp.top_ids) == 3
     assert [lp for d in deltas for lp in d.logprobs] == whole.logprobs
     assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
@@ -82,6 +83,30 @@ def test_logprobs_cover_the_eos_and_stop_string_cuts(engine):
     cut = engine.submit(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=(stop,),
                                                   logprobs=0)).result()
     assert [lp.token_id for lp in cut.logprobs] == cut.token_ids
+
+
+def test_bad_words_are_never_generated(engine):
+    """A word of the greedy output, banned: the output is the same up to it and never holds it. A
+    word of two tokens bans its second token only right after its first."""
+    tokenizer = engine.tokenizer
+    base = engine.submit(PROMPTS[0], GREEDY).result().token_ids
+
+    def banned(word):
+        return engine.submit(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                        bad_words=(word,))).result().token_ids
+
+    def round_trips(ids):  # the word these tokens spell is banned as exactly these tokens
+        return tuple(ids) in bad_words_token_ids(tokenizer, [tokenizer.decode(ids)])
+
+    one = next(i for i, token in enumerate(base) if round_trips([token]))
+    out = banned(tokenizer.decode([base[one]]))
+    assert out[:one] == base[:one] and base[one] not in out
+    # The pair's second token was generated earlier without its first: the ban must not bite there.
+    two = next(i for i in range(len(base) - 1) if base[i + 1] in base[:i + 1] and round_trips(base[i:i + 2]))
+    out = banned(tokenizer.decode(base[two:two + 2]))
+    assert out[:two + 1] == base[:two + 1] and out[two + 1] != base[two + 1]
+    with pytest.raises(InvalidRequestError, match="'bad_words'"):  # tokens the model cannot score
+        engine.submit(PROMPTS[0], SamplingParams(max_tokens=4, bad_words_token_ids=((10**7,),)))
 
 
 def test_cancel_frees_blocks(engine):
@@ -277,8 +302,8 @@ def test_non_finite_scores_fail_only_their_request(servable_checkpoint, scheduli
 
 def test_overlapped_steps_give_the_outputs_of_steps_one_at_a_time(servable_checkpoint):
     """Requests of every kind together (greedy, seeded sampling, logprobs, min_tokens, stop ids
-    found early, penalties, which make the batch wait for each step's tokens): the same outputs
-    with async scheduling as without, and no block left behind."""
+    found early, penalties and bad words, which make the batch wait for each step's tokens): the
+    same outputs with async scheduling as without, and no block left behind."""
     def run(scheduling):
         eng = make_engine(servable_checkpoint, scheduling)
         try:
@@ -287,7 +312,8 @@ def test_overlapped_steps_give_the_outputs_of_steps_one_at_a_time(servable_check
                      SamplingParams(max_tokens=9, temperature=0, min_tokens=2, stop_token_ids=(first,)),
                      SamplingParams(max_tokens=9, temperature=0, stop_token_ids=(first,)),
                      SamplingParams(max_tokens=9, temperature=0.8, seed=3, repetition_penalty=1.3,
-                                    frequency_penalty=0.5, ignore_eos=True)]
+                                    frequency_penalty=0.5, ignore_eos=True),
+                     SamplingParams(max_tokens=9, temperature=0, bad_words=("hello world", "the"), ignore_eos=True)]
             # All queued before the engine schedules any (its loop waits for this lock): which requests
             # share a step then does not depend on thread timing, and neither do the CPU matmuls' sums.
             with eng._lock:

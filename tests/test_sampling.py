@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from gemma_protocol import SAMPLING_FIELDS
+from gemma_protocol import SAMPLING_FIELDS, SERVING_KEYS
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from backend.errors import InvalidRequestError
-from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator, process_logits,
-                              sample, sample_with_logprobs)
+from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator,
+                              needs_token_history, process_logits, sample, sample_with_logprobs)
 
 VOCAB = 1000
 EOS = 7
@@ -26,21 +26,24 @@ def rows_for(params, batch, **row_fields):
 # --- SamplingParams ---------------------------------------------------------------------------
 
 def test_fields_and_defaults_are_the_protocol_table():
-    """The engine owns SamplingParams; the wire contract documents the same fields and defaults."""
-    fields = dataclasses.fields(SamplingParams)
-    assert [f.name for f in fields] == [f.key for f in SAMPLING_FIELDS]
-    assert all(f.default == s.default for f, s in zip(fields, SAMPLING_FIELDS))
+    """The engine owns SamplingParams; the wire contract documents the same fields and defaults, less
+    the keys served before the engine (n) and the bad words' tokens, which the request side fills in."""
+    fields = [f for f in dataclasses.fields(SamplingParams) if f.name != "bad_words_token_ids"]
+    protocol = [f for f in SAMPLING_FIELDS if f.key not in SERVING_KEYS]
+    assert [f.name for f in fields] == [f.key for f in protocol]
+    assert all(f.default == s.default for f, s in zip(fields, protocol))
 
 
 @pytest.mark.parametrize("field, value", [
-    ("max_tokens", 0), ("min_tokens", -1), ("min_tokens", 65), ("temperature", -0.5),
-    ("temperature", math.nan), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+    ("max_tokens", 0), ("min_tokens", -1), ("min_tokens", 17), ("temperature", -0.5),
+    ("temperature", math.nan), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5),
     ("temperature", 100.5), ("temperature", 1e300), ("temperature", math.inf),
     ("repetition_penalty", 0.0), ("repetition_penalty", 1e-300), ("repetition_penalty", 1e300),
     ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("frequency_penalty", math.nan),
     ("frequency_penalty", -3.0), ("logprobs", -1), ("logprobs", 21),
     ("seed", -1), ("seed", 2**64), ("stop", ("",)),
     ("stop", tuple(str(i) for i in range(17))), ("stop_token_ids", (-3,)),
+    ("bad_words", ("",)), ("bad_words", (" \n",)), ("bad_words", tuple(str(i) for i in range(17))),
 ])
 def test_out_of_range_values_name_the_field(field, value):
     with pytest.raises(InvalidRequestError, match=f"'{field}'"):
@@ -55,9 +58,15 @@ def test_edge_values_are_accepted():
 
 
 def test_lists_are_stored_as_tuples():
-    params = SamplingParams(stop=["x"], stop_token_ids=[5])
+    params = SamplingParams(stop=["x"], stop_token_ids=[5], bad_words=["y"], bad_words_token_ids=[[1, 2], [3]])
     assert params.stop == ("x",) and params.stop_token_ids == (5,)
+    assert params.bad_words == ("y",) and params.bad_words_token_ids == ((1, 2), (3,))
     hash(params)
+
+
+def test_vllm_defaults():
+    assert SamplingParams().max_tokens == 16
+    assert SamplingParams(top_k=-1).top_k == 0 == SamplingParams().top_k  # -1: keep all, as in vLLM
 
 
 def test_greedy_property():
@@ -322,6 +331,7 @@ def test_logprobs_are_log_softmax_of_the_raw_logits_with_top_k_best_first():
         lp = out.logprobs[i]
         assert lp.token_id == out.token_ids[i]
         assert lp.logprob == pytest.approx(expected[i, lp.token_id].item(), abs=1e-5)
+        assert lp.rank == 1 + (expected[i] > expected[i, lp.token_id]).sum().item()
     top = out.logprobs[0]
     values, ids = expected[0].topk(5)
     assert list(top.top_ids) == ids.tolist()
@@ -335,8 +345,20 @@ def test_greedy_token_is_top_1_with_its_logprob():
     logits = random_logits(batch=2, seed=3)
     out = sample_with_logprobs(logits, rows_for(SamplingParams(temperature=0, logprobs=20), 2))
     for token, lp in zip(out.token_ids, out.logprobs):
-        assert lp.top_ids[0] == token and lp.top_logprobs[0] == lp.logprob
+        assert lp.top_ids[0] == token and lp.top_logprobs[0] == lp.logprob and lp.rank == 1
         assert len(lp.top_ids) == 20
+
+
+def test_rank_counts_the_tokens_strictly_more_likely_than_the_sampled_one():
+    # At temperature 100 the draws are nearly uniform, so most land outside the top 11. Ties share a rank.
+    logits = torch.zeros(6, VOCAB)
+    logits[:, 10:20] = 5.0
+    logits[:, 20] = 9.0
+    rows = rows_for(SamplingParams(temperature=100.0, logprobs=1), 6, generator=make_generator(5, "cpu"))
+    out = sample_with_logprobs(logits, rows)
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.rank == (1 if token == 20 else 2 if 10 <= token < 20 else 12)
+    assert {lp.rank for lp in out.logprobs} - {1, 2} and all(lp.top_ids == (20,) for lp in out.logprobs)
 
 
 def test_rows_without_logprobs_cost_nothing(monkeypatch):
@@ -346,3 +368,50 @@ def test_rows_without_logprobs_cost_nothing(monkeypatch):
     logits = random_logits(batch=2)
     assert sample_with_logprobs(logits, rows_for(SamplingParams(), 2)).logprobs == [None, None]
     assert sample_with_logprobs(logits, rows_for(SamplingParams(temperature=0), 2)).logprobs == [None, None]
+
+
+# --- bad words ----------------------------------------------------------------------------------
+
+def banning(*sequences, **params):
+    return SamplingParams(bad_words=("w",), bad_words_token_ids=sequences, **params)
+
+
+def test_a_one_token_bad_word_is_never_picked_greedy_or_sampled():
+    logits = random_logits(batch=2)
+    best, second = logits.topk(2).indices.T.tolist()
+    greedy = [SamplingRow(banning((token,), temperature=0)) for token in best]
+    assert sample(logits, greedy) == second
+    peaked = torch.zeros(1, VOCAB)
+    peaked[0, 3] = 8.0  # ~97% of the mass, never drawn once banned
+    row = SamplingRow(banning((3,), temperature=1.0), generator=make_generator(0, "cpu"))
+    assert 3 not in [sample(peaked, [row])[0] for _ in range(50)]
+
+
+def test_a_longer_bad_word_bans_its_last_token_only_after_the_rest_was_generated():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 9] = 5.0
+    params = banning((4, 5, 9), temperature=0)
+
+    def pick(seen, num_output_tokens):
+        return sample(logits, [SamplingRow(params, seen_token_ids=seen, num_output_tokens=num_output_tokens)])[0]
+
+    assert pick([1, 2, 4, 5], num_output_tokens=2) != 9
+    assert pick(torch.tensor([1, 2, 4, 5]), num_output_tokens=2) != 9  # the history as a tensor too
+    assert pick([1, 2, 5, 5], num_output_tokens=2) == 9  # not the word's prefix
+    assert pick([1, 2, 4, 5], num_output_tokens=1) == 9  # 4 was the prompt's: only output counts (vLLM)
+    assert pick([4, 5], num_output_tokens=0) == 9
+
+
+def test_bad_words_act_before_penalties_and_leave_logprobs_raw():
+    logits = random_logits(batch=1)
+    best = logits.argmax(-1).item()
+    params = banning((best,), temperature=0, logprobs=2, repetition_penalty=1.5)
+    row = SamplingRow(params, seen_token_ids=[best])
+    assert process_logits(logits, [row])[0, best] == -math.inf
+    lp = sample_with_logprobs(logits, [row]).logprobs[0]
+    assert lp.token_id != best and lp.top_ids[0] == best and lp.rank >= 2
+
+
+def test_only_bad_words_of_several_tokens_need_the_token_history():
+    assert not needs_token_history(banning((3,), (4,)))
+    assert needs_token_history(banning((3,), (4, 5)))
