@@ -107,6 +107,8 @@ class EngineFront:
         if params.bad_words:
             params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(self.tokenizer,
                                                                                          params.bad_words))
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self._room_for_output(prompt_ids))
         self._check_fits(prompt_ids, params)
         processor = OutputProcessor(self.tokenizer, prompt_ids, params)
         with self._lock:
@@ -142,6 +144,16 @@ class EngineFront:
                 handle = self._handles.get(request_id)
             if handle is not None:
                 handle._deliver(delta)
+
+    def _room_for_output(self, prompt_ids: list[int]) -> int:
+        """max_tokens for a request that leaves it to us (vLLM's None): what the context and a
+        sequence's share of the KV cache (all of it) leave after the prompt."""
+        limits = self.limits
+        room = min(limits.max_model_len, limits.num_blocks * limits.block_size) - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequestError(f"prompt ({len(prompt_ids)} tokens) + 1 output token exceeds the context of "
+                                      f"{min(limits.max_model_len, limits.num_blocks * limits.block_size)} tokens")
+        return room
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         limits = self.limits

@@ -37,7 +37,7 @@ class SamplingParams:
     """One request's sampling parameters. The wire contract (gemma_protocol.SAMPLING_FIELDS) documents
     the same fields and defaults for clients (all but `bad_words_token_ids`, which the request side
     fills in); tests/test_sampling.py checks that the two agree."""
-    max_tokens: int = 16  # vLLM's default
+    max_tokens: Optional[int] = 16  # vLLM's default; None: as many as the context leaves room for (the front decides)
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0  # 0 keeps all tokens; vLLM's -1 is accepted and stored as 0
@@ -69,8 +69,8 @@ class SamplingParams:
 
     def _range_checks(self) -> tuple[tuple[bool, str], ...]:
         return (
-            (self.max_tokens >= 1, f"'max_tokens' must be >= 1, got {self.max_tokens}"),
-            (0 <= self.min_tokens <= self.max_tokens,
+            (self.max_tokens is None or self.max_tokens >= 1, f"'max_tokens' must be >= 1, got {self.max_tokens}"),
+            (0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
              f"'min_tokens' must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (0 <= self.temperature <= MAX_TEMPERATURE,  # also false for NaN
              f"'temperature' must be in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_BELOW_TEMPERATURE:g}: greedy), "

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# A completion without max_tokens gets OpenAI's (and vLLM's) 16; a chat completion without it as many
+# tokens as the context leaves room for, as theirs.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 # Top alternatives per token a request may ask for (the engine's limit; OpenAI's chat allows 20 too).
 MAX_TOP_LOGPROBS = 20
@@ -68,6 +71,7 @@ class GenerationRequest(BaseModel):
 
     @property
     def max_output_tokens(self) -> Optional[int]:
+        """The engine's `max_tokens`; None: as many as the context leaves room for."""
         return self.max_tokens
 
     @property
@@ -84,6 +88,10 @@ class CompletionRequest(GenerationRequest):
     @property
     def num_top_logprobs(self) -> Optional[int]:
         return self.logprobs
+
+    @property
+    def max_output_tokens(self) -> int:
+        return COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     @field_validator("prompt", mode="before")
     @classmethod

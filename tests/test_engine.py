@@ -109,6 +109,18 @@ def test_bad_words_are_never_generated(engine):
         engine.submit(PROMPTS[0], SamplingParams(max_tokens=4, bad_words_token_ids=((10**7,),)))
 
 
+def test_max_tokens_none_generates_until_the_context_is_full(servable_checkpoint):
+    eng = make_engine(servable_checkpoint, "off", max_model_len=64)
+    try:
+        prompt_ids = eng.tokenizer.encode(PROMPTS[0])
+        out = eng.submit(PROMPTS[0], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)).result()
+        assert out.finish_reason == "length" and out.num_output_tokens == 64 - len(prompt_ids)
+        with pytest.raises(InvalidRequestError, match="exceeds the context of 64 tokens"):
+            eng.submit(list(range(10, 74)), SamplingParams(max_tokens=None))
+    finally:
+        eng.shutdown()
+
+
 def test_cancel_frees_blocks(engine):
     handle = engine.submit(PROMPTS[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     seen = []

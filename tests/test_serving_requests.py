@@ -140,3 +140,7 @@ def test_fp32_and_int32_scalars_keep_their_value():
     assert request.params.temperature == 0.25 and request.params.max_tokens == 2**31 - 1
     with pytest.raises(ProtocolError, match="'max_tokens' must be >= 1, got -3"):
         parse_request(tensors(max_tokens=np.int32(-3)))
+
+
+def test_null_max_tokens_is_left_to_the_engine():
+    assert parse_request(tensors(sampling_parameters='{"max_tokens": null}')).params.max_tokens is None

@@ -59,15 +59,19 @@ GRPC_ERROR_HEADER = "triton_grpc_error"
 def check_sampling(sampling: Mapping[str, Any], strict: bool = True) -> dict[str, Any]:
     """Validate sampling kwargs against `protocol.SAMPLING_FIELDS`; return the JSON-ready dict.
 
-    None values are dropped (the server default applies). Known keys are always type-checked;
-    unknown keys are an `InvalidArgumentError` unless `strict` is False, when they are passed through
-    untouched (other backends, e.g. vLLM's, accept more keys).
+    None values are dropped (the server default applies), except where None means something of its
+    own: `max_tokens=None` asks for as many tokens as the context leaves room for (vLLM's None), so
+    it is sent as null. Known keys are always type-checked; unknown keys are an
+    `InvalidArgumentError` unless `strict` is False, when they are passed through untouched (other
+    backends, e.g. vLLM's, accept more keys).
     """
     checked: dict[str, Any] = {}
     for key, value in sampling.items():
-        if value is None:
-            continue
         field = protocol.FIELDS_BY_KEY.get(key)
+        if value is None:
+            if field is not None and field.nullable and field.default is not None:
+                checked[key] = None
+            continue
         if field is None:
             if strict:
                 raise InvalidArgumentError(

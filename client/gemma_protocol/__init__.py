@@ -60,8 +60,8 @@ def _scalar(name: str, triton_type: str) -> TensorSpec:
 # the input's type itself, and wraps one too large for INT32 (max_tokens 4294967299 arrives as 3):
 # that conversion happens before the model sees the request (docs/vllm-backend.md).
 SAMPLING_FIELDS: tuple[SamplingField, ...] = (
-    SamplingField("max_tokens", int, 16, "most tokens to generate (>= 1); vLLM's default, 16",
-                  tensor=_scalar("max_tokens", "TYPE_INT32")),
+    SamplingField("max_tokens", int, 16, "most tokens to generate (>= 1; vLLM's default, 16); null: as many "
+                  "as the context leaves room for", nullable=True, tensor=_scalar("max_tokens", "TYPE_INT32")),
     SamplingField("min_tokens", int, 0, "stop strings, stop ids and EOS are ignored before this many tokens",
                   tensor=_scalar("min_tokens", "TYPE_INT32")),
     SamplingField("temperature", float, 1.0, "in [0, 100]; below 1e-5 greedy, otherwise logits are divided by it",

@@ -3,10 +3,10 @@
 No model math here. `execute` parses each request (serving/requests.py) and submits it to the
 engine, then returns at once (decoupled model): the engine thread hands each output to a queue,
 and two small threads do the Triton-side work, so IPC to the server never stalls a decode step:
-- the responder sends one response per text delta (stream=true) or one at the end, the last with
-  TRITONSERVER_RESPONSE_COMPLETE_FINAL, and polls for cancelled requests (then cancels them in
-  the engine, which frees their KV blocks and finishes them);
-- the monitor updates the metrics.
+- the responder sends the responses serving/responses.py makes (one per text delta of a choice when
+  streaming, else one at the end), the last with TRITONSERVER_RESPONSE_COMPLETE_FINAL, and polls for
+  cancelled requests (then cancels them in the engine, which frees their KV blocks and finishes them);
+- the monitor updates the metrics and notices an engine that died or stopped answering.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ class _Request:
 
     def __init__(self, sender, request: GenerateRequest):
         self.sender = sender
-        self.request = request
         self.handles: list = []  # one per choice (n)
         self.responses: ResponseBuilder | None = None  # made once the prompt's length is known
         self.ended = False  # its final response (or error) went out

@@ -216,3 +216,12 @@ def test_a_repeated_long_prompt_reports_cached_tokens(sdk):
         for stream in (False, True):
             again = usage(create, stream, **args)
             assert 0 < again.prompt_tokens_details.cached_tokens < again.prompt_tokens == first.prompt_tokens
+
+
+def test_without_max_tokens_a_completion_gets_16_and_a_chat_the_rest_of_the_context(sdk, tiny_server):
+    """OpenAI's and vLLM's defaults (the tiny server's context is 512 tokens)."""
+    ignore_eos = {"extra_body": {"ignore_eos": True}, "temperature": 0}
+    completion = sdk.completions.create(model=MODEL, prompt=PROMPT, **ignore_eos)
+    assert completion.usage.completion_tokens == 16
+    chat = sdk.chat.completions.create(model=MODEL, messages=MESSAGES, **ignore_eos)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.total_tokens == 512
