@@ -45,7 +45,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.client = AsyncGemmaClient(settings.triton_url, settings.triton_model)
+        # cached_tokens: for usage.prompt_tokens_details.cached_tokens.
+        app.state.client = AsyncGemmaClient(settings.triton_url, settings.triton_model, cached_tokens=True)
         yield
         await app.state.client.close()
 

@@ -41,11 +41,12 @@ NUM_CACHED_TOKENS = _spec(protocol.OUTPUTS, "num_cached_tokens")
 
 # The server sends an optional output only when its BOOL `return_*` input asks. These are a few
 # numbers per response, so every request asks; `logprobs` (a JSON list per response) only when the
-# sampling parameters ask for logprobs.
+# sampling parameters ask for logprobs, and `num_cached_tokens` when the client was made to (each
+# tensor costs the server's responder time on every response).
 ALWAYS_RETURNED = tuple(_spec(protocol.INPUTS, name) for name in (
-    "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_output_ids",
-    "return_num_cached_tokens"))
+    "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_output_ids"))
 RETURN_LOGPROBS = _spec(protocol.INPUTS, "return_logprobs")
+RETURN_NUM_CACHED_TOKENS = _spec(protocol.INPUTS, "return_num_cached_tokens")
 # `finish_reason` before a choice has ended: vLLM's str(None) ("" from servers before the vLLM layout).
 NOT_FINISHED = ("None", "")
 
@@ -93,12 +94,14 @@ def _tensor(spec: protocol.TensorSpec, value: Any) -> InferInput:
     return tensor
 
 
-def build_inputs(prompt: str, sampling: Mapping[str, Any], stream: bool) -> list[InferInput]:
+def build_inputs(prompt: str, sampling: Mapping[str, Any], stream: bool,
+                 cached_tokens: bool = False) -> list[InferInput]:
     """The request tensors: prompt, stream flag, no prompt echo, sampling as one JSON object, and
     the `return_*` flags of the outputs the client reads."""
     if not isinstance(prompt, str):
         raise InvalidArgumentError(f"prompt must be str, got {type(prompt).__name__}")
-    flags = ALWAYS_RETURNED + ((RETURN_LOGPROBS,) if sampling.get("logprobs") is not None else ())
+    flags = ALWAYS_RETURNED + ((RETURN_LOGPROBS,) if sampling.get("logprobs") is not None else ()) \
+        + ((RETURN_NUM_CACHED_TOKENS,) if cached_tokens else ())
     return [
         _tensor(TEXT_INPUT, prompt.encode("utf-8")),
         _tensor(STREAM, stream),
@@ -118,8 +121,8 @@ class Request:
         return ResponseDecoder(self.num_top_logprobs)
 
 
-def build_request(prompt: str, sampling: Mapping[str, Any], stream: bool) -> Request:
-    return Request(build_inputs(prompt, sampling, stream), sampling.get("logprobs"))
+def build_request(prompt: str, sampling: Mapping[str, Any], stream: bool, cached_tokens: bool = False) -> Request:
+    return Request(build_inputs(prompt, sampling, stream, cached_tokens), sampling.get("logprobs"))
 
 
 def merge_headers(*dicts: Optional[Mapping[str, str]], grpc_error_status: bool = False) -> dict[str, str]:

@@ -43,6 +43,7 @@ class _ClientOptions:
         private_key: Optional[str] = None,
         certificate_chain: Optional[str] = None,
         strict_sampling: bool = True,
+        cached_tokens: bool = False,
         grpc_error_status: bool = False,
         verbose: bool = False,
     ):
@@ -58,6 +59,9 @@ class _ClientOptions:
             paths (None: gRPC's default roots, no client certificate).
         strict_sampling: reject sampling keys not in `gemma_protocol.SAMPLING_FIELDS`; False passes
             them through for backends that know more keys (known keys are type-checked anyway).
+        cached_tokens: also ask for `num_cached_tokens` (prompt tokens served from the prefix cache,
+            on `Delta` and `Completion`). Off by default: every response then carries one more tensor,
+            which costs the server ~10% more CPU per streamed response.
         grpc_error_status: send the `triton_grpc_error` header, which makes Triton end a failed
             stream with its real gRPC status. Off by default: the Triton 2.51 bundled with
             nvidia-pytriton segfaults when several such streams fail at once. Without it, errors are
@@ -73,6 +77,7 @@ class _ClientOptions:
         self.retry_backoff = retry_backoff
         self.headers = dict(headers or {})
         self.strict_sampling = strict_sampling
+        self.cached_tokens = cached_tokens
         self.grpc_error_status = grpc_error_status
         self._connection = dict(url=url, verbose=verbose, ssl=ssl, root_certificates=root_certificates,
                                 private_key=private_key, certificate_chain=certificate_chain,
@@ -85,7 +90,7 @@ class _ClientOptions:
                  timeout: Optional[float], headers: Optional[Mapping[str, str]]):
         """Validate everything before anything is sent; return (request, timeout, headers)."""
         params = _wire.check_sampling(sampling, strict=self.strict_sampling)
-        request = _wire.build_request(prompt, params, stream)
+        request = _wire.build_request(prompt, params, stream, cached_tokens=self.cached_tokens)
         return (request, self.timeout if timeout is None else timeout,
                 _wire.merge_headers(self.headers, headers, grpc_error_status=self.grpc_error_status))
 

@@ -32,7 +32,7 @@ def test_stream_and_generate_give_the_same_completion(server):
     assert all(d.num_output_tokens == len(d.token_ids) for d in deltas)  # each response counts its own
     assert whole.num_output_tokens == sum(d.num_output_tokens for d in deltas) == len(whole.token_ids) == 16
     assert whole.num_input_tokens == deltas[-1].num_input_tokens > 0
-    assert whole.num_cached_tokens is not None and deltas[-1].num_cached_tokens is not None
+    assert whole.num_cached_tokens is None  # not asked for (GemmaClient(cached_tokens=True) asks)
     assert not whole.text.startswith(PROMPT)  # exclude_input_in_output is always sent
 
 
@@ -49,7 +49,7 @@ def test_a_completion_folded_from_many_responses_counts_every_token(server):
 
 
 def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(server):
-    client = GemmaClient(server.grpc_url)
+    client = GemmaClient(server.grpc_url, cached_tokens=True)
     prompt = " ".join(f"Item {i} is a word." for i in range(30))  # several 16-token KV blocks
     first = client.generate(prompt, max_tokens=2, **GREEDY)
     again = client.generate(prompt, max_tokens=2, **GREEDY)

@@ -69,8 +69,7 @@ def test_every_sampling_field_round_trips_through_the_server_parser():
 def test_inputs_follow_the_protocol_table():
     inputs = build_inputs("Why is the sky blue? ☀", {"max_tokens": 4}, stream=False)
     by_name = {i.name(): i for i in inputs}
-    flags = {"return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_output_ids",
-             "return_num_cached_tokens"}
+    flags = {"return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_output_ids"}
     assert set(by_name) == {"text_input", "stream", "exclude_input_in_output", "sampling_parameters"} | flags
     assert flags <= {flag.name for flag in protocol.RETURN_FLAGS}
     for name, tensor in by_name.items():
@@ -84,12 +83,14 @@ def test_inputs_follow_the_protocol_table():
     assert all(by_name[flag]._get_content() == b"\x01" for flag in flags)
 
 
-def test_logprobs_are_asked_for_only_with_the_logprobs_key():
+def test_logprobs_and_cached_tokens_are_asked_for_only_when_wanted():
     def flags(sampling):
         return {i.name() for i in build_inputs("hi", sampling, stream=True) if i.name().startswith("return_")}
 
     assert "return_logprobs" not in flags({"max_tokens": 4})
     assert "return_logprobs" in flags({"logprobs": 0})
+    assert "return_num_cached_tokens" not in flags({}) and \
+        "return_num_cached_tokens" in {i.name() for i in build_inputs("hi", {}, stream=True, cached_tokens=True)}
     assert build_request("hi", {"logprobs": 3}, stream=True).num_top_logprobs == 3
     assert build_request("hi", {}, stream=True).num_top_logprobs is None
 
