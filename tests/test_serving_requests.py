@@ -125,6 +125,10 @@ def test_n_choices_draw_from_consecutive_seeds():
         parse_request(tensors(sampling_parameters='{"n": 2}', return_output_ids=np.bool_(True)))
 
 
+def test_genai_perfs_min_length_is_min_tokens():
+    assert parse_request(tensors(min_length=np.int32(5), max_tokens=np.int32(5))).params.min_tokens == 5
+
+
 def test_trtllm_inputs_that_change_nothing_here_are_accepted():
     request = parse_request(tensors(beam_width=np.int32(1), pad_id=np.int32(0), length_penalty=np.float32(1.0),
                                     end_id=np.int32(7), return_context_logits=np.bool_(False),

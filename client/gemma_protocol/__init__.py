@@ -149,6 +149,10 @@ RETURN_FLAGS: tuple[ReturnFlag, ...] = (
 )
 FLAGS_BY_NAME = {flag.name: flag for flag in RETURN_FLAGS}
 
+# Older names of sampling tensors that clients still send: genai-perf's `tensorrtllm` payload asks for
+# exactly `--output-tokens-mean` tokens with `min_length` (the ensemble's name before `min_tokens`).
+TENSOR_ALIASES = {_scalar("min_length", "TYPE_INT32"): "min_tokens"}
+
 # TensorRT-LLM ensemble inputs with no sampling key: accepted where the value changes nothing here.
 # (beam_width > 1 and the logits outputs are features this model does not have; pad_id only pads
 # TensorRT-LLM's own id outputs; length_penalty only weighs beams.)
@@ -161,7 +165,7 @@ FALSE_ONLY_FLAGS = tuple(_scalar(name, "TYPE_BOOL")
 INPUTS: tuple[TensorSpec, ...] = (
     (TEXT_INPUT, STREAM, SAMPLING_PARAMETERS, EXCLUDE_INPUT_IN_OUTPUT)
     + tuple(_scalar(flag.name, "TYPE_BOOL") for flag in RETURN_FLAGS)
-    + tuple(f.tensor for f in SAMPLING_FIELDS if f.tensor is not None)
+    + tuple(f.tensor for f in SAMPLING_FIELDS if f.tensor is not None) + tuple(TENSOR_ALIASES)
     + (BEAM_WIDTH, END_ID) + IGNORED_TENSORS + FALSE_ONLY_FLAGS
 )
 
@@ -185,7 +189,8 @@ OUTPUTS: tuple[TensorSpec, ...] = (
 )
 
 FIELDS_BY_KEY = {f.key: f for f in SAMPLING_FIELDS}
-FIELDS_BY_TENSOR = {f.tensor.name: f for f in SAMPLING_FIELDS if f.tensor is not None}
+FIELDS_BY_TENSOR = {f.tensor.name: f for f in SAMPLING_FIELDS if f.tensor is not None} | \
+    {alias.name: FIELDS_BY_KEY[key] for alias, key in TENSOR_ALIASES.items()}
 INPUT_NAMES = frozenset(spec.name for spec in INPUTS)
 
 

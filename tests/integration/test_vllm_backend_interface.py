@@ -284,6 +284,14 @@ def test_trtllm_typed_scalars_are_accepted(vllm_server):
     assert float(result.as_numpy("cum_log_probs")[0]) == pytest.approx(float(per_token.sum()), rel=1e-5)
 
 
+def test_genai_perfs_tensorrtllm_payload_gets_exactly_the_tokens_it_asks_for(vllm_server):
+    """genai-perf --backend tensorrtllm --output-tokens-mean 8 --output-tokens-mean-deterministic --streaming."""
+    results = ok(vllm_server, [typed("text_input", "BYTES", ["Tell me about France."]), typed("max_tokens", "INT32", [8]),
+                               typed("min_length", "INT32", [8]), typed("stream", "BOOL", [True]),
+                               typed("return_num_output_tokens", "BOOL", [True])])
+    assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in results) == 8
+
+
 @pytest.mark.parametrize("name, datatype, value, words", [
     ("beam_width", "INT32", 2, ["beam_width", "1"]),
     ("return_generation_logits", "BOOL", True, ["return_generation_logits"]),
