@@ -66,7 +66,6 @@ class EngineProcess(EngineFront):
             self._process.wait()
             raise payload
         self.limits, self.device = payload
-        self.exit_error: str | None = None  # set when the process died on its own
         self._stats_lock = threading.Lock()
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
         self._receiver = threading.Thread(target=self._receive, name="gemma-engine-events", daemon=True)

@@ -96,6 +96,7 @@ class EngineFront:
         self._handles: dict[int, RequestHandle] = {}  # request id -> handle, until its final delta
         self._next_id = 0
         self._closed = False  # shut down (or the engine is gone): requests are refused
+        self.exit_error: Optional[str] = None  # why the engine stopped on its own, if it did
 
     def submit(self, prompt: Union[str, Seq[int]], params: SamplingParams,
                on_ready: Optional[Callable[[RequestHandle], None]] = None) -> RequestHandle:
@@ -113,7 +114,7 @@ class EngineFront:
         processor = OutputProcessor(self.tokenizer, prompt_ids, params)
         with self._lock:
             if self._closed:
-                raise EngineOverloadedError("the engine is shutting down")
+                raise EngineOverloadedError(self.exit_error or "the engine is shutting down")
             # Requests not admitted yet count as waiting only beyond the free running slots (the
             # unfinished ones are running + waiting): a burst that fits the batch is never refused.
             if len(self._handles) - self.config.max_num_seqs >= self.config.max_queue_size:

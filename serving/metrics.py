@@ -95,6 +95,9 @@ FAMILIES = (
     Family("running", "vllm:num_requests_running", GAUGE, "Sequences being decoded"),
     Family("waiting", "gemma_queue_depth", GAUGE, "Requests waiting for a slot"),
     Family("waiting", "vllm:num_requests_waiting", GAUGE, "Requests waiting for a batch slot or KV cache blocks"),
+    # By the model itself (GemmaMetrics.count_engine_restart).
+    Family("engine_restarts", "gemma_engine_restarts_total", COUNTER,
+           "Engine processes started again after one died or stopped answering"),
 )
 
 
@@ -159,11 +162,16 @@ class GemmaMetrics:
         self._set("kv_usage", kv.used_blocks / kv.total_blocks)
         for quantity, total in (("prefix_queries", stats.prefix_cache.queries),
                                 ("prefix_hits", stats.prefix_cache.hits), ("preemptions", stats.num_preemptions)):
+            if total < self._engine_totals[quantity]:  # a restarted engine counts from 0 again
+                self._engine_totals[quantity] = 0
             if total > self._engine_totals[quantity]:
                 self._add(quantity, total - self._engine_totals[quantity])
                 self._engine_totals[quantity] = total
         self._set("running", stats.num_running)
         self._set("waiting", stats.num_waiting)
+
+    def count_engine_restart(self) -> None:
+        self._add("engine_restarts", 1)
 
     def _add(self, quantity: str, amount: float, key: str | None = None) -> None:
         if amount:  # each update is an IPC call: none for nothing

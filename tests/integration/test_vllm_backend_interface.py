@@ -4,22 +4,21 @@ Written from the vLLM backend's documentation and source (triton-inference-serve
 README's sample client and curl request, docs/additional_outputs.md, src/utils/request.py and its CI's
 tests), not from this repository's code: plain tritonclient requests in that backend's shapes,
 string-valued sampling parameters, request parameters, the five `return_*` flags, exclude_input_in_output,
-cancellation, and the TensorRT-LLM ensemble's scalar tensor types. docs/vllm-backend.md is the table.
+cancellation, and the TensorRT-LLM ensemble's scalar tensor types. docs/vllm-backend.md is the table;
+test_engine_health.py has its health check.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import queue
-import signal
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .conftest import MODEL, TINY_SERVER_ENV, engine_processes, start_servers, stop_servers, wait_for
+from .conftest import MODEL, wait_for
 
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": "0", "top_p": "1"}  # as the vLLM backend's tests send them: strings
@@ -312,39 +311,3 @@ def test_http_generate_takes_trtllm_style_json(vllm_server):
                                      "exclude_input_in_output": True, "return_num_output_tokens": True})
     assert status == 200, body
     assert json.loads(body)["num_output_tokens"] == 4
-
-
-# --- health (the vLLM backend's ENABLE_VLLM_HEALTH_CHECK) ---------------------------------------------------
-
-def test_a_dead_engine_makes_the_model_unavailable_and_not_ready(tmp_path, tiny_checkpoint):
-    (server,) = start_servers((tmp_path / "server.log",
-                               {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint),
-                                "GEMMA_ENABLE_VLLM_HEALTH_CHECK": "true"},
-                               ("--model-control-mode=explicit", f"--load-model={MODEL}")))
-    try:
-        ok(server, vllm_inputs(PROMPT, True, {**GREEDY, "max_tokens": "4"}))
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            assert client.is_model_ready(MODEL)
-            (engine,) = engine_processes(server)
-            os.kill(engine, signal.SIGKILL)
-            assert wait_for(lambda: not client.is_model_ready(MODEL), timeout=30)
-            index = {m.name: m.state for m in client.get_model_repository_index().models}
-            assert index[MODEL] != "READY"
-        _, error = infer(server, vllm_inputs(PROMPT, True, GREEDY))
-        assert error is not None
-        assert server.process.poll() is None  # the server itself keeps running
-    finally:
-        stop_servers([server])
-
-
-def test_without_the_health_check_a_dead_engine_refuses_requests_as_unavailable(tmp_path, tiny_checkpoint):
-    (server,) = start_servers((tmp_path / "server.log", {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}))
-    try:
-        (engine,) = engine_processes(server)
-        os.kill(engine, signal.SIGKILL)
-        # A request that reaches the engine before its death is noticed fails as INTERNAL (in flight).
-        message = wait_for(lambda: (error := infer(server, vllm_inputs(PROMPT, True, GREEDY))[1]) is not None
-                           and "UNAVAILABLE" in error.message() and error.message(), timeout=10)
-        assert message and "exited unexpectedly" in message
-    finally:
-        stop_servers([server])

@@ -37,13 +37,17 @@ ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", 
                "INTERNAL": "INTERNAL"}
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
 METRICS_PERIOD_S = 0.1
+# A dead engine process is started again after each of these waits, until one start succeeds; after
+# the last failed start the model stays unavailable (a start that fails that often will not recover).
+ENGINE_RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class _Request:
     """One in-flight request: where its responses go, its choices' engine handles, and its timings."""
 
-    def __init__(self, sender, request: GenerateRequest):
+    def __init__(self, sender, request: GenerateRequest, engine):
         self.sender = sender
+        self.engine = engine  # the one its choices run in (a restart makes another)
         self.handles: list = []  # one per choice (n)
         self.responses: ResponseBuilder | None = None  # made once the prompt's length is known
         self.ended = False  # its final response (or error) went out
@@ -127,17 +131,12 @@ class TritonPythonModel:
         return config
 
     def initialize(self, args):
-        from backend.engine import Engine
-        from backend.engine_process import EngineProcess
-
-        settings = model_settings(args)
+        settings = self.settings = model_settings(args)
         self.max_prompt_bytes = settings.max_prompt_bytes
         self.model_name = args["model_name"]
-        self.unload_when_unhealthy = settings.unload_when_unhealthy
         self.unhealthy: str | None = None  # why the engine cannot serve (it died or stopped answering)
-        # In a process of its own, the engine's loop does not share this process's GIL with the
-        # responder thread (backend/engine_process.py).
-        self.engine = EngineProcess(settings.engine) if settings.engine_process else Engine.from_config(settings.engine)
+        self.engine = self._start_engine()
+        self._restarter: threading.Thread | None = None
         self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # ((request, choice), handle with new output) | None
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
@@ -150,6 +149,15 @@ class TritonPythonModel:
         self._responder.start()
         self._monitor.start()
         pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}")
+
+    def _start_engine(self):
+        from backend.engine import Engine
+        from backend.engine_process import EngineProcess
+
+        # In a process of its own, the engine's loop does not share this process's GIL with the
+        # responder thread (backend/engine_process.py).
+        engine = self.settings.engine
+        return EngineProcess(engine) if self.settings.engine_process else Engine.from_config(engine)
 
     def execute(self, requests):
         for request in requests:
@@ -182,16 +190,17 @@ class TritonPythonModel:
             return self._records.put(RequestRecord("invalid"))
         except ProtocolError as e:
             return self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
-        req = _Request(sender, parsed)
+        req = _Request(sender, parsed, self.engine)
         with self._lock:  # registered first: its final output may arrive before submit returns
             self._active.add(req)
         try:
             for choice in range(parsed.n):
-                req.handles.append(self.engine.submit(
+                req.handles.append(req.engine.submit(
                     parsed.prompt, parsed.choice_params(choice),
                     on_ready=lambda handle, key=(req, choice): self._outputs.put((key, handle))))
                 if req.responses is None:
-                    req.responses = ResponseBuilder(parsed, req.handles[0].num_prompt_tokens, self._logprobs_json)
+                    req.responses = ResponseBuilder(parsed, req.handles[0].num_prompt_tokens,
+                                                    lambda logprobs, e=req.engine: logprobs_json(e.tokenizer, logprobs))
         except Exception as e:
             with self._lock:
                 self._active.discard(req)
@@ -208,6 +217,8 @@ class TritonPythonModel:
     def finalize(self):
         self._stopping.set()  # first: the monitor's engine.stats() would be refused during the shutdown
         self._monitor.join()
+        if self._restarter is not None:  # a start under way finishes (and stops what it started)
+            self._restarter.join()
         self.engine.shutdown()  # cancels what is in flight; their final outputs are still sent
         self._outputs.put(None)
         self._responder.join()
@@ -281,6 +292,8 @@ class TritonPythonModel:
             record.outcome = record.finish_reason = out.finish_reason
             if out.finish_reason == "cancelled":
                 req.sender.send(_error("CANCELLED", "request cancelled"), flags=FINAL)
+            elif req.engine.exit_error is not None:  # the engine died under it: retrying will do
+                req.sender.send(_error("UNAVAILABLE", f"generation failed: {out.error}"), flags=FINAL)
             else:
                 req.sender.send(_error("INTERNAL", f"generation failed: {out.error}"), flags=FINAL)
         else:
@@ -303,11 +316,14 @@ class TritonPythonModel:
         with self._lock:
             self._active.discard(req)
 
-    def _logprobs_json(self, logprobs) -> str:
-        return logprobs_json(self.engine.tokenizer, logprobs)
-
     def _monitor_loop(self) -> None:
-        last_error = None  # logged once, not every period (e.g. an engine process that has died)
+        logged = set()  # each error once, not every period (e.g. an engine process that has died)
+
+        def log_once(e: Exception) -> None:
+            if repr(e) not in logged:
+                logged.add(repr(e))
+                pb_utils.Logger.log_error(f"gemma: metrics: {e!r}")
+
         while not self._stopping.wait(METRICS_PERIOD_S):
             try:
                 # Each metric update is an IPC call (~20 us), a few per generated token: under heavy
@@ -319,22 +335,55 @@ class TritonPythonModel:
                         self.metrics.record(self._records.get_nowait())
                     except queue.Empty:
                         break
-                self.metrics.set_engine_stats(self.engine.stats())
             except Exception as e:
-                if repr(e) != last_error:
-                    pb_utils.Logger.log_error(f"gemma: metrics: {e!r}")
-                last_error = repr(e)
-                if not self._stopping.is_set() and self.unhealthy is None:
-                    self._mark_unhealthy(str(e))
+                log_once(e)
+            engine = self.engine
+            try:
+                stats = engine.stats()  # also the engine's health check: refused once it died, or times out
+            except Exception as e:
+                log_once(e)
+                # Only the engine serving now: one a restart already replaced may fail meanwhile.
+                if not self._stopping.is_set() and self.unhealthy is None and engine is self.engine:
+                    self._mark_unhealthy(str(e), engine)
+                continue
+            try:
+                self.metrics.set_engine_stats(stats)
+            except Exception as e:
+                log_once(e)
 
-    def _mark_unhealthy(self, cause: str) -> None:
-        """The engine died or stopped answering: refuse requests from now on, and, as the vLLM
-        backend's ENABLE_VLLM_HEALTH_CHECK does, unload the model so that it reads as not ready
-        (Triton allows that in model control mode explicit only)."""
+    def _mark_unhealthy(self, cause: str, dead) -> None:
+        """The engine died or stopped answering: refuse requests until it is back. With the vLLM
+        backend's ENABLE_VLLM_HEALTH_CHECK, unload the model instead, so that it reads as not ready
+        and the orchestrator restarts the server (Triton unloads only in model control mode
+        explicit); otherwise start a fresh engine here."""
         self.unhealthy = cause
         pb_utils.Logger.log_error(f"gemma: the engine is unhealthy: {cause}")
-        if self.unload_when_unhealthy:
+        if self.settings.unload_when_unhealthy:
             try:
                 pb_utils.unload_model(self.model_name)
             except Exception as e:  # noqa: BLE001 - e.g. model control mode none
                 pb_utils.Logger.log_error(f"gemma: could not unload the unhealthy model: {e!r}")
+        else:
+            self._restarter = threading.Thread(target=self._restart_engine, args=(dead,), name="gemma-restart",
+                                               daemon=True)
+            self._restarter.start()
+
+    def _restart_engine(self, dead) -> None:
+        dead.shutdown()  # reaps the dead process (its requests have already ended)
+        for attempt, delay in enumerate(ENGINE_RESTART_DELAYS_S, start=1):
+            if self._stopping.wait(delay):
+                return
+            try:
+                engine = self._start_engine()
+            except Exception as e:  # noqa: BLE001 - logged; the next attempt may succeed
+                pb_utils.Logger.log_error(f"gemma: engine restart {attempt} failed: {e!r}")
+                continue
+            if self._stopping.is_set():  # finalize began meanwhile: it must not be left running
+                engine.shutdown()
+                return
+            self.engine, self.unhealthy = engine, None
+            self.metrics.count_engine_restart()
+            pb_utils.Logger.log_info(f"gemma: engine restarted (attempt {attempt})")
+            return
+        pb_utils.Logger.log_error(f"gemma: the engine did not restart after {len(ENGINE_RESTART_DELAYS_S)} "
+                                  f"attempts; the model stays unavailable")
