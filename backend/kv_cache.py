@@ -121,6 +121,21 @@ def bytes_per_block(cfg: GemmaConfig, block_size: int, dtype: torch.dtype) -> in
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory an allocation on `device` can take now: the GPU's free memory, or the host's available
+    memory (Linux's MemAvailable); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PagedKVCache:
     """K and V for every layer as flat slot arrays [num_blocks * block_size, kv_heads, head_dim];
     slot = block_id * block_size + offset."""
@@ -138,6 +153,12 @@ class PagedKVCache:
         num_blocks = budget_bytes // bytes_per_block(cfg, block_size, dtype)
         if num_blocks < 1:
             raise ValueError(f"KV cache budget {budget_bytes} bytes holds no block of {block_size} tokens")
+        # Checked before allocating: a CUDA allocation that does not fit fails with a traceback that
+        # names no setting, and on the CPU an overcommitted one succeeds and is OOM-killed later.
+        free = free_memory_bytes(torch.device(device))
+        if free is not None and num_blocks * bytes_per_block(cfg, block_size, dtype) > free:
+            raise ValueError(f"kv_cache_bytes={budget_bytes} does not fit: {free} bytes are free on {device} "
+                             f"(after the weights); set kv_cache_bytes below that")
         return cls(cfg, num_blocks, block_size, dtype, device, enable_prefix_caching)
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 the same outputs as the engine on a thread, cancellation and stop strings reaching the engine
 process, the queue bound and request checks on the caller's side, shutdown, and a start that fails
 or an engine process that dies mid-generation ending every request with an error."""
+import dataclasses
 import json
 import shutil
 import threading
@@ -98,6 +99,11 @@ def test_a_start_that_fails_raises_the_engines_error(servable_checkpoint, tmp_pa
         EngineProcess(config(tmp_path))
 
 
+def test_a_kv_cache_that_does_not_fit_fails_the_start_naming_the_setting(servable_checkpoint):
+    with pytest.raises(ValueError, match=r"kv_cache_bytes=1125899906842624 does not fit: \d+ bytes are free on cpu"):
+        EngineProcess(dataclasses.replace(config(servable_checkpoint), kv_cache_bytes=1 << 50))
+
+
 def test_an_engine_process_that_dies_ends_every_request_with_an_error(servable_checkpoint):
     eng = EngineProcess(config(servable_checkpoint))
     try:
@@ -107,7 +113,7 @@ def test_an_engine_process_that_dies_ends_every_request_with_an_error(servable_c
         eng._process.kill()
         outs = [h.result() for h in handles]
         assert [o.finish_reason for o in outs] == ["error", "error"]
-        assert all("engine process exited" in o.error for o in outs)
+        assert all("engine process exited" in o.error for o in outs) and "exit code -9" in eng.exit_error
         with pytest.raises(EngineOverloadedError):
             eng.submit(PROMPTS[0], GREEDY)
         with pytest.raises(EngineOverloadedError):
