@@ -70,7 +70,7 @@ def test_without_it_a_dead_engine_fails_what_runs_and_is_restarted(tmp_path, tin
         # Then the model serves again, from a fresh engine process, and counts the restart.
         assert wait_for(lambda: error_of(server) is None, timeout=90)
         assert engine_processes(server) not in ([], [engine])
-        assert server.metric("gemma_engine_restarts_total") == 1
+        assert wait_for(lambda: server.metric("gemma_engine_restarts_total") == 1)
         assert wait_for(lambda: server.metric("gemma_kv_blocks_total") > 0)  # the new engine's stats
     finally:
         stop_servers([server])
