@@ -150,11 +150,11 @@ class EngineFront:
         """max_tokens for a request that leaves it to us (vLLM's None): what the context and a
         sequence's share of the KV cache (all of it) leave after the prompt."""
         limits = self.limits
-        room = min(limits.max_model_len, limits.num_blocks * limits.block_size) - len(prompt_ids)
-        if room < 1:
+        context = min(limits.max_model_len, limits.num_blocks * limits.block_size)
+        if len(prompt_ids) >= context:
             raise InvalidRequestError(f"prompt ({len(prompt_ids)} tokens) + 1 output token exceeds the context of "
-                                      f"{min(limits.max_model_len, limits.num_blocks * limits.block_size)} tokens")
-        return room
+                                      f"{context} tokens")
+        return context - len(prompt_ids)
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         limits = self.limits

@@ -150,13 +150,14 @@ class PagedKVCache:
     @classmethod
     def from_budget(cls, cfg: GemmaConfig, budget_bytes: int, block_size: int, dtype, device,
                     enable_prefix_caching: bool = True):
-        num_blocks = budget_bytes // bytes_per_block(cfg, block_size, dtype)
+        block_bytes = bytes_per_block(cfg, block_size, dtype)
+        num_blocks = budget_bytes // block_bytes
         if num_blocks < 1:
             raise ValueError(f"KV cache budget {budget_bytes} bytes holds no block of {block_size} tokens")
         # Checked before allocating: a CUDA allocation that does not fit fails with a traceback that
         # names no setting, and on the CPU an overcommitted one succeeds and is OOM-killed later.
         free = free_memory_bytes(torch.device(device))
-        if free is not None and num_blocks * bytes_per_block(cfg, block_size, dtype) > free:
+        if free is not None and num_blocks * block_bytes > free:
             raise ValueError(f"kv_cache_bytes={budget_bytes} does not fit: {free} bytes are free on {device} "
                              f"(after the weights); set kv_cache_bytes below that")
         return cls(cfg, num_blocks, block_size, dtype, device, enable_prefix_caching)

@@ -43,10 +43,10 @@ class ResponseBuilder:
     """One request's responses. Feed it each choice's RequestOutputs in order (`add`); outputs that
     end a choice with "cancelled" or "error" are the caller's (they end the request with an error)."""
 
-    def __init__(self, request: GenerateRequest, num_prompt_tokens: int, logprobs_text: LogprobsText):
+    def __init__(self, request: GenerateRequest, logprobs_text: LogprobsText):
         self._request, self._logprobs_text = request, logprobs_text
         self._choices = [_Choice() for _ in range(request.n)]
-        self._num_prompt_tokens = num_prompt_tokens
+        self._num_prompt_tokens = 0  # every output says it
         self._num_cached_tokens = 0
 
     @property
@@ -57,6 +57,7 @@ class ResponseBuilder:
         """The response this output makes now, if any."""
         state = self._choices[choice]
         state.finish_reason = out.finish_reason
+        self._num_prompt_tokens = out.num_prompt_tokens
         state.cumulative_logprob += sum(lp.logprob for lp in out.logprobs or ())
         self._num_cached_tokens = max(self._num_cached_tokens, out.num_cached_tokens)
         if self._request.stream:

@@ -21,7 +21,7 @@ def output(text, ids, finish=None, logprob=-0.5, cached=0):
 def builder(stream, outputs=EVERY_OUTPUT, n=1, echo=False, logprobs=0):
     request = GenerateRequest("Say:", SamplingParams(logprobs=0), n=n, stream=stream, echo_prompt=echo,
                               outputs=outputs, logprobs=logprobs)
-    return ResponseBuilder(request, num_prompt_tokens=4, logprobs_text=lambda lps: f"{len(lps)} entries")
+    return ResponseBuilder(request, logprobs_text=lambda lps: f"{len(lps)} entries")
 
 
 def test_a_stream_sends_each_output_as_it_comes_with_its_own_counts():

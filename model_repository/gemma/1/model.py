@@ -49,7 +49,7 @@ class _Request:
         self.sender = sender
         self.engine = engine  # the one its choices run in (a restart makes another)
         self.handles: list = []  # one per choice (n)
-        self.responses: ResponseBuilder | None = None  # made once the prompt's length is known
+        self.responses = ResponseBuilder(request, lambda logprobs: logprobs_json(engine.tokenizer, logprobs))
         self.ended = False  # its final response (or error) went out
         self.submitted = time.monotonic()
         self.last_token_at: float | None = None
@@ -198,9 +198,6 @@ class TritonPythonModel:
                 req.handles.append(req.engine.submit(
                     parsed.prompt, parsed.choice_params(choice),
                     on_ready=lambda handle, key=(req, choice): self._outputs.put((key, handle))))
-                if req.responses is None:
-                    req.responses = ResponseBuilder(parsed, req.handles[0].num_prompt_tokens,
-                                                    lambda logprobs, e=req.engine: logprobs_json(e.tokenizer, logprobs))
         except Exception as e:
             with self._lock:
                 self._active.discard(req)
@@ -274,7 +271,7 @@ class TritonPythonModel:
         with self._lock:
             active = list(self._active)
         for req in active:
-            if req.responses is not None and req.sender.is_cancelled():
+            if req.handles and req.sender.is_cancelled():
                 for handle in req.handles:
                     handle.cancel()  # the engine frees its KV blocks and sends a final "cancelled"
 
