@@ -1,12 +1,17 @@
-"""What the model sends back for one request: its outputs -> the values of each response.
+"""What the model sends back for one request: its outputs -> the values of each response, or its error.
 
 Plain data, no Triton: the Triton model (model_repository/gemma/1/model.py) turns each `Response` into
-tensors and sends it, so these rules are unit-tested without a server. They are the vLLM backend's:
+tensors and each `ErrorResponse` into a TritonError and sends it, so these rules are unit-tested
+without a server. The responses are the vLLM backend's:
 - streamed, one response per output of a choice, each value covering the tokens since the previous
   response (text, logprobs, num_output_tokens), the last one final; not streamed, one response at the
   end with each choice's whole text, after the prompt when the request echoes it;
 - per-choice outputs hold one element per choice (n); `finish_reason` is "None" until a choice ends;
-- only the outputs the request asked for (GenerateRequest.outputs), `text_output` always.
+- only the outputs the request asked for (GenerateRequest.outputs), `text_output` always;
+- a choice that ends "cancelled" or "error" ends the whole request with an error, and nothing of it
+  is sent after that.
+Errors carry a Triton error code and a message prefixed with the gRPC status name
+(gemma_protocol.tag_error): a gRPC stream error reaches the client as its message alone.
 """
 from __future__ import annotations
 
@@ -14,19 +19,70 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from gemma_protocol import ProtocolError, tag_error
+
+from backend.errors import EngineOverloadedError, InvalidRequestError
 from backend.outputs import RequestOutput
 from backend.sampling import TokenLogprobs
 
 from .logprobs import LOWEST_LOGPROB
-from .requests import GenerateRequest
+from .requests import GenerateRequest, StreamEchoError
 
 LogprobsText = Callable[[Sequence[TokenLogprobs]], str]
+# The TritonError code of each gRPC status this model answers with (by pb_utils.TritonError's names).
+TRITON_ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", "CANCELLED": "CANCELLED",
+                      "INTERNAL": "INTERNAL"}
 
 
 @dataclass(frozen=True)
 class Response:
     values: dict[str, list]  # output name -> one value per choice (output_log_probs: a list per choice)
     final: bool
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """A request's last response, an error: the TritonError code's name and the client's message."""
+    code: str  # a pb_utils.TritonError attribute: INVALID_ARG, UNAVAILABLE, CANCELLED or INTERNAL
+    message: str
+    outcome: str  # the request's outcome in the metrics: invalid, overloaded, cancelled or error
+
+
+def error_response(status: str, message: str, outcome: str) -> ErrorResponse:
+    """An error with gRPC status `status` (TRITON_ERROR_CODES), its message tagged with it."""
+    return ErrorResponse(TRITON_ERROR_CODES[status], tag_error(status, message), outcome)
+
+
+def refusal(error: Exception) -> Optional[ErrorResponse]:
+    """How a request refused before it runs is answered: bad input is INVALID_ARGUMENT, a full queue
+    UNAVAILABLE (retrying may succeed). None for any other exception: a failure of the model."""
+    if isinstance(error, StreamEchoError):  # the vLLM backend's words, which its clients compare verbatim
+        return ErrorResponse("INVALID_ARG", str(error), "invalid")
+    if isinstance(error, (ProtocolError, InvalidRequestError)):
+        return error_response("INVALID_ARGUMENT", str(error), "invalid")
+    if isinstance(error, EngineOverloadedError):
+        return error_response("UNAVAILABLE", str(error), "overloaded")
+    return None
+
+
+def unhealthy_refusal(cause: str) -> ErrorResponse:
+    """The answer to a request that arrives while the engine is down (it died, or is starting again)."""
+    return error_response("UNAVAILABLE", f"Model is unavailable due to unhealthy engine: {cause}", "overloaded")
+
+
+# A request the model failed to process. The client gets no traceback (it holds server paths); the log does.
+MODEL_FAILURE = error_response("INTERNAL", "the model failed to process the request", "error")
+# A request still in flight when the model unloads, whose engine stopped without a final output for it.
+SHUTTING_DOWN = error_response("CANCELLED", "the model is shutting down", "cancelled")
+
+
+def ended_early(out: RequestOutput, engine_died: bool) -> ErrorResponse:
+    """The error that ends a request when one of its choices ends "cancelled" or "error": a failure
+    because the engine died under it is UNAVAILABLE (retrying will do), any other INTERNAL."""
+    if out.finish_reason == "cancelled":
+        return error_response("CANCELLED", "request cancelled", "cancelled")
+    status = "UNAVAILABLE" if engine_died else "INTERNAL"
+    return error_response(status, f"generation failed: {out.error}", "error")
 
 
 @dataclass
@@ -40,21 +96,37 @@ class _Choice:
 
 
 class ResponseBuilder:
-    """One request's responses. Feed it each choice's RequestOutputs in order (`add`); outputs that
-    end a choice with "cancelled" or "error" are the caller's (they end the request with an error)."""
+    """One request's responses. Feed it each choice's RequestOutputs in order (`add`)."""
 
     def __init__(self, request: GenerateRequest, logprobs_text: LogprobsText):
         self._request, self._logprobs_text = request, logprobs_text
         self._choices = [_Choice() for _ in range(request.n)]
         self._num_prompt_tokens = 0  # every output says it
         self._num_cached_tokens = 0
+        self.ended = False  # its last response (the final one, or an error) is made: later outputs make none
 
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self._choices)
 
-    def add(self, choice: int, out: RequestOutput) -> Optional[Response]:
-        """The response this output makes now, if any."""
+    def end(self) -> None:
+        """The request ended without a response from here (refused while its choices were being
+        submitted): the outputs of the choices already submitted make none."""
+        self.ended = True
+
+    def add(self, choice: int, out: RequestOutput, engine_died: bool = False) -> Optional[Response | ErrorResponse]:
+        """The response this output makes now, if any. `engine_died`: the engine that ran it has died
+        since (which decides the error of a choice that ended "error")."""
+        if self.ended:
+            return None
+        if out.finish_reason in ("cancelled", "error"):
+            self.ended = True
+            return ended_early(out, engine_died)
+        response = self._add(choice, out)
+        self.ended = response is not None and response.final
+        return response
+
+    def _add(self, choice: int, out: RequestOutput) -> Optional[Response]:
         state = self._choices[choice]
         state.finish_reason = out.finish_reason
         self._num_prompt_tokens = out.num_prompt_tokens

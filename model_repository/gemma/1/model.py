@@ -4,9 +4,12 @@ No model math here. `execute` parses each request (serving/requests.py) and subm
 engine, then returns at once (decoupled model): the engine thread hands each output to a queue,
 and two small threads do the Triton-side work, so IPC to the server never stalls a decode step:
 - the responder sends the responses serving/responses.py makes (one per text delta of a choice when
-  streaming, else one at the end), the last with TRITONSERVER_RESPONSE_COMPLETE_FINAL, and polls for
+  streaming, else one at the end; or the error that ends the request), the last with
+  TRITONSERVER_RESPONSE_COMPLETE_FINAL, as tensors from serving/tensors.py's cache, and polls for
   cancelled requests (then cancels them in the engine, which frees their KV blocks and finishes them);
 - the monitor updates the metrics and notices an engine that died or stopped answering.
+What each response holds and which error answers what are serving/'s rules; this file turns them into
+pb_utils objects and sends them.
 """
 from __future__ import annotations
 
@@ -15,26 +18,22 @@ import threading
 import time
 import traceback
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
-from gemma_protocol import INPUTS, OUTPUTS, ProtocolError, tag_error
+from gemma_protocol import INPUTS, OUTPUTS, ProtocolError
 
 from serving.config import bound_cpu_kernel_caches, model_settings
 
 bound_cpu_kernel_caches()  # before torch is imported (by the modules below)
 
-from backend.errors import EngineOverloadedError, InvalidRequestError  # noqa: E402
 from serving.logprobs import logprobs_json  # noqa: E402
 from serving.metrics import GemmaMetrics, RequestRecord  # noqa: E402
-from serving.requests import GenerateRequest, StreamEchoError, parse_request  # noqa: E402
-from serving.responses import ResponseBuilder  # noqa: E402
+from serving.requests import GenerateRequest, parse_request  # noqa: E402
+from serving.responses import (MODEL_FAILURE, SHUTTING_DOWN, ErrorResponse, ResponseBuilder, refusal,  # noqa: E402
+                               unhealthy_refusal)
+from serving.tensors import TensorCache  # noqa: E402
+from serving.token_times import TokenTimes  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# The TritonError codes this model sends, by the gRPC status name that also prefixes each message
-# (gemma_protocol.tag_error): a gRPC stream error reaches the client as its message alone. Names, since
-# pb_utils.TritonError exists only once the stub has set the module up, after this file's import.
-ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", "CANCELLED": "CANCELLED",
-               "INTERNAL": "INTERNAL"}
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
 METRICS_PERIOD_S = 0.1
 # A dead engine process is started again after each of these waits, until one start succeeds; after
@@ -50,22 +49,8 @@ class _Request:
         self.engine = engine  # the one its choices run in (a restart makes another)
         self.handles: list = []  # one per choice (n)
         self.responses = ResponseBuilder(request, lambda logprobs: logprobs_json(engine.tokenizer, logprobs))
-        self.ended = False  # its final response (or error) went out
-        self.submitted = time.monotonic()
-        self.last_token_at: float | None = None
+        self.times = TokenTimes(submitted=time.monotonic())
         self.record = RequestRecord("success", n=request.n)
-
-    def note_tokens(self, count: int) -> None:
-        """`count` tokens go out now. A gap g before k tokens counts as k inter-token gaps of g/k
-        (as benchmarks/stats.py's Timeline counts them), so merged responses hide no tokens; the
-        first k tokens are the first token and k - 1 gaps of nothing."""
-        now = time.monotonic()
-        if self.last_token_at is None:
-            self.record.ttft_s = now - self.submitted
-            self.record.inter_token_s.extend([0.0] * (count - 1))
-        else:
-            self.record.inter_token_s.extend([(now - self.last_token_at) / count] * count)
-        self.last_token_at = now
 
 
 def _ready_requests(items: list) -> list:
@@ -77,45 +62,9 @@ def _ready_requests(items: list) -> list:
     return list(dict(items).items())
 
 
-# Responses are built from tensors that are reused. A pb_utils.Tensor costs the responder 2-5 us of
-# the GIL to build and its send a shared-memory allocation; the stub saves a tensor to shared memory
-# once (reference-counted) and Triton copies it into each response that holds it. So each value that
-# recurs (every count, a finish_reason, a common token's text and id) gets its tensor once.
-TENSOR_CACHE_SIZE = 4096  # tensors kept per output; a full cache starts again empty
-CACHED_TEXT_CHARS = 16  # longer texts rarely recur
-NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_FP32": np.float32, "TYPE_UINT32": np.uint32, "TYPE_INT32": np.int32}
-OUTPUT_TYPES = {spec.name: NUMPY_TYPES[spec.triton_type] for spec in OUTPUTS}
-
-
-def _array(name: str, values: list) -> np.ndarray:
-    if OUTPUT_TYPES[name] is np.object_:
-        return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-    return np.array(values, dtype=OUTPUT_TYPES[name])
-
-
-class _Tensors:
-    """Makes each response's tensors (gemma_protocol.OUTPUTS); one-element values come from a cache
-    per output. Only the responder thread uses it."""
-
-    def __init__(self):
-        self._cached: dict[str, dict] = {name: {} for name in OUTPUT_TYPES}
-
-    def __call__(self, name: str, values: list) -> pb_utils.Tensor:
-        value = values[0] if len(values) == 1 else None
-        if value is None or isinstance(value, (list, float)) or (isinstance(value, str) and len(value) > CACHED_TEXT_CHARS):
-            return pb_utils.Tensor(name, _array(name, values))
-        cache = self._cached[name]
-        tensor = cache.get(value)
-        if tensor is None:
-            if len(cache) >= TENSOR_CACHE_SIZE:
-                cache.clear()
-            tensor = cache[value] = pb_utils.Tensor(name, _array(name, values))
-        return tensor
-
-
-def _error(status: str, message: str) -> pb_utils.InferenceResponse:
-    code = getattr(pb_utils.TritonError, ERROR_CODES[status])
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(tag_error(status, message), code))
+def _error(error: ErrorResponse) -> pb_utils.InferenceResponse:
+    code = getattr(pb_utils.TritonError, error.code)  # serving/ names the code: it imports nothing of Triton
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message, code))
 
 
 class TritonPythonModel:
@@ -142,7 +91,7 @@ class TritonPythonModel:
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
         self._active: set[_Request] = set()
         self._lock = threading.Lock()
-        self._tensors = _Tensors()
+        self._tensors = TensorCache(pb_utils.Tensor)
         self._stopping = threading.Event()
         self._responder = threading.Thread(target=self._respond_loop, name="gemma-responder", daemon=True)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
@@ -167,29 +116,23 @@ class TritonPythonModel:
             except Exception:  # noqa: BLE001 - see below
                 # Nothing may escape execute: the stub would answer the request without a final
                 # response, Triton would never release it, and unloading the model (Ctrl-C) would
-                # hang until Triton's exit timeout, leaving the stub behind. The client gets no
-                # traceback (it holds server paths); the log does.
+                # hang until Triton's exit timeout, leaving the stub behind.
                 pb_utils.Logger.log_error(f"gemma: request failed in execute: {traceback.format_exc()}")
                 try:
-                    self._refuse(sender, "INTERNAL", "the model failed to process the request", "error")
+                    self._refuse(sender, MODEL_FAILURE)
                 except Exception as e:  # noqa: BLE001 - e.g. the request was answered already
                     pb_utils.Logger.log_error(f"gemma: could not answer a failed request: {e!r}")
         return None
 
     def _submit(self, request, sender) -> None:
         if self.unhealthy is not None:
-            return self._refuse(sender, "UNAVAILABLE", f"Model is unavailable due to unhealthy engine: {self.unhealthy}",
-                                "overloaded")
+            return self._refuse(sender, unhealthy_refusal(self.unhealthy))
         tensors = {spec.name: t.as_numpy() for spec in INPUTS
                    if (t := pb_utils.get_input_tensor_by_name(request, spec.name)) is not None}
         try:
             parsed = parse_request(tensors, request.parameters(), self.max_prompt_bytes)
-        except StreamEchoError as e:  # the vLLM backend's words, which its clients compare verbatim
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)),
-                        flags=FINAL)
-            return self._records.put(RequestRecord("invalid"))
         except ProtocolError as e:
-            return self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
+            return self._refuse(sender, refusal(e))
         req = _Request(sender, parsed, self.engine)
         with self._lock:  # registered first: its final output may arrive before submit returns
             self._active.add(req)
@@ -201,15 +144,12 @@ class TritonPythonModel:
         except Exception as e:
             with self._lock:
                 self._active.discard(req)
+            req.responses.end()
             for handle in req.handles:  # the choices already queued: their outputs find the request ended
                 handle.cancel()
-            req.ended = True
-            if isinstance(e, EngineOverloadedError):
-                self._refuse(sender, "UNAVAILABLE", str(e), "overloaded")
-            elif isinstance(e, InvalidRequestError):
-                self._refuse(sender, "INVALID_ARGUMENT", str(e), "invalid")
-            else:
+            if (answer := refusal(e)) is None:
                 raise
+            self._refuse(sender, answer)
 
     def finalize(self):
         self._stopping.set()  # first: the monitor's engine.stats() would be refused during the shutdown
@@ -222,11 +162,11 @@ class TritonPythonModel:
         with self._lock:
             orphans, self._active = self._active, set()
         for req in orphans:  # only if the engine stopped without a final output for them
-            req.sender.send(_error("CANCELLED", "the model is shutting down"), flags=FINAL)
+            req.sender.send(_error(SHUTTING_DOWN), flags=FINAL)
 
-    def _refuse(self, sender, status: str, message: str, outcome: str) -> None:
-        sender.send(_error(status, message), flags=FINAL)
-        self._records.put(RequestRecord(outcome))
+    def _refuse(self, sender, answer: ErrorResponse) -> None:
+        sender.send(_error(answer), flags=FINAL)
+        self._records.put(RequestRecord(answer.outcome))
 
     def _respond_loop(self) -> None:
         """Owns the response senders of submitted requests: sends their responses and polls them for
@@ -276,40 +216,36 @@ class TritonPythonModel:
                     handle.cancel()  # the engine frees its KV blocks and sends a final "cancelled"
 
     def _respond(self, req: _Request, choice: int, out) -> None:
-        if req.ended:  # a sibling choice ended the request with an error
+        if req.responses.ended:  # e.g. a sibling choice ended the request with an error
             return
         record = req.record
         if out.token_ids:
-            req.note_tokens(len(out.token_ids))
+            req.times.note(len(out.token_ids), time.monotonic())
             record.output_tokens += len(out.token_ids)
-        if out.finish_reason in ("cancelled", "error"):
-            self._end(req)
+        response = req.responses.add(choice, out, engine_died=req.engine.exit_error is not None)
+        if response is None:
+            return
+        if isinstance(response, ErrorResponse):
+            self._forget(req)
             for handle in req.handles:
                 handle.cancel()
-            record.outcome = record.finish_reason = out.finish_reason
-            if out.finish_reason == "cancelled":
-                req.sender.send(_error("CANCELLED", "request cancelled"), flags=FINAL)
-            elif req.engine.exit_error is not None:  # the engine died under it: retrying will do
-                req.sender.send(_error("UNAVAILABLE", f"generation failed: {out.error}"), flags=FINAL)
-            else:
-                req.sender.send(_error("INTERNAL", f"generation failed: {out.error}"), flags=FINAL)
+            req.sender.send(_error(response), flags=FINAL)
+            record.outcome = response.outcome
         else:
-            response = req.responses.add(choice, out)
-            if response is None:
-                return
             tensors = [self._tensors(name, values) for name, values in response.values.items()]
             if not response.final:
                 req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
                 return
-            self._end(req)
+            self._forget(req)
             req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
-            record.finish_reason = out.finish_reason
+        record.finish_reason = out.finish_reason
         record.prompt_tokens = out.num_prompt_tokens
-        record.e2e_s = time.monotonic() - req.submitted
+        record.ttft_s, record.inter_token_s = req.times.ttft_s, req.times.inter_token_s
+        record.e2e_s = time.monotonic() - req.times.submitted
         self._records.put(record)
 
-    def _end(self, req: _Request) -> None:
-        req.ended = True
+    def _forget(self, req: _Request) -> None:
+        """Its last response goes out now: no longer polled for cancellation."""
         with self._lock:
             self._active.discard(req)
 
