@@ -9,16 +9,17 @@ buffers; a step copies its inputs into them (device-to-device, no host sync) and
 
 `DecodeGraphs(model)` is called like the model: a decode-only step within the buckets replays a
 graph, any other step runs the model eagerly. What is captured is the model's own forward on a
-fixed-shape decode layout (one group with q_index None: row b is sequence b; `row_valid` marks
-the padding rows), so the reference model and the TransformerEngine model share this code.
+fixed-shape decode layout (`Decodes`: row b is sequence b; `row_valid` marks the padding rows),
+whose attention metadata the model's attention backend makes (`decodes`), so the reference model
+and the TransformerEngine model share this code.
 
 Padding a batch of B decodes up to its bucket Bb: rows B..Bb-1 write no K/V (the fused kernel skips
 them; the torch path gives them row 0's slot and row 0's K/V, identical duplicate writes), attend
 over slot 0 only, and their logits are dropped. The context is padded to a power-of-two bucket C:
 columns past a sequence's length point at slot 0 and are never attended to. Attention takes the
-visible keys from the positions inside the graph (the fused kernel directly, the torch paths
-through masks built there: batch.decode_masks), which is exact for decodes (build_step lays a
-decode's context out as its positions 0..ctx-1).
+visible keys from the positions inside the graph (the kernel directly, the torch backend through
+masks built there: layout.decode_masks), which is exact for decodes (a decode-only layout holds a
+sequence's context as its positions 0..ctx-1).
 
 The engine captures every reachable bucket when it starts (`capture_all`); a bucket still missing
 is captured the first time it is needed (the capture's warm-up runs the real step, so it writes the
@@ -27,7 +28,7 @@ before the next replay.
 
 Mixed steps (`MixedGraphs`): without a graph, a step holding a prefill chunk ran eagerly, a few
 hundred kernel launches from Python (~20 ms for gemma-2b), and every decode in the batch waited for
-it. With a VarlenLayout (build_step with tile_rows) attention is one kernel per layer whose inputs
+it. With a VarlenLayout (the kernel backend's, `tile_rows` set) attention is one kernel per layer whose inputs
 have fixed shapes: the step's T tokens padded to a bucket Tb, the tile table to the most tiles Tb
 tokens can make, the block tables to every sequence and the longest context. Only Tb varies, so a
 mixed step costs a replay plus the copies into the bucket's buffers. Padding rows write no K/V
@@ -42,9 +43,8 @@ from typing import Optional
 
 import torch
 
-from .batch import decode_masks
-from .kv_cache import blocks_for
-from .model import AttentionGroup, StepLayout, VarlenLayout
+from .attention.layout import Decodes, StepLayout, VarlenLayout
+from .params import blocks_for
 
 BF16_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MIN_CTX_BUCKET = 128
@@ -160,19 +160,16 @@ class DecodeGraphs(_GraphSet):
 
     def __init__(self, model, max_batch: int = 256):
         super().__init__(model)
-        self.windows = sorted({layer.sliding_window for layer in model.cfg.layers}, key=lambda w: (w is not None, w or 0))
         buckets = tuple(b for b in BF16_BUCKETS if b % model.row_multiple == 0)
         self.buckets = tuple(b for b in buckets if b <= max(max_batch, buckets[0]))
         self.max_ctx = _ctx_bucket(model.cfg.max_position_embeddings)
 
     def can_run(self, token_ids: torch.Tensor, layout: StepLayout) -> bool:
-        """Decode-only steps (one attention group, one new token per sequence) within the buckets."""
-        if self.disabled or len(layout.groups) != 1:
+        """Decode-only steps (one new token per sequence) within the buckets."""
+        if self.disabled or not isinstance(layout.attention, Decodes):
             return False
-        group = layout.groups[0]
-        batch, n = group.q_index.shape
-        return (n == 1 and batch == token_ids.shape[0] and batch <= self.buckets[-1]
-                and group.kv_slots.shape[1] <= self.max_ctx)
+        batch, ctx = layout.attention.kv_slots.shape
+        return batch == token_ids.shape[0] and batch <= self.buckets[-1] and ctx <= self.max_ctx
 
     def capture_all(self, kv_cache, max_batch: int, max_len: int) -> None:
         """Capture every bucket that steps of up to `max_batch` sequences and `max_len` tokens can
@@ -187,7 +184,7 @@ class DecodeGraphs(_GraphSet):
                 ctx *= 2
 
     def run(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
-        batch, ctx = token_ids.shape[0], layout.groups[0].kv_slots.shape[1]
+        batch, ctx = token_ids.shape[0], layout.attention.kv_slots.shape[1]
         logits = self._replay((_bucket(batch, self.buckets), _ctx_bucket(ctx)), token_ids, layout, kv_cache)
         if logits is None:
             return self.model(token_ids, layout, kv_cache)
@@ -203,7 +200,7 @@ class DecodeGraphs(_GraphSet):
     def _load(entry: _DecodeEntry, token_ids: torch.Tensor, layout: StepLayout) -> None:
         """Copy this step's inputs into the bucket's buffers (device to device, no host sync)."""
         b = token_ids.shape[0]
-        kv_slots = layout.groups[0].kv_slots
+        kv_slots = layout.attention.kv_slots
         entry.tokens[:b].copy_(token_ids)
         entry.positions[:b].copy_(layout.positions)
         entry.slots[:b].copy_(layout.slot_mapping)
@@ -215,9 +212,8 @@ class DecodeGraphs(_GraphSet):
         entry.kv_slots[:b, :kv_slots.shape[1]].copy_(kv_slots)
 
     def _body(self, entry: _DecodeEntry, kv_cache) -> torch.Tensor:
-        group = AttentionGroup(q_index=None, kv_slots=entry.kv_slots,
-                               masks=decode_masks(entry.positions, entry.ctx, self.windows))
-        layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, groups=[group], logit_rows=None,
+        layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, logit_rows=None,
+                            attention=self.model.attention.decodes(entry.kv_slots, entry.positions),
                             row_valid=entry.row_ids < entry.num_valid)
         return self.model(entry.tokens, layout, kv_cache)
 
@@ -238,7 +234,7 @@ class _MixedEntry:
 
 
 class MixedGraphs(_GraphSet):
-    """Steps with a VarlenLayout (models whose attention takes one, `tile_rows` set): one graph per
+    """Steps with a VarlenLayout (models whose attention backend takes one, `tile_rows` set): one graph per
     token bucket, for steps of up to `max_seqs` sequences, `max_tokens` tokens and `max_len` positions."""
     kind = "mixed"
 
@@ -249,11 +245,12 @@ class MixedGraphs(_GraphSet):
         self.buckets = token_buckets(max_tokens)
 
     def can_run(self, token_ids: torch.Tensor, layout: StepLayout) -> bool:
-        if self.disabled or layout.varlen is None:
+        varlen = layout.attention
+        if self.disabled or not isinstance(varlen, VarlenLayout):
             return False
-        seqs, width = layout.varlen.block_tables.shape
+        seqs, width = varlen.block_tables.shape
         return (token_ids.shape[0] <= self.buckets[-1] and seqs <= self.max_seqs and width <= self.width
-                and layout.varlen.block_size == self.block_size)
+                and varlen.block_size == self.block_size)
 
     def capture_all(self, kv_cache) -> None:
         """Capture every bucket before serving. The captures' warm-up steps have no tiles and no
@@ -272,7 +269,8 @@ class MixedGraphs(_GraphSet):
         dev = self.device
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
         rows = min(tokens, self.max_seqs)
-        tiles = tokens // self.model.tile_rows + rows  # each sequence's chunk ends in at most one partial tile
+        # Each sequence's chunk ends in at most one partial tile.
+        tiles = tokens // self.model.attention.tile_rows + rows
         return _MixedEntry(tokens=zeros(tokens), positions=zeros(tokens), slots=zeros(tokens), num_valid=zeros(()),
                            row_ids=torch.arange(tokens, device=dev), tiles=zeros(tiles, 4).to(torch.int32),
                            block_tables=zeros(self.max_seqs, self.width), logit_rows=zeros(rows))
@@ -284,7 +282,7 @@ class MixedGraphs(_GraphSet):
         zeroed, block-table rows and columns past the step's are never read, and the logits of
         logit rows past the step's are dropped."""
         t = token_ids.shape[0]
-        varlen = layout.varlen
+        varlen = layout.attention
         entry.tokens[:t].copy_(token_ids)
         entry.positions[:t].copy_(layout.positions)
         entry.slots[:t].copy_(layout.slot_mapping)
@@ -298,6 +296,6 @@ class MixedGraphs(_GraphSet):
 
     def _body(self, entry: _MixedEntry, kv_cache) -> torch.Tensor:
         varlen = VarlenLayout(block_tables=entry.block_tables, tiles=entry.tiles, block_size=self.block_size)
-        layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, groups=[],
-                            logit_rows=entry.logit_rows, row_valid=entry.row_ids < entry.num_valid, varlen=varlen)
+        layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, logit_rows=entry.logit_rows,
+                            attention=varlen, row_valid=entry.row_ids < entry.num_valid)
         return self.model(entry.tokens, layout, kv_cache)

@@ -2,9 +2,9 @@
 
 It owns what a step needs besides the schedule: the model, its KV cache, the step's input buffer
 (one host-to-device copy), the CUDA graphs of its steps (on a GPU: decode steps for any model,
-mixed steps for models with varlen attention) and the sampler. The model's contract is explicit
-(`StepModel`): its dtype, device, row multiple and varlen tile size, and
-forward(token_ids, layout, kv_cache) -> fp32 logits of the layout's logit rows.
+mixed steps for models whose attention backend has a varlen kernel) and the sampler. The model's
+contract is explicit (`StepModel`): its dtype, device, row multiple, its attention backend (which
+lays each step out), and forward(token_ids, layout, kv_cache) -> fp32 logits of the layout's logit rows.
 The sampler returns each token and, for requests that ask, its logprobs from those logits.
 
 `launch(output)` queues the whole step (input copy, forward, sampler, the copy of the sampled ids to
@@ -21,11 +21,12 @@ from typing import Optional, Protocol
 
 import torch
 
-from .batch import HostToDevice, SeqChunk, build_step
+from .attention import AttentionBackend
+from .attention.layout import StepLayout
+from .batch import HostToDevice, SeqChunk
 from .config import GemmaConfig
 from .graphs import DecodeGraphs, MixedGraphs
 from .kv_cache import PagedKVCache
-from .model import StepLayout
 from .sampling import SampledOnDevice, SampledTokens, SamplingRow
 from .scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput
 from .step_times import StepTimes
@@ -36,9 +37,7 @@ class StepModel(Protocol):
     dtype: torch.dtype
     device: torch.device
     row_multiple: int  # token rows a step must be padded to a multiple of (FP8 GEMMs: 8)
-    # Tokens per tile of the model's varlen attention kernel, which takes a whole mixed step's
-    # VarlenLayout in one call per layer; None: attention by groups (batch.build_step).
-    tile_rows: Optional[int]
+    attention: AttentionBackend  # chosen when the model was built: lays out each step, attends
 
     def __call__(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache: PagedKVCache) -> torch.Tensor: ...
 
@@ -47,16 +46,15 @@ class ModelRunner:
     def __init__(self, model: StepModel, kv_cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
                  max_len: int, cuda_graphs: bool = True):
         self.model, self.kv_cache, self.device = model, kv_cache, model.device
-        self._windows = {layer.sliding_window for layer in model.cfg.layers}
         self._uploader = HostToDevice(self.device)
         self._limits = (max_num_seqs, max_len)
-        # On a GPU, decode-only steps replay captured graphs; so do mixed steps of models with varlen
-        # attention (their inputs have fixed shapes per token bucket). Other steps run eagerly.
+        # On a GPU, decode-only steps replay captured graphs; so do mixed steps of models whose attention
+        # is one varlen kernel call (their inputs have fixed shapes per token bucket). Other steps run eagerly.
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(model) if graphs else None
         self._spare_events: list = []
         self.mixed_graphs = MixedGraphs(model, kv_cache.block_size, max_num_seqs, max_num_batched_tokens, max_len) \
-            if graphs and model.tile_rows is not None else None
+            if graphs and model.attention.tile_rows is not None else None
 
     def warm_up(self) -> None:
         """Capture every graph that steps within the runner's limits can reach, before serving, so
@@ -74,8 +72,7 @@ class ModelRunner:
         chunks, pending = [s.chunk for s in output.chunks], False
         if previous is not None:
             chunks, pending = previous.feed_pending(output.chunks)
-        token_ids, layout = build_step(chunks, self.kv_cache.block_size, self._windows, self.device,
-                                       self._uploader, self.model.tile_rows)
+        token_ids, layout = self.model.attention.build_step(chunks, self.kv_cache.block_size, self._uploader)
         if pending:
             token_ids = previous.fill_pending(token_ids)
         prepared = time.perf_counter()

@@ -7,8 +7,9 @@
 Prints one JSON object per line (also appended to --out); the last line is the summary.
 
 What is measured, per batch size B (B prompts of --prompt random tokens, --new greedy tokens each):
-- te: our engine's step loop, as backend.engine runs it minus sampling: build_step on the host,
-  model(token_ids, layout, kv_cache) (CUDA-graph replay for decode steps), argmax, .tolist() (the
+- te: our engine's step loop, as backend.engine runs it minus sampling: the attention backend's
+  build_step on the host,
+  then model(token_ids, layout, kv_cache) (CUDA-graph replay for decode steps), argmax, .tolist() (the
   host sync every engine step has). decode tok/s = B * (new - 1) / decode time. Also the GPU time
   of the forward alone (CUDA events) and the host time of build_step.
 - hf_eager: GemmaForCausalLM.generate (same weights, bf16, dynamic cache, greedy); decode time =
@@ -20,9 +21,9 @@ What is measured, per batch size B (B prompts of --prompt random tokens, --new g
   on the same (teacher-forced) tokens: logits relative error and top-1 agreement.
 - te_fp8_<recipe>_lm_head (--fp8-lm-head): the same with the tied LM head in FP8 too.
 - te_unfused (--compare-unfused): the TE model with the plain-torch attention instead of the fused
-  Triton kernels (backend/te/fused_decode.py).
+  Triton kernels (backend/attention/fused.py).
 - te_te_norms (--compare-te-norms): the TE model with TE's own norms, residual adds and GeGLU
-  (LayerNormLinear / LayerNormMLP) instead of backend/te/fused_pointwise.py's kernels.
+  (LayerNormLinear / LayerNormMLP) instead of backend/kernels/pointwise.py's kernels.
 """
 from __future__ import annotations
 
@@ -119,14 +120,19 @@ def make_cache(model, max_batch: int, prompt_len: int, new: int):
                         device=model.device)
 
 
+def attention_of(model):
+    """The attention backend of a model, or of the model a DecodeGraphs wraps."""
+    return getattr(model, "attention", None) or model.model.attention
+
+
 def te_run(model, cfg, kv, batch: int, prompt_len: int, new: int, seed: int = 0, forced=None, keep_logits=False):
     """The engine's step loop for `batch` sequences: one prefill step, then new-1 decode steps."""
-    from backend.batch import SeqChunk, build_step
+    from backend.batch import HostToDevice, SeqChunk
 
     block, device = kv.block_size, model.device
     per_seq = math.ceil((prompt_len + new) / block)
     tables = [kv.pool.allocate(per_seq) for _ in range(batch)]
-    windows = {layer.sliding_window for layer in cfg.layers}
+    build_step, uploader = attention_of(model).build_step, HostToDevice(device)
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen).tolist()
     timer = _GpuTimer(device)
@@ -134,7 +140,7 @@ def te_run(model, cfg, kv, batch: int, prompt_len: int, new: int, seed: int = 0,
 
     _sync(device)
     t0 = time.perf_counter()
-    ids, layout = build_step([SeqChunk(p, 0, t, True) for p, t in zip(prompts, tables)], block, windows, device)
+    ids, layout = build_step([SeqChunk(p, 0, t, True) for p, t in zip(prompts, tables)], block, uploader)
     logits = model(ids, layout, kv)
     tokens = logits.argmax(-1).tolist() if forced is None else forced[0]
     t_prefill = time.perf_counter() - t0
@@ -144,7 +150,7 @@ def te_run(model, cfg, kv, batch: int, prompt_len: int, new: int, seed: int = 0,
     for i in range(1, new):
         h0 = time.perf_counter()
         ids, layout = build_step([SeqChunk([tok], prompt_len + i - 1, t, True) for tok, t in zip(tokens, tables)],
-                                 block, windows, device)
+                                 block, uploader)
         host_build += time.perf_counter() - h0
         timer.start()
         logits = model(ids, layout, kv)
@@ -168,16 +174,16 @@ def profile_step(model, cfg, kv, batch: int, prompt_len: int, steps: int = 20) -
     bound by kernel work (GEMM efficiency) or by gaps between kernels?"""
     from torch.profiler import ProfilerActivity, profile
 
-    from backend.batch import SeqChunk, build_step
+    from backend.batch import HostToDevice, SeqChunk
 
     per_seq = math.ceil((prompt_len + steps + 1) / kv.block_size)
     tables = [kv.pool.allocate(per_seq) for _ in range(batch)]
-    windows = {layer.sliding_window for layer in cfg.layers}
+    build_step, uploader = attention_of(model).build_step, HostToDevice(model.device)
     ids, layout = build_step([SeqChunk(list(range(3, 3 + prompt_len)), 0, t, True) for t in tables],
-                             kv.block_size, windows, model.device)
+                             kv.block_size, uploader)
     model(ids, layout, kv)
-    inputs = [build_step([SeqChunk([5], prompt_len + i, t, True) for t in tables], kv.block_size, windows,
-                         model.device) for i in range(steps)]
+    inputs = [build_step([SeqChunk([5], prompt_len + i, t, True) for t in tables], kv.block_size, uploader)
+              for i in range(steps)]
     model(*inputs[0], kv)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

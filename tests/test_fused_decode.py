@@ -1,5 +1,6 @@
-"""The GPU path's fused Triton kernels (backend/te/fused_decode.py) against the plain-torch attention
-they replace: compiled on a GPU, run by Triton's interpreter on CPU tensors elsewhere (CI)."""
+"""The GPU path's RoPE + K/V write and decode attention kernels (backend/kernels/rope_store.py,
+decode.py) against the plain-torch attention they replace: compiled on a GPU, run by Triton's
+interpreter on CPU tensors elsewhere (CI)."""
 import os
 
 import pytest
@@ -11,11 +12,14 @@ if DEVICE == "cpu":
 
 pytest.importorskip("triton")
 
-from backend.batch import decode_masks  # noqa: E402
+from backend.attention import FusedAttention, LayerAttention, StepContext, TorchAttention  # noqa: E402
+from backend.attention.layout import Decodes, StepLayout, decode_masks  # noqa: E402
+from backend.attention.reference import attend, write_kv  # noqa: E402
 from backend.config import RopeSpec  # noqa: E402
-from backend.model import AttentionGroup, RMSNorm, apply_rope, rope_cos_sin, write_kv  # noqa: E402
-from backend.te import fused_decode  # noqa: E402
-from backend.te.attention import StepContext, attend, paged_attention  # noqa: E402
+from backend.kernels import decode as fused_decode  # noqa: E402
+from backend.kernels.rope_store import rope_and_store  # noqa: E402
+from backend.model import RMSNorm  # noqa: E402
+from backend.rope import apply_rope, rope_cos_sin  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -46,7 +50,7 @@ def test_rope_and_store_matches_torch(kv_heads, group, qk_norm):
         q_norm, k_norm = q_norm.to(DEVICE), k_norm.to(DEVICE)
         norms = (q_norm.weight.detach(), k_norm.weight.detach(), 1e-6)
         want_q, want_k = q_norm(want_q), k_norm(want_k)
-    q_out = fused_decode.rope_and_store(q, k, v, cos, sin, *caches, slots, row_valid, qk_norm=norms)
+    q_out = rope_and_store(q, k, v, cos, sin, *caches, slots, row_valid, qk_norm=norms)
 
     want_q, want_k = apply_rope(want_q, cos, sin), apply_rope(want_k, cos, sin)
     torch.testing.assert_close(q_out, want_q, atol=1e-6, rtol=1e-5)
@@ -114,16 +118,32 @@ def test_padding_does_not_change_results():
     assert torch.equal(wide[:2], narrow)
 
 
-def test_paged_attention_fused_decode_group_matches_torch():
-    """paged_attention picks the fused kernel for a decode group (eager steps and graph steps)."""
+class _Cache:
+    def __init__(self, k_cache, v_cache):
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def layer(self, index):
+        return self.k_cache, self.v_cache
+
+
+@pytest.mark.parametrize("padding_rows", [0, 3])
+def test_both_backends_attend_a_decode_step_alike(padding_rows):
+    """The kernel backend and the torch backend over the same decode-only layout (FP8 row padding:
+    rows past the sequences come out zero in both)."""
     gen = torch.Generator().manual_seed(4)
     lengths = [5, 17]
-    q, k_cache, v_cache, kv_slots, positions = decode_case(2, 2, 2, 16, lengths, 17, gen)
-    q_index = torch.tensor([[1], [0]], device=DEVICE)  # rows of the step's tokens, in any order
-    group = AttentionGroup(q_index=q_index, kv_slots=kv_slots, masks=decode_masks(positions, 17, [None]))
-    step_positions = positions[[1, 0]]
-    base = StepContext(ropes={}, slot_mapping=positions, groups=[group], positions=step_positions)
-    fused = StepContext(**{**vars(base), "fused": True})
-    want = paged_attention(q, k_cache, v_cache, base, None, 0.3, None)
-    got = paged_attention(q, k_cache, v_cache, fused, None, 0.3, None)
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    _, k_cache, v_cache, kv_slots, positions = decode_case(2, 2, 2, 16, lengths, 17, gen)
+    q, k, v = qkv_views(2 + padding_rows, 2, 2, 16, gen)
+    slots = kv_slots[torch.arange(2, device=DEVICE), positions]  # each token's own slot: written, then attended
+    cos, sin = rope_cos_sin(RopeSpec(theta=10000.0), 16, torch.cat([positions, positions.new_zeros(padding_rows)]),
+                            torch.float32)
+    layer = LayerAttention(0, None, RopeSpec(theta=10000.0), 0.3, None, 1e-6)
+    outs, caches = [], []
+    for backend in (TorchAttention({None}), FusedAttention(2)):
+        layout = StepLayout(positions, slots, None, backend.decodes(kv_slots, positions))
+        cache = _Cache(k_cache.clone(), v_cache.clone())
+        outs.append(backend.forward(layer, q, k, v, StepContext(layout, {layer.rope: (cos, sin)}), cache))
+        caches.append(cache)
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(caches[1].k_cache, caches[0].k_cache, atol=1e-6, rtol=1e-5)
+    assert not outs[1][2:].any() and not outs[0][2:].any()

@@ -1,4 +1,4 @@
-"""The TE layer step's residual add + RMSNorm and GeGLU kernels (backend/te/fused_pointwise.py)
+"""The TE layer step's residual add + RMSNorm and GeGLU kernels (backend/kernels/pointwise.py)
 against the reference model's torch ops: compiled on a GPU, in Triton's interpreter elsewhere (CI)."""
 import os
 
@@ -13,7 +13,7 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 from backend.model import RMSNorm  # noqa: E402
-from backend.te.fused_pointwise import add_rms_norm, geglu  # noqa: E402
+from backend.kernels.pointwise import add_rms_norm, geglu  # noqa: E402
 
 # The interpreter evaluates exp(2u) in numpy: inf for a saturated gate, which the kernel expects.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")

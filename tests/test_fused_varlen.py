@@ -1,6 +1,6 @@
-"""The batched prefill + decode attention kernel (backend/te/fused_varlen.py) against the torch path
-the engine runs today (build_step's attention groups through attention.paged_attention): compiled on
-a GPU, run by Triton's interpreter on CPU tensors elsewhere (CI)."""
+"""The batched prefill + decode attention kernel (backend/kernels/varlen.py) against the torch
+backend (attention groups with masks, backend/attention/reference.py): compiled on a GPU, run by
+Triton's interpreter on CPU tensors elsewhere (CI)."""
 import os
 
 import pytest
@@ -12,12 +12,14 @@ if DEVICE == "cpu":
 
 pytest.importorskip("triton")
 
-from backend.batch import SeqChunk, build_step  # noqa: E402
-from backend.kv_cache import blocks_for  # noqa: E402
-from backend.te import fused_varlen  # noqa: E402
-from backend.te.attention import StepContext, paged_attention  # noqa: E402
-from backend.batch import tile_table  # noqa: E402
-from backend.te.fused_varlen import num_splits, tile_rows, varlen_attention, varlen_attention_torch  # noqa: E402
+from backend.attention import LayerAttention, TorchAttention  # noqa: E402
+from backend.attention.layout import tile_table  # noqa: E402
+from backend.attention.reference import varlen_attention_torch  # noqa: E402
+from backend.batch import HostToDevice, SeqChunk  # noqa: E402
+from backend.config import RopeSpec  # noqa: E402
+from backend.kernels import varlen as fused_varlen  # noqa: E402
+from backend.kernels.varlen import num_splits, tile_rows, varlen_attention  # noqa: E402
+from backend.params import blocks_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -53,24 +55,23 @@ class Step:
         rows = [t + [foreign] * (width - len(t)) for t in self.tables] + [[foreign] * width] * extra_rows
         return torch.tensor(rows, dtype=dtype, device=DEVICE)
 
-    def tile_tensor(self, pad_tiles: int, order=None) -> torch.Tensor:
+    def tile_tensor(self, pad_tiles: int, order=None, tile_tokens=None) -> torch.Tensor:
         G = self.q.shape[1] // self.k_cache.shape[1]
         flat = tile_table(range(len(self.chunks)), self.q_starts, [n for n, _ in self.chunks],
-                          [p for _, p in self.chunks], tile_rows(G))
+                          [p for _, p in self.chunks], tile_tokens or tile_rows(G))
         tiles = torch.tensor(flat, dtype=torch.int32).view(-1, 4)
         if order is not None:
             tiles = tiles[order(tiles.shape[0])]
         return torch.cat([tiles, torch.zeros(pad_tiles, 4, dtype=torch.int32)]).to(DEVICE)
 
     def torch_path(self, scale, softcap, window) -> torch.Tensor:
-        """What the engine computes today: build_step's groups (each prefill chunk alone, decodes
-        together) through paged_attention; rows past the groups are zero."""
+        """The torch backend's attention over its layout of the step (each prefill chunk alone,
+        decodes together); rows past the step's tokens are zero."""
         seq_chunks = [SeqChunk(token_ids=[0] * n, start=pos, block_table=table, needs_logits=False)
                       for (n, pos), table in zip(self.chunks, self.tables)]
-        _, layout = build_step(seq_chunks, self.block_size, {window}, DEVICE)
-        ctx = StepContext(ropes={}, slot_mapping=layout.slot_mapping, groups=layout.groups,
-                          positions=layout.positions, padded=True)
-        return paged_attention(self.q, self.k_cache, self.v_cache, ctx, window, scale, softcap)
+        _, layout = TorchAttention({window}).build_step(seq_chunks, self.block_size, HostToDevice(DEVICE, pinned=False))
+        layer = LayerAttention(0, window, RopeSpec(theta=10000.0), scale, softcap, 1e-6)
+        return TorchAttention.attend(layer, self.q, self.k_cache, self.v_cache, layout)
 
     def kernel(self, scale, softcap, window, **kw) -> torch.Tensor:
         args = dict(block_tables=self.block_tables, tiles=self.tiles, block_size=self.block_size, scale=scale,
@@ -160,10 +161,34 @@ def test_padding_changes_no_bit(splits):
     narrow = step.kernel(0.3, None, 12, splits=splits)
     wide_tables = step.padded_tables(5, 9, dtype=torch.int64)
     shuffled = step.tile_tensor(7, order=lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(0)))
-    out = torch.full_like(step.q, float("nan"))
+    out = torch.zeros_like(step.q)
     wide = step.kernel(0.3, None, 12, block_tables=wide_tables, tiles=shuffled, out=out, splits=splits)
     assert wide.data_ptr() == out.data_ptr()
     assert torch.equal(wide, narrow)  # padding rows included: zero in both
+
+
+def test_a_second_call_adds_its_tiles_rows():
+    """Decode tiles of one token and prefill tiles in two calls into one output (attention_bench's
+    "varlen1" path): each call writes only its tiles' rows."""
+    step = Step(MIXED, 1, 8, 16, 4, seed=8, pad_tiles=0)
+    decodes = [i for i, (n, _) in enumerate(MIXED) if n == 1]
+    flat = step.tile_tensor(0, tile_tokens=1)
+    tiles = [t for t in flat.tolist() if t[0] in decodes]
+    out = step.kernel(0.3, None, None, tiles=torch.tensor(tiles, dtype=torch.int32, device=DEVICE), tile_tokens=1)
+    prefill = [t for t in step.tile_tensor(0).tolist() if t[0] not in decodes]
+    step.kernel(0.3, None, None, tiles=torch.tensor(prefill, dtype=torch.int32, device=DEVICE), out=out)
+    torch.testing.assert_close(out, step.torch_path(0.3, None, None), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [MIXED[1::2], MIXED])
+def test_one_token_tiles_match_torch_path(chunks):
+    """tile_tokens=1: a kernel of G rows (padded to 16) takes one token a tile, the tables of
+    decodes it is measured on (benchmarks/attention_bench.py), and prefill chunks token by token."""
+    step = Step(chunks, 1, 8, 16, 4, seed=7)
+    step.tiles = step.tile_tensor(2, tile_tokens=1)
+    got = step.kernel(0.3, None, 12, tile_tokens=1)
+    torch.testing.assert_close(got, step.torch_path(0.3, None, 12), atol=2e-6, rtol=1e-5)
+    assert not got[-PAD_ROWS:].any()
 
 
 def test_tile_table_splits_chunks():

@@ -5,7 +5,7 @@ sequence's cache. On a GPU the same body is captured and replayed (tests/gpu).""
 import pytest
 import torch
 
-from backend.batch import SeqChunk, build_step
+from backend.batch import HostToDevice, SeqChunk
 from backend.graphs import DecodeGraphs
 from backend.kv_cache import PagedKVCache
 from backend.weights import load_reference_model
@@ -17,14 +17,14 @@ def test_fixed_shape_decode_body_matches_the_eager_step(family, tmp_path):
     hf_model(family, seed=5).save_pretrained(tmp_path, safe_serialization=True)
     model, cfg = load_reference_model(tmp_path, torch.float32, "cpu")
     kv = PagedKVCache(cfg, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
-    windows = {layer.sliding_window for layer in cfg.layers}
+    cpu = HostToDevice("cpu")
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 12, 21)]
     tables = [kv.pool.allocate(kv.blocks_for(len(p))) for p in prompts]
     for p, t in zip(prompts, tables):
-        model(*build_step([SeqChunk(p[:-1], 0, t, True)], 4, windows, "cpu"), kv)
-    ids, layout = build_step([SeqChunk([p[-1]], len(p) - 1, t, True) for p, t in zip(prompts, tables)], 4, windows,
-                             "cpu")
+        model(*model.attention.build_step([SeqChunk(p[:-1], 0, t, True)], 4, cpu), kv)
+    ids, layout = model.attention.build_step([SeqChunk([p[-1]], len(p) - 1, t, True) for p, t in zip(prompts, tables)],
+                                             4, cpu)
     before = kv.slots.clone()
     expected = model(ids, layout, kv)
     after_eager = kv.slots.clone()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from backend.batch import SeqChunk, build_step
+from backend.batch import HostToDevice, SeqChunk
 from backend.kv_cache import PagedKVCache
 from backend.weights import load_reference_model
 from tests.tiny_models import hf_model
@@ -16,15 +16,15 @@ def run_steps(model, cfg, prompt: list[int], prefill: int, chunk: int = 5):
     return the logits at every position from prefill-1 on."""
     kv = PagedKVCache(cfg, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
     blocks = kv.pool.allocate(kv.blocks_for(len(prompt)))
-    windows = {layer.sliding_window for layer in cfg.layers}
+    cpu = HostToDevice("cpu")
     logits = []
     for start in range(0, prefill, chunk):
         end = min(start + chunk, prefill)
-        ids, layout = build_step([SeqChunk(prompt[start:end], start, blocks, end == prefill)], 4, windows, "cpu")
+        ids, layout = model.attention.build_step([SeqChunk(prompt[start:end], start, blocks, end == prefill)], 4, cpu)
         out = model(ids, layout, kv)
     logits.append(out)
     for pos in range(prefill, len(prompt)):
-        ids, layout = build_step([SeqChunk([prompt[pos]], pos, blocks, True)], 4, windows, "cpu")
+        ids, layout = model.attention.build_step([SeqChunk([prompt[pos]], pos, blocks, True)], 4, cpu)
         logits.append(model(ids, layout, kv))
     return torch.cat(logits)
 
@@ -48,14 +48,14 @@ def test_batched_decode_matches_single(family, tmp_path):
     hf_model(family, seed=4).save_pretrained(tmp_path, safe_serialization=True)
     model, cfg = load_reference_model(tmp_path, torch.float32, "cpu")
     kv = PagedKVCache(cfg, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
-    windows = {layer.sliding_window for layer in cfg.layers}
+    cpu = HostToDevice("cpu")
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 11, 20)]
     tables = [kv.pool.allocate(kv.blocks_for(len(p))) for p in prompts]
     for p, t in zip(prompts, tables):  # prefill all but the last token of each
-        model(*build_step([SeqChunk(p[:-1], 0, t, True)], 4, windows, "cpu"), kv)
+        model(*model.attention.build_step([SeqChunk(p[:-1], 0, t, True)], 4, cpu), kv)
     chunks = [SeqChunk([p[-1]], len(p) - 1, t, True) for p, t in zip(prompts, tables)]
-    batched = model(*build_step(chunks, 4, windows, "cpu"), kv)
+    batched = model(*model.attention.build_step(chunks, 4, cpu), kv)
     for i, p in enumerate(prompts):
         with torch.no_grad():
             expected = hf_model(family, seed=4)(torch.tensor([p])).logits[0, -1]

@@ -5,11 +5,10 @@ the CPU path (and `engine="torch"`) never loads TE. The TE code lives in:
 
     layers.py    TEGemmaDecoderLayer: te.pytorch.TransformerLayer for every Gemma family
     model.py     TEGemmaModel: embedding, TE layers, final norm, tied LM head; the engine's forward
-    attention.py attention over the engine's paged KV cache (plain torch, graph-capturable)
-    fused_decode.py  RoPE + K/V write and decode attention as Triton kernels
-    fused_varlen.py  attention for every row of a mixed step (prefill chunks and decodes) in one kernel
-    fused_pointwise.py  residual add + RMSNorm, and GeGLU, between the layer's GEMMs
     runner.py    load_te_model(): checkpoint -> TEGemmaModel on the GPU (bf16, optionally FP8)
+
+Attention over the engine's paged cache is the model's attention backend (backend/attention/), the
+Triton kernels it and the layers use are in backend/kernels/.
 
 See docs/gpu.md for the design, TE's limits, and the measured numbers.
 """

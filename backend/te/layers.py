@@ -11,10 +11,10 @@ fused QKV grouped per KV head, no biases, no dropout). The family differences ar
 
 Two ways to run a layer:
 - `step(x, pending, ctx, kv_cache)`: the serving engine. TE's LayerNormLinear (QKV), Linear (proj),
-  LayerNormMLP and RMSNorm modules of this layer, with attention over the engine's paged cache
-  (backend/te/attention.py). Fixed shapes, no host syncs: CUDA-graph capturable. With
-  `StepContext.fused_norms`, each residual add and the RMSNorm after it are one Triton kernel
-  (fused_pointwise.py) and the GEMMs run on the same TE weights through cuBLAS, as TE's
+  LayerNormMLP and RMSNorm modules of this layer, with attention over the engine's paged cache by the
+  model's attention backend (backend/attention/). Fixed shapes, no host syncs: CUDA-graph capturable.
+  With `fused_norms`, each residual add and the RMSNorm after it are one Triton kernel
+  (backend/kernels/pointwise.py) and the GEMMs run on the same TE weights through cuBLAS, as TE's
   LayerNormLinear / LayerNormMLP do in bf16 after their norm; GeGLU is a Triton kernel too.
 - `forward(...)`: TE's own attention (DotProductAttention through MultiheadAttention), called like
   an HF decoder layer or like a TransformerLayer (rotary_pos_emb, inference_params, masks), so the
@@ -33,12 +33,9 @@ import torch
 import torch.nn.functional as F
 import transformer_engine.pytorch as te
 
+from backend.attention import AttentionBackend, LayerAttention, StepContext
 from backend.config import GemmaConfig, RopeSpec
-from backend.model import apply_rope, write_kv
-
-from .attention import StepContext, paged_attention
-from .fused_decode import rope_and_store
-from .fused_pointwise import add_rms_norm, geglu
+from backend.kernels.pointwise import add_rms_norm, geglu
 
 # Our parameter names (backend.weights.load_mapped_state, per layer) -> this module's parameters.
 TE_PARAM_NAMES = {
@@ -74,7 +71,7 @@ class Branch(NamedTuple):
 
 def add_then_norm(x: torch.Tensor, pending: Optional[Branch], weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + pending, its zero-centred RMSNorm with `weight`) in one kernel (fused_pointwise.py)."""
+    """(x + pending, its zero-centred RMSNorm with `weight`) in one kernel (kernels/pointwise.py)."""
     if pending is None:
         return add_rms_norm(x, None, weight, eps)
     return add_rms_norm(x, pending.output, weight, eps, None if pending.norm is None else pending.norm.weight)
@@ -112,7 +109,10 @@ class TEGemmaDecoderLayer(te.TransformerLayer):
     _warned_kwargs: bool = False
 
     def __init__(self, cfg: GemmaConfig, layer_idx: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cuda", attn_input_format: str = "bshd"):
+                 device: torch.device | str = "cuda", attn_input_format: str = "bshd",
+                 attention: Optional[AttentionBackend] = None, fused_norms: bool = False):
+        """`attention` (the model's backend) and `fused_norms` (add + RMSNorm and GeGLU by Triton
+        kernels) serve `step`; `forward` uses TE's own attention and norms."""
         spec = cfg.layers[layer_idx]
         # HF/our window W: key j visible from query i iff i - W < j <= i; TE: [i - w0, i + w1].
         window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
@@ -145,9 +145,9 @@ class TEGemmaDecoderLayer(te.TransformerLayer):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.rope_spec = spec.rope
-        self.sliding_window = spec.sliding_window
-        self.query_scale = cfg.query_scale
-        self.attn_softcap = cfg.attn_softcap
+        self.attention_backend = attention
+        self.attention_spec = LayerAttention.of(cfg, layer_idx)
+        self.fused_norms = fused_norms
         set_softmax_scale(self.self_attention.core_attention, cfg.query_scale)
         if cfg.qk_norm:
             # MultiheadAttention builds its q/k RMSNorms without zero-centred gamma; Gemma 3's are
@@ -180,44 +180,32 @@ class TEGemmaDecoderLayer(te.TransformerLayer):
         """x: [T, hidden] (the step's flattened tokens), the residual stream without `pending`, the
         previous layer's MLP output (None before the first layer). Returns the stream after this
         layer's attention and this layer's MLP output: each residual add is left to the norm that
-        follows it, so that `ctx.fused_norms` can do both in one kernel."""
+        follows it, so that `fused_norms` can do both in one kernel."""
         cfg = self.cfg
         T = x.shape[0]
         attn = self.self_attention
         group = cfg.queries_per_kv
-        x, qkv = self._norm_then_linear(x, pending, attn.layernorm_qkv, ctx)
+        x, qkv = self._norm_then_linear(x, pending, attn.layernorm_qkv)
         qkv = qkv.view(T, cfg.num_kv_heads, group + 2, cfg.head_dim)
-        q = qkv[:, :, :group]  # [T, KV, G, D]
-        k, v = qkv[:, :, group], qkv[:, :, group + 1]
-        cos, sin = ctx.ropes[self.rope_spec]
-        k_slots, v_slots = kv_cache.layer(self.layer_idx)
-        if ctx.fused:  # with Gemma 3's q/k norms in the same kernel
-            qk_norm = (attn.q_norm.weight, attn.k_norm.weight, cfg.rms_norm_eps) if cfg.qk_norm else None
-            q = rope_and_store(q, k, v, cos, sin, k_slots, v_slots, ctx.slot_mapping, ctx.row_valid, qk_norm)
-        else:
-            if cfg.qk_norm:
-                q = attn.q_norm(q.reshape(T, cfg.num_heads, cfg.head_dim)).view(q.shape)
-                k = attn.k_norm(k.contiguous())
-            q = q.reshape(T, cfg.num_heads, cfg.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            write_kv(k_slots, v_slots, ctx.slot_mapping, k, v, ctx.row_valid)
-        out = paged_attention(q, k_slots, v_slots, ctx, self.sliding_window, self.query_scale, self.attn_softcap)
+        qk_norm = (attn.q_norm, attn.k_norm) if cfg.qk_norm else None
+        out = self.attention_backend.forward(self.attention_spec, qkv[:, :, :group], qkv[:, :, group],
+                                             qkv[:, :, group + 1], ctx, kv_cache, qk_norm)
         h = _first(attn.proj(out.reshape(T, cfg.num_heads * cfg.head_dim)))
-        x, h = self._norm_then_mlp(x, Branch(h, self.attn_out_norm if self.sandwich else None), ctx)
+        x, h = self._norm_then_mlp(x, Branch(h, self.attn_out_norm if self.sandwich else None))
         return x, Branch(h, self.mlp_out_norm if self.sandwich else None)
 
-    def _norm_then_linear(self, x, pending: Optional[Branch], module, ctx: StepContext):
+    def _norm_then_linear(self, x, pending: Optional[Branch], module):
         """(x + pending, TE LayerNormLinear `module` applied to it)."""
-        if not ctx.fused_norms:
+        if not self.fused_norms:
             x = x if pending is None else pending.added_to(x)
             return x, _first(module(x))
         x, normed = add_then_norm(x, pending, module.layer_norm_weight, self.cfg.rms_norm_eps)
         return x, F.linear(normed, module.weight)
 
-    def _norm_then_mlp(self, x, pending: Branch, ctx: StepContext):
+    def _norm_then_mlp(self, x, pending: Branch):
         """(x + pending, TE LayerNormMLP applied to it)."""
         mlp = self.layernorm_mlp
-        if not ctx.fused_norms:
+        if not self.fused_norms:
             x = pending.added_to(x)
             return x, _first(mlp(x))
         x, normed = add_then_norm(x, pending, mlp.layer_norm_weight, self.cfg.rms_norm_eps)

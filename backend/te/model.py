@@ -8,7 +8,9 @@ over the paged cache; each layer's MLP output is added by the norm after it), th
 output added and the final zero-centred RMSNorm on the rows that need logits, tied LM head in the
 model dtype, optional final softcap, fp32 logits.
 
-Every call runs eagerly; the engine's runner replays decode-only steps from CUDA graphs of this
+Attention is the backend chosen when the model is built (`self.attention`, backend/attention/):
+Triton kernels where Triton is installed, else plain torch. Every call runs eagerly; the engine's
+runner replays decode-only steps (and, with the kernels, mixed steps) from CUDA graphs of this
 forward (backend/graphs.py). With fp8=True the TE GEMMs run in FP8 (Hopper) with FP8 weights (the
 LM head stays in the model dtype); FP8 GEMMs need a multiple of 8 rows, so steps pad the token rows
 (`row_multiple`: graph buckets are multiples of 8).
@@ -21,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend.attention import StepContext, attention_backend
+from backend.attention.layout import StepLayout
 from backend.config import GemmaConfig
-from backend.model import StepLayout, rope_cos_sin
+from backend.rope import rope_cos_sin
 
-from . import fused_decode, fused_varlen, import_te
-from .attention import StepContext
+from . import import_te
 from .layers import TEGemmaDecoderLayer, add_then_norm, strict_copy
 
 FP8_ROWS = 8  # TE's FP8 GEMMs need the product of leading dims divisible by 8
@@ -62,11 +65,21 @@ class TEGemmaModel(nn.Module):
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))
         self.fp8 = fp8
         self.fp8_recipe = make_fp8_recipe(fp8_recipe) if fp8 else None
+        # RoPE + K/V write and attention as Triton kernels (backend/attention/fused.py) where Triton is
+        # installed; otherwise the plain-torch backend. With the kernels a mixed step's attention is
+        # one varlen kernel call per layer, which lets the runner capture mixed steps in CUDA graphs too.
+        self.attention = attention_backend(cfg, kernels=fused)
+        self.fused = self.attention.tile_rows is not None
+        # Residual adds with the RMSNorm after each, and GeGLU, as Triton kernels (kernels/pointwise.py).
+        # Not with FP8: there TE's LayerNormLinear / LayerNormMLP write the norm's output in FP8 for
+        # their GEMMs in the same kernel, which a separate norm would cost an extra cast.
+        self.fused_norms = fused_norms and self.fused and not fp8
         # FP8 weights: TE modules created here hold only FP8 copies of their GEMM weights (quantized
         # when the checkpoint is copied in), so a decode step reads half the bytes.
         # Built without autograd: FP8 weights then get no transposed (backward-only) copy.
         with te.quantized_model_init(enabled=fp8, recipe=self.fp8_recipe), torch.no_grad():
-            self.layers = nn.ModuleList(TEGemmaDecoderLayer(cfg, i, dtype=dtype, device=device)
+            self.layers = nn.ModuleList(TEGemmaDecoderLayer(cfg, i, dtype=dtype, device=device,
+                                                            attention=self.attention, fused_norms=self.fused_norms)
                                         for i in range(cfg.num_layers))
         # The tied LM head is the largest single weight (1.07 GB of gemma-2b's 5 GB in bf16); as an FP8
         # copy of the embedding it reads half that per step, at the cost of FP8 logits.
@@ -77,20 +90,9 @@ class TEGemmaModel(nn.Module):
         self.final_norm = te.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, zero_centered_gamma=True,
                                      device=device, dtype=dtype)
         self.rope_specs = sorted({layer.rope for layer in cfg.layers}, key=lambda s: (s.theta, s.linear_factor))
-        self.windows = sorted({layer.sliding_window for layer in cfg.layers}, key=lambda w: (w is not None, w or 0))
         # sqrt(hidden) rounded to the model dtype, as HF multiplies by a tensor of that dtype.
         self.embed_scale = float(torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype))
         self.row_multiple = FP8_ROWS if fp8 else 1
-        # RoPE + K/V write and decode attention as Triton kernels (fused_decode.py) where Triton is
-        # installed; otherwise the plain-torch attention.py path.
-        self.fused = fused and fused_decode.available()
-        # With the fused kernels, a mixed step's attention is one varlen kernel call per layer
-        # (fused_varlen.py), which lets the runner capture mixed steps in CUDA graphs too.
-        self.tile_rows = fused_varlen.tile_rows(cfg.queries_per_kv) if self.fused else None
-        # Residual adds with the RMSNorm after each, and GeGLU, as Triton kernels (fused_pointwise.py).
-        # Not with FP8: there TE's LayerNormLinear / LayerNormMLP write the norm's output in FP8 for
-        # their GEMMs in the same kernel, which a separate norm would cost an extra cast.
-        self.fused_norms = fused_norms and self.fused and not fp8
 
     # --- weights ----------------------------------------------------------------------------------
 
@@ -142,9 +144,7 @@ class TEGemmaModel(nn.Module):
         if padded_rows:  # zero rows: RMSNorm keeps them zero, attention skips them, no cache writes
             x = F.pad(x, (0, 0, 0, padded_rows))
             positions = F.pad(positions, (0, padded_rows))
-        ctx = StepContext(ropes=self.ropes(positions), slot_mapping=layout.slot_mapping, groups=layout.groups,
-                          positions=positions, row_valid=layout.row_valid, padded=padded_rows > 0, fused=self.fused,
-                          fused_norms=self.fused_norms, varlen=layout.varlen)
+        ctx = StepContext(layout, self.ropes(positions))
         pending = None  # each layer's MLP output, added to x by the norm after it
         for layer in self.layers:
             x, pending = layer.step(x, pending, ctx, kv_cache)

@@ -23,7 +23,7 @@ def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     """Build TEGemmaModel from an HF Gemma checkpoint directory (strict safetensors loading).
 
     fp8: FP8 GEMMs and FP8 weights (Hopper or newer; the LM head stays in `dtype` unless fp8_lm_head).
-    fused: RoPE, K/V writes and decode attention in Triton kernels (when Triton is installed).
+    fused: RoPE, K/V writes and attention in Triton kernels (when Triton is installed).
     fused_norms: with fused and without fp8, residual add + RMSNorm and GeGLU in Triton kernels too."""
     device = torch.device(device)
     if device.type != "cuda":

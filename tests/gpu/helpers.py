@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.batch import SeqChunk, build_step
+from backend.batch import HostToDevice, SeqChunk
 from backend.kv_cache import PagedKVCache
 from backend.te import te_available
 from tests.tiny_models import hf_model
@@ -92,12 +92,13 @@ class SeqRun:
 
 
 def drive(model, cfg, prompts, max_new: int, dtype, arrivals=None, chunk: int = 7, block_size: int = 16,
-          num_blocks: int = 256, tile_rows=None) -> list[SeqRun]:
+          num_blocks: int = 256, attention=None) -> list[SeqRun]:
     """Greedy generation for `prompts` through model(token_ids, layout, kv_cache), continuous-
-    batching style; returns each sequence's tokens and the logits they were chosen from.
-    With `tile_rows`, steps holding prefill chunks get build_step's VarlenLayout (fused models)."""
+    batching style; returns each sequence's tokens and the logits they were chosen from. Steps
+    are laid out by `attention` (default: the model's attention backend, or its graphs' model's)."""
     kv = PagedKVCache(cfg, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=DEVICE)
-    windows = {layer.sliding_window for layer in cfg.layers}
+    attention = attention or getattr(model, "attention", None) or model.model.attention
+    uploader = HostToDevice(DEVICE)
     seqs = [SeqRun(p, a, max_new) for p, a in zip(prompts, arrivals or [0] * len(prompts))]
     step = 0
     while not all(s.done for s in seqs):
@@ -113,7 +114,7 @@ def drive(model, cfg, prompts, max_new: int, dtype, arrivals=None, chunk: int = 
         step += 1
         if not work:
             continue
-        token_ids, layout = build_step([c for _, c in work], block_size, windows, DEVICE, tile_rows=tile_rows)
+        token_ids, layout = attention.build_step([c for _, c in work], block_size, uploader)
         logits = model(token_ids, layout, kv)
         rows = iter(range(logits.shape[0]))
         for s, c in work:

@@ -35,29 +35,28 @@ def load_reference(path, dtype):
     return load_reference_model(path, dtype, DEVICE)
 
 
-def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5, tile_rows=None):
-    """Logits at positions prefill-1 .. len-1: prefill in chunks, then one token per step.
-    With tile_rows, the prefill chunks attend through the varlen kernel (VarlenLayout)."""
-    from backend.batch import SeqChunk, build_step
+def stepped_logits(model, cfg, tokens, prefill, dtype, chunk=5):
+    """Logits at positions prefill-1 .. len-1: prefill in chunks, then one token per step, laid
+    out by the model's attention backend (the kernels': prefill chunks by the varlen kernel)."""
+    from backend.batch import HostToDevice, SeqChunk
     from backend.kv_cache import PagedKVCache
 
     kv = PagedKVCache(cfg, num_blocks=64, block_size=16, dtype=dtype, device=DEVICE)
     blocks = kv.pool.allocate(kv.blocks_for(len(tokens)))
-    windows = {layer.sliding_window for layer in cfg.layers}
+    up = HostToDevice(DEVICE)
     out = []
     for start in range(0, prefill, chunk):
         end = min(start + chunk, prefill)
-        ids, layout = build_step([SeqChunk(tokens[start:end], start, blocks, end == prefill)], 16, windows, DEVICE,
-                                 tile_rows=tile_rows)
+        ids, layout = model.attention.build_step([SeqChunk(tokens[start:end], start, blocks, end == prefill)], 16, up)
         logits = model(ids, layout, kv)
     out.append(logits)
     for pos in range(prefill, len(tokens)):
-        ids, layout = build_step([SeqChunk([tokens[pos]], pos, blocks, True)], 16, windows, DEVICE)
+        ids, layout = model.attention.build_step([SeqChunk([tokens[pos]], pos, blocks, True)], 16, up)
         out.append(model(ids, layout, kv))
     return torch.cat(out).float()
 
 
-@pytest.mark.parametrize("attention", ["varlen", "fused", "torch"])
+@pytest.mark.parametrize("attention", ["fused", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hf_and_reference(family, dtype, attention, checkpoints):
@@ -68,7 +67,7 @@ def test_logits_match_hf_and_reference(family, dtype, attention, checkpoints):
     prompt = prompts_for(cfg.vocab_size, [30])[0]  # 30 tokens > sliding window 8
     with torch.no_grad():
         expected = hf(torch.tensor([prompt], device=DEVICE)).logits[0, 16:].float()
-    got = stepped_logits(te, cfg, prompt, 17, DTYPES[dtype], tile_rows=te.tile_rows if attention == "varlen" else None)
+    got = stepped_logits(te, cfg, prompt, 17, DTYPES[dtype])
     ref_got = stepped_logits(ref, cfg, prompt, 17, DTYPES[dtype])
     te_err, ref_err, te_vs_ref = rel_err(got, expected), rel_err(ref_got, expected), rel_err(got, ref_got)
     top1 = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
@@ -133,7 +132,7 @@ def test_cuda_graph_mixed_steps_equal_eager(family, dtype, checkpoints):
     te = load(checkpoints[family], DTYPES[dtype])
     cfg = te.cfg
     prompts = prompts_for(cfg.vocab_size, [5, 40, 100, 23], seed=6)
-    kw = dict(arrivals=[0, 2, 5, 9], dtype=DTYPES[dtype], chunk=16, tile_rows=te.tile_rows)
+    kw = dict(arrivals=[0, 2, 5, 9], dtype=DTYPES[dtype], chunk=16, attention=te.attention)
     decode, mixed = DecodeGraphs(te), MixedGraphs(te, block_size=16, max_seqs=8, max_tokens=64, max_len=512)
     graphed = drive(lambda ids, layout, kv: (decode if decode.can_run(ids, layout) else mixed)(ids, layout, kv),
                     cfg, prompts, 40, **kw)
@@ -149,15 +148,15 @@ def test_cuda_graph_mixed_steps_equal_eager(family, dtype, checkpoints):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_norms_match_te_norms(family, dtype, checkpoints):
-    """The residual add + RMSNorm and GeGLU kernels (fused_pointwise.py) against TE's LayerNormLinear /
+    """The residual add + RMSNorm and GeGLU kernels (kernels/pointwise.py) against TE's LayerNormLinear /
     LayerNormMLP / RMSNorm on the same weights: prefill chunks through the varlen kernel, then decodes."""
     fused = load(checkpoints[family], DTYPES[dtype])
     te_norms = load(checkpoints[family], DTYPES[dtype], fused_norms=False)
     assert fused.fused_norms and not te_norms.fused_norms
     cfg = fused.cfg
     prompt = prompts_for(cfg.vocab_size, [40], seed=7)[0]
-    got = stepped_logits(fused, cfg, prompt, 21, DTYPES[dtype], tile_rows=fused.tile_rows)
-    want = stepped_logits(te_norms, cfg, prompt, 21, DTYPES[dtype], tile_rows=te_norms.tile_rows)
+    got = stepped_logits(fused, cfg, prompt, 21, DTYPES[dtype])
+    want = stepped_logits(te_norms, cfg, prompt, 21, DTYPES[dtype])
     err, top1 = rel_err(got, want), float((got.argmax(-1) == want.argmax(-1)).float().mean())
     report(test="fused_norms_vs_te_norms", family=family, dtype=dtype, logits_rel_err=err, top1_agreement=top1)
     # fp32: TE's GEMMs use TF32, the fused path's cuBLAS GEMMs full fp32.

@@ -3,7 +3,8 @@ and decodes, over the paged KV cache addressed through per-sequence block tables
 
 The step's work is described by a table of tiles, 4 ints each: (sequence row of the block tables,
 first query row of the step's flattened tokens, number of rows, position of the first row). The host
-splits each chunk into tiles of `tile_rows(G)` tokens (`backend.batch.tile_table`); a decode is a one-row tile.
+splits each chunk into tiles of `tile_rows(G)` tokens (`backend.attention.layout.tile_table`); a decode is a
+one-row tile.
 One program per (tile, KV head) takes the tile's tokens times the KV head's G query heads as the
 rows of its matrix products (a multi-query model reads each key block once per tile), walks the
 sequence's key blocks from the tile's lowest visible key to its last position, finds each key's
@@ -13,7 +14,7 @@ masks per row, optional tanh softcap as in Gemma 2).
 Split over keys: a step of decodes has one tile per sequence, too few programs for the GPU, each
 walking its whole context. Each tile's key range is then cut into `splits` contiguous slices (whole
 key blocks, from the tile's own bounds), one program each, and a second kernel merges the slices'
-partial softmaxes (fp32) per row, as fused_decode does. The count comes from the tile table's
+partial softmaxes (fp32) per row (online_softmax.py, shared with decode.py). The count comes from the tile table's
 length and the SM count alone, never from tensor values, so a graph bucket has one fixed count.
 
 Every input has a fixed shape chosen by the caller (tiles padded with all-zero rows, which do
@@ -23,21 +24,16 @@ keyed by its token count. A row's result depends only on its own tile and the sp
 a given count padding changes no bit (padding tiles add to the table's length, which picks the count:
 an eager step and a graph bucket's replay of it may round differently).
 
-`varlen_attention_torch` is the same contract in plain torch (tests, CPU).
+`backend.attention.reference.varlen_attention_torch` is the same contract in plain torch (tests).
 """
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from typing import Optional
 
 import torch
 
-from backend.batch import decode_masks
-from backend.kv_cache import blocks_for
-
-from . import attention
-from .fused_decode import _pow2
+from . import pow2, split_buffers
 
 # Rows (tokens x query heads) per tile: 64, the M of one Hopper warpgroup MMA. A decode tile uses G
 # of them whatever the size, so more rows waste more work on decodes; fewer rows reuse each key block
@@ -53,7 +49,7 @@ KEY_BLOCK_BYTES = 16 * 1024  # one key block of the cache per loop iteration (an
 # one 64-token prompt beside 63 decodes 0.86 / 0.84 / 1.01 / 1.39 ms (unsplit 1.31), 64 decodes
 # 0.68 / 0.74 / 0.83 / 1.02 ms (unsplit 1.30), 8 x 1024-token prefill 5.4 ms at 1-4 (one split) and
 # 6.8 at 8. 2 per SM is best for the mixed step, the case this kernel is for (decode-only steps
-# keep fused_decode). MAX_SPLITS bounds the merge's loop when a step has only a few tiles.
+# keep decode.py). MAX_SPLITS bounds the merge's loop when a step has only a few tiles.
 # Prefill-heavy steps have enough tiles and keep one split: no partial buffers, the output written
 # directly. The partial buffers hold fewer than 2 x PROGRAMS_PER_SM x SMs tiles' rows.
 PROGRAMS_PER_SM = 2
@@ -82,9 +78,14 @@ def _cuda_sms(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    """Deferred like fused_decode's: importing this module must not require Triton."""
+    """Deferred like decode.py's: importing this module must not require Triton."""
     import triton
     import triton.language as tl
+
+    # A module global: Triton (and its interpreter, which re-executes the kernel's source) looks up
+    # the functions a kernel calls among its module's globals, not in the enclosing scope.
+    global online_softmax_block
+    from .online_softmax import merge_kernel, online_softmax_block
 
     @triton.jit
     def varlen_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, tiles_ptr, out_ptr, part_ptr, ml_ptr,
@@ -132,24 +133,12 @@ def _kernel():
             slots = blocks.to(tl.int64) * BLOCK_SIZE + cols % BLOCK_SIZE
             k = tl.load(k_cache_ptr + slots[:, None] * skc_s + kv * skc_h + d[None, :],
                         mask=live[:, None] & dm[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale  # [ROWS, BLOCK_N]
-            if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh from exp (no libdevice in the interpreter)
-                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
             visible = live[None, :] & (cols[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 visible = visible & (cols[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            # A row with no visible key yet (early rows against late blocks, or a window's early
-            # blocks) keeps m = -inf: subtract 0 instead, so its weights are exp(-inf) = 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_sub)
-            p = tl.exp(s - m_sub[:, None])
-            denom = denom * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + slots[:, None] * svc_s + kv * svc_h + d[None, :],
-                        mask=live[:, None] & dm[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            m = m_new
+            m, denom, acc = online_softmax_block(
+                q, k, v_cache_ptr + slots[:, None] * svc_s + kv * svc_h + d[None, :], live[:, None] & dm[None, :],
+                visible, m, denom, acc, scale, softcap, HAS_SOFTCAP, PRECISION)
         if NUM_SPLITS == 1:
             out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a real row always sees its own key
             tl.store(out_ptr + (first_row + token)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
@@ -160,72 +149,38 @@ def _kernel():
             tl.store(ml_ptr + row * 2, m, mask=rows_ok)
             tl.store(ml_ptr + row * 2 + 1, denom, mask=rows_ok)
 
-    @triton.jit
-    def merge_kernel(part_ptr, ml_ptr, tiles_ptr, out_ptr, so_t, so_h,
-                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
-        tile = tl.program_id(0)
-        kv = tl.program_id(1)
-        first_row = tl.load(tiles_ptr + tile * 4 + 1)
-        num_rows = tl.load(tiles_ptr + tile * 4 + 2)
-        i = tl.arange(0, ROWS)
-        token = i // G
-        heads = kv * G + i % G
-        rows_ok = (i < BLOCK_M * G) & (token < num_rows)  # padding tiles: none
-        d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        first = (tile * tl.num_programs(1) + kv) * NUM_SPLITS * ROWS + i  # split 0's rows
-        m_all = tl.full([ROWS], float("-inf"), tl.float32)
-        for split in range(NUM_SPLITS):
-            m_all = tl.maximum(m_all, tl.load(ml_ptr + (first + split * ROWS) * 2, mask=rows_ok,
-                                              other=float("-inf")))
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # rows not in the tile: no NaN
-        acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-        denom = tl.zeros([ROWS], tl.float32)
-        for split in range(NUM_SPLITS):
-            row = first + split * ROWS
-            m = tl.load(ml_ptr + row * 2, mask=rows_ok, other=float("-inf"))
-            part_denom = tl.load(ml_ptr + row * 2 + 1, mask=rows_ok, other=0.0)
-            w = tl.where(part_denom > 0, tl.exp(m - m_all), 0.0)  # slices with no visible key weigh exactly 0
-            acc += w[:, None] * tl.load(part_ptr + row[:, None] * D + d[None, :], mask=rows_ok[:, None] & dm[None, :],
-                                        other=0.0)
-            denom += w * part_denom
-        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-        tl.store(out_ptr + (first_row + token)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & dm[None, :])
-
     return varlen_kernel, merge_kernel
 
 
 def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      tiles: torch.Tensor, block_size: int, scale: float, softcap: Optional[float],
                      window: Optional[int], out: Optional[torch.Tensor] = None,
-                     splits: Optional[int] = None) -> torch.Tensor:
+                     splits: Optional[int] = None, tile_tokens: Optional[int] = None) -> torch.Tensor:
     """q [T, H, D] (RoPE applied; padding rows allowed), k_cache/v_cache [slots, KV, D] with slot =
     block * block_size + offset, block_tables [S, W] int32/int64, tiles [N, 4] int32 from
-    batch.tile_table(..., tile_rows(H // KV)) (all-zero rows do nothing) -> out [T, H, D]. Row r of tile
+    layout.tile_table(..., tile_tokens) (all-zero rows do nothing) -> out [T, H, D]. Row r of tile
     (b, r0, n, p0) is the query at position p0 + r - r0 of sequence b and attends to its keys at
-    positions max(0, p - window + 1)..p. Rows in no tile come out zero. `splits` over keys: default
-    num_splits(N, KV, device). No host sync, no shape from tensor values: CUDA-graph capturable."""
+    positions max(0, p - window + 1)..p. Rows in no tile come out zero, or, given `out`, keep its
+    values there (a second call with other tiles adds its rows). `splits` over keys: default
+    num_splits(N, KV, device). `tile_tokens`: the tiles' most tokens, default tile_rows(H // KV); 1
+    makes a kernel of G rows (padded to 16) for tables of decodes. No host sync, no shape from tensor
+    values: CUDA-graph capturable."""
     T, H, D = q.shape
     kv_heads = k_cache.shape[1]
     G = H // kv_heads
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and block_tables.stride(1) == 1
     assert tiles.dtype == torch.int32 and tiles.shape[1] == 4 and tiles.is_contiguous()
-    out = torch.zeros_like(q) if out is None else out.zero_()  # rows in no tile are zero
+    out = torch.zeros_like(q) if out is None else out
     if tiles.shape[0] == 0 or T == 0:
         return out
-    block_m = tile_rows(G)
-    rows = _pow2(block_m * G, 16)  # tl.dot needs at least 16 rows
-    block_d = _pow2(D, 16)
+    block_m = tile_tokens or tile_rows(G)
+    rows = pow2(block_m * G, 16)  # tl.dot needs at least 16 rows
+    block_d = pow2(D, 16)
     block_n = max(16, min(64, KEY_BLOCK_BYTES // (block_d * k_cache.element_size())))
     num_tiles = tiles.shape[0]
     splits = splits or num_splits(num_tiles, kv_heads, q.device)
-    if splits > 1:
-        part = torch.empty((num_tiles, kv_heads, splits, rows, D), dtype=torch.float32, device=q.device)
-        ml = torch.empty((num_tiles, kv_heads, splits, rows, 2), dtype=torch.float32, device=q.device)
-    else:
-        part = ml = out  # unused: the kernel writes the output directly
+    # With one split the kernel writes the output directly: no partial buffers.
+    part, ml = split_buffers(num_tiles, kv_heads, splits, rows, D, q.device) if splits > 1 else (out, out)
     # A [64, 256] fp32 accumulator over 8 warps is 64 registers a thread (sm_90, gemma-2b: 141 in
     # all before the split, 146 with it, the merge 108; with 4 warps, 245). fp32 inputs with D = 256
     # (no tensor cores) take 182 unsplit but spill storing split partials (255 and ~900 bytes).
@@ -242,28 +197,5 @@ def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=num_warps)
     if splits > 1:
         merge[(num_tiles, kv_heads)](part, ml, tiles, out, out.stride(0), out.stride(1), G=G, D=D, BLOCK_M=block_m,
-                                     ROWS=rows, BLOCK_D=block_d, NUM_SPLITS=splits, num_warps=num_warps)
-    return out
-
-
-def varlen_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, tiles: torch.Tensor, block_size: int, scale: float,
-                           softcap: Optional[float], window: Optional[int],
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """varlen_attention in plain torch (attention.attend, masks from batch.decode_masks), one
-    sequence at a time. Reads the tiles on the host: not for CUDA graphs."""
-    out = torch.zeros_like(q) if out is None else out.zero_()
-    spans = defaultdict(list)  # sequence row -> its tiles' (first row, rows, first position)
-    for seq, first_row, num_rows, first_pos in tiles.tolist():
-        if num_rows:
-            spans[seq].append((first_row, num_rows, first_pos))
-    for seq, seq_spans in spans.items():
-        rows = torch.cat([torch.arange(r, r + n) for r, n, _ in seq_spans]).to(q.device)
-        positions = torch.cat([torch.arange(p, p + n) for _, n, p in seq_spans]).to(q.device)
-        ctx = max(p + n for _, n, p in seq_spans)
-        table = block_tables[seq, :blocks_for(ctx, block_size)].long()
-        slots = (table[:, None] * block_size + torch.arange(block_size, device=q.device)).flatten()[:ctx]
-        mask = decode_masks(positions, ctx, [window])[window].view(1, -1, ctx)  # [1, rows, ctx]
-        out[rows] = attention.attend(q[rows][None], k_cache[slots][None], v_cache[slots][None], mask, scale,
-                                     softcap)[0].to(out.dtype)
+                                     ROWS=rows, BLOCK_D=block_d, NUM_SPLITS=splits, TILED=True, num_warps=num_warps)
     return out

@@ -14,7 +14,7 @@ rounded to the model dtype before it is normalised, as HF adds in the model dtyp
 `geglu`: tanh-GELU(first half) * second half of the fc1 output (TE's geglu), fp32 math, one rounding.
 
 They run on CPU tensors under TRITON_INTERPRET=1, which is how the CPU suite checks them against
-torch (tests/test_fused_pointwise.py).
+torch (tests/test_fused_pointwise.py). The TE layer's step (backend/te/layers.py) uses them.
 """
 from __future__ import annotations
 
