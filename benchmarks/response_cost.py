@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=300)
     args = p.parse_args()
     from backend.default_model import ensure_default_checkpoint
-    from tests.integration.conftest import start_servers, stop_servers
+    from tests.support.server import start_servers, stop_servers
 
     checkpoint = args.checkpoint or ensure_default_checkpoint()
     env = {"GEMMA_CHECKPOINT": str(checkpoint), "GEMMA_MAX_NUM_SEQS": str(args.clients)}

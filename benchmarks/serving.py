@@ -376,7 +376,7 @@ def start_server(log_path: Path, config):
     """tritonserver on model_repository/ running the engine `config` describes (`server_env`), started
     and stopped by the same code as the integration tests' servers. Returns an object with
     `grpc_url` and `stop()`."""
-    from tests.integration.conftest import start_servers
+    from tests.support.server import start_servers
 
     (server,) = start_servers((log_path, server_env(config)))
     return server
@@ -388,7 +388,7 @@ def start_gateway(triton_url: str, log_path: Path):
     where the gateway's packages (and its tests') are not installed."""
     import pytest
     try:
-        from tests.integration.gateway.conftest import start_gateway
+        from tests.support.gateway import start_gateway
     except pytest.skip.Exception:  # its importorskip: fastapi, uvicorn, httpx or openai missing
         return None
     return start_gateway(triton_url, log_path)

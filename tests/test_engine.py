@@ -1,6 +1,5 @@
 """The engine end to end on a tiny random Gemma 3 with the real tokenizer: continuous batching,
 KV cache accounting, cancellation, admission under cache pressure, bad requests."""
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +9,7 @@ from backend.errors import EngineOverloadedError, InvalidRequestError
 from backend.front import bad_words_token_ids
 from backend.sampling import SamplingParams
 from tests.engine_runs import GREEDY, PROMPTS, SEEDED, check_bad_requests_refused, run_staggered, token_ids, wait_idle
+from tests.support.waiting import wait_for
 
 
 def make_engine(checkpoint, scheduling: str, **kw) -> Engine:
@@ -205,7 +205,7 @@ def test_queue_bound_refuses_with_overloaded(servable_checkpoint, scheduling):
     try:
         params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
         handles = [eng.submit(PROMPTS[0], params)]
-        time.sleep(0.05)  # the first one is running, so it no longer counts as waiting
+        assert wait_for(lambda: eng.stats().num_running == 1)  # so it no longer counts as waiting
         handles += [eng.submit(PROMPTS[0], params) for _ in range(2)]
         with pytest.raises(EngineOverloadedError):
             eng.submit(PROMPTS[0], params)

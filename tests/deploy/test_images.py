@@ -181,17 +181,16 @@ def _module(requirement: str) -> str:
 
 
 def test_client_image_has_what_the_e2e_tests_import():
-    """tests/integration's module-level imports: stdlib, or packages the client image installs."""
+    """The module-level imports of tests/integration and the support it uses (tests/support): stdlib,
+    or packages the client image installs."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    integration = ROOT / "tests" / "integration"
-    if not integration.is_dir():
-        pytest.skip("tests/integration does not exist yet")
+    e2e = [ROOT / "tests" / "integration", ROOT / "tests" / "support"]
     client_deps = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]["dependencies"]
     installed = {_module(r) for r in pip_requirements(CLIENT_IMAGE) + client_deps if not r.startswith("/")}
-    local = {p.stem for p in integration.iterdir() if p.suffix == ".py" or p.is_dir()}
+    local = {p.stem for folder in e2e for p in folder.iterdir() if p.suffix == ".py" or p.is_dir()}
     # The client distribution's own packages (client/pyproject.toml): gemma_client and gemma_protocol.
     allowed = set(sys.stdlib_module_names) | installed | local | {"gemma_client", "gemma_protocol", "_pytest", "tests"}
-    for path in sorted(integration.rglob("*.py")):
+    for path in sorted(p for folder in e2e for p in folder.rglob("*.py")):
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.Import):
                 roots = [alias.name.split(".")[0] for alias in node.names]

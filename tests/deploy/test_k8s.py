@@ -16,12 +16,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import types
 import urllib.error
 import urllib.request
@@ -30,6 +28,8 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+
+from tests.support.waiting import wait_for
 
 yaml = pytest.importorskip("yaml")
 
@@ -592,15 +592,9 @@ def test_endpoint_picker_may_only_read_in_its_namespace(variant):
 
 # --- on a real server -----------------------------------------------------------------------------
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+def server_support():
+    """tests/support/server.py (skips where tritonclient is not installed)."""
+    return pytest.importorskip("tests.support.server")
 
 
 POD_UID = "0f1e2d3c-test-pod-uid"
@@ -615,26 +609,23 @@ def expanded_args(c: dict) -> list[str]:
 
 def launch_like_the_pod(checkpoint: Path, log_path: Path):
     """scripts/serve.sh with the server container's arguments and GEMMA_* settings (the CPU variant's),
-    on the tiny checkpoint and free ports. Returns a tests/integration TritonServer once ready."""
-    conftest = pytest.importorskip("tests.integration.conftest")
+    on the tiny checkpoint and free ports. Returns a tests/support TritonServer once ready."""
+    support = server_support()
     triton = container("cpu", SERVER)
-    ports = dict(zip(TRITON_PORTS, _free_ports(3)))
+    ports = dict(zip(TRITON_PORTS, support.free_ports(3)))
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GEMMA_")}
-    environment.update(conftest.TINY_SERVER_ENV)  # a small KV cache and context: fast on a CPU
+    environment.update(support.TINY_SERVER_ENV)  # a small KV cache and context: fast on a CPU
     environment.update({k: v for k, v in env(triton).items() if k.startswith("GEMMA_")})
     environment.update({f"{name.upper()}_PORT": str(port) for name, port in ports.items()},
                        GEMMA_CHECKPOINT=str(checkpoint))
     with open(log_path, "w") as log:
         process = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), *expanded_args(triton)[2:]], cwd=ROOT,
                                    env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = conftest.TritonServer(f"localhost:{ports['grpc']}", f"http://localhost:{ports['http']}",
-                                   f"http://localhost:{ports['metrics']}/metrics", process, log_path)
-    deadline = time.monotonic() + conftest.STARTUP_TIMEOUT_S
-    while not server.ready():
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            pytest.fail(f"the server did not become ready; its log:\n{server.log_tail()}")
-        time.sleep(0.25)
+    server = support.TritonServer(f"localhost:{ports['grpc']}", f"http://localhost:{ports['http']}",
+                                  f"http://localhost:{ports['metrics']}/metrics", process, log_path)
+    if not server.wait_ready():
+        server.stop()
+        pytest.fail(f"the server did not become ready; its log:\n{server.log_tail()}")
     return server
 
 
@@ -665,7 +656,7 @@ def test_a_dead_engine_fails_the_probes_and_only_the_pod_may_use_the_repository_
                                                                                      tmp_path):
     """Started like the pod: the repository API refuses a client without the pod's key; killing the
     engine process unloads the model, and the readiness and liveness probes fail."""
-    conftest = pytest.importorskip("tests.integration.conftest")
+    support = server_support()
     grpcclient = pytest.importorskip("tritonclient.grpc")
     server = launch_like_the_pod(servable_checkpoint, tmp_path / "server.log")
     try:
@@ -675,12 +666,12 @@ def test_a_dead_engine_fails_the_probes_and_only_the_pod_may_use_the_repository_
                 client.unload_model("gemma")
             index = client.get_model_repository_index(headers={"triton-grpc-protocol-gemma-repository-key": POD_UID})
             assert [m.name for m in index.models] == ["gemma"]
-        (engine,) = conftest.engine_processes(server)
+        (engine,) = support.engine_processes(server)
         os.kill(engine, signal.SIGKILL)
         for kind in ("readinessProbe", "livenessProbe"):
             get = triton[kind]["httpGet"]
             url = server.http_url + get["path"]
-            assert conftest.wait_for(lambda: _status(url) != 200, timeout=30), kind
+            assert wait_for(lambda: _status(url) != 200, timeout=30), kind
         assert server.process.poll() is None  # Triton stays up; the kubelet restarts the container
     finally:
         server.stop()
@@ -697,39 +688,49 @@ def test_adapter_series_are_exported_by_a_real_server(pod_server):
 
 def _stream_in_background(server, max_tokens: int, stop: threading.Event | None = None) -> tuple:
     """A long greedy stream on its own thread, once it is running; returns (thread, outcome), where
-    outcome gets the result (or error), `last_response_at` and `ended`. Setting `stop` cancels it."""
+    outcome gets the result (or error) and `ended`. Setting `stop` cancels it."""
     outcome: dict = {}
-
-    def on_response(_) -> bool:
-        outcome["last_response_at"] = time.monotonic()
-        return stop is not None and stop.is_set()
 
     def run():
         try:
             outcome["result"] = server.stream(
                 "Once upon a time", stream=True, max_tokens=max_tokens, timeout=120,
-                sampling_parameters='{"ignore_eos": true, "temperature": 0}', cancel_when=on_response)
+                sampling_parameters='{"ignore_eos": true, "temperature": 0}',
+                cancel_when=lambda _: stop is not None and stop.is_set())
         except Exception as e:  # handed to the test
             outcome["error"] = e
-        outcome["ended"] = time.monotonic()
+        outcome["ended"] = True
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while server.metric("gemma_running_requests") == 0 and "ended" not in outcome:
-        assert time.monotonic() < deadline, "the stream never started"
-        time.sleep(0.05)
+    assert wait_for(lambda: server.metric("gemma_running_requests") > 0 or "ended" in outcome, timeout=60), \
+        "the stream never started"
     return thread, outcome
+
+
+class FakeClock:
+    """drain.py's `time` module in a test: sleeping moves the clock on at once, and is recorded."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
 def test_drain_stops_waiting_at_its_timeout(pod_server):
     drain = load_script(K8S / "base" / "drain.py")
+    drain.time = clock = FakeClock()
     stop = threading.Event()
     thread, outcome = _stream_in_background(pod_server, max_tokens=480, stop=stop)
     try:
-        started = time.monotonic()
-        assert drain.drain(pod_server.metrics_url, 0, 1.0, poll_s=0.2) == "timeout"
-        assert 1.0 <= time.monotonic() - started < 10
+        assert drain.drain(pod_server.metrics_url, 0, 1.0, poll_s=0.25) == "timeout"
+        # No wait for the propagation, then a poll of the busy server every 0.25 s until 1 s had passed.
+        assert clock.sleeps == [0, 0.25, 0.25, 0.25, 0.25]
         assert "ended" not in outcome  # still generating: the drain gave up, not the stream
     finally:
         stop.set()
@@ -738,34 +739,42 @@ def test_drain_stops_waiting_at_its_timeout(pod_server):
 
 def test_drain_returns_at_once_when_the_server_is_gone():
     drain = load_script(K8S / "base" / "drain.py")
-    (port,) = _free_ports(1)
-    started = time.monotonic()
+    drain.time = clock = FakeClock()
+    (port,) = server_support().free_ports(1)
     assert drain.drain(f"http://127.0.0.1:{port}/metrics", 0, 300) == "unreachable"
-    assert time.monotonic() - started < 5
+    assert clock.sleeps == [0]  # the propagation wait only: no poll waited for a server that is gone
 
 
-def test_scale_down_drains_the_stream_then_triton_exits_cleanly(servable_checkpoint, tmp_path):
+def test_scale_down_drains_the_stream_then_triton_exits_cleanly(servable_checkpoint, tmp_path, monkeypatch, capsys):
     """A pod's end: preStop (drain.py with the Deployment's timeout) returns only once the running
     stream has finished whole; then SIGTERM, and Triton exits 0 within its --exit-timeout-secs."""
     server = launch_like_the_pod(servable_checkpoint, tmp_path / "server.log")
     try:
         triton = container("cpu", SERVER)
         pre_stop = triton["lifecycle"]["preStop"]["exec"]["command"]
+        drain = load_script(K8S / "base" / "drain.py")
+        seen = []  # the requests in flight at each of the drain's polls
+        count = drain.in_flight
+
+        def in_flight(metrics_text: str) -> float:
+            seen.append(count(metrics_text))
+            return seen[-1]
+
+        drain.in_flight = in_flight
+        monkeypatch.setattr(sys, "argv", ["drain.py", f"--metrics-url={server.metrics_url}", "--propagation-s=0",
+                                          f"--drain-timeout-s={flag(pre_stop, '--drain-timeout-s')}", "--poll-s=0.2"])
         thread, outcome = _stream_in_background(server, max_tokens=400)  # seconds on a CPU
-        drained = subprocess.run(
-            [sys.executable, str(K8S / "base" / "drain.py"), f"--metrics-url={server.metrics_url}",
-             "--propagation-s=0", f"--drain-timeout-s={flag(pre_stop, '--drain-timeout-s')}", "--poll-s=0.2"],
-            capture_output=True, text=True, timeout=600)
-        drained_at = time.monotonic()
-        assert drained.returncode == 0 and "drain: idle" in drained.stderr, drained.stderr
+        drain.main()
+        assert "drain: idle" in capsys.readouterr().err
+        # It saw the stream in flight and returned only once it saw nothing in flight.
+        assert seen[0] >= 1 and seen[-1] == 0, seen
         thread.join(60)
         assert "error" not in outcome, outcome.get("error")
         assert outcome["result"].finish_reason == "length" and outcome["result"].num_output_tokens == 400
-        # Not before the last tokens left the engine; they reach the client a moment later.
-        assert drained_at >= outcome["last_response_at"] - 1.0
 
         server.process.send_signal(signal.SIGTERM)
         exit_timeout = flag(triton["args"], "--exit-timeout-secs")
-        assert server.process.wait(timeout=exit_timeout + 30) == 0, server.log_tail()
+        assert server.process.wait(timeout=exit_timeout + 30) == 0, server.log_tail()  # the 30 s: a hang guard
+        assert "Exit timeout expired" not in server.log_tail(), server.log_tail()  # it exited within its timeout
     finally:
         server.stop()

@@ -43,7 +43,7 @@ from backend.te import import_te, te_available
 if te_available():
     import_te()  # before anything loads torch's cuDNN: see above
 
-from tests.integration.conftest import ROOT, STARTUP_TIMEOUT_S, _launch  # noqa: E402
+from tests.support.server import ROOT, STARTUP_TIMEOUT_S, launch  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not te_available(), reason="needs CUDA and TransformerEngine")]
 
@@ -152,7 +152,7 @@ def _version(name: str) -> str:
 def serve_and_generate(tmp_path: Path, checkpoint: Path, env: dict[str, str]) -> tuple[dict, str]:
     """Start a tritonserver with `env`, send every prompt at once (one gRPC stream each), stop it;
     returns the results by prompt and the server's log."""
-    server = _launch(tmp_path / "server.log", {**SERVER_ENV, "GEMMA_CHECKPOINT": str(checkpoint), **env})
+    server = launch(tmp_path / "server.log", {**SERVER_ENV, "GEMMA_CHECKPOINT": str(checkpoint), **env})
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not server.ready():

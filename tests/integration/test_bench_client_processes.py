@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from .conftest import wait_for
+from tests.support.waiting import wait_for
 
 PROMPTS = ["The quick brown fox", "¿Dónde está la biblioteca? 图书馆在哪里?", "Once upon a time"]
 

@@ -10,8 +10,11 @@ import signal
 
 import pytest
 
-from .conftest import (MODEL, RETURN_ALL, TINY_SERVER_ENV, engine_processes, grpcclient, make_inputs, start_servers,
-                       stop_servers, wait_for)
+import tritonclient.grpc as grpcclient
+
+from tests.support.server import (MODEL, RETURN_ALL, TINY_SERVER_ENV, engine_processes, make_inputs, start_servers,
+                                  stop_servers)
+from tests.support.waiting import wait_for
 
 GREEDY = '{"temperature": 0, "max_tokens": 4}'
 

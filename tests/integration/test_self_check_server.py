@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import STARTUP_TIMEOUT_S, _launch, _own_servers_only
+from tests.support.server import STARTUP_TIMEOUT_S, launch
 
 
 @pytest.fixture
-def checkpoint_517(tmp_path):
+def checkpoint_517(tmp_path, own_servers_only):
     """The default checkpoint with the tokenizer transformers 5.17 made of it (no <bos>, one piece
     per character)."""
-    _own_servers_only()
     from backend import self_check
     from backend.default_model import ensure_default_checkpoint
     from tests.broken_checkpoints import CONFIG_517, checkpoint_like, tokenizer_517
@@ -23,7 +22,7 @@ def checkpoint_517(tmp_path):
 
 
 def test_server_exits_rather_than_serve_a_broken_tokenizer(tmp_path, checkpoint_517):
-    server = _launch(tmp_path / "server.log", {"GEMMA_CHECKPOINT": str(checkpoint_517)})
+    server = launch(tmp_path / "server.log", {"GEMMA_CHECKPOINT": str(checkpoint_517)})
     try:
         returncode = server.process.wait(timeout=STARTUP_TIMEOUT_S)
     finally:

@@ -15,7 +15,7 @@ import pytest
 from gemma_protocol import split_error_status
 from tritonclient.utils import InferenceServerException
 
-from .conftest import wait_for
+from tests.support.waiting import wait_for
 
 PROMPT = "The quick brown fox"
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -12,10 +12,10 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
-from .conftest import TINY_SERVER_ENV, start_servers, stop_servers
+from tests.support.server import TINY_SERVER_ENV, start_servers, stop_servers
+from tests.support.waiting import wait_for
 
 STOP_LIMIT_S = 30  # Triton's own exit timeout: a model that has not unloaded by then is abandoned
 HOSTILE_SAMPLING = ["[" * 100_000, '{"a":' * 50_000, "[" * 20_000, '{"max_tokens": ' + "9" * 5000 + "}",
@@ -83,16 +83,13 @@ def test_sigint_after_hostile_traffic_stops_the_server_and_every_stub(tmp_path, 
         assert server.ready()
         assert any("triton_python_backend_stub" in cmd for cmd in process_group(pgid).values())
 
-        sent = time.monotonic()
         server.process.send_signal(signal.SIGINT)
         try:
             server.process.wait(timeout=STOP_LIMIT_S)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"tritonserver still runs {STOP_LIMIT_S} s after SIGINT:\n{server.log_tail(30)}")
-        while process_group(pgid) and time.monotonic() - sent < STOP_LIMIT_S:
-            time.sleep(0.2)
-        left = process_group(pgid)
-        assert not left, f"still running {STOP_LIMIT_S} s after SIGINT: {left}\n{server.log_tail(30)}"
+        assert wait_for(lambda: not process_group(pgid), timeout=STOP_LIMIT_S, period=0.2), \
+            f"still running {STOP_LIMIT_S} s after SIGINT: {process_group(pgid)}\n{server.log_tail(30)}"
         assert "Exit timeout expired" not in server.log_tail(), server.log_tail(30)
     finally:
         stop_servers([server])  # whatever is left of its process group goes too
@@ -107,26 +104,27 @@ def test_ctrl_c_in_a_terminal_finishes_what_is_in_flight_and_stops_every_process
                                {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}))
     pgid = server.process.pid
     outcome: list = []
+    flowing = threading.Event()  # the stream's first tokens have arrived
     long = json.dumps({"max_tokens": 400, "temperature": 0.0, "ignore_eos": True})
 
     def stream() -> None:
         try:
-            outcome.append(server.stream("Once upon a time", stream=True, sampling_parameters=long, timeout=120))
+            outcome.append(server.stream("Once upon a time", stream=True, sampling_parameters=long, timeout=120,
+                                         cancel_when=lambda result: flowing.set()))
         except Exception as e:  # noqa: BLE001 - reported by the assertion
             outcome.append(e)
+        flowing.set()  # also when it failed before any token: the assertions below report it
 
     try:
         assert any("backend.engine_process" in cmd for cmd in process_group(pgid).values())
         reader = threading.Thread(target=stream)
         reader.start()
-        time.sleep(1.0)  # tokens are flowing
+        assert flowing.wait(120), "the stream never started"
+        assert not outcome, outcome  # still in flight when the interrupt comes
         os.killpg(pgid, signal.SIGINT)
         reader.join(STOP_LIMIT_S)
         server.process.wait(timeout=STOP_LIMIT_S)
-        sent = time.monotonic()
-        while process_group(pgid) and time.monotonic() - sent < STOP_LIMIT_S:
-            time.sleep(0.2)
-        assert not process_group(pgid), server.log_tail(30)
+        assert wait_for(lambda: not process_group(pgid), timeout=STOP_LIMIT_S, period=0.2), server.log_tail(30)
         assert len(outcome) == 1 and getattr(outcome[0], "num_output_tokens", None) == 400, outcome
         assert outcome[0].finish_reason == "length"
         log = server.log_tail(400)

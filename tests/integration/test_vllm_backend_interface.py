@@ -18,7 +18,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .conftest import MODEL, wait_for
+from tests.support.server import MODEL
+from tests.support.waiting import wait_for
 
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": "0", "top_p": "1"}  # as the vLLM backend's tests send them: strings

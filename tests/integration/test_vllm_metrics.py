@@ -17,7 +17,8 @@ from collections import Counter
 
 import tritonclient.grpc as grpcclient
 
-from .conftest import MODEL, make_inputs, wait_for
+from tests.support.server import MODEL, make_inputs
+from tests.support.waiting import wait_for
 
 PROMPTS = ("The most dangerous animal is", "The capital of France is", "The future of AI is")
 ROUNDS = 2  # as the vLLM backend's test: the counters keep adding up, not only start right

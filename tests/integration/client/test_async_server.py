@@ -8,8 +8,8 @@ import pytest
 from gemma_client import (AsyncGemmaClient, Conversation, DeadlineExceededError, GemmaClient,
                           InvalidArgumentError, ModelNotFoundError, UnavailableError)
 
-from ..conftest import wait_for
-from .conftest import GREEDY, LONG
+from tests.support.server import GREEDY, LONG
+from tests.support.waiting import wait_for
 
 PROMPT = "The quick brown fox"
 

@@ -8,8 +8,8 @@ import sys
 
 from gemma_client import Conversation, GemmaClient, errors
 
-from ..conftest import wait_for
-from .conftest import GREEDY, LONG
+from tests.support.server import GREEDY, LONG
+from tests.support.waiting import wait_for
 from .test_cli_args import run_cli
 
 PROMPT = "The quick brown fox"

@@ -5,7 +5,7 @@ import asyncio
 
 from gemma_client import AsyncGemmaClient, GemmaClient
 
-from .conftest import GREEDY
+from tests.support.server import GREEDY
 from .test_cli_args import run_cli
 
 PROMPT = "The quick brown fox"

@@ -9,8 +9,8 @@ from gemma_client import (ConnectionFailedError, Conversation, DeadlineExceededE
                           InvalidArgumentError, ModelNotFoundError)
 from gemma_client.outputs import CompletionBuilder
 
-from ..conftest import wait_for
-from .conftest import GREEDY, LONG
+from tests.support.server import GREEDY, LONG
+from tests.support.waiting import wait_for
 from .tcp_proxy import TcpProxy
 
 PROMPT = "The quick brown fox"

@@ -5,8 +5,8 @@ import json
 import socket
 from urllib.parse import urlsplit
 
-from ..conftest import wait_for
-from .conftest import LONG, MODEL
+from tests.support.server import LONG, MODEL
+from tests.support.waiting import wait_for
 
 PROMPT = "The quick brown fox"
 

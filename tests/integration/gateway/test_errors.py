@@ -10,8 +10,12 @@ from gemma_client import (CancelledError, ConnectionFailedError, DeadlineExceede
 
 from gateway.errors import from_client_error
 
-from ..conftest import _free_ports, wait_for
-from .conftest import API_KEY, LONG, MODEL, httpx, openai, start_gateway
+from tests.support.gateway import API_KEY, start_gateway
+from tests.support.server import LONG, MODEL, free_ports
+from tests.support.waiting import wait_for
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 PROMPT = "The quick brown fox"
 USER = [{"role": "user", "content": "Hi"}]
@@ -223,7 +227,7 @@ def test_health_is_ready_with_triton(http):
 
 
 def test_without_triton_health_and_requests_are_503(tmp_path):
-    (closed_port,) = _free_ports(1)
+    (closed_port,) = free_ports(1)
     gateway = start_gateway(f"127.0.0.1:{closed_port}", tmp_path / "gateway.log")
     try:
         health = httpx.get(f"{gateway.url}/health", timeout=30)

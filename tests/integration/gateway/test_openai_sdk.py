@@ -8,7 +8,8 @@ from gemma_client.chat import END_OF_TURN, Conversation
 
 from gateway.sampling import choice_seeds
 
-from .conftest import GREEDY, MODEL
+from tests.support.gateway import GREEDY
+from tests.support.server import MODEL
 
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "Answer in one word."},

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from .conftest import GREEDY, MODEL
+from tests.support.gateway import GREEDY
+from tests.support.server import MODEL
 
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Hello!"}]
