@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine import Engine, EngineConfig
 from .errors import InvalidRequestError
-from .sampling import SamplingParams
+from .loader import start_engine
+from .params import EngineConfig, SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
 
-    engine = Engine.from_config(EngineConfig(checkpoint=args.checkpoint, dtype=args.dtype, device=args.device,
-                                             engine=args.engine))
+    engine = start_engine(EngineConfig(checkpoint=args.checkpoint, dtype=args.dtype, device=args.device,
+                                       engine=args.engine))
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

@@ -1,310 +1,208 @@
-"""The generation engine: a request queue and one engine thread (the request side, with the handles
-that stream results, is EngineFront in backend/front.py).
+"""The engine's request side, in the caller's process: tokenize and check a request, refuse it beyond
+the queue bound, give it a handle, and hand each token delta the engine core reports to its handle.
 
-Data path of one step: scheduler.schedule() picks the chunks -> runner.launch() lays them out, runs
-the model (reference or TransformerEngine) and the sampler -> runner.complete() brings the sampled
-ids to the host -> scheduler.update() appends the tokens and applies the stop rules -> each
-request's handle gets its token delta. Text is made by the handle's reader, off this thread
-(backend/outputs.py).
+The core behind it (backend/engine_core.py: scheduler, runner, the engine thread) runs on a thread
+of this process, or in a process of its own (backend/engine_process.py, the server's default); the
+front owns either by composition and reads, checks and streams requests by the same code. Text is
+made by each handle's reader (backend/outputs.py), never by the core.
 
-With async scheduling (on a GPU by default) the engine launches step N+1 before it completes step
-N: while the GPU computes N, this thread schedules and lays out N+1 and then hands out N's tokens,
-so the host's work per step hides behind the GPU's instead of adding to it. The price is one
-wasted row per sequence that stops on a token (its next decode was already launched) and
-admissions one step later; a batch holding a request with repetition, presence or frequency
-penalties, or bad words of several tokens, runs step by step, since those need every token on the host.
-Nothing here knows about Triton; `model_repository/gemma/1/model.py` is a thin client of this API.
+    engine = backend.loader.start_engine(EngineConfig())   # resolves and checks the checkpoint first
+    for output in engine.submit("Why is the sky blue?", SamplingParams(max_tokens=32)):
+        print(output.text, end="")
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence as Seq, Union
 
-import torch
-
-from .front import EngineFront, EngineLimits
-from .kv_cache import CacheUsage, PagedKVCache
-from .model import prepare_for_cpu
-from .outputs import TokenDelta
-from .runner import ModelRunner, StepInFlight, StepModel
-from .sampling import SamplingParams, make_generator, needs_token_history
-from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
-from .self_check import load_checked_tokenizer
-from .step_times import StepTimes
+from .engine_core import EngineCore, EngineStats
+from .engine_process import EngineCoreProcess
+from .errors import EngineOverloadedError, InvalidRequestError
+from .outputs import OutputProcessor, RequestOutput, TokenDelta
+from .params import EngineConfig, SamplingParams, blocks_for
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+class RequestHandle:
+    """One submitted request. Token deltas arrive from the engine; whoever reads them (poll, or
+    iterate) turns them into text in their own thread. Cancel any time."""
+
+    def __init__(self, request_id: int, num_prompt_tokens: int, processor: OutputProcessor,
+                 end: Callable[[str], None], on_ready: Optional[Callable[["RequestHandle"], None]]):
+        self.request_id, self.num_prompt_tokens = request_id, num_prompt_tokens
+        self._processor, self._end, self._on_ready = processor, end, on_ready
+        self._deltas: list[TokenDelta] = []
+        self._arrived = threading.Condition()
+
+    def cancel(self) -> None:
+        self._end("cancelled")
+
+    def poll(self) -> Optional[RequestOutput]:
+        """Everything generated since the last poll as one output (None if nothing new). Call
+        from one thread at a time. A stop string found here stops the sequence in the engine."""
+        with self._arrived:
+            deltas, self._deltas = self._deltas, []
+        out = self._processor.process(deltas)
+        if out is not None and self._processor.stopped_by_text:
+            self._end("stop")
+        return out
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            with self._arrived:
+                self._arrived.wait_for(lambda: self._deltas)
+            out = self.poll()
+            if out is not None:
+                yield out
+                if out.finish_reason is not None:
+                    return
+
+    def result(self) -> RequestOutput:
+        """Block until finished; one output holding the whole completion."""
+        return functools.reduce(RequestOutput.followed_by, self)
+
+    def _deliver(self, delta: TokenDelta) -> None:
+        with self._arrived:
+            first_unread = not self._deltas
+            self._deltas.append(delta)
+            self._arrived.notify()
+        # One notice per batch of unread deltas: a reader that falls behind is told once and then
+        # takes everything at its next poll (no per-token wake-ups, no per-token detokenizing).
+        if first_unread and self._on_ready is not None:
+            try:
+                self._on_ready(self)
+            except Exception:  # a broken consumer must not take the engine down
+                log.exception("on_ready callback failed for request %d", self.request_id)
 
 
-@dataclass
-class EngineConfig:
-    checkpoint: Optional[str] = None  # HF Gemma checkpoint dir; None: the packaged Gemma 3 270M
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (matches the HF reference exactly)
-    device: str = "auto"  # auto: cuda if available, else cpu
-    engine: str = "auto"  # auto: TransformerEngine on CUDA when importable, else the torch reference
-    kv_cache_bytes: int = 1 << 30
-    block_size: int = 16
-    max_num_seqs: int = 16  # sequences decoding together
-    max_model_len: int = 8192  # prompt + generated tokens (capped by the model's positions)
-    max_num_batched_tokens: int = 512  # tokens per step: bounds prefill chunks
-    max_queue_size: int = 256  # waiting requests beyond this are refused (EngineOverloadedError)
-    enable_prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts and outputs
-    fp8: bool = False  # TE only: FP8 GEMMs on Hopper
-    fp8_recipe: str = "delayed"  # delayed | current | block (backend.te.model.make_fp8_recipe)
-    fp8_lm_head: bool = False  # with fp8: the tied LM head in FP8 too (half its bytes per step, FP8 logits)
-    cuda_graphs: bool = True  # GPU: decode steps (and the TE model's mixed steps) replay captured CUDA graphs
-    async_scheduling: str = "auto"  # on: launch step N+1 before step N's tokens are back; auto: on for CUDA
+class Engine:
+    """Requests in, streamed outputs out. `config.checkpoint` is a resolved checkpoint directory and
+    `tokenizer` its checked tokenizer (backend.loader.start_engine makes both); the core loads the
+    model from the same directory and needs only the tokenizer's EOS ids."""
 
-
-@dataclass(frozen=True)
-class EngineStats:
-    kv_cache: CacheUsage
-    num_running: int
-    num_waiting: int
-    prefix_cache: PrefixCacheStats
-    num_preemptions: int  # since the engine started
-    step_times: StepTimes  # where the steps' time went, since the engine started
-
-
-def checkpoint_path(config: EngineConfig) -> Path:
-    """The checkpoint directory to load: the configured one, or the packaged Gemma 3 270M."""
-    if config.checkpoint:
-        return Path(config.checkpoint)
-    from .default_model import ensure_default_checkpoint
-    return ensure_default_checkpoint()
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available, else cpu; "cuda" -> the current CUDA device, with its index (the
-    engine thread selects it with torch.cuda.set_device, which refuses an index-less device)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def load_model(config: EngineConfig, path: Path, device: torch.device, dtype: torch.dtype):
-    """The TransformerEngine model on CUDA when available (or asked for), else the reference."""
-    use_te = config.engine == "te"
-    if config.engine == "auto" and device.type == "cuda":
-        from .te import te_available
-        use_te = te_available()
-    if use_te:
-        from .te.runner import load_te_model
-        return load_te_model(path, dtype, device, fp8=config.fp8, fp8_recipe=config.fp8_recipe,
-                             fp8_lm_head=config.fp8_lm_head)
-    if config.engine not in ("auto", "torch", "te"):
-        raise ValueError(f"engine must be auto, te or torch, not {config.engine!r}")
-    from .weights import load_reference_model
-    model, _ = load_reference_model(path, dtype, device)
-    return prepare_for_cpu(model) if device.type == "cpu" and dtype == torch.float32 else model
-
-
-class Engine(EngineFront):
-    """The engine on a thread of this process (see EngineFront for the request side)."""
-
-    def __init__(self, build_model: Callable[[], StepModel], tokenizer: Tokenizer, config: EngineConfig,
-                 device: torch.device, publish: Optional[Callable[[list[tuple[int, TokenDelta]]], None]] = None):
-        """`build_model` runs on the engine thread, which then owns every torch op of the engine.
-        Measured on the 2-core CPU: a model whose weights were loaded by another thread (whose OpenMP
-        team then exists too) decodes ~10% slower (Gemma 3 270M: 64-70 vs 59-61 ms per step).
-        `publish` gets each loop's token deltas as [(request id, delta)]; by default they go to
-        this process's request handles (an engine process sends them to its parent instead)."""
-        super().__init__(tokenizer, config)
-        self.device = device
-        self._publish_to = publish or self._publish
-        self._submitted: list[Sequence] = []
-        self._end_requests: list[tuple[int, str]] = []  # cancellations, stop strings found
-        self._sequences: dict[int, Sequence] = {}  # request id -> sequence, until it finishes (engine thread)
-        self._outbox: list[tuple[int, TokenDelta]] = []  # this loop's deltas (engine thread)
-        self._num_preemptions = 0
-        self._step_times = StepTimes()  # written by the engine thread; stats() copies it
-        started: list = []  # what the engine thread set up, or the exception it raised
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(build_model, started, ready),
-                                        name="gemma-engine", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if isinstance(started[0], BaseException):
-            raise started[0]
-
-    def _setup(self, build_model) -> None:
-        if self.config.async_scheduling not in ("auto", "on", "off"):
-            raise ValueError(f"async_scheduling must be auto, on or off, not {self.config.async_scheduling!r}")
-        self._async = self.config.async_scheduling == "on" or (
-            self.config.async_scheduling == "auto" and self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # a new thread starts on cuda:0
-        model = build_model()
-        cfg = model.cfg
-        max_model_len = min(self.config.max_model_len, cfg.max_position_embeddings)
-        self.kv_cache = PagedKVCache.from_budget(cfg, self.config.kv_cache_bytes, self.config.block_size, model.dtype,
-                                                 self.device, self.config.enable_prefix_caching)
-        self.limits = EngineLimits(cfg.vocab_size, max_model_len, self.kv_cache.pool.num_blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.kv_cache.pool, self.config.block_size, self.config.max_num_seqs,
-                                   self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                  max_model_len, self.config.cuda_graphs)
-        self.runner.warm_up()
-
-    @classmethod
-    def from_config(cls, config: EngineConfig, publish=None) -> "Engine":
-        path = checkpoint_path(config)
-        device = resolve_device(config.device)
-        if config.dtype == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        elif config.dtype in DTYPES:
-            dtype = DTYPES[config.dtype]
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, engine_process: bool = False):
+        """Starts the core (on a thread, or with `engine_process` in a process of its own) and returns
+        once its model is loaded; a core that fails to start raises here."""
+        self.tokenizer, self.config = tokenizer, config
+        self._lock = threading.Lock()
+        self._handles: dict[int, RequestHandle] = {}  # request id -> handle, until its final delta
+        self._next_id = 0
+        self._closed = False  # shut down (or the core is gone): requests are refused
+        self.exit_error: Optional[str] = None  # why the core stopped on its own, if it did
+        if engine_process:
+            self.core = EngineCoreProcess(config, tokenizer.eos_token_ids, self._publish, self._core_exited)
         else:
-            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {config.dtype!r}")
-        return cls(lambda: load_model(config, path, device, dtype), load_checked_tokenizer(path), config, device,
-                   publish)
+            self.core = EngineCore(config, tokenizer.eos_token_ids, self._publish)
+        self.limits, self.device = self.core.limits, self.core.device
 
-    # --- API (any thread) -------------------------------------------------------------------------
-
-    def stats(self) -> EngineStats:
+    def submit(self, prompt: Union[str, Seq[int]], params: SamplingParams,
+               on_ready: Optional[Callable[[RequestHandle], None]] = None) -> RequestHandle:
+        """Queue a request. With `on_ready`, on_ready(handle) is called whenever the request has new
+        output, for the caller to `poll()` (from its own thread)."""
+        if isinstance(prompt, str) and not prompt:
+            raise InvalidRequestError("prompt is empty")
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if params.bad_words:
+            params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(self.tokenizer,
+                                                                                         params.bad_words))
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self._room_for_output(prompt_ids))
+        self._check_fits(prompt_ids, params)
+        processor = OutputProcessor(self.tokenizer, prompt_ids, params)
         with self._lock:
-            return EngineStats(self.kv_cache.usage(), len(self.scheduler.running),
-                               len(self.scheduler.waiting) + len(self._submitted), self.scheduler.prefix_cache,
-                               self._num_preemptions, dataclasses.replace(self._step_times))
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel everything in flight (each gets a final "cancelled" output) and stop the thread."""
-        with self._lock:
-            self._closed = True
-            self._lock.notify()
-        self._thread.join(timeout)
-
-    def enqueue(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request already checked and numbered (by an EngineFront: this one's submit, or
-        an engine process's parent)."""
-        with self._lock:
-            self._enqueue(request_id, prompt_ids, params)
+            if self._closed:
+                raise EngineOverloadedError(self.exit_error or "the engine is shutting down")
+            # Requests not admitted yet count as waiting only beyond the free running slots (the
+            # unfinished ones are running + waiting): a burst that fits the batch is never refused.
+            if len(self._handles) - self.config.max_num_seqs >= self.config.max_queue_size:
+                raise EngineOverloadedError(
+                    f"{self.config.max_queue_size} requests are already waiting; retry later")
+            request_id = self._next_id
+            self._next_id += 1
+            handle = RequestHandle(request_id, len(prompt_ids), processor, functools.partial(self.end, request_id),
+                                   on_ready)
+            self._handles[request_id] = handle
+            self.core.add(request_id, prompt_ids, params)  # under the lock: ids reach the core in order
+        return handle
 
     def end(self, request_id: int, reason: str) -> None:
+        """Ask the core to end a request ("cancelled", or "stop" for a stop string found)."""
+        self.core.end(request_id, reason)
+
+    def stats(self) -> EngineStats:
+        """The core's counters; an engine process that stopped refuses (EngineOverloadedError)."""
+        return self.core.stats()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel everything in flight (each gets a final "cancelled" output) and stop the core."""
         with self._lock:
-            self._end_requests.append((request_id, reason))
-            self._lock.notify()
+            self._closed = True
+        self.core.shutdown(timeout)
+        self._end_all("the engine stopped")  # what a core that did not stop in time left unfinished
 
-    def _enqueue(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:  # lock held
-        self._submitted.append(Sequence(
-            request_id=request_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
-            # Unseeded requests share the global RNG (one batched draw); a seed gets its own
-            # generator so its output does not depend on what else is in the batch.
-            generator=None if params.seed is None else make_generator(params.seed, self.device),
-            eos_token_ids=self.tokenizer.eos_token_ids))
-        self._lock.notify()
+    def _core_exited(self, error: str) -> None:
+        """The engine process died: every unfinished request ends with `error`, new ones are refused."""
+        self.exit_error = error
+        self._end_all(error)
 
-    # --- engine thread ----------------------------------------------------------------------------
+    def _end_all(self, error: str) -> None:
+        with self._lock:
+            self._closed = True
+            unfinished = list(self._handles)
+        self._publish([(request_id, TokenDelta([], "error", error)) for request_id in unfinished])
 
-    def _run(self, build_model, started: list, ready: threading.Event) -> None:
-        try:
-            self._setup(build_model)
-            started.append(True)
-        except BaseException as exc:  # handed to the constructor, which raises it
-            started.append(exc)
-            return
-        finally:
-            ready.set()
-        self._loop()
+    def _publish(self, deltas: list[tuple[int, TokenDelta]]) -> None:
+        """Hand each (request id, delta) to its handle; a final delta retires the handle."""
+        for request_id, delta in deltas:
+            if delta.finish_reason is not None:
+                with self._lock:
+                    handle = self._handles.pop(request_id, None)
+            else:
+                handle = self._handles.get(request_id)
+            if handle is not None:
+                handle._deliver(delta)
 
-    def _loop(self) -> None:
-        in_flight: Optional[StepInFlight] = None  # launched, its tokens not handed out yet
-        while True:
-            with self._lock:
-                while in_flight is None and not (self._submitted or self._end_requests or self._closed
-                                                 or self.scheduler.has_work()):
-                    self._lock.wait()
-                for seq in self._submitted:
-                    self._sequences[seq.request_id] = seq
-                    self.scheduler.add(seq)
-                self._submitted.clear()
-                end_requests, self._end_requests = self._end_requests, []
-                stopping = self._closed
-            for request_id, reason in end_requests:
-                seq = self._sequences.get(request_id)
-                if seq is not None:
-                    self._finish(seq, reason)
-            if in_flight is not None and (stopping or not self._async or self._needs_every_token()):
-                self._complete(in_flight)
-                in_flight = None
-            if stopping:
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self._finish(seq, "cancelled")
-                self._flush()
-                return
-            launched = self._launch(in_flight)
-            if in_flight is not None:
-                self._complete(in_flight)
-            in_flight = launched
-            self._flush()
+    def _room_for_output(self, prompt_ids: list[int]) -> int:
+        """max_tokens for a request that leaves it to us (vLLM's None): what the context and a
+        sequence's share of the KV cache (all of it) leave after the prompt."""
+        limits = self.limits
+        context = min(limits.max_model_len, limits.num_blocks * limits.block_size)
+        if len(prompt_ids) >= context:
+            raise InvalidRequestError(f"prompt ({len(prompt_ids)} tokens) + 1 output token exceeds the context of "
+                                      f"{context} tokens")
+        return context - len(prompt_ids)
 
-    def _needs_every_token(self) -> bool:
-        """A running request's sampler needs its tokens so far on the host (penalties, bad words of
-        several tokens): the next step waits for the one in flight."""
-        return any(seq.num_in_flight and needs_token_history(seq.params) for seq in self.scheduler.running)
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        limits = self.limits
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty")
+        total = len(prompt_ids) + params.max_tokens
+        if total > limits.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the context of {limits.max_model_len} tokens")
+        # A sequence alone must fit the cache: then preempting newer ones always lets the oldest finish.
+        if blocks_for(total, limits.block_size) > limits.num_blocks:
+            raise InvalidRequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache "
+                                      f"({limits.num_blocks * limits.block_size} tokens)")
+        if max(prompt_ids) >= limits.vocab_size or min(prompt_ids) < 0:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {limits.vocab_size})")
+        if any(t >= limits.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {limits.vocab_size})")
+        # A tokenizer may know more tokens than the model scores (added tokens); those cannot be banned.
+        if any(t >= limits.vocab_size for ids in params.bad_words_token_ids for t in ids):
+            raise InvalidRequestError(f"'bad_words' tokenize to ids the model does not score "
+                                      f"(not in [0, {limits.vocab_size}))")
 
-    def _launch(self, previous: Optional[StepInFlight]) -> Optional[StepInFlight]:
-        """Schedule and launch the next step (None if nothing could be scheduled, or it failed)."""
-        start = time.perf_counter()
-        output = self.scheduler.schedule()
-        self._num_preemptions += len(output.preempted)
-        if not output.chunks:
-            return None
-        self._step_times.schedule_s += time.perf_counter() - start
-        try:
-            return self.runner.launch(output, previous, self._step_times)
-        except Exception as exc:  # a fault fails this step's requests; the engine keeps serving
-            self._fail_step(output, exc)
-            return None
 
-    def _complete(self, step: StepInFlight) -> None:
-        """Wait for a launched step's tokens, apply them and hand each request its delta."""
-        try:
-            sampled = self.runner.complete(step, self._step_times)
-        except Exception as exc:
-            self._fail_step(step.output, exc)
-            return
-        updating = time.perf_counter()
-        output = step.output
-        samplers = [scheduled.seq for scheduled in output.chunks if scheduled.needs_logits]
-        for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
-            self._finish(samplers[row], "error", error="the model's scores for this request were not finite "
-                                                       "(NaN or infinity): nothing could be sampled")
-        for seq, i in self.scheduler.update(output, sampled.token_ids):
-            logprobs = sampled.logprobs[i]
-            self._deliver(seq, TokenDelta([sampled.token_ids[i]], seq.finish_reason,
-                                          num_cached_tokens=seq.num_cached_prompt_tokens,
-                                          logprobs=None if logprobs is None else [logprobs]))
-        self._step_times.update_s += time.perf_counter() - updating
-
-    def _fail_step(self, output: SchedulerOutput, exc: Exception) -> None:
-        log.error("engine step failed", exc_info=exc)
-        for scheduled in output.chunks:
-            self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
-
-    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
-        if seq.finish_reason is not None:  # already ended (e.g. cancelled while its step ran)
-            return
-        self.scheduler.finish(seq, reason)
-        self._deliver(seq, TokenDelta([], reason, error, seq.num_cached_prompt_tokens))
-
-    def _deliver(self, seq: Sequence, delta: TokenDelta) -> None:
-        if delta.finish_reason is not None:
-            del self._sequences[seq.request_id]
-        self._outbox.append((seq.request_id, delta))
-
-    def _flush(self) -> None:
-        """Publish this loop's deltas, all at once."""
-        if self._outbox:
-            deltas, self._outbox = self._outbox, []
-            self._publish_to(deltas)
+def bad_words_token_ids(tokenizer: Tokenizer, words: Seq[str]) -> tuple[tuple[int, ...], ...]:
+    """Each word's tokens as the word would start the text and as it would follow a space (vLLM's
+    bad_words: a word and " word" are different tokens), without <bos>; each distinct sequence once."""
+    sequences = (tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+                 for word in words for prefix in ("", " "))
+    return tuple(dict.fromkeys(tuple(ids) for ids in sequences))

@@ -1,4 +1,4 @@
-"""The engine in a process of its own, behind the same request API as the in-process Engine.
+"""The engine core in a process of its own, behind the same API as an in-process EngineCore.
 
 Why: the engine thread's host work per step (schedule, layout, launch, apply the tokens) and the
 threads that read its outputs (detokenizing, sending responses) need the GIL. Sharing one GIL, each
@@ -7,11 +7,12 @@ of host time for 2.3 ms of GPU work, and the Triton server, whose responder thre
 engine's GIL, reached 0.68x of the engine alone. In a process of its own, the engine's loop has a GIL
 to itself, as vLLM's engine core does.
 
-This process keeps everything per request: tokenizing and checking (EngineFront.submit), the
-handles, detokenizing and stop strings. The engine process gets each accepted request (id, token
-ids, params) and each cancellation or stop string found, and sends back, once per engine loop, the
-token deltas of every request as one message. Two pipes between the two processes, commands one
-way and events the other, carry pickled tuples (pickle frames itself).
+The parent keeps everything per request in the front (backend/engine.py): tokenizing and checking,
+the handles, detokenizing and stop strings; it resolved and checked the checkpoint before, so the
+engine process loads no tokenizer. The engine process gets the config and the EOS ids, then each
+accepted request (id, token ids, params) and each cancellation or stop string found, and sends back,
+once per engine loop, the token deltas of every request as one message. Two pipes between the two
+processes, commands one way and events the other, carry pickled tuples (pickle frames itself).
 
 The engine process is `python -m backend.engine_process`, started with this process's sys.path
 (not multiprocessing's spawn, which re-runs the parent's main module: a script without a main
@@ -19,7 +20,6 @@ guard, or Triton's stub, would not survive that).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
@@ -29,25 +29,26 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import Callable, Optional
 
-from .engine import Engine, EngineConfig, EngineStats, checkpoint_path
+from .engine_core import EngineCore, EngineStats, Publish
 from .errors import EngineOverloadedError
-from .front import EngineFront
-from .outputs import TokenDelta
-from .sampling import SamplingParams
-from .self_check import load_checked_tokenizer
+from .params import EngineConfig, SamplingParams
 
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 30.0
 
 
-class EngineProcess(EngineFront):
-    def __init__(self, config: EngineConfig):
-        """Start the engine process and wait until its model is loaded (its CUDA graphs captured).
-        An engine that fails to start raises here, as Engine.from_config does."""
-        path = checkpoint_path(config)
-        super().__init__(load_checked_tokenizer(path), config)
+class EngineCoreProcess:
+    """The parent's end: the same API as an EngineCore (add, end, stats, shutdown, limits, device)."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], publish: Publish,
+                 on_exit: Callable[[str], None]):
+        """Start the engine process and wait until its model is loaded (its CUDA graphs captured); a
+        core that fails to start raises here, as an EngineCore does. `on_exit(error)` is called if
+        the process exits on its own."""
+        self._publish, self._on_exit = publish, on_exit
         commands_in, commands_out = os.pipe()
         events_in, events_out = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -57,7 +58,8 @@ class EngineProcess(EngineFront):
         os.close(commands_in), os.close(events_out)  # the child's ends: EOF reaches us when it exits
         self._commands, self._events = os.fdopen(commands_out, "wb"), os.fdopen(events_in, "rb")
         self._send_lock = threading.Lock()
-        self._send(("config", dataclasses.replace(config, checkpoint=str(path))))
+        self._closed = False  # shut down, or the process is gone
+        self._send(("start", config, eos_token_ids))
         try:
             kind, payload = pickle.load(self._events)
         except EOFError:
@@ -68,24 +70,30 @@ class EngineProcess(EngineFront):
         self.limits, self.device = payload
         self._stats_lock = threading.Lock()
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
+        self._exit_error: Optional[str] = None
         self._receiver = threading.Thread(target=self._receive, name="gemma-engine-events", daemon=True)
         self._receiver.start()
+
+    def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._send(("add", request_id, prompt_ids, params))
+
+    def end(self, request_id: int, reason: str) -> None:
+        self._send(("end", request_id, reason))
 
     def stats(self) -> EngineStats:
         """Asked of the engine process; refused (EngineOverloadedError) once it is shutting down or gone."""
         with self._stats_lock:  # one question in flight: the answers come back in order
             if self._closed:
-                raise EngineOverloadedError(self.exit_error or "the engine process has stopped")
+                raise EngineOverloadedError(self._exit_error or "the engine process has stopped")
             self._send(("stats",))
             stats = self._stats.get(timeout=STATS_TIMEOUT_S)
         if stats is None:  # it stopped meanwhile
-            raise EngineOverloadedError(self.exit_error or "the engine process has stopped")
+            raise EngineOverloadedError(self._exit_error or "the engine process has stopped")
         return stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel everything in flight (each gets a final "cancelled" output) and stop the process."""
-        with self._lock:
-            already, self._closed = self._closed, True
+        """Cancel everything in flight (each gets a final "cancelled" delta) and stop the process."""
+        already, self._closed = self._closed, True
         if not already:
             self._send(("shutdown",))
         self._receiver.join(timeout)
@@ -95,20 +103,13 @@ class EngineProcess(EngineFront):
             log.error("the engine process did not stop within %.0f s; killing it", timeout)
             self._process.kill()
             self._process.wait()
-        self._end_all("the engine process stopped")
-
-    def end(self, request_id: int, reason: str) -> None:
-        self._send(("end", request_id, reason))
-
-    def _enqueue(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._send(("enqueue", request_id, prompt_ids, params))
 
     def _send(self, message: tuple) -> None:
         try:
             with self._send_lock:
                 pickle.dump(message, self._commands)
                 self._commands.flush()
-        except (BrokenPipeError, OSError, ValueError):  # the process is gone; _receive has ended every request
+        except (BrokenPipeError, OSError, ValueError):  # the process is gone; _receive has told the front
             pass
 
     def _receive(self) -> None:
@@ -124,21 +125,15 @@ class EngineProcess(EngineFront):
                     self._stats.put(None)  # a stats() asked after the shutdown gets no answer
                     return
         except (EOFError, OSError):
-            self.exit_error = f"the engine process exited unexpectedly (exit code {self._process.wait()})"
-            log.error(self.exit_error)
-            self._end_all(self.exit_error)
-            self._stats.put(None)
-
-    def _end_all(self, error: str) -> None:
-        """Refuse new requests and end every unfinished one with an error."""
-        with self._lock:
             self._closed = True
-            unfinished = list(self._handles)
-        self._publish([(request_id, TokenDelta([], "error", error)) for request_id in unfinished])
+            self._exit_error = f"the engine process exited unexpectedly (exit code {self._process.wait()})"
+            log.error(self._exit_error)
+            self._on_exit(self._exit_error)
+            self._stats.put(None)
 
 
 def serve_engine(commands, events) -> None:
-    """The engine process: build the engine from the config the parent sends first, then apply the
+    """The engine process: build the core from the config the parent sends first, then apply the
     parent's commands until it shuts down. The engine thread sends each loop's deltas itself; this
     thread only waits on the pipe."""
     send_lock = threading.Lock()
@@ -148,27 +143,27 @@ def serve_engine(commands, events) -> None:
             pickle.dump(message, events)
             events.flush()
 
-    _, config = pickle.load(commands)
+    _, config, eos_token_ids = pickle.load(commands)
     try:
-        engine = Engine.from_config(config, publish=lambda deltas: send(("deltas", deltas)))
+        core = EngineCore(config, eos_token_ids, publish=lambda deltas: send(("deltas", deltas)))
     except BaseException as exc:  # the parent raises it
         send(("failed", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}")))
         return
-    send(("ready", (engine.limits, engine.device)))
+    send(("ready", (core.limits, core.device)))
     while True:
         try:
             message = pickle.load(commands)
         except EOFError:  # the parent is gone: stop
             message = ("shutdown",)
         kind = message[0]
-        if kind == "enqueue":
-            engine.enqueue(*message[1:])
+        if kind == "add":
+            core.add(*message[1:])
         elif kind == "end":
-            engine.end(*message[1:])
+            core.end(*message[1:])
         elif kind == "stats":
-            send(("stats", engine.stats()))
+            send(("stats", core.stats()))
         elif kind == "shutdown":
-            engine.shutdown()
+            core.shutdown()
             send(("closed", None))
             return
 

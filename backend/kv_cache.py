@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import GemmaConfig
+from .params import blocks_for
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,6 @@ class BlockPool:
         if self.enable_prefix_caching and name not in self._block_named and block not in self._name_of:
             self._block_named[name] = block
             self._name_of[block] = name
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """Blocks that hold `num_tokens` tokens."""
-    return -(-num_tokens // block_size)
 
 
 def bytes_per_block(cfg: GemmaConfig, block_size: int, dtype: torch.dtype) -> int:

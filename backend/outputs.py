@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from .sampling import SamplingParams, TokenLogprobs
+from .params import SamplingParams, TokenLogprobs
 from .tokenizer import TextStream, Tokenizer
 
 

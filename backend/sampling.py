@@ -1,4 +1,5 @@
-"""Sampling parameters, and the batched sampler that turns one decode step's logits into tokens.
+"""The batched sampler that turns one decode step's logits into tokens (the parameters it follows are
+backend.params.SamplingParams).
 
 The logits pipeline is HF transformers' logits processors, in HF's order, so HF is the oracle:
 min_tokens masking -> bad words -> repetition penalty -> presence/frequency penalties -> temperature
@@ -17,89 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from backend.errors import InvalidRequestError
-
-MAX_STOP_STRINGS = 16
-MAX_BAD_WORDS = 16
-# Below this temperature sampling is greedy: dividing logits by a smaller one (1e-40 is a float32
-# denormal) overflows them to infinity, and softmax then has nothing to draw from.
-GREEDY_BELOW_TEMPERATURE = 1e-5
-MAX_TEMPERATURE = 100.0  # beyond it sampling is uniform over the kept tokens anyway
-# Penalties that keep every logit finite: a seen logit is multiplied or divided by the penalty.
-REPETITION_PENALTY_RANGE = (0.01, 100.0)
-# OpenAI's range for presence_penalty and frequency_penalty (subtracted from seen tokens' logits).
-OCCURRENCE_PENALTY_RANGE = (-2.0, 2.0)
-MAX_LOGPROBS = 20  # most top alternatives per generated token (OpenAI's top_logprobs limit)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's sampling parameters. The wire contract (gemma_protocol.SAMPLING_FIELDS) documents
-    the same fields and defaults for clients (all but `bad_words_token_ids`, which the request side
-    fills in); tests/test_sampling.py checks that the two agree."""
-    max_tokens: Optional[int] = 16  # vLLM's default; None: as many as the context leaves room for (the front decides)
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0  # 0 keeps all tokens; vLLM's -1 is accepted and stored as 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: Optional[int] = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: Optional[int] = None  # None: none; k: the sampled token's logprob and the k most likely
-    bad_words: tuple[str, ...] = ()  # never generated (vLLM's bad_words), as the token sequences below
-    # Each bad word's token sequences, filled in by EngineFront.submit (where the tokenizer is), not
-    # by clients: a sequence's last token is banned wherever the output so far ends with the rest.
-    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
-
-    def __post_init__(self) -> None:
-        # Lists are accepted but stored as tuples, so the params stay immutable and hashable.
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "bad_words", tuple(self.bad_words))
-        object.__setattr__(self, "bad_words_token_ids", tuple(tuple(ids) for ids in self.bad_words_token_ids))
-        if self.top_k == -1:
-            object.__setattr__(self, "top_k", 0)
-        for ok, message in self._range_checks():
-            if not ok:
-                raise InvalidRequestError(message)
-
-    def _range_checks(self) -> tuple[tuple[bool, str], ...]:
-        return (
-            (self.max_tokens is None or self.max_tokens >= 1, f"'max_tokens' must be >= 1, got {self.max_tokens}"),
-            (0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
-             f"'min_tokens' must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
-            (0 <= self.temperature <= MAX_TEMPERATURE,  # also false for NaN
-             f"'temperature' must be in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_BELOW_TEMPERATURE:g}: greedy), "
-             f"got {self.temperature}"),
-            (self.top_k >= 0, f"'top_k' must be >= -1 (-1 or 0 keeps all tokens), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p}"),
-            (REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
-             f"'repetition_penalty' must be in [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}], "
-             f"got {self.repetition_penalty}"),
-            *((OCCURRENCE_PENALTY_RANGE[0] <= value <= OCCURRENCE_PENALTY_RANGE[1],
-               f"'{name}' must be in [{OCCURRENCE_PENALTY_RANGE[0]:g}, {OCCURRENCE_PENALTY_RANGE[1]:g}], got {value}")
-              for name, value in (("presence_penalty", self.presence_penalty),
-                                  ("frequency_penalty", self.frequency_penalty))),
-            (self.seed is None or 0 <= self.seed < 2**64, f"'seed' must be in [0, 2**64), got {self.seed}"),
-            (len(self.stop) <= MAX_STOP_STRINGS,
-             f"'stop' has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"),
-            (all(self.stop), "'stop' strings must be non-empty"),
-            (all(t >= 0 for t in self.stop_token_ids), f"'stop_token_ids' must be >= 0, got {self.stop_token_ids}"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"'logprobs' must be in [0, {MAX_LOGPROBS}] (or absent), got {self.logprobs}"),
-            (len(self.bad_words) <= MAX_BAD_WORDS,
-             f"'bad_words' has {len(self.bad_words)} strings; at most {MAX_BAD_WORDS} are allowed"),
-            # A blank word has no tokens of its own (vLLM tokenizes words without leading spaces).
-            (all(word.strip() for word in self.bad_words), "'bad_words' strings must not be empty or blank"),
-        )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
+from backend.params import SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -113,18 +32,6 @@ class SamplingRow:
     eos_token_ids: frozenset[int] = frozenset()
 
 
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """A generated token's log-probability and the most likely tokens' (best first), under the model's
-    raw distribution: log_softmax of the fp32 logits, before min_tokens masking, bad words,
-    penalties, temperature, top-k and top-p (vLLM's default, "raw_logprobs"). `rank` is the token's place in that
-    distribution, vLLM's: 1 + the number of tokens more likely (the argmax is 1). The top tokens'
-    ranks are their places in `top_ids`."""
-    token_id: int
-    logprob: float
-    rank: int
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

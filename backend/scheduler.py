@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 
 from .batch import SeqChunk
-from .kv_cache import BlockPool, block_hash, blocks_for
-from .sampling import SamplingParams
+from .kv_cache import BlockPool, block_hash
+from .params import SamplingParams, blocks_for
 
 # A chunk's token that is still being sampled by the step in flight; the runner feeds it to the
 # model from that step's sampled ids on the device.

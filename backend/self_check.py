@@ -4,7 +4,7 @@ Under transformers 5.17 the packaged model's conversion produced a tokenizer tha
 five letters and added no <bos>; the weights were right, the server answered " 1 1 1 1", and nothing
 noticed. These checks run where such a checkpoint would otherwise be trusted:
 
-- every engine start (`load_checked_tokenizer`, from Engine.from_config): the tokenizer puts <bos>
+- every engine start (`load_checked_tokenizer`, from backend.loader.start_engine): the tokenizer puts <bos>
   first, once. For the converted default model (its directory holds the stamp below) also: fixed
   strings encode to the ids of the reference tokenizer, and transformers still parses config.json
   into the model config that was checked. A few encodes and a config parse; no forward pass.
@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from .engine import Engine
+from .params import EngineConfig, SamplingParams
 from .tokenizer import Tokenizer
 
 STAMP = "self_check.json"
@@ -83,13 +85,10 @@ def check_tokenizer(tokenizer: Tokenizer, expected_ids: Optional[Mapping[str, Se
                                  f"{tokenizer.decode(ids[1:], skip_special_tokens=False)!r}, expected {text!r}")
 
 
-def check_greedy(path: Path, expected: Mapping[str, Sequence[int]] = DEFAULT_GREEDY) -> None:
+def check_greedy(path: Path, tokenizer: Tokenizer, expected: Mapping[str, Sequence[int]] = DEFAULT_GREEDY) -> None:
     """Greedy continuations of `expected`'s prompts through the engine (torch, fp32, CPU)."""
-    from .engine import Engine, EngineConfig
-    from .sampling import SamplingParams
-
-    engine = Engine.from_config(EngineConfig(checkpoint=str(path), device="cpu", dtype="float32", engine="torch",
-                                             kv_cache_bytes=16 << 20, max_num_seqs=len(expected)))
+    engine = Engine(EngineConfig(checkpoint=str(path), device="cpu", dtype="float32", engine="torch",
+                                 kv_cache_bytes=16 << 20, max_num_seqs=len(expected)), tokenizer)
     try:
         handles = {prompt: engine.submit(prompt, SamplingParams(max_tokens=len(ids), temperature=0, ignore_eos=True))
                    for prompt, ids in expected.items()}
@@ -106,8 +105,9 @@ def check_greedy(path: Path, expected: Mapping[str, Sequence[int]] = DEFAULT_GRE
 def verify_conversion(path: Path) -> None:
     """Check a freshly converted default checkpoint; stamp it when it passes."""
     try:
-        check_tokenizer(Tokenizer(path), DEFAULT_TOKENIZER_IDS)
-        check_greedy(path)
+        tokenizer = Tokenizer(path)
+        check_tokenizer(tokenizer, DEFAULT_TOKENIZER_IDS)
+        check_greedy(path, tokenizer)
     except SelfCheckError as e:
         raise SelfCheckError(f"the packaged Gemma 3 270M, converted into {path}, failed its self-check and was "
                              f"discarded: {e}. {environment_advice()}") from None

@@ -38,7 +38,7 @@ def user_message(conversation: int, turn: int, num_sentences: int) -> str:
 
 def chat(engine, conversation: int, max_tokens: int, num_sentences: int) -> list[dict]:
     """One conversation of TURNS turns, greedy; per turn: prompt tokens, cached tokens, TTFT."""
-    from backend.sampling import SamplingParams
+    from backend.params import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     history: list[dict] = []
     turns = []

@@ -76,7 +76,7 @@ def hf_generate(model, prompts: list[list[int]], max_tokens: int, pad_id: int) -
 def engine_generate(engine, prompts: list[list[int]], max_tokens: int, timeout_s: float = 600) -> list[Timeline]:
     """Submit all `prompts` at once; one timeline per request, stamped when the engine thread reports
     new tokens (read, as a server's responder reads them, by one consumer thread)."""
-    from backend.sampling import SamplingParams
+    from backend.params import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     ready: queue.SimpleQueue = queue.SimpleQueue()  # (time, handle, timeline) from the engine thread
 

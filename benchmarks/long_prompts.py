@@ -65,7 +65,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
 
-    from backend.engine import Engine, EngineConfig
+    from backend.loader import start_engine
+    from backend.params import EngineConfig
     config = EngineConfig(checkpoint=str(args.checkpoint), engine=args.engine, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def main(argv=None) -> list[dict]:
         log.flush()
         print(f"{record['type']} {record['system']}: {json.dumps({k: record.get(k) for k in ('prompt_tokens_per_s', 'tokens_per_s', 'ttft_ms', 'itl_ms', 'errors')})}", file=sys.stderr)
 
-    engine = Engine.from_config(config)
+    engine = start_engine(config)
     server = serving.start_server(args.out / "long_prompts_server.log", config)
     try:
         targets = [serving.ServerTarget(server.grpc_url, timeout_s=args.time_limit), serving.EngineTarget(engine)]

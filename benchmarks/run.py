@@ -117,7 +117,7 @@ def where(info: dict) -> str:
 
 
 def run_engine_level(report: Report, engine, s: Settings) -> list[dict]:
-    dtype = engine.runner.model.dtype  # what the engine resolved "auto" to
+    dtype = engine.core.runner.model.dtype  # what the engine resolved "auto" to
     report.progress(f"loading HF transformers model (same checkpoint, {dtype}, {engine.device})")
     hf = engine_level.load_hf(engine.config.checkpoint, dtype, engine.device)
     try:
@@ -131,12 +131,12 @@ def run_engine_level(report: Report, engine, s: Settings) -> list[dict]:
 
 def run_chat_level(report: Report, engine, s: Settings) -> list[dict]:
     """The same conversations on `engine` (prefix caching on) and on a twin with it off."""
-    from backend.engine import Engine
     if not engine.config.enable_prefix_caching:
         report.progress("chat level skipped: the engine runs without prefix caching")
         return []
+    from backend.loader import start_engine
     report.progress("loading a second engine, prefix caching off")
-    uncached = Engine.from_config(dataclasses.replace(engine.config, enable_prefix_caching=False))
+    uncached = start_engine(dataclasses.replace(engine.config, enable_prefix_caching=False))
     try:
         engines = {"prefix_caching": engine, "no_prefix_caching": uncached}
         return [report.emit(r) for r in chat_level.run(engines, s.chat_reps, progress=report.progress)]
@@ -401,10 +401,9 @@ def settings(args: argparse.Namespace) -> Settings:
 
 def engine_config(args: argparse.Namespace):
     """The one EngineConfig of the run, with the checkpoint resolved so both targets load one path."""
-    from backend.default_model import ensure_default_checkpoint
-    from backend.engine import EngineConfig
-    checkpoint = args.checkpoint or ensure_default_checkpoint()
-    return EngineConfig(**{**_given(args, EngineConfig), "checkpoint": str(checkpoint)})
+    from backend.loader import resolve_checkpoint
+    from backend.params import EngineConfig
+    return EngineConfig(**{**_given(args, EngineConfig), "checkpoint": str(resolve_checkpoint(args.checkpoint))})
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -413,18 +412,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     config = engine_config(args)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from backend.engine import Engine, resolve_device
+    from backend.engine_core import resolve_device
+    from backend.loader import start_engine
     report = Report(args.out / "bench.jsonl")
     info = {**machine(resolve_device(config.device)), "engine_config": dataclasses.asdict(config)}
     load_start = list(os.getloadavg())
     report.emit({"type": "run", **info, "settings": dataclasses.asdict(s), "only": args.only,
                  "gemma_env": {k: v for k, v in os.environ.items() if k.startswith("GEMMA_")}})
     report.progress(f"loading the engine ({config}) on {where(info)}")
-    if args.engine_process:  # engine_direct then drives the engine as the server hosts it by default
-        from backend.engine_process import EngineProcess
-        engine = EngineProcess(config)
-    else:
-        engine = Engine.from_config(config)
+    # With --engine-process, engine_direct drives the engine as the server hosts it by default.
+    engine = start_engine(config, engine_process=args.engine_process)
     engine_records, chat_records, server_records = [], [], []
     try:
         if args.only in (None, "engine"):

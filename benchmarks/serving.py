@@ -120,7 +120,7 @@ class EngineTarget:
         self.engine = engine
 
     async def stream(self, prompt: str, max_tokens: int, timeline: Timeline) -> None:
-        from backend.sampling import SamplingParams
+        from backend.params import SamplingParams
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -357,7 +357,7 @@ def server_env(config) -> dict[str, str]:
     """The GEMMA_* overrides under which the server's model builds the engine `config` describes:
     one for every EngineConfig field that config.pbtxt exposes. A field it does not expose cannot
     reach the server, so it must keep its default, or the two targets would differ unseen."""
-    from backend.engine import EngineConfig
+    from backend.params import EngineConfig
 
     exposed = set(re.findall(r'key:\s*"(\w+)"', (ROOT / "model_repository" / "gemma" / "config.pbtxt").read_text()))
     env, defaults = {}, EngineConfig()

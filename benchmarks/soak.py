@@ -246,7 +246,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from backend.engine import EngineConfig
+    from backend.params import EngineConfig
 
     from .serving import start_server
 

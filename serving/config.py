@@ -9,10 +9,8 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where an EngineConfig is built, not with this module
-    from backend.engine import EngineConfig
+from backend.params import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,6 @@ def model_parameters(model_config: dict) -> dict[str, str]:
 
 def engine_config(params: dict[str, str]) -> EngineConfig:
     """EngineConfig from string parameters named like its fields; empty values keep the defaults."""
-    from backend.engine import EngineConfig
-
     values = {}
     for f in dataclasses.fields(EngineConfig):
         text = params.pop(f.name, "").strip()

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Sequence
 
-from backend.sampling import TokenLogprobs
+from backend.params import TokenLogprobs
 from backend.tokenizer import Tokenizer
 
 # A logprob that underflowed to -inf is sent as this (as vLLM does): JSON has no infinity.

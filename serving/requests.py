@@ -20,7 +20,7 @@ from gemma_protocol import (BEAM_WIDTH, END_ID, EXCLUDE_INPUT_IN_OUTPUT, FALSE_O
                             RETURN_FLAGS, SAMPLING_PARAMETERS, STREAM, TEXT_INPUT, ProtocolError,
                             check_value, parse_request_parameters, parse_sampling_json)
 
-from backend.sampling import SamplingParams
+from backend.params import SamplingParams
 
 DEFAULT_MAX_PROMPT_BYTES = 256 * 1024
 MAX_CHOICES = 16  # n: each choice is a sequence in the engine; bounded like every other request size

@@ -23,7 +23,7 @@ from gemma_protocol import ProtocolError, tag_error
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
 from backend.outputs import RequestOutput
-from backend.sampling import TokenLogprobs
+from backend.params import TokenLogprobs
 
 from .logprobs import LOWEST_LOGPROB
 from .requests import GenerateRequest, StreamEchoError

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from backend.errors import InvalidRequestError
-from backend.sampling import SamplingParams
+from backend.params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.engine import Engine, EngineConfig
-from backend.sampling import SamplingParams
+from backend.loader import start_engine
+from backend.params import EngineConfig, SamplingParams
 from benchmarks import random_checkpoint, run, serving
 from serving.config import model_settings
 
@@ -87,7 +87,7 @@ def test_random_checkpoint_has_the_tokenizer_and_its_vocabulary_and_serves(tmp_p
     assert config["vocab_size"] == 262144  # the Gemma 3 tokenizer's, not gemma-2b's 256000
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
 
-    engine = Engine.from_config(EngineConfig(checkpoint=str(out), max_num_seqs=2, kv_cache_bytes=4 << 20))
+    engine = start_engine(EngineConfig(checkpoint=str(out), max_num_seqs=2, kv_cache_bytes=4 << 20))
     try:
         assert max(engine.tokenizer.hf_tokenizer.get_vocab().values()) < engine.limits.vocab_size
         result = engine.submit("The capital of France is",

@@ -4,17 +4,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.engine import Engine, EngineConfig
+from backend.engine import Engine, bad_words_token_ids
 from backend.errors import EngineOverloadedError, InvalidRequestError
-from backend.front import bad_words_token_ids
-from backend.sampling import SamplingParams
+from backend.loader import start_engine
+from backend.params import EngineConfig, SamplingParams
 from tests.engine_runs import GREEDY, PROMPTS, SEEDED, check_bad_requests_refused, run_staggered, token_ids, wait_idle
 from tests.support.waiting import wait_for
 
 
 def make_engine(checkpoint, scheduling: str, **kw) -> Engine:
     kw.setdefault("max_num_batched_tokens", 16)  # small: the long prompt is prefilled in chunks
-    return Engine.from_config(EngineConfig(checkpoint=str(checkpoint), async_scheduling=scheduling, **kw))
+    return start_engine(EngineConfig(checkpoint=str(checkpoint), async_scheduling=scheduling, **kw))
 
 
 # Every test runs with steps one at a time and overlapped (async scheduling: step N+1 launched
@@ -242,7 +242,7 @@ def test_shutdown_cancels_in_flight(servable_checkpoint, scheduling):
     next(iter(handle))
     eng.shutdown()
     assert handle.result().finish_reason == "cancelled"
-    assert eng.kv_cache.usage().used_blocks == 0
+    assert eng.core.kv_cache.usage().used_blocks == 0
     with pytest.raises(EngineOverloadedError):
         eng.submit(PROMPTS[0], GREEDY)
 
@@ -250,7 +250,7 @@ def test_shutdown_cancels_in_flight(servable_checkpoint, scheduling):
 def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint, scheduling):
     eng = make_engine(servable_checkpoint, scheduling)
     try:
-        real_forward = eng.runner.model.forward
+        real_forward = eng.core.runner.model.forward
         calls = {"n": 0}
 
         def flaky(*args, **kw):
@@ -259,7 +259,7 @@ def test_engine_fault_fails_request_and_keeps_serving(servable_checkpoint, sched
                 raise RuntimeError("injected fault")
             return real_forward(*args, **kw)
 
-        eng.runner.model.forward = flaky
+        eng.core.runner.model.forward = flaky
         failed = eng.submit(PROMPTS[0], GREEDY).result()
         assert failed.finish_reason == "error" and "injected fault" in failed.error
         assert eng.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"
@@ -285,7 +285,7 @@ def test_non_finite_scores_fail_only_their_request(servable_checkpoint, scheduli
 
     eng = make_engine(servable_checkpoint, scheduling)
     try:
-        real_forward = eng.runner.model.forward
+        real_forward = eng.core.runner.model.forward
         poisoned = []
 
         def nan_in_first_row(*args, **kw):  # once both sequences decode: row 0 is the older one's
@@ -296,7 +296,7 @@ def test_non_finite_scores_fail_only_their_request(servable_checkpoint, scheduli
                 poisoned.append(True)
             return logits
 
-        eng.runner.model.forward = nan_in_first_row
+        eng.core.runner.model.forward = nan_in_first_row
         long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
         first = eng.submit(PROMPTS[0], long)
         next(iter(first))  # decoding before the second one arrives
@@ -305,7 +305,7 @@ def test_non_finite_scores_fail_only_their_request(servable_checkpoint, scheduli
         assert poisoned
         assert failed.finish_reason == "error" and "not finite" in failed.error
         assert served.finish_reason == "length" and served.num_output_tokens == 12
-        eng.runner.model.forward = real_forward
+        eng.core.runner.model.forward = real_forward
         assert served.token_ids == eng.submit(PROMPTS[2], GREEDY).result().token_ids
         assert wait_idle(eng).kv_cache.used_blocks == 0
     finally:
@@ -326,9 +326,9 @@ def test_overlapped_steps_give_the_outputs_of_steps_one_at_a_time(servable_check
                      SamplingParams(max_tokens=9, temperature=0.8, seed=3, repetition_penalty=1.3,
                                     frequency_penalty=0.5, ignore_eos=True),
                      SamplingParams(max_tokens=9, temperature=0, bad_words=("hello world", "the"), ignore_eos=True)]
-            # All queued before the engine schedules any (its loop waits for this lock): which requests
+            # All queued before the core schedules any (its loop waits for this lock): which requests
             # share a step then does not depend on thread timing, and neither do the CPU matmuls' sums.
-            with eng._lock:
+            with eng.core._lock:
                 handles = [eng.submit(prompt, params) for params in kinds for prompt in PROMPTS]
             outputs = [h.result() for h in handles]
             assert wait_idle(eng).kv_cache.used_blocks == 0

@@ -9,10 +9,9 @@ import threading
 
 import pytest
 
-from backend.engine import Engine, EngineConfig
-from backend.engine_process import EngineProcess
 from backend.errors import EngineOverloadedError
-from backend.sampling import SamplingParams
+from backend.loader import start_engine
+from backend.params import EngineConfig, SamplingParams
 from tests.engine_runs import GREEDY, PROMPTS, SEEDED, check_bad_requests_refused, run_staggered, token_ids, wait_idle
 
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -24,13 +23,13 @@ def config(checkpoint, **kw) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def engine(servable_checkpoint):
-    eng = EngineProcess(config(servable_checkpoint))
+    eng = start_engine(config(servable_checkpoint), engine_process=True)
     yield eng
     eng.shutdown()
 
 
 def test_outputs_equal_the_engine_on_a_thread(engine, servable_checkpoint):
-    in_process = Engine.from_config(config(servable_checkpoint))
+    in_process = start_engine(config(servable_checkpoint))
     try:
         for params in (GREEDY, SEEDED):
             expected = [in_process.submit(p, params).result() for p in PROMPTS]
@@ -66,7 +65,7 @@ def test_requests_are_checked_on_the_callers_side(engine):
 
 
 def test_queue_bound_refuses_with_overloaded(servable_checkpoint):
-    eng = EngineProcess(config(servable_checkpoint, max_num_seqs=1, max_queue_size=2))
+    eng = start_engine(config(servable_checkpoint, max_num_seqs=1, max_queue_size=2), engine_process=True)
     try:
         handles = [eng.submit(PROMPTS[0], LONG) for _ in range(3)]  # one running, two waiting
         with pytest.raises(EngineOverloadedError):
@@ -80,12 +79,12 @@ def test_queue_bound_refuses_with_overloaded(servable_checkpoint):
 
 
 def test_shutdown_cancels_in_flight_and_refuses_new_requests(servable_checkpoint):
-    eng = EngineProcess(config(servable_checkpoint))
+    eng = start_engine(config(servable_checkpoint), engine_process=True)
     handle = eng.submit(PROMPTS[0], LONG)
     next(iter(handle))
     eng.shutdown()
     assert handle.result().finish_reason == "cancelled"
-    assert eng._process.returncode == 0
+    assert eng.core._process.returncode == 0
     with pytest.raises(EngineOverloadedError):
         eng.submit(PROMPTS[0], GREEDY)
 
@@ -96,21 +95,21 @@ def test_a_start_that_fails_raises_the_engines_error(servable_checkpoint, tmp_pa
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
     with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
-        EngineProcess(config(tmp_path))
+        start_engine(config(tmp_path), engine_process=True)
 
 
 def test_a_kv_cache_that_does_not_fit_fails_the_start_naming_the_setting(servable_checkpoint):
     with pytest.raises(ValueError, match=r"kv_cache_bytes=1125899906842624 does not fit: \d+ bytes are free on cpu"):
-        EngineProcess(dataclasses.replace(config(servable_checkpoint), kv_cache_bytes=1 << 50))
+        start_engine(dataclasses.replace(config(servable_checkpoint), kv_cache_bytes=1 << 50), engine_process=True)
 
 
 def test_an_engine_process_that_dies_ends_every_request_with_an_error(servable_checkpoint):
-    eng = EngineProcess(config(servable_checkpoint))
+    eng = start_engine(config(servable_checkpoint), engine_process=True)
     try:
         started = threading.Event()
         handles = [eng.submit(p, LONG, on_ready=lambda h: started.set()) for p in PROMPTS[:2]]
         assert started.wait(60)
-        eng._process.kill()
+        eng.core._process.kill()
         outs = [h.result() for h in handles]
         assert [o.finish_reason for o in outs] == ["error", "error"]
         assert all("engine process exited" in o.error for o in outs) and "exit code -9" in eng.exit_error

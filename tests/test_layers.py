@@ -8,6 +8,8 @@ cannot hide a wrong-way dependency.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,84 @@ def test_package_imports_nothing_from_the_layers_above_it(package):
     for path in files:
         wrong = imported_roots(path) & FORBIDDEN[package]
         assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
+
+
+# --- the module graph ---------------------------------------------------------------------------
+
+# Where each top-level package's modules live (a module's name is its path below the root given).
+PACKAGE_ROOTS = {"backend": ROOT, "serving": ROOT, "gateway": ROOT, "benchmarks": ROOT,
+                 "gemma_client": ROOT / "client", "gemma_protocol": ROOT / "client"}
+
+
+def module_files() -> dict[str, Path]:
+    modules = {}
+    for package, root in PACKAGE_ROOTS.items():
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The repository's modules `name` imports (every import statement, also those inside functions):
+    `from pkg import sub` names the submodule where one exists, else the package."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in known and t != name}
+    return found
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, circles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_module_imports_itself_through_others():
+    files = module_files()
+    graph = {name: imported_modules(name, path, set(files)) for name, path in files.items()}
+    assert import_circles(graph) == []
+
+
+def test_the_request_and_config_types_import_without_torch():
+    """serving/, the gateway and the Triton model import backend.params at the top of their modules;
+    it must not drag torch (seconds to import, and absent from the client image) along."""
+    code = "import sys, backend.params; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -2,7 +2,7 @@
 import pytest
 
 from backend.outputs import OutputProcessor, TokenDelta
-from backend.sampling import SamplingParams
+from backend.params import SamplingParams
 from backend.tokenizer import Tokenizer
 
 TEXT = "Grüße aus Köln! 東京タワー 🚀 is tall, and the café is open."

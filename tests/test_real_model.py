@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from backend.engine import Engine, EngineConfig
-from backend.sampling import SamplingParams
+from backend.loader import start_engine
+from backend.params import EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -12,7 +12,7 @@ NEW_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def engine(default_checkpoint):
-    eng = Engine.from_config(EngineConfig(checkpoint=str(default_checkpoint), dtype="float32", device="cpu"))
+    eng = start_engine(EngineConfig(checkpoint=str(default_checkpoint), dtype="float32", device="cpu"))
     yield eng
     eng.shutdown()
 

@@ -3,7 +3,7 @@ hand: schedule(), then update() with made-up sampled tokens."""
 import pytest
 
 from backend.kv_cache import BlockPool
-from backend.sampling import SamplingParams
+from backend.params import SamplingParams
 from backend.scheduler import PENDING_TOKEN, Scheduler, Sequence
 
 BLOCK = 4

@@ -76,7 +76,7 @@ def test_the_default_model_passes(default_checkpoint):
     stamp = json.loads((default_checkpoint / self_check.STAMP).read_text())
     assert stamp["version"] == self_check.STAMP_VERSION and stamp["model_config"]["family"] == "gemma3_text"
     assert self_check.main([str(default_checkpoint)]) == 0  # the start checks, as scripts/serve.sh runs them
-    check_greedy(default_checkpoint)
+    check_greedy(default_checkpoint, Tokenizer(default_checkpoint))
 
 
 @pytest.mark.slow
@@ -89,9 +89,9 @@ def test_norms_off_by_the_gemma_plus_one_are_refused(tmp_path, default_checkpoin
 
     path = checkpoint_like(default_checkpoint, tmp_path / "ckpt", {"model.safetensors": shifted,
                                                                    self_check.STAMP: None})
-    load_checked_tokenizer(path)  # the tokenizer is fine; only the model check can see this
+    tokenizer = load_checked_tokenizer(path)  # the tokenizer is fine; only the model check can see this
     with pytest.raises(SelfCheckError, match=r"continues '1, 2, 3, 4, 5,' greedily with .*expected ' 6, 7, 8, 9,'"):
-        check_greedy(path)
+        check_greedy(path, tokenizer)
 
 
 def test_a_config_parsed_differently_than_at_conversion_is_refused(tmp_path, default_checkpoint):
@@ -114,10 +114,11 @@ def test_a_stamp_from_an_older_release_is_refused(tmp_path, default_checkpoint):
 # --- entry points -------------------------------------------------------------------------------
 
 def test_engine_start_refuses_a_broken_tokenizer(checkpoint_517):
-    from backend.engine import Engine, EngineConfig
+    from backend.loader import start_engine
+    from backend.params import EngineConfig
 
     with pytest.raises(SelfCheckError, match="failed its self-check"):
-        Engine.from_config(EngineConfig(checkpoint=str(checkpoint_517), device="cpu"))
+        start_engine(EngineConfig(checkpoint=str(checkpoint_517), device="cpu"))
 
 
 def test_serve_script_refuses_a_broken_checkpoint_before_starting_triton(checkpoint_517):

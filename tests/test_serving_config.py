@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.engine import Engine, EngineConfig
+from backend.params import EngineConfig
 from serving.config import model_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,24 +73,21 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
     model_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(model_py)
 
-    asked: list[EngineConfig] = []
+    asked: list[tuple[str, bool]] = []  # (device, engine_process) of each engine start
 
     class Stop(Exception):
         pass
 
-    def from_config(config):
-        asked.append(config)
+    def start_engine(config, engine_process):
+        asked.append((config.device, engine_process))
         raise Stop
 
-    from backend.engine_process import EngineProcess
-
-    clean_env.setattr(EngineProcess, "__init__", lambda self, config: from_config(config))  # the default
+    clean_env.setattr(model_py, "start_engine", start_engine)
     with pytest.raises(Stop):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
-    assert [c.device for c in asked] == ["cuda:1"]
+    assert asked == [("cuda:1", True)]  # the engine in a process of its own by default
     clean_env.setenv("GEMMA_ENGINE_PROCESS", "0")  # the engine on a thread of the stub instead
-    clean_env.setattr(Engine, "from_config", staticmethod(from_config))
     with pytest.raises(Stop):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
-    assert [c.device for c in asked] == ["cuda:1", "cuda:1"]
+    assert asked == [("cuda:1", True), ("cuda:1", False)]
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gemma_protocol import ProtocolError
 
-from backend.sampling import SamplingParams
+from backend.params import SamplingParams
 from serving.requests import StreamEchoError, parse_request
 
 

@@ -8,7 +8,7 @@ from gemma_protocol import ProtocolError, split_error_status
 
 from backend.errors import EngineOverloadedError, InvalidRequestError
 from backend.outputs import RequestOutput
-from backend.sampling import SamplingParams, TokenLogprobs
+from backend.params import SamplingParams, TokenLogprobs
 from serving.requests import STREAM_ECHO_ERROR, GenerateRequest, StreamEchoError
 from serving.responses import (MODEL_FAILURE, SHUTTING_DOWN, ErrorResponse, ResponseBuilder, refusal,
                                unhealthy_refusal)

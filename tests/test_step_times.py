@@ -2,13 +2,13 @@
 to no more than the wall time the engine spent, and prefill-holding steps are told apart."""
 import time
 
-from backend.engine import Engine, EngineConfig
-from backend.sampling import SamplingParams
+from backend.loader import start_engine
+from backend.params import EngineConfig, SamplingParams
 from backend.step_times import StepTimes
 
 
 def test_phases_are_counted_per_step_and_fit_in_the_wall_time(servable_checkpoint):
-    engine = Engine.from_config(EngineConfig(checkpoint=str(servable_checkpoint), max_num_batched_tokens=16))
+    engine = start_engine(EngineConfig(checkpoint=str(servable_checkpoint), max_num_batched_tokens=16))
     try:
         before = engine.stats().step_times
         start = time.perf_counter()

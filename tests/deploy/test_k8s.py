@@ -268,7 +268,7 @@ def test_termination_grace_covers_the_drain_and_triton_exit_timeout(variant):
     grace = pod_spec(variant, SERVER)["terminationGracePeriodSeconds"]
     assert grace > propagation + drain + exit_timeout
     assert 5 <= propagation <= 60  # longer than the balancer's 5 s DNS refresh
-    from backend.engine import EngineConfig
+    from backend.params import EngineConfig
     max_model_len = int(env(triton).get("GEMMA_MAX_MODEL_LEN", EngineConfig.max_model_len))
     assert drain >= max_model_len * STEP_S_SLOW_GPU
     assert exit_timeout >= 10

@@ -16,10 +16,11 @@ pytestmark = [pytest.mark.gpu, requires_te]
 
 
 def make_engine(path, dtype, **kw):
-    from backend.engine import Engine, EngineConfig
+    from backend.loader import start_engine
+    from backend.params import EngineConfig
 
-    return Engine.from_config(EngineConfig(checkpoint=str(path), engine="te", device="cuda", dtype=dtype,
-                                           max_num_batched_tokens=16, max_num_seqs=8, kv_cache_bytes=64 << 20, **kw))
+    return start_engine(EngineConfig(checkpoint=str(path), engine="te", device="cuda", dtype=dtype,
+                                     max_num_batched_tokens=16, max_num_seqs=8, kv_cache_bytes=64 << 20, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +36,20 @@ def servable(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_continuous_batching_matches_single_requests(family, dtype, servable):
-    from backend.sampling import SamplingParams
+    from backend.params import SamplingParams
 
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     prompts = prompts_for(512, [3, 29, 11, 50, 7], seed=8)
     engine = make_engine(servable[family], dtype)
     try:
-        assert type(engine.runner.model).__name__ == "TEGemmaModel"
-        graphs = engine.runner.graphs
+        assert type(engine.core.runner.model).__name__ == "TEGemmaModel"
+        graphs = engine.core.runner.graphs
         captured_at_start = sorted(graphs.entries)
         solo = [engine.submit(p, params).result().token_ids for p in prompts]
         together = [token_ids(outs) for outs in run_staggered(engine, prompts, params)]
         stats = wait_idle(engine)
         same = [a == b for a, b in zip(solo, together)]
-        mixed = engine.runner.mixed_graphs  # steps holding prefill chunks (the fused TE model's varlen attention)
+        mixed = engine.core.runner.mixed_graphs  # steps holding prefill chunks (the fused TE model's varlen attention)
         mixed_replays = {str(tokens): e.replays for (tokens,), e in mixed.entries.items()}
         report(test="engine_batching", family=family, dtype=dtype, identical=same,
                graph_buckets=sorted(graphs.entries), captured_at_start=len(captured_at_start),
@@ -69,7 +70,7 @@ def test_continuous_batching_matches_single_requests(family, dtype, servable):
 
 
 def test_cancel_mid_generation_frees_blocks(servable):
-    from backend.sampling import SamplingParams
+    from backend.params import SamplingParams
 
     engine = make_engine(servable["gemma3_text"], "bfloat16")
     try:
@@ -91,7 +92,7 @@ def test_async_scheduling_gives_the_outputs_of_steps_one_at_a_time(family, serva
     """Overlapped steps (the CUDA default: decodes of tokens still in flight fed from the previous
     step's sampled ids on the device, through decode and mixed graphs) against steps one at a time,
     fp32, requests of every kind submitted together."""
-    from backend.sampling import SamplingParams
+    from backend.params import SamplingParams
 
     prompts = prompts_for(512, [3, 29, 11, 50, 7, 18], seed=10)
 
@@ -106,7 +107,7 @@ def test_async_scheduling_gives_the_outputs_of_steps_one_at_a_time(family, serva
             handles = [engine.submit(p, params) for params in kinds for p in prompts]
             outputs = [h.result() for h in handles]
             assert wait_idle(engine).kv_cache.used_blocks == 0
-            replays = sum(e.replays for e in engine.runner.graphs.entries.values())
+            replays = sum(e.replays for e in engine.core.runner.graphs.entries.values())
             return outputs, replays
         finally:
             engine.shutdown()

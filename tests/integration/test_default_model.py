@@ -12,10 +12,10 @@ GREEDY_24 = json.dumps({"max_tokens": 24, "temperature": 0.0})
 
 
 def test_default_model_serves_what_the_engine_generates(default_server):
-    from backend.engine import Engine, EngineConfig
-    from backend.sampling import SamplingParams
+    from backend.loader import start_engine
+    from backend.params import EngineConfig, SamplingParams
 
-    engine = Engine.from_config(EngineConfig(kv_cache_bytes=64 << 20))
+    engine = start_engine(EngineConfig(kv_cache_bytes=64 << 20))
     try:
         expected = engine.submit(PROMPT, SamplingParams(max_tokens=24, temperature=0.0)).result()
     finally:

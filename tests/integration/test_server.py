@@ -48,10 +48,10 @@ def test_scalar_tensors_win_over_json(server):
 
 
 def test_greedy_output_equals_in_process_engine(tiny_server, tiny_checkpoint):
-    from backend.engine import Engine, EngineConfig
-    from backend.sampling import SamplingParams
+    from backend.loader import start_engine
+    from backend.params import EngineConfig, SamplingParams
 
-    engine = Engine.from_config(EngineConfig(checkpoint=str(tiny_checkpoint)))  # device and dtype as served
+    engine = start_engine(EngineConfig(checkpoint=str(tiny_checkpoint)))  # device and dtype as served
     try:
         outputs = list(engine.submit(PROMPT, SamplingParams(max_tokens=24, **GREEDY)))
     finally:

@@ -25,6 +25,7 @@ from serving.config import bound_cpu_kernel_caches, model_settings
 
 bound_cpu_kernel_caches()  # before torch is imported (by the modules below)
 
+from backend.loader import start_engine  # noqa: E402
 from serving.logprobs import logprobs_json  # noqa: E402
 from serving.metrics import GemmaMetrics, RequestRecord  # noqa: E402
 from serving.requests import GenerateRequest, parse_request  # noqa: E402
@@ -100,13 +101,9 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}")
 
     def _start_engine(self):
-        from backend.engine import Engine
-        from backend.engine_process import EngineProcess
-
         # In a process of its own, the engine's loop does not share this process's GIL with the
         # responder thread (backend/engine_process.py).
-        engine = self.settings.engine
-        return EngineProcess(engine) if self.settings.engine_process else Engine.from_config(engine)
+        return start_engine(self.settings.engine, engine_process=self.settings.engine_process)
 
     def execute(self, requests):
         for request in requests:

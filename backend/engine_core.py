@@ -1,0 +1,269 @@
+"""The engine core: token ids in, token deltas out. A scheduler, a model runner and the loop of one
+engine thread; no tokenizer, no text, no request handles (those are the front's: backend/engine.py).
+
+Data path of one step: scheduler.schedule() picks the chunks -> runner.launch() lays them out, runs
+the model (reference or TransformerEngine) and the sampler -> runner.complete() brings the sampled
+ids to the host -> scheduler.update() appends the tokens and applies the stop rules -> each loop's
+token deltas go to `publish` at once.
+
+With async scheduling (on a GPU by default) the core launches step N+1 before it completes step
+N: while the GPU computes N, this thread schedules and lays out N+1 and then hands out N's tokens,
+so the host's work per step hides behind the GPU's instead of adding to it. The price is one
+wasted row per sequence that stops on a token (its next decode was already launched) and
+admissions one step later; a batch holding a request with repetition, presence or frequency
+penalties, or bad words of several tokens, runs step by step, since those need every token on the host.
+
+The core runs on a thread of the front's process, or in a process of its own (backend/engine_process.py
+starts one there and talks to it through pipes); the front cannot tell the two apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .kv_cache import CacheUsage, PagedKVCache
+from .model import prepare_for_cpu
+from .outputs import TokenDelta
+from .params import EngineConfig, EngineLimits, SamplingParams
+from .runner import ModelRunner, StepInFlight, StepModel
+from .sampling import make_generator, needs_token_history
+from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
+from .step_times import StepTimes
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Publish = Callable[[list[tuple[int, TokenDelta]]], None]  # each loop's (request id, delta) pairs
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    kv_cache: CacheUsage
+    num_running: int
+    num_waiting: int
+    prefix_cache: PrefixCacheStats
+    num_preemptions: int  # since the engine started
+    step_times: StepTimes  # where the steps' time went, since the engine started
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available, else cpu; "cuda" -> the current CUDA device, with its index (the
+    engine thread selects it with torch.cuda.set_device, which refuses an index-less device)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on CUDA, float32 on the CPU (where it matches the HF reference exactly)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_model(config: EngineConfig, path: Path, device: torch.device, dtype: torch.dtype) -> StepModel:
+    """The TransformerEngine model on CUDA when available (or asked for), else the reference."""
+    use_te = config.engine == "te"
+    if config.engine == "auto" and device.type == "cuda":
+        from .te import te_available  # looks for TE without importing it: the CPU path never does
+        use_te = te_available()
+    if use_te:
+        from .te.runner import load_te_model
+        return load_te_model(path, dtype, device, fp8=config.fp8, fp8_recipe=config.fp8_recipe,
+                             fp8_lm_head=config.fp8_lm_head)
+    from .weights import load_reference_model
+    model, _ = load_reference_model(path, dtype, device)
+    return prepare_for_cpu(model) if device.type == "cpu" and dtype == torch.float32 else model
+
+
+class EngineCore:
+    """The engine thread and what it owns. `config.checkpoint` is a resolved checkpoint directory
+    (backend/loader.py resolves the default model and checks it before anything starts)."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], publish: Publish):
+        """Builds the model on the engine thread, which then owns every torch op of the engine.
+        Measured on the 2-core CPU: a model whose weights were loaded by another thread (whose OpenMP
+        team then exists too) decodes ~10% slower (Gemma 3 270M: 64-70 vs 59-61 ms per step).
+        Returns once the model is loaded and warmed up (its CUDA graphs captured); a failed start raises."""
+        self.config, self.eos_token_ids, self._publish = config, eos_token_ids, publish
+        self.device = resolve_device(config.device)
+        self._lock = threading.Condition()
+        self._closed = False
+        self._submitted: list[Sequence] = []
+        self._end_requests: list[tuple[int, str]] = []  # cancellations, stop strings found
+        self._sequences: dict[int, Sequence] = {}  # request id -> sequence, until it finishes (engine thread)
+        self._outbox: list[tuple[int, TokenDelta]] = []  # this loop's deltas (engine thread)
+        self._num_preemptions = 0
+        self._step_times = StepTimes()  # written by the engine thread; stats() copies it
+        started: list = []  # what the engine thread set up, or the exception it raised
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started, ready), name="gemma-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if isinstance(started[0], BaseException):
+            raise started[0]
+
+    def _setup(self) -> None:
+        config = self.config
+        self._async = config.async_scheduling == "on" or (config.async_scheduling == "auto"
+                                                            and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on cuda:0
+        model = load_model(config, Path(config.checkpoint), self.device, resolve_dtype(config.dtype, self.device))
+        cfg = model.cfg
+        max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
+        self.kv_cache = PagedKVCache.from_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype,
+                                                 self.device, config.enable_prefix_caching)
+        self.limits = EngineLimits(cfg.vocab_size, max_model_len, self.kv_cache.pool.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv_cache.pool, config.block_size, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                  max_model_len, config.cuda_graphs)
+        self.runner.warm_up()
+
+    # --- API (any thread) -------------------------------------------------------------------------
+
+    def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request the front has checked and numbered."""
+        with self._lock:
+            self._submitted.append(Sequence(
+                request_id=request_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
+                # Unseeded requests share the global RNG (one batched draw); a seed gets its own
+                # generator so its output does not depend on what else is in the batch.
+                generator=None if params.seed is None else make_generator(params.seed, self.device),
+                eos_token_ids=self.eos_token_ids))
+            self._lock.notify()
+
+    def end(self, request_id: int, reason: str) -> None:
+        """End a request early: "cancelled", or "stop" for a stop string the front found."""
+        with self._lock:
+            self._end_requests.append((request_id, reason))
+            self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(self.kv_cache.usage(), len(self.scheduler.running),
+                               len(self.scheduler.waiting) + len(self._submitted), self.scheduler.prefix_cache,
+                               self._num_preemptions, dataclasses.replace(self._step_times))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel everything in flight (each gets a final "cancelled" delta) and stop the thread."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    # --- engine thread ----------------------------------------------------------------------------
+
+    def _run(self, started: list, ready: threading.Event) -> None:
+        try:
+            self._setup()
+            started.append(True)
+        except BaseException as exc:  # handed to the constructor, which raises it
+            started.append(exc)
+            return
+        finally:
+            ready.set()
+        self._loop()
+
+    def _loop(self) -> None:
+        in_flight: Optional[StepInFlight] = None  # launched, its tokens not handed out yet
+        while True:
+            with self._lock:
+                while in_flight is None and not (self._submitted or self._end_requests or self._closed
+                                                 or self.scheduler.has_work()):
+                    self._lock.wait()
+                for seq in self._submitted:
+                    self._sequences[seq.request_id] = seq
+                    self.scheduler.add(seq)
+                self._submitted.clear()
+                end_requests, self._end_requests = self._end_requests, []
+                stopping = self._closed
+            for request_id, reason in end_requests:
+                seq = self._sequences.get(request_id)
+                if seq is not None:
+                    self._finish(seq, reason)
+            if in_flight is not None and (stopping or not self._async or self._needs_every_token()):
+                self._complete(in_flight)
+                in_flight = None
+            if stopping:
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(seq, "cancelled")
+                self._flush()
+                return
+            launched = self._launch(in_flight)
+            if in_flight is not None:
+                self._complete(in_flight)
+            in_flight = launched
+            self._flush()
+
+    def _needs_every_token(self) -> bool:
+        """A running request's sampler needs its tokens so far on the host (penalties, bad words of
+        several tokens): the next step waits for the one in flight."""
+        return any(seq.num_in_flight and needs_token_history(seq.params) for seq in self.scheduler.running)
+
+    def _launch(self, previous: Optional[StepInFlight]) -> Optional[StepInFlight]:
+        """Schedule and launch the next step (None if nothing could be scheduled, or it failed)."""
+        start = time.perf_counter()
+        output = self.scheduler.schedule()
+        self._num_preemptions += len(output.preempted)
+        if not output.chunks:
+            return None
+        self._step_times.schedule_s += time.perf_counter() - start
+        try:
+            return self.runner.launch(output, previous, self._step_times)
+        except Exception as exc:  # a fault fails this step's requests; the engine keeps serving
+            self._fail_step(output, exc)
+            return None
+
+    def _complete(self, step: StepInFlight) -> None:
+        """Wait for a launched step's tokens, apply them and hand each request its delta."""
+        try:
+            sampled = self.runner.complete(step, self._step_times)
+        except Exception as exc:
+            self._fail_step(step.output, exc)
+            return
+        updating = time.perf_counter()
+        output = step.output
+        samplers = [scheduled.seq for scheduled in output.chunks if scheduled.needs_logits]
+        for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
+            self._finish(samplers[row], "error", error="the model's scores for this request were not finite "
+                                                       "(NaN or infinity): nothing could be sampled")
+        for seq, i in self.scheduler.update(output, sampled.token_ids):
+            logprobs = sampled.logprobs[i]
+            self._deliver(seq, TokenDelta([sampled.token_ids[i]], seq.finish_reason,
+                                          num_cached_tokens=seq.num_cached_prompt_tokens,
+                                          logprobs=None if logprobs is None else [logprobs]))
+        self._step_times.update_s += time.perf_counter() - updating
+
+    def _fail_step(self, output: SchedulerOutput, exc: Exception) -> None:
+        log.error("engine step failed", exc_info=exc)
+        for scheduled in output.chunks:
+            self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
+        if seq.finish_reason is not None:  # already ended (e.g. cancelled while its step ran)
+            return
+        self.scheduler.finish(seq, reason)
+        self._deliver(seq, TokenDelta([], reason, error, seq.num_cached_prompt_tokens))
+
+    def _deliver(self, seq: Sequence, delta: TokenDelta) -> None:
+        if delta.finish_reason is not None:
+            del self._sequences[seq.request_id]
+        self._outbox.append((seq.request_id, delta))
+
+    def _flush(self) -> None:
+        """Publish this loop's deltas, all at once."""
+        if self._outbox:
+            deltas, self._outbox = self._outbox, []
+            self._publish(deltas)
