@@ -104,16 +104,23 @@ def test_ctrl_c_in_a_terminal_finishes_what_is_in_flight_and_stops_every_process
                                {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint)}))
     pgid = server.process.pid
     outcome: list = []
-    flowing = threading.Event()  # the stream's first tokens have arrived
+    # Half the stream has arrived: the interrupt finds it in flight, and what is left finishes well
+    # within Triton's exit timeout on a loaded machine.
+    flowing = threading.Event()
     long = json.dumps({"max_tokens": 400, "temperature": 0.0, "ignore_eos": True})
+
+    def half_way(result) -> bool:
+        if result.num_output_tokens >= 200:
+            flowing.set()
+        return False  # the stream goes on
 
     def stream() -> None:
         try:
             outcome.append(server.stream("Once upon a time", stream=True, sampling_parameters=long, timeout=120,
-                                         cancel_when=lambda result: flowing.set()))
+                                         cancel_when=half_way))
         except Exception as e:  # noqa: BLE001 - reported by the assertion
             outcome.append(e)
-        flowing.set()  # also when it failed before any token: the assertions below report it
+        flowing.set()  # also when it failed before: the assertions below report it
 
     try:
         assert any("backend.engine_process" in cmd for cmd in process_group(pgid).values())
