@@ -1,4 +1,5 @@
-"""Layers point one way: the engine knows nothing of Triton or the wire, the client nothing of the server.
+"""Layers point one way: the engine knows nothing of Triton or the wire, the client nothing of the server;
+inside the engine, imports run down its layers; and no module imports itself through others.
 
     gemma_client -> gemma_protocol <- serving -> backend     (the Triton model uses all but gemma_client)
 
@@ -122,3 +123,36 @@ def test_the_request_and_config_types_import_without_torch():
     code = "import sys, backend.params; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# Inside backend/, top to bottom (docs/architecture.md): a module imports its own layer or those below.
+BACKEND_LAYERS = (
+    ("cli",),  # entry points
+    ("loader",),  # resolve and check a checkpoint, start an engine
+    ("default_model", "self_check", "gguf_checkpoint"),  # the packaged model, checked (runs the engine)
+    ("engine",),  # the request front
+    ("engine_process",),  # the core in a process of its own
+    ("engine_core",),  # scheduler + runner + the engine thread
+    ("runner", "graphs", "scheduler", "kv_cache", "sampling", "step_times", "outputs", "tokenizer", "te.runner"),
+    ("model", "weights", "te.model", "te.layers"),  # the models and their weights
+    ("attention", "batch", "rope"),  # the attention backends and the step layout
+    ("kernels",),  # Triton-language kernels: nothing of the engine
+    ("params", "errors", "config", "te"),  # plain data; `te` only finds TransformerEngine
+)
+
+
+def backend_layer(module: str) -> int:
+    name = module.removeprefix("backend.")
+    for depth, layer in enumerate(BACKEND_LAYERS):
+        if any(name == entry or name.startswith(entry + ".") and entry != "te" for entry in layer):
+            return depth
+    raise AssertionError(f"{module} is in no layer of BACKEND_LAYERS: place it there")
+
+
+def test_backend_modules_import_only_their_layer_or_those_below():
+    files = module_files()
+    backend = {name: path for name, path in files.items() if name.startswith("backend.")}
+    upward = [f"{name} -> {target}" for name, path in sorted(backend.items())
+              for target in sorted(imported_modules(name, path, set(files)))
+              if target in backend and backend_layer(target) < backend_layer(name)]
+    assert upward == []
