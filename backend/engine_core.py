@@ -103,6 +103,7 @@ class EngineCore:
         self._end_requests: list[tuple[int, str]] = []  # cancellations, stop strings found
         self._sequences: dict[int, Sequence] = {}  # request id -> sequence, until it finishes (engine thread)
         self._outbox: list[tuple[int, TokenDelta]] = []  # this loop's deltas (engine thread)
+        self._stepped = False  # a step completed in this loop (engine thread)
         self._num_preemptions = 0
         self._step_times = StepTimes()  # written by the engine thread; stats() copies it
         started: list = []  # what the engine thread set up, or the exception it raised
@@ -233,6 +234,7 @@ class EngineCore:
         except Exception as exc:
             self._fail_step(step.output, exc)
             return
+        self._stepped = True
         updating = time.perf_counter()
         output = step.output
         samplers = [scheduled.seq for scheduled in output.chunks if scheduled.needs_logits]
@@ -263,7 +265,9 @@ class EngineCore:
         self._outbox.append((seq.request_id, delta))
 
     def _flush(self) -> None:
-        """Publish this loop's deltas, all at once."""
-        if self._outbox:
-            deltas, self._outbox = self._outbox, []
+        """Publish this loop's deltas, all at once. A step that made none (prefill chunks only)
+        publishes an empty list: to an engine process's parent that is the sign of a step that
+        returned (its watchdog, backend/engine_process.py)."""
+        if self._outbox or self._stepped:
+            deltas, self._outbox, self._stepped = self._outbox, [], False
             self._publish(deltas)

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 from .engine_core import EngineCore, EngineStats, Publish
@@ -71,10 +72,20 @@ class EngineCoreProcess:
         self._stats_lock = threading.Lock()
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
         self._exit_error: Optional[str] = None
+        self._step_timeout_s = config.step_timeout_s
+        self._progress_lock = threading.Lock()
+        self._in_flight: set[int] = set()  # requests added and not finished
+        self._last_progress = time.monotonic()  # the last step's deltas, or the first request after idling
+        self._hung: Optional[str] = None  # why the watchdog killed the process
         self._receiver = threading.Thread(target=self._receive, name="gemma-engine-events", daemon=True)
         self._receiver.start()
+        threading.Thread(target=self._watch, name="gemma-engine-watchdog", daemon=True).start()
 
     def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        with self._progress_lock:
+            if not self._in_flight:
+                self._last_progress = time.monotonic()
+            self._in_flight.add(request_id)
         self._send(("add", request_id, prompt_ids, params))
 
     def end(self, request_id: int, reason: str) -> None:
@@ -118,6 +129,7 @@ class EngineCoreProcess:
             while True:
                 kind, payload = pickle.load(self._events)
                 if kind == "deltas":
+                    self._note_progress(payload)
                     self._publish(payload)
                 elif kind == "stats":
                     self._stats.put(payload)
@@ -126,10 +138,33 @@ class EngineCoreProcess:
                     return
         except (EOFError, OSError):
             self._closed = True
-            self._exit_error = f"the engine process exited unexpectedly (exit code {self._process.wait()})"
+            exit_code = self._process.wait()
+            self._exit_error = self._hung or f"the engine process exited unexpectedly (exit code {exit_code})"
             log.error(self._exit_error)
             self._on_exit(self._exit_error)
             self._stats.put(None)
+
+    def _note_progress(self, deltas: list) -> None:
+        """Every completed step sends its deltas (an empty list if it made none)."""
+        with self._progress_lock:
+            self._last_progress = time.monotonic()
+            self._in_flight.difference_update(request_id for request_id, delta in deltas
+                                              if delta.finish_reason is not None)
+
+    def _watch(self) -> None:
+        """Kill an engine process whose steps stopped returning while requests are in flight: its
+        stats may still answer (another thread), but nothing would ever finish."""
+        while not self._closed:
+            time.sleep(min(1.0, self._step_timeout_s / 4))
+            with self._progress_lock:
+                stalled = time.monotonic() - self._last_progress
+                waiting = len(self._in_flight)
+            if waiting and stalled > self._step_timeout_s and not self._closed:
+                self._hung = (f"the engine process returned no step for {stalled:.0f} s with {waiting} requests in "
+                              f"flight (step_timeout_s={self._step_timeout_s:g}) and was killed")
+                log.error(self._hung)
+                self._process.kill()  # the receiver reads EOF and ends every request with this message
+                return
 
 
 def serve_engine(commands, events) -> None:

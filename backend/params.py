@@ -43,7 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: none; k: the sampled token's logprob and the k most likely
     bad_words: tuple[str, ...] = ()  # never generated (vLLM's bad_words), as the token sequences below
-    # Each bad word's token sequences, filled in by EngineFront.submit (where the tokenizer is), not
+    # Each bad word's token sequences, filled in by Engine.submit (where the tokenizer is), not
     # by clients: a sequence's last token is banned wherever the output so far ends with the rest.
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
@@ -141,6 +141,10 @@ class EngineConfig:
     fp8_lm_head: bool = False  # with fp8: the tied LM head in FP8 too (half its bytes per step, FP8 logits)
     cuda_graphs: bool = True  # GPU: decode steps (and the TE model's mixed steps) replay captured CUDA graphs
     async_scheduling: str = "auto"  # on: launch step N+1 before step N's tokens are back; auto: on for CUDA
+    # An engine process whose steps stop returning (a hung kernel, a deadlock) for this long while
+    # requests are in flight is killed, which ends them and lets the Triton model start a fresh one.
+    # Far above any real step (a 512-token prefill chunk of the 270M takes ~2 s on 2 CPU cores).
+    step_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -151,6 +155,8 @@ class EngineConfig:
         for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0, not {self.step_timeout_s}")
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, not {self.max_queue_size}")
 

@@ -54,7 +54,8 @@ def engine_config(params: dict[str, str]) -> EngineConfig:
         text = params.pop(f.name, "").strip()
         if text:
             kind = type(f.default)
-            values[f.name] = _true(text, empty=False) if kind is bool else int(text) if kind is int else text
+            values[f.name] = (_true(text, empty=False) if kind is bool else int(text) if kind is int
+                              else float(text) if kind is float else text)
     if params:
         raise ValueError(f"unknown model parameters {sorted(params)}")
     return EngineConfig(**values)

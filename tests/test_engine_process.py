@@ -1,11 +1,14 @@
 """The engine in a process of its own (backend/engine_process.py), behind the same request API:
 the same outputs as the engine on a thread, cancellation and stop strings reaching the engine
 process, the queue bound and request checks on the caller's side, shutdown, and a start that fails
-or an engine process that dies mid-generation ending every request with an error."""
+or an engine process that dies (or hangs) mid-generation ending every request with an error."""
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import threading
+import time
 
 import pytest
 
@@ -117,5 +120,25 @@ def test_an_engine_process_that_dies_ends_every_request_with_an_error(servable_c
             eng.submit(PROMPTS[0], GREEDY)
         with pytest.raises(EngineOverloadedError):
             eng.stats()
+    finally:
+        eng.shutdown()
+
+
+def test_an_engine_process_whose_steps_stop_returning_is_killed_and_its_requests_end(servable_checkpoint):
+    """A step that never returns (here: the whole process stopped) is a death the pipe cannot see:
+    the watchdog kills the process once no step has returned for step_timeout_s while requests run."""
+    eng = start_engine(dataclasses.replace(config(servable_checkpoint), step_timeout_s=1.0), engine_process=True)
+    try:
+        time.sleep(1.5)  # idle past the timeout: with nothing in flight, not a hang
+        assert eng.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"
+        started = threading.Event()
+        handle = eng.submit(PROMPTS[1], LONG, on_ready=lambda h: started.set())
+        assert started.wait(60)
+        os.kill(eng.core._process.pid, signal.SIGSTOP)
+        out = handle.result()  # within a few seconds, not never
+        assert out.finish_reason == "error" and "returned no step for" in out.error, out.error
+        assert "step_timeout_s=1" in eng.exit_error and eng.core._process.returncode == -signal.SIGKILL
+        with pytest.raises(EngineOverloadedError):
+            eng.submit(PROMPTS[0], GREEDY)
     finally:
         eng.shutdown()

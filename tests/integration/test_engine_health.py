@@ -52,8 +52,13 @@ def test_with_the_health_check_a_dead_engine_unloads_the_model(tmp_path, tiny_en
         stop_servers([server])
 
 
-def test_without_it_a_dead_engine_fails_what_runs_and_is_restarted(tmp_path, tiny_env):
-    (server,) = start_servers((tmp_path / "server.log", tiny_env))
+@pytest.mark.parametrize("fault, signal_number, cause", [
+    ("killed", signal.SIGKILL, "exited unexpectedly"),
+    # Stopped: its steps never return, as with a hung kernel or a deadlock; the watchdog kills it.
+    ("hung", signal.SIGSTOP, "returned no step for"),
+])
+def test_without_it_a_dead_engine_fails_what_runs_and_is_restarted(tmp_path, tiny_env, fault, signal_number, cause):
+    (server,) = start_servers((tmp_path / "server.log", {**tiny_env, "GEMMA_STEP_TIMEOUT_S": "2"}))
     try:
         (engine,) = engine_processes(server)
         events: queue.Queue = queue.Queue()
@@ -63,13 +68,13 @@ def test_without_it_a_dead_engine_fails_what_runs_and_is_restarted(tmp_path, tin
                                                      sampling_parameters='{"max_tokens": 400, "ignore_eos": true}'))
         result, error = events.get(timeout=60)  # the stream is running
         assert error is None
-        os.kill(engine, signal.SIGKILL)
+        os.kill(engine, signal_number)
         while error is None:
             result, error = events.get(timeout=10)
         client.stop_stream()
         client.close()
         # In flight: UNAVAILABLE (worth a retry), naming the cause.
-        assert "[UNAVAILABLE]" in error.message() and "exited unexpectedly" in error.message(), error.message()
+        assert "[UNAVAILABLE]" in error.message() and cause in error.message(), error.message()
         # Then the model serves again, from a fresh engine process, and counts the restart.
         assert wait_for(lambda: error_of(server) is None, timeout=90)
         assert engine_processes(server) not in ([], [engine])
