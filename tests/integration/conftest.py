@@ -30,9 +30,7 @@ EXTERNAL_GRPC_URL = os.environ.get("GEMMA_TEST_SERVER_URL", "")
 @pytest.fixture
 def idle_server(server):
     """The server once nothing from earlier tests is running, queued or holding KV blocks."""
-    assert wait_for(lambda: server.metric("gemma_running_requests") == 0
-                    and server.metric("gemma_queue_depth") == 0
-                    and server.metric("gemma_kv_blocks_used") == 0, timeout=60), "server never went idle"
+    assert wait_for(server.is_idle, timeout=60), "server never went idle"
     return server
 
 

@@ -193,6 +193,11 @@ class TritonServer:
         return sum(value for key, value in self.metrics().items()
                    if key.partition("{")[0] == name and all(w in key for w in want))
 
+    def is_idle(self) -> bool:
+        """Nothing running, queued or holding KV blocks (what earlier requests left has ended)."""
+        return (self.metric("gemma_running_requests") == 0 and self.metric("gemma_queue_depth") == 0
+                and self.metric("gemma_kv_blocks_used") == 0)
+
     def stop(self) -> None:
         if self.process is None:
             return
