@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -80,5 +81,24 @@ def test_without_it_a_dead_engine_fails_what_runs_and_is_restarted(tmp_path, tin
         assert engine_processes(server) not in ([], [engine])
         assert wait_for(lambda: server.metric("gemma_engine_restarts_total") == 1)
         assert wait_for(lambda: server.metric("gemma_kv_blocks_total") > 0)  # the new engine's stats
+    finally:
+        stop_servers([server])
+
+
+def test_a_killed_stub_leaves_no_engine_process_behind(tmp_path, tiny_env):
+    """What Triton 2.51 does when the model's stub dies (docs/deploy.md, Health): it does not start
+    the stub again, and answers every request with an error at once (never a hang). The engine process
+    reads EOF on its pipe and exits, so no orphan holds the GPU."""
+    (server,) = start_servers((tmp_path / "server.log", tiny_env))
+    try:
+        assert error_of(server) is None
+        (engine,) = engine_processes(server)
+        stub = int(Path(f"/proc/{engine}/stat").read_text().rpartition(")")[2].split()[1])  # its parent
+        assert b"triton_python_backend_stub" in Path(f"/proc/{stub}/cmdline").read_bytes()
+        os.kill(stub, signal.SIGKILL)
+        assert wait_for(lambda: engine_processes(server) == [], timeout=30)
+        error = error_of(server)
+        assert error is not None and "is not healthy" in str(error), error
+        assert server.process.poll() is None
     finally:
         stop_servers([server])
