@@ -28,6 +28,8 @@ from .sampling import ChoiceRequest, choice_requests
 from .schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .settings import Settings
 from .sse import EventStream
+from .structured import response_format_constraint
+from .tools import tool_plan
 
 log = logging.getLogger("gateway")
 HEALTH_TIMEOUT_S = 2.0
@@ -80,17 +82,27 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        requests = choice_requests(body, body.prompt)
-        return await answer(request, body, requests, CompletionFormat(body.model), prompt_param="prompt")
+        requests = choice_requests(body, body.prompt,
+                                   structured_outputs=response_format_constraint(body.response_format))
+        return await answer(request, body, requests, CompletionFormat(body.model), prompt_param="prompt",
+                            constraint_param="response_format")
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        requests = choice_requests(body, [chat_prompt(body.messages)], extra_stop=CHAT_STOP)
-        return await answer(request, body, requests, ChatFormat(body.model), prompt_param="messages")
+        tools = tool_plan(body)
+        if tools is not None and response_format_constraint(body.response_format) is not None:
+            raise invalid_request("a JSON 'response_format' cannot be combined with tools unless 'tool_choice' "
+                                  "is 'none': the answer is constrained either to the format or to the tools",
+                                  param="response_format")
+        prompt = chat_prompt(body.messages, tools.instructions() if tools is not None else None)
+        constraint = tools.constraint() if tools is not None else response_format_constraint(body.response_format)
+        requests = choice_requests(body, [prompt], extra_stop=CHAT_STOP, structured_outputs=constraint)
+        return await answer(request, body, requests, ChatFormat(body.model, tools), prompt_param="messages",
+                            constraint_param="tools" if tools is not None else "response_format")
 
     async def answer(request: Request, body: GenerationRequest, requests: list[ChoiceRequest],
-                     fmt: ResponseFormat, prompt_param: str) -> Response:
+                     fmt: ResponseFormat, prompt_param: str, constraint_param: str) -> Response:
         if len(requests) > settings.max_choices:
             raise invalid_request(f"{len(requests)} choices (n x prompts) asked for; at most "
                                   f"{settings.max_choices} per request", param="n")
@@ -104,10 +116,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         except BaseException as e:
             await choices.aclose()
             if isinstance(e, GemmaClientError):
-                raise from_client_error(e, prompt_param) from None
+                raise from_client_error(e, prompt_param, constraint_param) from None
             raise
-        return EventStream(stream_events(fmt, choices, requests, body.include_usage, prompt_param),
-                           release=choices.aclose)
+        events = stream_events(fmt, choices, requests, body.include_usage, prompt_param, constraint_param)
+        return EventStream(events, release=choices.aclose)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -159,14 +171,18 @@ def _validation_error(error: RequestValidationError) -> APIError:
     problems = list(error.errors())
     first = next((p for p in problems if p["type"] == "extra_forbidden"), problems[0])
     loc = [part for part in first["loc"] if part != "body"]
+    if "field" in first.get("ctx", {}):  # a rule between fields (schemas._field_error) names the field itself
+        loc.append(first["ctx"]["field"])
     if first["type"] == "json_invalid":
         detail = first.get("ctx", {}).get("error", first["msg"])
         return invalid_request(f"request body is not valid JSON: {detail}", code="invalid_json")
     if isinstance(error.body, bytes):  # FastAPI parses JSON only when the request says it is JSON
         return invalid_request("request body must be JSON, sent with 'Content-Type: application/json'",
                                code="invalid_json")
-    if not loc or first["type"] in ("model_attributes_type", "dict_type"):
+    if not loc:
         return invalid_request("request body must be a JSON object")
+    if first["type"] in ("model_attributes_type", "dict_type"):
+        first = {**first, "msg": "must be a JSON object"}
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     if first["type"] == "extra_forbidden":
         return invalid_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")

@@ -43,14 +43,19 @@ def invalid_request(message: str, param: Optional[str] = None, code: str = "inva
     return APIError(400, message, param=param, code=code)
 
 
-def from_client_error(error: GemmaClientError, prompt_param: str) -> APIError:
+def from_client_error(error: GemmaClientError, prompt_param: str,
+                      constraint_param: Optional[str] = None) -> APIError:
     """The HTTP answer to a failed Triton request. `prompt_param` is the request field that held the
-    prompt ("prompt" or "messages"): Triton's messages call it 'text_input'."""
+    prompt ("prompt" or "messages"): Triton's messages call it 'text_input'. `constraint_param` the
+    one that asked for a constraint ("response_format", "tools"): Triton's call it
+    'structured_outputs' (an invalid schema, with the grammar library's message)."""
     message = error.message
     if isinstance(error, InvalidArgumentError):
         if "exceeds the context" in message or "exceeds the whole KV cache" in message:
             # As OpenAI: the prompt is named, whichever of prompt and max_tokens was too long.
             return invalid_request(message, param=prompt_param, code="context_length_exceeded")
+        if constraint_param is not None and "structured_outputs" in message:
+            return invalid_request(f"invalid '{constraint_param}': {message}", param=constraint_param)
         return invalid_request(message, param=_param_named_in(message, prompt_param))
     if isinstance(error, UnavailableError):
         return APIError(503, message, code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -19,6 +19,7 @@ from .choices import Choices
 from .errors import from_client_error
 from .sampling import ChoiceRequest
 from .sse import DONE, event
+from .tools import CallArguments, CallStart, Content, Parser, ToolPlan, call_id
 
 log = logging.getLogger("gateway")
 
@@ -120,18 +121,46 @@ def _completion_logprobs(logprobs: Sequence[TokenLogprobs], start: int) -> dict:
 
 
 class ChatFormat(ResponseFormat):
+    """Chat choices; with `tools` (a tools.ToolPlan) each choice's text goes through its parser,
+    which turns tool calls into `tool_calls` (tools.py)."""
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
+    def __init__(self, model: str, tools: Optional[ToolPlan] = None):
+        super().__init__(model)
+        self._tools = tools
+        self._streams: dict[int, _ToolStream] = {}  # per choice, when streaming with tools
+
     def choice(self, index: int, whole: Delta) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": whole.text},
-                "logprobs": _chat_logprobs(whole.logprobs), "finish_reason": whole.finish_reason}
+        message: dict = {"role": "assistant", "content": whole.text}
+        finish_reason = whole.finish_reason
+        if self._tools is not None:
+            parser = self._tools.parser()
+            pieces = parser.feed(whole.text) + parser.end()
+            calls: list[dict] = []
+            for piece in pieces:
+                if isinstance(piece, CallStart):
+                    calls.append({"id": call_id(), "type": "function",
+                                  "function": {"name": piece.name, "arguments": ""}})
+                elif isinstance(piece, CallArguments):
+                    calls[piece.index]["function"]["arguments"] += piece.text
+            content = "".join(piece.text for piece in pieces if isinstance(piece, Content))
+            message["content"] = content if content.strip() or not calls else None
+            if calls:
+                message["tool_calls"] = calls
+            finish_reason = self._finish_reason(parser, finish_reason)
+        return {"index": index, "message": message, "logprobs": _chat_logprobs(whole.logprobs),
+                "finish_reason": finish_reason}
 
     def opening_choices(self, count: int) -> list[dict]:
-        return [_chat_delta(i, {"role": "assistant", "content": ""}) for i in range(count)]
+        # A forced call (tool_choice required or named) has no content, as OpenAI's.
+        content = None if self._tools is not None and self._tools.mode != "auto" else ""
+        return [_chat_delta(i, {"role": "assistant", "content": content}) for i in range(count)]
 
     def chunk_choices(self, index: int, delta: Delta) -> list[dict]:
+        if self._tools is not None:
+            return self._tool_chunk_choices(index, delta)
         # As OpenAI: text in `delta.content` chunks (with their tokens' logprobs), then an empty delta
         # carrying the finish_reason.
         chunks = [_chat_delta(index, {"content": delta.text}, logprobs=_chat_logprobs(delta.logprobs))] \
@@ -139,6 +168,50 @@ class ChatFormat(ResponseFormat):
         if delta.finish_reason:
             chunks.append(_chat_delta(index, {}, delta.finish_reason))
         return chunks
+
+    def _tool_chunk_choices(self, index: int, delta: Delta) -> list[dict]:
+        """As OpenAI streams tool calls: a call's first chunk has its index, id, type, name and empty
+        arguments; the next ones fragments of the arguments; the last chunk finish_reason
+        "tool_calls". A delta's logprobs go with the first chunk made of it (or a later one, when
+        the parser holds the text back)."""
+        stream = self._streams.setdefault(index, _ToolStream(self._tools.parser()))
+        if delta.logprobs:
+            stream.logprobs += delta.logprobs
+        pieces = stream.parser.feed(delta.text)
+        if delta.finish_reason:
+            pieces += stream.parser.end()
+        chunks = []
+        for piece in pieces:
+            if isinstance(piece, Content):
+                chunk_delta = {"content": piece.text}
+            elif isinstance(piece, CallStart):
+                chunk_delta = {"tool_calls": [{"index": piece.index, "id": call_id(), "type": "function",
+                                               "function": {"name": piece.name, "arguments": ""}}]}
+            else:
+                chunk_delta = {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.text}}]}
+            chunks.append(_chat_delta(index, chunk_delta, logprobs=stream.take_logprobs()))
+        if delta.finish_reason:
+            chunks.append(_chat_delta(index, {}, self._finish_reason(stream.parser, delta.finish_reason),
+                                      logprobs=stream.take_logprobs()))
+        return chunks
+
+    def _finish_reason(self, parser: Parser, finish_reason: Optional[str]) -> Optional[str]:
+        """"tool_calls" when the choice made calls and they are whole: a constrained output that
+        completed its grammar ("stop"), or any call the auto parser read (it reads only whole ones).
+        A forced call cut by max_tokens stays "length", its arguments cut short."""
+        if parser.calls and (finish_reason == "stop" or self._tools.mode == "auto"):
+            return "tool_calls"
+        return finish_reason
+
+
+class _ToolStream:
+    def __init__(self, parser: Parser):
+        self.parser = parser
+        self.logprobs: list[TokenLogprobs] = []  # not sent yet
+
+    def take_logprobs(self) -> Optional[dict]:
+        logprobs, self.logprobs = self.logprobs, []
+        return _chat_logprobs(logprobs) if logprobs else None
 
 
 def _chat_delta(index: int, delta: dict, finish_reason: Optional[str] = None,
@@ -158,7 +231,8 @@ def _chat_token(lp: Logprob) -> dict:
 
 
 async def stream_events(fmt: ResponseFormat, choices: Choices, requests: Sequence[ChoiceRequest],
-                        include_usage: bool, prompt_param: str) -> AsyncIterator[bytes]:
+                        include_usage: bool, prompt_param: str,
+                        constraint_param: Optional[str] = None) -> AsyncIterator[bytes]:
     """The SSE events of a streamed response. A choice failing mid-stream ends the stream with an
     error event (as OpenAI's): the status code has gone out already. Whoever sends the events
     closes `choices` (EventStream's `release`)."""
@@ -176,7 +250,7 @@ async def stream_events(fmt: ResponseFormat, choices: Choices, requests: Sequenc
         if include_usage:
             yield event({**head, "choices": [], "usage": usage.body()})
     except GemmaClientError as e:
-        error = from_client_error(e, prompt_param)
+        error = from_client_error(e, prompt_param, constraint_param)
         log.warning("stream %s ended by an error: %s %s", fmt.id, error.status, error.message)
         yield event(error.body())
     yield DONE

@@ -23,14 +23,15 @@ class ChoiceRequest:
     sampling: dict[str, Any]  # AsyncGemmaClient.stream/generate keywords; None means the server default
 
 
-def choice_requests(request: GenerationRequest, prompts: Sequence[str],
-                    extra_stop: Sequence[str] = ()) -> list[ChoiceRequest]:
-    """Choices in OpenAI's order: each prompt's n choices, then the next prompt's."""
+def choice_requests(request: GenerationRequest, prompts: Sequence[str], extra_stop: Sequence[str] = (),
+                    structured_outputs: Optional[dict[str, Any]] = None) -> list[ChoiceRequest]:
+    """Choices in OpenAI's order: each prompt's n choices, then the next prompt's. `structured_outputs`
+    constrains every choice (structured.py, tools.py)."""
     stop = [*(request.stop or ()), *extra_stop]
     shared = dict(max_tokens=request.max_output_tokens, temperature=request.temperature,
                   top_p=request.top_p, presence_penalty=request.presence_penalty,
                   frequency_penalty=request.frequency_penalty, logprobs=request.num_top_logprobs,
-                  stop=stop or None, ignore_eos=request.ignore_eos)
+                  stop=stop or None, ignore_eos=request.ignore_eos, structured_outputs=structured_outputs)
     pairs = [(p, prompt) for p, prompt in enumerate(prompts) for _ in range(request.n)]
     seeds = choice_seeds(request.seed, len(pairs))
     return [ChoiceRequest(k, p, prompt, {**shared, "seed": seeds[k]}) for k, (p, prompt) in enumerate(pairs)]

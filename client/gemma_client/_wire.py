@@ -84,7 +84,25 @@ def check_sampling(sampling: Mapping[str, Any], strict: bool = True) -> dict[str
         except protocol.ProtocolError as e:
             raise InvalidArgumentError(str(e)) from None
         checked[key] = list(value) if field.is_list else value
+    if isinstance(checked.get(STRUCTURED_OUTPUTS), Mapping):
+        checked[STRUCTURED_OUTPUTS] = schema_as_text(checked[STRUCTURED_OUTPUTS])
     return checked
+
+
+STRUCTURED_OUTPUTS = "structured_outputs"
+
+
+def schema_as_text(structured_outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """`structured_outputs` with a `json` schema object sent as JSON text (the server reads both):
+    `sampling_parameters` may nest only `protocol.MAX_SAMPLING_JSON_DEPTH` levels deep, and a schema
+    of nested objects inside it is deeper; text does not count."""
+    schema = structured_outputs.get("json")
+    if isinstance(schema, (dict, list)):
+        try:
+            return {**structured_outputs, "json": json.dumps(schema)}
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"'structured_outputs.json' is not JSON: {e}") from None
+    return dict(structured_outputs)
 
 
 def _tensor(spec: protocol.TensorSpec, value: Any) -> InferInput:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
@@ -58,6 +59,8 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     """One option per `protocol.SAMPLING_FIELDS` entry (--max-tokens, --temperature, --stop, ...)."""
     group = parser.add_argument_group("sampling (server defaults apply to what is not given)")
     for field in protocol.SAMPLING_FIELDS:
+        if field.kind is dict:  # structured_outputs: its own options, _structured_options
+            continue
         flag = "--" + field.key.replace("_", "-")
         if field.kind is bool:
             group.add_argument(flag, action="store_true", default=None, help=field.doc)
@@ -69,6 +72,64 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
             default = "" if field.default is None else f" (server default: {field.default})"
             group.add_argument(flag, type=field.kind, metavar={int: "N", float: "X"}.get(field.kind, "TEXT"),
                                help=field.doc + default)
+
+
+def _structured_options(parser: argparse.ArgumentParser) -> None:
+    """The `structured_outputs` sampling parameter: one constraint on what is generated."""
+    group = parser.add_argument_group(
+        "structured outputs (at most one of the first five; the output is constrained to it)")
+    kinds = group.add_mutually_exclusive_group()
+    kinds.add_argument("--json-schema", metavar="FILE",
+                       help="JSON that follows this JSON schema: a file, or the schema itself ('{...}')")
+    kinds.add_argument("--regex", metavar="PATTERN", help="text that matches this regular expression")
+    kinds.add_argument("--choice", action="append", metavar="TEXT",
+                       help="exactly one of these strings; repeat for each (--choice yes --choice no)")
+    kinds.add_argument("--grammar", metavar="FILE",
+                       help="text of this grammar (a file in llguidance's Lark dialect)")
+    kinds.add_argument("--json-object", action="store_true", help="any JSON object")
+    group.add_argument("--disable-any-whitespace", action="store_true",
+                       help="JSON without whitespace between its tokens (with --json-schema, --json-object)")
+    group.add_argument("--disable-additional-properties", action="store_true",
+                       help="objects hold only the properties their schema names (with --json-schema)")
+
+
+def _structured_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optional[dict[str, Any]]:
+    """The `structured_outputs` object the options ask for; None without one. A file that cannot be
+    read, or a schema that is not JSON, is a bad command line."""
+    if not hasattr(args, "json_schema"):  # `health`
+        return None
+    if args.json_schema is not None:
+        text = args.json_schema if args.json_schema.lstrip().startswith("{") else _read(args.json_schema, parser)
+        try:
+            constraint: dict[str, Any] = {"json": json.loads(text)}
+        except ValueError as e:
+            parser.error(f"--json-schema {args.json_schema}: not JSON ({e})")
+    elif args.regex is not None:
+        constraint = {"regex": args.regex}
+    elif args.choice:
+        constraint = {"choice": args.choice}
+    elif args.grammar is not None:
+        constraint = {"grammar": _read(args.grammar, parser)}
+    elif args.json_object:
+        constraint = {"json_object": True}
+    else:
+        if args.disable_any_whitespace or args.disable_additional_properties:
+            parser.error("--disable-any-whitespace and --disable-additional-properties go with "
+                         "--json-schema or --json-object")
+        return None
+    if args.disable_any_whitespace:
+        constraint["disable_any_whitespace"] = True
+    if args.disable_additional_properties:
+        constraint["disable_additional_properties"] = True
+    return constraint
+
+
+def _read(path: str, parser: argparse.ArgumentParser) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        parser.error(f"cannot read {path}: {e.strerror}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-stats", action="store_true",
                      help="print 'finish_reason=... input_tokens=... output_tokens=...' on stderr")
     _sampling_options(gen)
+    _structured_options(gen)
     _connection_options(gen, suppress=True)
 
     chat = commands.add_parser(
@@ -102,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_exit_code_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     chat.add_argument("--system", metavar="TEXT", help="system instructions (prepended to the first user turn)")
     _sampling_options(chat)
+    _structured_options(chat)
     _connection_options(chat, suppress=True)
 
     health = commands.add_parser(
@@ -128,7 +191,11 @@ def _make_client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> G
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.key: getattr(args, f.key) for f in protocol.SAMPLING_FIELDS if getattr(args, f.key) is not None}
+    sampling = {f.key: getattr(args, f.key) for f in protocol.SAMPLING_FIELDS
+                if f.kind is not dict and getattr(args, f.key) is not None}
+    if args.structured_outputs is not None:
+        sampling["structured_outputs"] = args.structured_outputs
+    return sampling
 
 
 def _write(out: TextIO, text: str) -> None:
@@ -208,6 +275,7 @@ def _health(client: GemmaClient, args: argparse.Namespace, out: TextIO) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.structured_outputs = _structured_outputs(args, parser)
     client = _make_client(args, parser)
     command = {"generate": _generate, "chat": _chat, "health": _health}[args.command]
     try:

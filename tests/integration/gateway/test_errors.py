@@ -36,7 +36,8 @@ def error_of(response, status: int) -> dict:
 # (endpoint, body, the param the error names, its code)
 BAD_REQUESTS = [
     pytest.param("completions", {**COMPLETION, "foo": 1}, "foo", "unknown_parameter", id="unknown-field"),
-    pytest.param("chat/completions", {**CHAT, "tools": []}, "tools", "unknown_parameter", id="unknown-openai-field"),
+    pytest.param("chat/completions", {**CHAT, "logit_bias": {}}, "logit_bias", "unknown_parameter",
+                 id="unknown-openai-field"),
     pytest.param("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi", "name": "bob"}]},
                  "messages[0].name", "unknown_parameter", id="unknown-message-field"),
     pytest.param("completions", {**COMPLETION, "stream": True, "stream_options": {"bogus": 1}},
@@ -75,7 +76,9 @@ BAD_REQUESTS = [
     pytest.param("completions", {**COMPLETION, "prompt": ""}, "prompt", "invalid_value", id="empty-prompt"),
     pytest.param("chat/completions", {**CHAT, "messages": []}, "messages", "invalid_value", id="no-messages"),
     pytest.param("chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]},
-                 "messages[0].role", "invalid_value", id="tool-role"),
+                 "messages[0].tool_call_id", "invalid_value", id="tool-message-without-call-id"),
+    pytest.param("chat/completions", {**CHAT, "messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}]},
+                 "messages[0].tool_call_id", "invalid_value", id="tool-message-without-a-call"),
     pytest.param("chat/completions", {**CHAT, "messages": USER + [{"role": "system", "content": "x"}] + USER},
                  "messages[1].role", "invalid_value", id="late-system"),
     pytest.param("chat/completions", {**CHAT, "messages": USER + USER}, "messages[1].role", "invalid_value",
