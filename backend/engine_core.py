@@ -3,15 +3,18 @@ engine thread; no tokenizer, no text, no request handles (those are the front's:
 
 Data path of one step: scheduler.schedule() picks the chunks -> runner.launch() lays them out, runs
 the model (reference or TransformerEngine) and the sampler -> runner.complete() brings the sampled
-ids to the host -> scheduler.update() appends the tokens and applies the stop rules -> each loop's
-token deltas go to `publish` at once.
+ids to the host -> scheduler.update() appends the tokens and applies the stop rules -> a constrained
+sequence's grammar accepts its token -> each loop's token deltas go to `publish` at once. A request
+with structured outputs waits for its grammar to compile (backend/grammar.py, beside this loop)
+before it joins the scheduler.
 
 With async scheduling (on a GPU by default) the core launches step N+1 before it completes step
 N: while the GPU computes N, this thread schedules and lays out N+1 and then hands out N's tokens,
 so the host's work per step hides behind the GPU's instead of adding to it. The price is one
 wasted row per sequence that stops on a token (its next decode was already launched) and
 admissions one step later; a batch holding a request with repetition, presence or frequency
-penalties, or bad words of several tokens, runs step by step, since those need every token on the host.
+penalties, bad words of several tokens, or a grammar, runs step by step, since those need every
+token on the host.
 
 The core runs on a thread of the front's process, or in a process of its own (backend/engine_process.py
 starts one there and talks to it through pipes); the front cannot tell the two apart.
@@ -28,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .grammar import Grammar, GrammarCompiler, PendingGrammar, pending
 from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
 from .outputs import TokenDelta
@@ -102,6 +106,7 @@ class EngineCore:
         self._submitted: list[Sequence] = []
         self._end_requests: list[tuple[int, str]] = []  # cancellations, stop strings found
         self._sequences: dict[int, Sequence] = {}  # request id -> sequence, until it finishes (engine thread)
+        self._compiling: dict[Sequence, PendingGrammar] = {}  # waiting for their grammar (engine thread)
         self._outbox: list[tuple[int, TokenDelta]] = []  # this loop's deltas (engine thread)
         self._stepped = False  # a step completed in this loop (engine thread)
         self._num_preemptions = 0
@@ -131,6 +136,8 @@ class EngineCore:
         self.runner = ModelRunner(model, self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
                                   max_model_len, config.cuda_graphs)
         self.runner.warm_up()
+        self._grammars = GrammarCompiler(Path(config.checkpoint) / "tokenizer.json", cfg.vocab_size,
+                                         min(self.eos_token_ids), on_done=self._wake)
 
     # --- API (any thread) -------------------------------------------------------------------------
 
@@ -153,8 +160,9 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(self.kv_cache.usage(), len(self.scheduler.running),
-                               len(self.scheduler.waiting) + len(self._submitted), self.scheduler.prefix_cache,
+            num_waiting = len(self.scheduler.waiting) + len(self._submitted) + len(self._compiling)
+            return EngineStats(self.kv_cache.usage(), len(self.scheduler.running), num_waiting,
+                               self.scheduler.prefix_cache,
                                self._num_preemptions, dataclasses.replace(self._step_times))
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -163,6 +171,12 @@ class EngineCore:
             self._closed = True
             self._lock.notify()
         self._thread.join(timeout)
+        self._grammars.shutdown()
+
+    def _wake(self) -> None:
+        """A grammar finished compiling: the loop admits its sequence (or fails it)."""
+        with self._lock:
+            self._lock.notify()
 
     # --- engine thread ----------------------------------------------------------------------------
 
@@ -182,12 +196,17 @@ class EngineCore:
         while True:
             with self._lock:
                 while in_flight is None and not (self._submitted or self._end_requests or self._closed
-                                                 or self.scheduler.has_work()):
-                    self._lock.wait()
+                                                 or self.scheduler.has_work() or self._grammar_news()):
+                    self._lock.wait(self._next_grammar_deadline())
                 for seq in self._submitted:
                     self._sequences[seq.request_id] = seq
-                    self.scheduler.add(seq)
+                    if seq.params.structured_outputs is None:
+                        self.scheduler.add(seq)
+                    else:
+                        self._compiling[seq] = pending(self._grammars.compile(seq.params.structured_outputs),
+                                                       self.config.grammar_compile_timeout_s)
                 self._submitted.clear()
+                self._admit_compiled()
                 end_requests, self._end_requests = self._end_requests, []
                 stopping = self._closed
             for request_id, reason in end_requests:
@@ -198,7 +217,7 @@ class EngineCore:
                 self._complete(in_flight)
                 in_flight = None
             if stopping:
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + list(self._compiling):
                     self._finish(seq, "cancelled")
                 self._flush()
                 return
@@ -210,8 +229,40 @@ class EngineCore:
 
     def _needs_every_token(self) -> bool:
         """A running request's sampler needs its tokens so far on the host (penalties, bad words of
-        several tokens): the next step waits for the one in flight."""
-        return any(seq.num_in_flight and needs_token_history(seq.params) for seq in self.scheduler.running)
+        several tokens, a grammar's next mask): the next step waits for the one in flight."""
+        return any(seq.num_in_flight and (needs_token_history(seq.params) or seq.grammar is not None)
+                   for seq in self.scheduler.running)
+
+    def _grammar_news(self) -> bool:
+        """A waiting grammar finished compiling, or ran out of time."""
+        now = time.monotonic()
+        return any(p.future.done() or p.timed_out(now) for p in self._compiling.values())
+
+    def _next_grammar_deadline(self) -> Optional[float]:
+        """Seconds until the first waiting grammar times out (None: no grammar is compiling)."""
+        if not self._compiling:
+            return None
+        return max(0.0, min(p.deadline for p in self._compiling.values()) - time.monotonic())
+
+    def _admit_compiled(self) -> None:
+        """Sequences whose grammar compiled join the scheduler, each with its own matcher; those whose
+        constraint failed, or did not compile in time, end "invalid" (nothing else waits for them)."""
+        now = time.monotonic()
+        for seq, grammar in list(self._compiling.items()):
+            if seq.finish_reason is not None:  # cancelled while compiling
+                del self._compiling[seq]
+            elif grammar.future.done():
+                del self._compiling[seq]
+                if grammar.future.exception() is not None:
+                    self._finish(seq, "invalid", error=str(grammar.future.exception()))
+                else:
+                    seq.grammar = Grammar(grammar.future.result())
+                    self.scheduler.add(seq)
+            elif grammar.timed_out(now):
+                del self._compiling[seq]
+                self._finish(seq, "invalid", error=(
+                    f"'structured_outputs.{seq.params.structured_outputs.kind}' did not compile within "
+                    f"{self.config.grammar_compile_timeout_s:g} s (grammar_compile_timeout_s)"))
 
     def _launch(self, previous: Optional[StepInFlight]) -> Optional[StepInFlight]:
         """Schedule and launch the next step (None if nothing could be scheduled, or it failed)."""
@@ -242,10 +293,22 @@ class EngineCore:
             self._finish(samplers[row], "error", error="the model's scores for this request were not finite "
                                                        "(NaN or infinity): nothing could be sampled")
         for seq, i in self.scheduler.update(output, sampled.token_ids):
+            broken = grammar_done = None
+            if seq.grammar is not None and seq.finish_reason is None:
+                ended = seq.grammar.accept(sampled.token_ids[i])
+                if ended == "stop":  # the grammar is complete and nothing may follow
+                    self.scheduler.finish(seq, "stop")
+                    grammar_done = True
+                else:
+                    broken = ended
             logprobs = sampled.logprobs[i]
             self._deliver(seq, TokenDelta([sampled.token_ids[i]], seq.finish_reason,
                                           num_cached_tokens=seq.num_cached_prompt_tokens,
-                                          logprobs=None if logprobs is None else [logprobs]))
+                                          logprobs=None if logprobs is None else [logprobs],
+                                          ends_with_stop_id=not grammar_done))
+            if broken is not None:
+                self._finish(seq, "error", error=f"the generated token broke the structured-outputs constraint: "
+                                                 f"{broken}")
         self._step_times.update_s += time.perf_counter() - updating
 
     def _fail_step(self, output: SchedulerOutput, exc: Exception) -> None:

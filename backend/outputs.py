@@ -21,6 +21,9 @@ class TokenDelta:
     error: Optional[str] = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     logprobs: Optional[list[TokenLogprobs]] = None  # one per token id, if the request asked for them
+    # With finish_reason "stop": the last token is the EOS or stop id that ended it (no text of its
+    # own); False when a structured-outputs grammar completed on a token of the text.
+    ends_with_stop_id: bool = True
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,9 @@ class RequestOutput:
     token_ids: list[int]  # new token ids since the previous output
     num_prompt_tokens: int
     num_output_tokens: int
-    finish_reason: Optional[str] = None  # None while running: "stop", "length", "cancelled", "error"
+    # None while running: "stop", "length", "cancelled", "error", or "invalid" (refused by the engine
+    # after it was queued: its structured-outputs constraint did not compile; `error` says why)
+    finish_reason: Optional[str] = None
     error: Optional[str] = None
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     # One per token id (the EOS / stop id too), if the request asked for logprobs; else None.
@@ -74,7 +79,7 @@ class OutputProcessor:
         finish_reason = error = None
         for delta in deltas:
             self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-            ends_with_stop_id = delta.finish_reason == "stop" and delta.token_ids
+            ends_with_stop_id = delta.finish_reason == "stop" and delta.token_ids and delta.ends_with_stop_id
             new_ids += delta.token_ids[:-1] if ends_with_stop_id else delta.token_ids
             end_ids = delta.token_ids[-1:] if ends_with_stop_id else []
             logprobs += delta.logprobs or []

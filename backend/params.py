@@ -5,9 +5,10 @@ model import these at the top of their modules; the engine's torch code imports 
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from backend.errors import InvalidRequestError
 
@@ -22,6 +23,71 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # OpenAI's range for presence_penalty and frequency_penalty (subtracted from seen tokens' logits).
 OCCURRENCE_PENALTY_RANGE = (-2.0, 2.0)
 MAX_LOGPROBS = 20  # most top alternatives per generated token (OpenAI's top_logprobs limit)
+MAX_CHOICE_STRINGS = 1024  # structured_outputs.choice: each is an alternative of the grammar
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on what a request may generate: exactly one of a JSON schema (`json`, as JSON
+    text), a regular expression, a list of strings (`choice`), a Lark grammar (llguidance's dialect)
+    or any JSON object (`json_object`). vLLM's `structured_outputs` names and shape; compiled by
+    backend/grammar.py. Checked here for shape only; the grammar library judges the content when the
+    engine compiles it (an invalid one ends the request "invalid", naming the field)."""
+    json: Optional[str] = None  # a JSON schema; a dict (or True/False) given here is stored as its JSON text
+    regex: Optional[str] = None
+    choice: Optional[tuple[str, ...]] = None
+    grammar: Optional[str] = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False  # JSON without whitespace between tokens (vLLM's option)
+    disable_additional_properties: bool = False  # objects of the schema take no properties it does not name
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        if self.json is not None and not isinstance(self.json, str):  # a schema object: canonical text, so
+            object.__setattr__(self, "json", json.dumps(self.json))  # its key order is the output's
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [kind for kind in self.KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequestError(f"'structured_outputs' needs exactly one of {', '.join(self.KINDS)}; "
+                                      f"got {', '.join(given) or 'none'}")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"'structured_outputs.{name}' must be a string")
+        if self.json is not None:
+            try:
+                schema = json.loads(self.json)
+            except ValueError as e:
+                raise InvalidRequestError(f"'structured_outputs.json' is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise InvalidRequestError("'structured_outputs.json' must be a JSON schema (an object)")
+        if self.choice is not None:
+            if not self.choice or len(self.choice) > MAX_CHOICE_STRINGS:
+                raise InvalidRequestError(f"'structured_outputs.choice' must hold 1 to {MAX_CHOICE_STRINGS} "
+                                          f"strings, got {len(self.choice)}")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise InvalidRequestError("'structured_outputs.choice' must hold non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of KINDS."""
+        return next(kind for kind in self.KINDS if getattr(self, kind) not in (None, False))
+
+    @classmethod
+    def from_request(cls, obj: Mapping[str, Any]) -> "StructuredOutputs":
+        """vLLM's `structured_outputs` object (or its older `guided_decoding`). Keys that only pick
+        vLLM's backend are accepted and ignored: one library serves every constraint here."""
+        if not isinstance(obj, Mapping):
+            raise InvalidRequestError("'structured_outputs' must be an object")
+        ours = {name for name in cls.__dataclass_fields__}
+        ignored = {"backend", "disable_fallback", "whitespace_pattern"}
+        unknown = sorted(set(obj) - ours - ignored)
+        if "structural_tag" in unknown:
+            raise InvalidRequestError("'structured_outputs.structural_tag' is not supported by this model")
+        if unknown:
+            raise InvalidRequestError(f"unknown key(s) {unknown} in 'structured_outputs'; known: {sorted(ours)}")
+        return cls(**{key: value for key, value in obj.items() if key in ours})
 
 
 @dataclass(frozen=True)
@@ -46,8 +112,11 @@ class SamplingParams:
     # Each bad word's token sequences, filled in by Engine.submit (where the tokenizer is), not
     # by clients: a sequence's last token is banned wherever the output so far ends with the rest.
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    structured_outputs: Optional[StructuredOutputs] = None  # a dict is read as vLLM's object
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            object.__setattr__(self, "structured_outputs", StructuredOutputs.from_request(self.structured_outputs))
         # Lists are accepted but stored as tuples, so the params stay immutable and hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -145,6 +214,9 @@ class EngineConfig:
     # requests are in flight is killed, which ends them and lets the Triton model start a fresh one.
     # Far above any real step (a 512-token prefill chunk of the 270M takes ~2 s on 2 CPU cores).
     step_timeout_s: float = 60.0
+    # A structured-outputs constraint that takes longer to compile ends its own request "invalid";
+    # the others never wait for it (backend/grammar.py compiles beside the engine loop).
+    grammar_compile_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -155,8 +227,9 @@ class EngineConfig:
         for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
-        if not self.step_timeout_s > 0:
-            raise ValueError(f"step_timeout_s must be > 0, not {self.step_timeout_s}")
+        for name in ("step_timeout_s", "grammar_compile_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, not {self.max_queue_size}")
 

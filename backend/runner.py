@@ -5,7 +5,8 @@ It owns what a step needs besides the schedule: the model, its KV cache, the ste
 mixed steps for models whose attention backend has a varlen kernel) and the sampler. The model's
 contract is explicit (`StepModel`): its dtype, device, row multiple, its attention backend (which
 lays each step out), and forward(token_ids, layout, kv_cache) -> fp32 logits of the layout's logit rows.
-The sampler returns each token and, for requests that ask, its logprobs from those logits.
+Rows of constrained sequences (structured outputs) get their grammar's mask on those logits; the
+sampler then returns each token and, for requests that ask, its logprobs from them.
 
 `launch(output)` queues the whole step (input copy, forward, sampler, the copy of the sampled ids to
 the host) without waiting for the device; `complete(step)` waits for its ids. In between, the engine
@@ -25,6 +26,7 @@ from .attention import AttentionBackend
 from .attention.layout import StepLayout
 from .batch import HostToDevice, SeqChunk
 from .config import GemmaConfig
+from .grammar import mask_logits
 from .graphs import DecodeGraphs, MixedGraphs
 from .kv_cache import PagedKVCache
 from .sampling import SampledOnDevice, SampledTokens, SamplingRow
@@ -83,6 +85,7 @@ class ModelRunner:
         if events:
             events[1].record()
         launched = time.perf_counter()
+        mask_logits(logits, [s.seq.grammar for s in output.chunks if s.needs_logits])
         rows = [SamplingRow(s.seq.params, s.seq.generator, s.seq.token_ids, s.num_output_tokens, s.seq.eos_token_ids)
                 for s in output.chunks if s.needs_logits]
         sampled = SampledOnDevice(logits, rows) if rows else None

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .batch import SeqChunk
 from .kv_cache import BlockPool, block_hash
 from .params import SamplingParams, blocks_for
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 # A chunk's token that is still being sampled by the step in flight; the runner feeds it to the
 # model from that step's sampled ids on the device.
@@ -50,6 +53,7 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
+    grammar: Optional["Grammar"] = None  # its structured-outputs matcher, advanced by the engine core
 
     @property
     def num_output_tokens(self) -> int:

@@ -64,7 +64,7 @@ def test_bad_prompts_name_text_input():
 @pytest.mark.parametrize("json_text, words", [
     ("[" * 100_000, ["sampling_parameters", "bytes"]),  # over the size limit
     ("[" * 20_000 + "]" * 20_000, ["sampling_parameters", "levels"]),  # within it, nested too deep
-    ('{"stop": [' * 5 + "]}" * 5, ["sampling_parameters", "levels"]),
+    ('{"stop": [' * 21 + "]}" * 21, ["sampling_parameters", "levels"]),
     ('{"max_tokens": ' + "9" * 5000 + "}", ["sampling_parameters", "number"]),
     ('{"temperature": ' + "9" * 400 + "}", ["temperature", "400 digits"]),
 ])
@@ -72,6 +72,16 @@ def test_hostile_sampling_json_is_refused_before_it_is_parsed(json_text, words):
     with pytest.raises(ProtocolError) as info:
         parse_request(tensors(sampling_parameters=json_text))
     assert all(word in str(info.value) for word in words), info.value
+
+
+def test_a_deep_json_schema_and_the_older_guided_decoding_key_are_read():
+    schema = {"type": "string"}
+    for _ in range(12):  # twelve levels of nested objects: 24 levels of JSON inside the schema
+        schema = {"type": "object", "properties": {"inner": schema}}
+    request = parse_request(tensors(sampling_parameters=json.dumps({"guided_decoding": {"json": schema}})))
+    assert json.loads(request.params.structured_outputs.json) == schema
+    by_parameters = parse_request(tensors(), json.dumps({"structured_outputs": json.dumps({"regex": "[0-9]+"})}))
+    assert by_parameters.params.structured_outputs.regex == "[0-9]+"
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting():

@@ -94,7 +94,15 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
                   is_list=True, tensor=TensorSpec("bad_words", "TYPE_STRING", (-1,))),
     SamplingField("n", int, 1, "completions of the prompt, sampled independently: one text_output element each",
                   tensor=_scalar("num_return_sequences", "TYPE_INT32")),
+    SamplingField("structured_outputs", dict, None,
+                  "vLLM's object constraining the output to exactly one of: `json` (a JSON schema), `regex`, "
+                  "`choice` (a list of strings), `grammar` (Lark, or GBNF with ::=), `json_object: true`; with "
+                  "optional `disable_any_whitespace` and `disable_additional_properties` (docs/structured-outputs.md). "
+                  "A JSON string of the object is read too (request parameters hold no objects)",
+                  nullable=True),
 )
+# Older names of sampling keys that clients still send (vLLM before 0.11 called it guided_decoding).
+KEY_ALIASES = {"guided_decoding": "structured_outputs"}
 # Keys the serving layer handles itself (the engine generates one sequence per request).
 SERVING_KEYS = ("n",)
 
@@ -113,8 +121,6 @@ UNIMPLEMENTED_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
     "allowed_token_ids": (None,),
     "logits_processors": (None,),
     "extra_args": (None,),
-    "structured_outputs": (None,),
-    "guided_decoding": (None,),
     "lora_name": (None,),
     "flat_logprobs": (False,),
 }
@@ -220,7 +226,15 @@ def check_value(field: SamplingField, value: Any) -> Any:
 
 def _check_scalar(field: SamplingField, value: Any) -> Any:
     kind, key = field.kind, field.key
-    if kind is str:
+    if kind is dict:  # an object, or its JSON text (Triton's request parameters are flat)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ProtocolError(f"'{key}' must be an object or its JSON text, got {value[:80]!r}") from None
+        if isinstance(value, dict):
+            return value
+    elif kind is str:
         if isinstance(value, str):
             return value
     elif kind is bool:
@@ -245,7 +259,7 @@ def _check_scalar(field: SamplingField, value: Any) -> Any:
     raise ProtocolError(f"'{key}' must be {_KIND_NAMES[kind]}, got {value!r}")
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
 _NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
@@ -265,6 +279,7 @@ def check_sampling(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
     keys came from, for messages."""
     checked = {}
     for key, value in obj.items():
+        key = KEY_ALIASES.get(key, key)
         field = FIELDS_BY_KEY.get(key)
         if field is not None:
             checked[key] = check_value(field, value)
@@ -294,9 +309,10 @@ def _check_at_default(key: str, value: Any) -> None:
 
 
 # What `sampling_parameters` may be, checked before it is parsed: the parser recurses once per level
-# of nesting (RecursionError at ~1,000), and the legitimate object nests two levels ({"stop": [...]}).
+# of nesting (RecursionError at ~1,000); the deepest legitimate object is a JSON schema of nested
+# objects inside `structured_outputs` (each level of the schema nests two: properties, then the property).
 MAX_SAMPLING_JSON_BYTES = 64 << 10
-MAX_SAMPLING_JSON_DEPTH = 8
+MAX_SAMPLING_JSON_DEPTH = 40
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
 

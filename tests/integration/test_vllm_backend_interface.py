@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import re
 
 import numpy as np
 import pytest
@@ -124,7 +125,7 @@ def test_the_readme_curl_request_through_the_generate_endpoint(vllm_server):
 
 
 @pytest.mark.parametrize("sampling, field", [
-    ({"structured_outputs": json.dumps({"json": {"type": "object"}})}, "structured_outputs"),
+    ({"structured_outputs": json.dumps({"json": {"type": "object"}, "regex": "x"})}, "structured_outputs"),
     ({"lora_name": "adapter"}, "lora_name"), ({"min_p": "0.2"}, "min_p"), ({"max_tokens": "many"}, "max_tokens"),
     ({"temprature": "0"}, "temprature"), ({"n": "0"}, "'n'"),
 ])
@@ -136,6 +137,46 @@ def test_keys_not_implemented_or_malformed_are_refused_naming_them(vllm_server, 
 def test_keys_at_their_vllm_default_are_accepted(vllm_server):
     ok(vllm_server, vllm_inputs(PROMPT, False, {"max_tokens": "2", "min_p": "0", "skip_special_tokens": "true",
                                                 "best_of": 1, "top_k": "-1", "ignore_eos": "false"}))
+
+
+# --- structured outputs (vLLM's `structured_outputs`; docs/structured-outputs.md) ------------------------
+
+RECORD = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_schema_in_sampling_parameters_constrains_the_output(vllm_server, stream):
+    import jsonschema
+
+    sampling = {"temperature": "0", "max_tokens": "48", "structured_outputs": {"json": RECORD}}
+    results = ok(vllm_server, vllm_inputs("A JSON record of a person:\n", stream, sampling,
+                                          exclude_input_in_output=True, return_finish_reason=True))
+    jsonschema.validate(json.loads(text(results)), RECORD)
+    assert results[-1].as_numpy("finish_reason")[0].decode() == "stop"
+
+
+def test_request_parameters_and_the_older_guided_decoding_key_carry_constraints(vllm_server):
+    by_parameters = ok(vllm_server, vllm_inputs("Today's date in ISO format is ", False, exclude_input_in_output=True),
+                       parameters={"temperature": "0", "max_tokens": "16",
+                                   "structured_outputs": json.dumps({"regex": r"\d{4}-\d{2}-\d{2}"})})
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", text(by_parameters))
+    choices = ok(vllm_server, vllm_inputs("Is the sky blue? Answer:", False, {
+        "temperature": "1", "seed": "3", "n": "3", "max_tokens": "4",
+        "guided_decoding": {"choice": ["yes", "no"]}}, exclude_input_in_output=True))
+    assert [c.decode() for c in choices[0].as_numpy("text_output")] and \
+        {c.decode() for c in choices[0].as_numpy("text_output")} <= {"yes", "no"}
+
+
+@pytest.mark.parametrize("constraint, field", [({"regex": "a(b"}, "structured_outputs.regex"),
+                                               ({"json": {"type": "nope"}}, "structured_outputs.json"),
+                                               ({"grammar": "start: nowhere"}, "structured_outputs.grammar")])
+def test_an_invalid_constraint_is_invalid_argument_naming_it_and_the_server_keeps_serving(vllm_server, constraint,
+                                                                                          field):
+    _, error = infer(vllm_server, vllm_inputs(PROMPT, True, {"structured_outputs": constraint}))
+    assert error is not None and "INVALID_ARGUMENT" in error.message() and field in error.message()
+    ok(vllm_server, vllm_inputs(PROMPT, False, {**GREEDY, "max_tokens": "2"}))
 
 
 # --- additional outputs (docs/additional_outputs.md) ---------------------------------------------------
