@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import llguidance
+import numpy as np
 import torch
 
 from .params import StructuredOutputs
@@ -172,8 +173,26 @@ def mask_logits(logits: torch.Tensor, grammars: Sequence[Optional[Grammar]]) -> 
     # llguidance.torch's helpers: that module runs torch.compile when imported, pulling in inductor.)
     bitmask = torch.empty((len(rows), (vocab_size + 31) // 32), dtype=torch.int32, pin_memory=logits.is_cuda)
     _executor.unsafe_compute_mask_ptr(constrained, bitmask.data_ptr(), bitmask.shape[1] * 4, len(rows))
-    bits = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bits[:, :, None] >> shifts) & 1).reshape(len(rows), -1)[:, :vocab_size].bool()
-    index = torch.tensor(rows).to(logits.device, non_blocking=True)
-    logits[index] = logits[index].masked_fill(~allowed, -float("inf"))
+    allowed = _unpacked(bitmask, logits.device)[:, :vocab_size]
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(allowed.logical_not_(), -float("inf"))
+    else:
+        index = torch.tensor(rows).to(logits.device, non_blocking=True)
+        logits[index] = logits[index].masked_fill(allowed.logical_not_(), -float("inf"))
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _unpacked(bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[rows, words] int32 bits (token 32w + k is bit k of word w) -> [rows, 32 * words] bools on `device`.
+    On a GPU the bits travel packed and are unpacked there; on the CPU numpy's unpackbits is ~20x
+    faster than shifting torch tensors (a 262k vocabulary: ~0.1 ms a row)."""
+    if device.type == "cpu":
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # int32 is little-endian
+        return torch.from_numpy(bits).view(torch.bool)
+    shifts = _BIT_SHIFTS.get(device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    words = bitmask.to(device, non_blocking=True)
+    return ((words[:, :, None] >> shifts) & 1).reshape(len(words), -1).bool()

@@ -9,7 +9,9 @@ import jsonschema
 import pytest
 
 from backend.errors import InvalidRequestError
-from backend.grammar import _closed_objects
+import torch
+
+from backend.grammar import _closed_objects, _unpacked
 from backend.loader import start_engine
 from backend.params import EngineConfig, SamplingParams, StructuredOutputs
 
@@ -68,6 +70,14 @@ def test_disable_additional_properties_closes_every_object_that_does_not_say_oth
     assert closed["additionalProperties"] is False
     assert closed["properties"]["inner"]["additionalProperties"] is False
     assert closed["properties"]["open"]["additionalProperties"] is True
+
+
+def test_the_bitmask_unpacks_to_one_bool_per_token_in_order():
+    words = torch.tensor([[0b101, -1], [-(1 << 31), 0]], dtype=torch.int32)  # bit k of word w: token 32w + k
+    allowed = _unpacked(words, torch.device("cpu"))
+    assert allowed.shape == (2, 64)
+    assert allowed[0].nonzero().flatten().tolist() == [0, 2] + list(range(32, 64))
+    assert allowed[1].nonzero().flatten().tolist() == [31]
 
 
 # --- generation -----------------------------------------------------------------------------------
