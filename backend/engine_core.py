@@ -137,7 +137,7 @@ class EngineCore:
                                   max_model_len, config.cuda_graphs)
         self.runner.warm_up()
         self._grammars = GrammarCompiler(Path(config.checkpoint) / "tokenizer.json", cfg.vocab_size,
-                                         min(self.eos_token_ids), on_done=self._wake)
+                                         self.eos_token_ids, on_done=self._wake)
 
     # --- API (any thread) -------------------------------------------------------------------------
 
@@ -256,7 +256,7 @@ class EngineCore:
                 if grammar.future.exception() is not None:
                     self._finish(seq, "invalid", error=str(grammar.future.exception()))
                 else:
-                    seq.grammar = Grammar(grammar.future.result())
+                    seq.grammar = Grammar(grammar.future.result(), seq.eos_token_ids | set(seq.params.stop_token_ids))
                     self.scheduler.add(seq)
             elif grammar.timed_out(now):
                 del self._compiling[seq]

@@ -77,8 +77,10 @@ class GrammarCompiler:
     """Compiles constraints on its own threads against the model's tokenizer (built on first use,
     ~2 s for Gemma's 262k tokens, off the engine loop too), caching the compiled matchers."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_token_id: int, on_done: Callable[[], None]):
-        self._tokenizer_json, self._vocab_size, self._eos = tokenizer_json, vocab_size, eos_token_id
+    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_token_ids: frozenset[int],
+                 on_done: Callable[[], None]):
+        # The library takes one EOS; Grammar lets the others end a complete grammar too.
+        self._tokenizer_json, self._vocab_size, self._eos = tokenizer_json, vocab_size, min(eos_token_ids)
         self._on_done = on_done  # wakes the engine loop
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="gemma-grammar")
         self._tokenizer_lock = threading.Lock()
@@ -142,10 +144,13 @@ def pending(future: Future, timeout_s: float) -> PendingGrammar:
 
 
 class Grammar:
-    """One sequence's matcher: what it may generate next, advanced on each token it accepts."""
+    """One sequence's matcher: what it may generate next, advanced on each token it accepts.
+    `end_token_ids` (its EOS and stop ids) may end it wherever the grammar is complete: the library
+    knows one EOS, and an instruction-tuned Gemma ends its turn with <end_of_turn>, not <eos>."""
 
-    def __init__(self, compiled: llguidance.LLMatcher):
+    def __init__(self, compiled: llguidance.LLMatcher, end_token_ids: frozenset[int]):
         self.matcher = compiled.deep_copy()
+        self.end_token_ids = sorted(end_token_ids)
 
     def accept(self, token_id: int) -> Optional[str]:
         """Advance on a generated token. Returns why the sequence ends here, if it does: "stop" when
@@ -174,6 +179,11 @@ def mask_logits(logits: torch.Tensor, grammars: Sequence[Optional[Grammar]]) -> 
     bitmask = torch.empty((len(rows), (vocab_size + 31) // 32), dtype=torch.int32, pin_memory=logits.is_cuda)
     _executor.unsafe_compute_mask_ptr(constrained, bitmask.data_ptr(), bitmask.shape[1] * 4, len(rows))
     allowed = _unpacked(bitmask, logits.device)[:, :vocab_size]
+    ends = [(slot, token) for slot, (matcher, _) in enumerate(constrained) if matcher.is_accepting()
+            for token in grammars[rows[slot]].end_token_ids if token < vocab_size]
+    if ends:
+        slots, tokens = zip(*ends)
+        allowed[torch.tensor(slots), torch.tensor(tokens)] = True
     if len(rows) == logits.shape[0]:
         logits.masked_fill_(allowed.logical_not_(), -float("inf"))
     else:

@@ -11,7 +11,7 @@ import pytest
 from backend.errors import InvalidRequestError
 import torch
 
-from backend.grammar import _closed_objects, _unpacked
+from backend.grammar import Grammar, GrammarCompiler, _closed_objects, _unpacked, mask_logits
 from backend.loader import start_engine
 from backend.params import EngineConfig, SamplingParams, StructuredOutputs
 
@@ -78,6 +78,22 @@ def test_the_bitmask_unpacks_to_one_bool_per_token_in_order():
     assert allowed.shape == (2, 64)
     assert allowed[0].nonzero().flatten().tolist() == [0, 2] + list(range(32, 64))
     assert allowed[1].nonzero().flatten().tolist() == [31]
+
+
+def test_every_end_id_may_end_a_complete_grammar_and_none_an_incomplete_one(default_checkpoint):
+    compiler = GrammarCompiler(default_checkpoint / "tokenizer.json", 262144, eos_token_ids=frozenset({1, 106}),
+                               on_done=lambda: None)
+    try:
+        grammar = Grammar(compiler.compile(StructuredOutputs(regex="[0-9]+")).result(timeout=60), frozenset({1, 106, 7}))
+    finally:
+        compiler.shutdown()
+    logits = torch.zeros(2, 262144)
+    mask_logits(logits, [grammar, None])
+    assert torch.isinf(logits[0, [1, 106, 7]]).all() and torch.isfinite(logits[1]).all()  # nothing generated yet
+    assert grammar.accept(236770) is None  # "1"
+    logits = torch.zeros(1, 262144)
+    mask_logits(logits, [grammar])
+    assert torch.isfinite(logits[0, [1, 106, 7, 236770]]).all()
 
 
 # --- generation -----------------------------------------------------------------------------------
