@@ -28,7 +28,7 @@ from .sampling import ChoiceRequest, choice_requests
 from .schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .settings import Settings
 from .sse import EventStream
-from .structured import response_format_constraint
+from .structured import one_constraint, response_format_constraint
 from .tools import tool_plan
 
 log = logging.getLogger("gateway")
@@ -82,27 +82,31 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        requests = choice_requests(body, body.prompt,
-                                   structured_outputs=response_format_constraint(body.response_format))
+        constraint, constraint_param = one_constraint(
+            structured_outputs=body.structured_outputs, response_format=response_format_constraint(body.response_format))
+        requests = choice_requests(body, body.prompt, structured_outputs=constraint)
         return await answer(request, body, requests, CompletionFormat(body.model), prompt_param="prompt",
-                            constraint_param="response_format")
+                            constraint_param=constraint_param)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         tools = tool_plan(body)
-        if tools is not None and response_format_constraint(body.response_format) is not None:
+        response_format = response_format_constraint(body.response_format)
+        if tools is not None and response_format is not None:
             raise invalid_request("a JSON 'response_format' cannot be combined with tools unless 'tool_choice' "
                                   "is 'none': the answer is constrained either to the format or to the tools",
                                   param="response_format")
+        constraint, constraint_param = one_constraint(
+            structured_outputs=body.structured_outputs, response_format=response_format,
+            tools=tools.constraint() if tools is not None else None)
         prompt = chat_prompt(body.messages, tools.instructions() if tools is not None else None)
-        constraint = tools.constraint() if tools is not None else response_format_constraint(body.response_format)
         requests = choice_requests(body, [prompt], extra_stop=CHAT_STOP, structured_outputs=constraint)
         return await answer(request, body, requests, ChatFormat(body.model, tools), prompt_param="messages",
-                            constraint_param="tools" if tools is not None else "response_format")
+                            constraint_param=constraint_param)
 
     async def answer(request: Request, body: GenerationRequest, requests: list[ChoiceRequest],
-                     fmt: ResponseFormat, prompt_param: str, constraint_param: str) -> Response:
+                     fmt: ResponseFormat, prompt_param: str, constraint_param: Optional[str]) -> Response:
         if len(requests) > settings.max_choices:
             raise invalid_request(f"{len(requests)} choices (n x prompts) asked for; at most "
                                   f"{settings.max_choices} per request", param="n")

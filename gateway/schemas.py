@@ -70,6 +70,9 @@ class GenerationRequest(BaseModel):
     # or a stop string (a benchmark's requests all get exactly max_tokens).
     ignore_eos: bool = False
     response_format: Optional[ResponseFormat] = None  # structured.py: the constraint it asks for
+    # Not OpenAI's: vLLM's extension of the same name, passed to the engine as it is: one of `json`,
+    # `regex`, `choice`, `grammar`, `json_object` (docs/gateway.md, Structured outputs).
+    structured_outputs: Optional[dict[str, Any]] = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -107,7 +107,7 @@ class ToolPlan:
     def constraint(self) -> Optional[dict[str, Any]]:
         """The `structured_outputs` the engine applies (auto: none)."""
         if self.mode == "named":
-            return json_constraint(_parameters(self.tools[0]), strict=True)
+            return json_constraint(_parameters(self.tools[0]))
         if self.mode == "required":
             calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
                                                        "parameters": _parameters(tool)},
@@ -115,7 +115,7 @@ class ToolPlan:
             array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
             if not self.parallel:
                 array["maxItems"] = 1
-            return json_constraint(array, strict=True)
+            return json_constraint(array)
         return None
 
     def parser(self) -> Parser:

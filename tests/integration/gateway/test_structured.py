@@ -76,7 +76,7 @@ def test_parse_with_a_pydantic_model_returns_the_object(sdk):
     assert choice.finish_reason == "stop"
     assert isinstance(choice.message.parsed, Colour)
     assert Colour.model_validate_json(choice.message.content) == choice.message.parsed
-    assert " " not in choice.message.content  # compact JSON, as OpenAI writes it
+    assert json.dumps(json.loads(choice.message.content)) == choice.message.content  # one line, ": " and ", "
 
 
 def test_streamed_parse_gives_the_same_object(sdk):
@@ -102,6 +102,22 @@ def test_json_object_cut_by_max_tokens_ends_with_length(sdk):
     cut = sdk.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0.0,
                                       response_format={"type": "json_object"})
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content.startswith("{")
+
+
+def lit(text: str) -> str:
+    """`text` as a regular expression that matches only it."""
+    return "".join("\\n" if c == "\n" else "\\" + c if c in ".^$*+?()[]{}|\\" else c for c in text)
+
+
+def test_vllm_structured_outputs_extension(sdk, http):
+    chat = sdk.chat.completions.create(model=MODEL, messages=USER, extra_body={"structured_outputs": {"regex": "[0-9]{4}"}},
+                                       **GREEDY)
+    assert len(chat.choices[0].message.content) == 4 and chat.choices[0].message.content.isdigit()
+    completion = sdk.completions.create(model=MODEL, prompt="Pick:", extra_body={"structured_outputs": {"choice": ["a", "b"]}},
+                                        **GREEDY)
+    assert completion.choices[0].text in ("a", "b") and completion.choices[0].finish_reason == "stop"
+    error = error_of(http.post("/v1/chat/completions", json={**CHAT, "structured_outputs": {"regex": "(unclosed"}}), 400)
+    assert error["param"] == "structured_outputs" and "structured_outputs.regex" in error["message"]
 
 
 # --- tools ----------------------------------------------------------------------------------------------
@@ -160,6 +176,30 @@ def test_auto_answers_text_or_whole_calls(sdk):
         assert choice.message.content and choice.finish_reason in ("stop", "length")
 
 
+# The auto format's answer, forced with a regex (the random model would not write it): text, then a call.
+AUTO_ANSWER = lit('Let me check.\n```tool_call\n{"name": "get_weather", "arguments": {"city": "') + "(Paris|Rome)" \
+    + lit('", "unit": "C"}}\n```')
+
+
+def test_auto_parses_a_tool_call_block(sdk):
+    request = dict(model=MODEL, messages=USER, tools=TOOLS, extra_body={"structured_outputs": {"regex": AUTO_ANSWER}},
+                   **GREEDY)
+    (choice,) = sdk.chat.completions.create(**request).choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check.\n"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and check_call(call)["unit"] == "C"
+    calls, content, finish_reason = streamed_calls(sdk.chat.completions.create(stream=True, **request))
+    assert (content, finish_reason) == ("Let me check.\n", "tool_calls")
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", call.function.arguments)]
+
+
+def test_auto_leaves_a_malformed_block_as_content(sdk):
+    text = '```tool_call\n{"name": "no_such_tool", "arguments": {}}\n```'
+    (choice,) = sdk.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, **GREEDY,
+                                            extra_body={"structured_outputs": {"regex": lit(text)}}).choices
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (text, None, "stop")
+
+
 def test_a_tool_round_trip(sdk):
     first = sdk.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=NAMED, **GREEDY)
     message = first.choices[0].message
@@ -206,6 +246,12 @@ BAD_REQUESTS = [
                  id="unknown-format"),
     pytest.param("chat/completions", {**CHAT, "response_format": SCHEMA_FORMAT, "tools": TOOLS, "tool_choice": "required"},
                  "response_format", id="format-and-required-tools"),
+    pytest.param("chat/completions", {**CHAT, "response_format": SCHEMA_FORMAT, "structured_outputs": {"regex": "a"}},
+                 "structured_outputs", id="two-constraints"),
+    pytest.param("chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": NAMED, "structured_outputs": {"regex": "a"}},
+                 "structured_outputs", id="structured_outputs-and-named-tool"),
+    pytest.param("completions", {"model": MODEL, "prompt": "x", "structured_outputs": "regex"}, "structured_outputs",
+                 id="structured_outputs-not-an-object"),
     pytest.param("chat/completions", {**CHAT, "messages": [*USER, {"role": "assistant", "tool_calls": []}, *USER]},
                  "messages[1].tool_calls", id="empty-tool_calls"),
     pytest.param("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]},

@@ -12,7 +12,7 @@ from gateway.errors import APIError
 from gateway.prompts import chat_prompt
 from gateway.responses import ChatFormat
 from gateway.schemas import ChatCompletionRequest, ChatMessage, ResponseFormat
-from gateway.structured import response_format_constraint
+from gateway.structured import JSON_LAYOUT, one_constraint, response_format_constraint
 from gateway.tools import (CALL_FENCE, ArrayParser, AutoParser, CallArguments, CallStart, Content, NamedParser,
                            parse_calls, tool_plan)
 
@@ -53,22 +53,37 @@ def chunkings(text: str):
 
 # --- Constraints ------------------------------------------------------------------------------------
 
+def laid_out(schema: dict) -> dict:
+    return {**schema, "x-guidance": JSON_LAYOUT}
+
+
 def test_response_format_constraints():
     assert response_format_constraint(None) is None
     assert response_format_constraint(ResponseFormat(type="text")) is None
     assert response_format_constraint(ResponseFormat(type="json_object")) == \
-        {"json_object": True, "disable_any_whitespace": True}
-    strict = ResponseFormat.model_validate({"type": "json_schema",
-                                            "json_schema": {"name": "w", "schema": WEATHER, "strict": True}})
-    assert response_format_constraint(strict) == {"json": json.dumps(WEATHER), "disable_any_whitespace": True,
-                                                  "disable_additional_properties": True}
-    loose = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}})
-    assert "disable_additional_properties" not in response_format_constraint(loose)
+        {"json": json.dumps(laid_out({"type": "object"}))}
+    for strict in (True, False, None):
+        schema = ResponseFormat.model_validate({"type": "json_schema",
+                                                "json_schema": {"name": "w", "schema": WEATHER, "strict": strict}})
+        assert response_format_constraint(schema) == {"json": json.dumps(laid_out(WEATHER)),
+                                                      "disable_additional_properties": True}
+    own = {**WEATHER, "x-guidance": {"whitespace_flexible": True}}  # a schema's own layout is kept
+    assert json.loads(response_format_constraint(ResponseFormat.model_validate(
+        {"type": "json_schema", "json_schema": {"name": "w", "schema": own}}))["json"]) == own
+
+
+def test_one_constraint_per_request():
+    assert one_constraint(a=None, b=None) == (None, None)
+    assert one_constraint(a=None, b={"regex": "x"}) == ({"regex": "x"}, "b")
+    with pytest.raises(APIError) as info:
+        one_constraint(a={"regex": "x"}, b=None, c={"choice": ["y"]})
+    assert info.value.param == "a" and info.value.status == 400
 
 
 def test_required_is_a_non_empty_array_of_calls_one_schema_per_tool():
     constraint = tool_plan(request(tool_choice="required")).constraint()
     schema = json.loads(constraint["json"])
+    assert constraint["disable_additional_properties"] and schema["x-guidance"] == JSON_LAYOUT
     assert schema["type"] == "array" and schema["minItems"] == 1 and "maxItems" not in schema
     weather, time = schema["items"]["anyOf"]
     assert weather["properties"] == {"name": {"type": "string", "enum": ["get_weather"]}, "parameters": WEATHER}
@@ -81,7 +96,7 @@ def test_required_is_a_non_empty_array_of_calls_one_schema_per_tool():
 def test_named_choice_is_constrained_to_its_parameters():
     plan = tool_plan(request(tool_choice={"type": "function", "function": {"name": "get_weather"}}))
     assert plan.mode == "named" and plan.names == ("get_weather",)
-    assert json.loads(plan.constraint()["json"]) == WEATHER
+    assert json.loads(plan.constraint()["json"]) == laid_out(WEATHER)
     assert "get_weather" in plan.instructions() and "get_time" not in plan.instructions()
 
 
