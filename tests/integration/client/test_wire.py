@@ -55,7 +55,7 @@ def test_unknown_sampling_keys_rejected_unless_not_strict():
 
 
 def test_every_sampling_field_round_trips_through_the_server_parser():
-    values = {int: 3, float: 0.5, bool: True, str: "x"}
+    values = {int: 3, float: 0.5, bool: True, str: "x", dict: {"regex": "x"}}
     sampling = {f.key: ([values[f.kind]] if f.is_list else values[f.kind]) for f in protocol.SAMPLING_FIELDS}
     inputs = build_inputs("hi", check_sampling(sampling), stream=True)
     sent = next(i for i in inputs if i.name() == "sampling_parameters")
