@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from .engine_core import EngineCore, EngineStats, Publish
@@ -38,7 +39,11 @@ from .params import EngineConfig, SamplingParams
 
 log = logging.getLogger(__name__)
 
-STATS_TIMEOUT_S = 30.0
+STATS_TIMEOUT_S = 30.0  # at most; 2 x step_timeout_s when that is shorter (tests)
+# Added to the engine process's oom_score_adj: when memory runs out, the kernel's OOM killer takes the
+# engine process, which the model restarts, rather than the stub or Triton, which nothing restarts in
+# Triton 2.51 (docs/deploy.md, Health). 500 adds half the memory limit to its badness score.
+OOM_SCORE_ADJ_RAISE = 500
 
 
 class EngineCoreProcess:
@@ -73,6 +78,8 @@ class EngineCoreProcess:
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
         self._exit_error: Optional[str] = None
         self._step_timeout_s = config.step_timeout_s
+        # Longer than the watchdog takes, so a stopped process with requests in flight is named by it.
+        self._stats_timeout_s = min(STATS_TIMEOUT_S, 2 * config.step_timeout_s)
         self._progress_lock = threading.Lock()
         self._in_flight: set[int] = set()  # requests added and not finished
         self._last_progress = time.monotonic()  # the last step's deltas, or the first request after idling
@@ -97,7 +104,12 @@ class EngineCoreProcess:
             if self._closed:
                 raise EngineOverloadedError(self._exit_error or "the engine process has stopped")
             self._send(("stats",))
-            stats = self._stats.get(timeout=STATS_TIMEOUT_S)
+            try:
+                stats = self._stats.get(timeout=self._stats_timeout_s)
+            except queue.Empty:  # hung while idle (the watchdog sees only steps with requests in flight)
+                self._kill_hung(f"the engine process answered nothing for {self._stats_timeout_s:g} s "
+                                f"(step_timeout_s={self._step_timeout_s:g}) and was killed")
+                raise EngineOverloadedError(self._hung)
         if stats is None:  # it stopped meanwhile
             raise EngineOverloadedError(self._exit_error or "the engine process has stopped")
         return stats
@@ -114,6 +126,14 @@ class EngineCoreProcess:
             log.error("the engine process did not stop within %.0f s; killing it", timeout)
             self._process.kill()
             self._process.wait()
+            self._receiver.join(timeout)  # it reads EOF now
+        # Closed here, not whenever the garbage collector finds this object: a stub whose engine was
+        # restarted ten times kept one pipe of each dead engine open.
+        for pipe in (self._commands, self._events) if not self._receiver.is_alive() else (self._commands,):
+            try:
+                pipe.close()
+            except OSError:  # what a dead process left unread in the buffer cannot be flushed
+                pass
 
     def _send(self, message: tuple) -> None:
         try:
@@ -160,11 +180,16 @@ class EngineCoreProcess:
                 stalled = time.monotonic() - self._last_progress
                 waiting = len(self._in_flight)
             if waiting and stalled > self._step_timeout_s and not self._closed:
-                self._hung = (f"the engine process returned no step for {stalled:.0f} s with {waiting} requests in "
-                              f"flight (step_timeout_s={self._step_timeout_s:g}) and was killed")
-                log.error(self._hung)
-                self._process.kill()  # the receiver reads EOF and ends every request with this message
+                self._kill_hung(f"the engine process returned no step for {stalled:.0f} s with {waiting} requests "
+                                f"in flight (step_timeout_s={self._step_timeout_s:g}) and was killed")
                 return
+
+    def _kill_hung(self, why: str) -> None:
+        """The receiver reads EOF and ends every request with `why`; the model starts a fresh engine."""
+        if self._hung is None:
+            self._hung = why
+            log.error(why)
+        self._process.kill()
 
 
 def serve_engine(commands, events) -> None:
@@ -203,6 +228,15 @@ def serve_engine(commands, events) -> None:
             return
 
 
+def prefer_as_oom_victim() -> None:
+    """Raise this process's oom_score_adj by OOM_SCORE_ADJ_RAISE (raising needs no privilege)."""
+    adj = Path("/proc/self/oom_score_adj")
+    try:
+        adj.write_text(str(min(int(adj.read_text()) + OOM_SCORE_ADJ_RAISE, 1000)))
+    except (OSError, ValueError):  # not Linux, or a sandbox that forbids it: nothing lost but the preference
+        pass
+
+
 def python_executable() -> str:
     """The interpreter for the engine process. Inside Triton's Python backend, sys.executable is not
     a Python interpreter; the stub runs the Python of the python3 first on PATH (its sys.prefix)."""
@@ -224,4 +258,5 @@ if __name__ == "__main__":
     # Ctrl-C in a terminal interrupts the whole process group; the parent (Triton's stub) then
     # unloads the model and shuts this process down through the pipe, cancelling what is in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    prefer_as_oom_victim()
     serve_engine(os.fdopen(int(sys.argv[1]), "rb"), os.fdopen(int(sys.argv[2]), "wb"))

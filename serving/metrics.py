@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import triton_python_backend_utils as pb_utils
 
 OUTCOMES = ("success", "cancelled", "invalid", "overloaded", "error")
+ENGINE_STATES = ("serving", "restarting", "failed")
 # Our finish reasons under vLLM's names (its FinishReason): a cancelled request is vLLM's "abort".
 VLLM_FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
 
@@ -95,9 +96,17 @@ FAMILIES = (
     Family("running", "vllm:num_requests_running", GAUGE, "Sequences being decoded"),
     Family("waiting", "gemma_queue_depth", GAUGE, "Requests waiting for a slot"),
     Family("waiting", "vllm:num_requests_waiting", GAUGE, "Requests waiting for a batch slot or KV cache blocks"),
-    # By the model itself (GemmaMetrics.count_engine_restart).
+    # By the model itself (GemmaMetrics.count_engine_restart, set_health).
     Family("engine_restarts", "gemma_engine_restarts_total", COUNTER,
            "Engine processes started again after one died or stopped answering"),
+    # The model's health for probes and alerts (deploy/k8s/base/health.py): Triton 2.51 gives a Python
+    # model no way to turn its own readiness false in model control mode none (docs/deploy.md, Health).
+    Family("engine_state", "gemma_engine_state", GAUGE,
+           "1 for the engine's current state: serving; restarting (it died or hung, a fresh one is on its "
+           "way); failed (no restart left, or the model unloads itself)", per=("state", ENGINE_STATES)),
+    Family("heartbeat", "gemma_heartbeat_timestamp_seconds", GAUGE,
+           "Unix time of the model's last health check (every 0.1 s); it stops advancing when the model's "
+           "stub process is dead or stuck"),
 )
 
 
@@ -137,6 +146,7 @@ class GemmaMetrics:
             self._series.setdefault(f.quantity, []).append(series)
         # The engine counts these itself; the counters advance by what it added since the last update.
         self._engine_totals = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+        self._engine_state: str | None = None  # as last exported
 
     def record(self, r: RequestRecord) -> None:
         self._add("outcome", 1, key=r.outcome)
@@ -172,6 +182,15 @@ class GemmaMetrics:
 
     def count_engine_restart(self) -> None:
         self._add("engine_restarts", 1)
+
+    def set_health(self, engine_state: str, now: float) -> None:
+        """The engine's state (one of ENGINE_STATES) and the heartbeat, Unix time `now`."""
+        if engine_state != self._engine_state:  # 3 IPC calls: only on a change
+            for state in ENGINE_STATES:
+                for series in self._series["engine_state"]:
+                    series[state].set(1 if state == engine_state else 0)
+            self._engine_state = engine_state
+        self._set("heartbeat", now)
 
     def _add(self, quantity: str, amount: float, key: str | None = None) -> None:
         if amount:  # each update is an IPC call: none for nothing

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+from time import time as wall_time
 from unittest import mock
 
 import pytest
@@ -193,7 +194,8 @@ def test_variants_hold_the_expected_objects(variant):
     kinds = {(o["kind"], unhashed(o["metadata"]["name"], o["kind"])) for o in _render(variant)}
     expected = {("Deployment", SERVER), ("Service", SERVER), ("PodDisruptionBudget", SERVER),
                 ("HorizontalPodAutoscaler", SERVER), ("Deployment", BALANCER), ("Service", BALANCER),
-                ("ConfigMap", "gemma-triton-drain"), ("ConfigMap", "gemma-triton-envoy")}
+                ("ConfigMap", "gemma-triton-drain"), ("ConfigMap", "gemma-triton-health"),
+                ("ConfigMap", "gemma-triton-envoy")}
     if "gateway" in variant:
         expected |= {("Deployment", GATEWAY), ("Service", GATEWAY)}
     if "inference-pool" in variant:
@@ -218,7 +220,7 @@ def test_server_ports_are_the_ones_triton_is_started_with(variant):
     assert named_ports(triton) == TRITON_PORTS
     assert {k: env(triton)[k] for k in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT")} == \
         {f"{name.upper()}_PORT": str(port) for name, port in TRITON_PORTS.items()}
-    assert triton["args"][:4] == ["bash", "scripts/serve.sh", "--model-control-mode=explicit", "--load-model=gemma"]
+    assert triton["args"][:2] == ["bash", "scripts/serve.sh"]
     service = one(variant, "Service", SERVER)["spec"]
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["ports"]} == \
         {name: (port, name) for name, port in TRITON_PORTS.items()}
@@ -227,33 +229,50 @@ def test_server_ports_are_the_ones_triton_is_started_with(variant):
     assert service["selector"].items() <= labels.items()
 
 
-def test_the_repository_api_is_locked_behind_the_pods_uid(variant):
-    """Explicit model control lets the model unload itself when its engine dies; nobody else may load
-    or unload: the repository API needs a header whose value only the pod knows."""
+def test_the_server_runs_in_model_control_mode_none(variant):
+    """The model restarts a dead engine itself (docs/deploy.md, Health): no explicit model control, so
+    the repository API cannot load or unload anything, and no vLLM health check unloading the model."""
     triton = container(variant, SERVER)
-    (uid_env,) = [e for e in triton["env"] if e["name"] == "POD_UID"]
-    assert uid_env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
-    assert arg(triton["args"], "--http-restricted-api") == \
-        "model-repository:gemma-repository-key=$(POD_UID)"
-    assert arg(triton["args"], "--grpc-restricted-protocol") == \
-        "model-repository:gemma-repository-key=$(POD_UID)"
+    assert not [a for a in triton["args"] if a.startswith(("--model-control-mode", "--load-model"))]
+    assert env(triton).get("GEMMA_ENABLE_VLLM_HEALTH_CHECK", "false") == "false"
 
 
-def test_probes_ask_triton_for_health_and_wait_for_model_load(variant):
+HEALTH_SCRIPT = "/etc/gemma-health/health.py"
+
+
+def test_probes_read_the_models_health_and_wait_for_model_load(variant):
+    """Triton 2.51 reads the model ready while its engine is down and after its stub died, so readiness
+    and liveness run health.py, which reads the model's own health from its metrics; the startup probe
+    waits for Triton, which opens its ports once the model has loaded."""
     triton = container(variant, SERVER)
-    ports = named_ports(triton)
-
-    def probe(kind: str) -> tuple[str, int]:
-        return triton[kind]["httpGet"]["path"], ports[triton[kind]["httpGet"]["port"]]
-
-    # The model's readiness: false once the engine died (GEMMA_ENABLE_VLLM_HEALTH_CHECK unloads it).
-    assert probe("readinessProbe") == ("/v2/models/gemma/ready", 8000)
-    assert probe("livenessProbe") == ("/v2/models/gemma/ready", 8000)
-    assert probe("startupProbe") == ("/v2/health/ready", 8000)
-    assert env(triton)["GEMMA_ENABLE_VLLM_HEALTH_CHECK"] == "true"
+    assert triton["readinessProbe"]["exec"]["command"] == ["python3", HEALTH_SCRIPT, "ready"]
+    assert triton["livenessProbe"]["exec"]["command"] == ["python3", HEALTH_SCRIPT, "live"]
     startup = triton["startupProbe"]
+    assert (startup["httpGet"]["path"], named_ports(triton)[startup["httpGet"]["port"]]) == ("/v2/health/ready", 8000)
     budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
     assert budget >= 10 * 60  # loading a large checkpoint and capturing CUDA graphs takes minutes
+
+    # The script the probes run is this repository's health.py, mounted where the command looks.
+    (mount,) = [m for m in triton["volumeMounts"] if m["mountPath"] == str(Path(HEALTH_SCRIPT).parent)]
+    (volume,) = [v for v in pod_spec(variant, SERVER)["volumes"] if v["name"] == mount["name"]]
+    config_map = one(variant, "ConfigMap", volume["configMap"]["name"])
+    assert config_map["data"]["health.py"] == (K8S / "base" / "health.py").read_text()
+
+    # Readiness: out of the Service within 10 s of an engine's death (requests meanwhile get UNAVAILABLE).
+    readiness = triton["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 10
+    # Liveness: a heartbeat that stalls while the model waits for an engine that stopped answering (which
+    # is then killed and restarted) must not restart the container; a dead stub's heartbeat never resumes.
+    from backend.engine_process import STATS_TIMEOUT_S
+    liveness = triton["livenessProbe"]
+    health = load_script(K8S / "base" / "health.py")
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > STATS_TIMEOUT_S + health.MAX_AGE_S
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] <= 120
+    # A container restarted for failing it has nothing to drain (drain.py sees the model gone), but a
+    # dead stub makes Triton wait its whole exit timeout.
+    pre_stop = triton["lifecycle"]["preStop"]["exec"]["command"]
+    assert liveness["terminationGracePeriodSeconds"] > \
+        flag(pre_stop, "--propagation-s") + flag(triton["args"], "--exit-timeout-secs")
 
 
 def test_termination_grace_covers_the_drain_and_triton_exit_timeout(variant):
@@ -644,35 +663,63 @@ def _status(url: str) -> int:
         return e.code
 
 
+def probe_passes(server, kind: str) -> bool:
+    """Runs the CPU server container's `kind` probe against `server` as the kubelet would: an HTTP GET
+    on the container's port, or the exec command with the container's HTTP_PORT and METRICS_PORT (the
+    server's here) and its ConfigMap scripts at their mount paths (this repository's files here)."""
+    probe = container("cpu", SERVER)[kind]
+    if "httpGet" in probe:
+        assert named_ports(container("cpu", SERVER))[probe["httpGet"]["port"]] == TRITON_PORTS["http"]
+        return _status(server.http_url + probe["httpGet"]["path"]) == 200
+    python, script, *args = probe["exec"]["command"]
+    assert python == "python3" and script == HEALTH_SCRIPT
+    ports = {"HTTP_PORT": server.http_url.rpartition(":")[2],
+             "METRICS_PORT": server.metrics_url.rpartition(":")[2].partition("/")[0]}
+    result = subprocess.run([sys.executable, str(K8S / "base" / "health.py"), *args], env={**os.environ, **ports},
+                            capture_output=True, text=True, timeout=probe["timeoutSeconds"] + 10)
+    return result.returncode == 0
+
+
 def test_probes_succeed_on_a_server_started_like_the_pod(pod_server):
-    triton = container("cpu", SERVER)
-    base = {8000: pod_server.http_url}  # the probes' container port -> this server's address
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        get = triton[kind]["httpGet"]
-        assert _status(base[named_ports(triton)[get["port"]]] + get["path"]) == 200, kind
+        assert probe_passes(pod_server, kind), kind
 
 
-def test_a_dead_engine_fails_the_probes_and_only_the_pod_may_use_the_repository_api(servable_checkpoint,
-                                                                                     tmp_path):
-    """Started like the pod: the repository API refuses a client without the pod's key; killing the
-    engine process unloads the model, and the readiness and liveness probes fail."""
+def test_the_probes_follow_a_dead_engine_and_a_dead_stub(servable_checkpoint, tmp_path):
+    """Started like the pod (model control mode none: the repository API refuses to unload). A killed
+    engine process fails readiness but not liveness, and readiness passes again once the model has
+    restarted it; a killed stub, which Triton 2.51 never restarts, fails both while Triton itself
+    still reads ready, so the kubelet restarts the container."""
     support = server_support()
     grpcclient = pytest.importorskip("tritonclient.grpc")
     server = launch_like_the_pod(servable_checkpoint, tmp_path / "server.log")
     try:
-        triton = container("cpu", SERVER)
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            with pytest.raises(Exception, match="(?i)restricted|unavailable|permission|denied"):
+            with pytest.raises(Exception, match="(?i)not allowed"):
                 client.unload_model("gemma")
-            index = client.get_model_repository_index(headers={"triton-grpc-protocol-gemma-repository-key": POD_UID})
-            assert [m.name for m in index.models] == ["gemma"]
         (engine,) = support.engine_processes(server)
         os.kill(engine, signal.SIGKILL)
-        for kind in ("readinessProbe", "livenessProbe"):
-            get = triton[kind]["httpGet"]
-            url = server.http_url + get["path"]
-            assert wait_for(lambda: _status(url) != 200, timeout=30), kind
-        assert server.process.poll() is None  # Triton stays up; the kubelet restarts the container
+        assert wait_for(lambda: not probe_passes(server, "readinessProbe"), timeout=30, period=0.2)
+        assert probe_passes(server, "livenessProbe")  # being restarted: no reason to restart the container
+        assert wait_for(lambda: probe_passes(server, "readinessProbe"), timeout=60, period=0.5)
+        result = server.stream("Hello", sampling_parameters='{"max_tokens": 2, "ignore_eos": true}')
+        assert result.num_output_tokens == 2
+
+        (engine,) = support.engine_processes(server)
+        stub = int(Path(f"/proc/{engine}/stat").read_text().rpartition(")")[2].split()[1])  # its parent
+        thread, outcome = _stream_in_background(server, max_tokens=400)
+        os.kill(stub, signal.SIGKILL)
+        assert wait_for(lambda: not probe_passes(server, "livenessProbe"), timeout=30, period=0.5)
+        assert not probe_passes(server, "readinessProbe")
+        assert _status(f"{server.http_url}/v2/models/gemma/ready") == 200  # what Triton 2.51 itself says
+        thread.join(30)
+        assert "error" in outcome
+        # The container's end: the stream that ran is frozen in the gauges, yet the drain does not wait.
+        assert server.metric("gemma_running_requests") == 1
+        drain = load_script(K8S / "base" / "drain.py")
+        assert drain.drain(server.metrics_url, 0, 300, poll_s=0.1) == "gone"
+        assert server.process.poll() is None
+        server.process.kill()  # a SIGTERM would take Triton's whole exit timeout (the stub never finalizes)
     finally:
         server.stop()
 
@@ -720,6 +767,10 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += seconds
+
+    @staticmethod
+    def time() -> float:  # the wall clock stays real: the heartbeat it is compared with is the server's
+        return wall_time()
 
 
 def test_drain_stops_waiting_at_its_timeout(pod_server):

@@ -10,6 +10,9 @@ sends SIGTERM to tritonserver only once it returns. Until then Triton serves as 
 SIGTERM then finds an idle server: Triton unloads the model (finalize) and exits in seconds. On a
 timeout, what is still running gets Triton's --exit-timeout-secs, and the pod's
 terminationGracePeriodSeconds is the hard limit (docs/deploy.md, "Scale-down").
+It stops waiting at once when nothing can finish any more: the model's stub is dead (its heartbeat
+stopped; its gauges keep their last values) or its engine failed for good (the liveness probe
+restarts the container then: docs/deploy.md, Health).
 
 Standard library only: it runs with the image's python3 from a ConfigMap.
 """
@@ -22,6 +25,9 @@ import urllib.request
 
 # serving/metrics.py's gauges of requests in the engine, summed over the model's instances.
 IN_FLIGHT = ("gemma_running_requests", "gemma_queue_depth")
+HEARTBEAT = "gemma_heartbeat_timestamp_seconds"
+FAILED = 'state="failed"'  # in gemma_engine_state's labels
+STALE_S = 10.0  # a heartbeat older than this: the stub is dead or stuck (health.py's MAX_AGE_S)
 
 
 def in_flight(metrics_text: str) -> float:
@@ -34,18 +40,28 @@ def in_flight(metrics_text: str) -> float:
     return total
 
 
+def model_gone(metrics_text: str, now: float) -> bool:
+    """Every instance's stub is dead (heartbeat older than STALE_S) or its engine failed for good."""
+    heartbeats = [float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(HEARTBEAT)]
+    failed = [line for line in metrics_text.splitlines()
+              if line.startswith("gemma_engine_state{") and FAILED in line and float(line.rsplit(" ", 1)[1]) == 1]
+    return bool(heartbeats) and (all(now - beat > STALE_S for beat in heartbeats) or len(failed) == len(heartbeats))
+
+
 def drain(metrics_url: str, propagation_s: float, drain_timeout_s: float, poll_s: float = 1.0) -> str:
-    """Wait as described above; returns why it stopped waiting: idle, timeout or unreachable."""
+    """Wait as described above; returns why it stopped waiting: idle, timeout, unreachable or gone."""
     time.sleep(propagation_s)
     deadline = time.monotonic() + drain_timeout_s
     while True:
         try:
             with urllib.request.urlopen(metrics_url, timeout=5) as response:
-                busy = in_flight(response.read().decode())
+                metrics_text = response.read().decode()
         except OSError:
             return "unreachable"  # the server is gone: nothing left to wait for
-        if busy == 0:
+        if in_flight(metrics_text) == 0:
             return "idle"
+        if model_gone(metrics_text, time.time()):
+            return "gone"
         if time.monotonic() >= deadline:
             return "timeout"
         time.sleep(poll_s)

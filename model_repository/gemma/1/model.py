@@ -7,7 +7,10 @@ and two small threads do the Triton-side work, so IPC to the server never stalls
   streaming, else one at the end; or the error that ends the request), the last with
   TRITONSERVER_RESPONSE_COMPLETE_FINAL, as tensors from serving/tensors.py's cache, and polls for
   cancelled requests (then cancels them in the engine, which frees their KV blocks and finishes them);
-- the monitor updates the metrics and notices an engine that died or stopped answering.
+- the monitor updates the metrics and notices an engine that died or stopped answering; it also
+  exports the model's health (gemma_engine_state, gemma_heartbeat_timestamp_seconds), which the
+  health probe reads (deploy/k8s/base/health.py): Triton 2.51 offers a Python model no way to make
+  its own readiness false in model control mode none.
 What each response holds and which error answers what are serving/'s rules; this file turns them into
 pb_utils objects and sends them.
 """
@@ -25,6 +28,7 @@ from serving.config import bound_cpu_kernel_caches, model_settings
 
 bound_cpu_kernel_caches()  # before torch is imported (by the modules below)
 
+from backend.engine import Engine  # noqa: E402
 from backend.loader import start_engine  # noqa: E402
 from serving.logprobs import logprobs_json  # noqa: E402
 from serving.metrics import GemmaMetrics, RequestRecord  # noqa: E402
@@ -38,8 +42,14 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
 METRICS_PERIOD_S = 0.1
 # A dead engine process is started again after each of these waits, until one start succeeds; after
-# the last failed start the model stays unavailable (a start that fails that often will not recover).
+# the last failed start the model stays unavailable (a start that fails that often will not recover):
+# its state reads "failed", and the liveness probe has the orchestrator restart the server.
 ENGINE_RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+class EngineStartError(RuntimeError):
+    """The engine did not start (a setting that does not fit, a checkpoint that failed its check):
+    the model's load fails with the cause's message alone, not the engine's Python frames."""
 
 
 class _Request:
@@ -85,7 +95,12 @@ class TritonPythonModel:
         self.max_prompt_bytes = settings.max_prompt_bytes
         self.model_name = args["model_name"]
         self.unhealthy: str | None = None  # why the engine cannot serve (it died or stopped answering)
-        self.engine = self._start_engine()
+        self.engine_state = "serving"  # serving, restarting or failed (serving/metrics.py, ENGINE_STATES)
+        try:
+            self.engine = self._start_engine()
+        except Exception as e:
+            pb_utils.Logger.log_verbose(f"gemma: the engine did not start: {traceback.format_exc()}")
+            raise EngineStartError(str(e)) from None
         self._restarter: threading.Thread | None = None
         self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # ((request, choice), handle with new output) | None
@@ -100,10 +115,20 @@ class TritonPythonModel:
         self._monitor.start()
         pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}")
 
-    def _start_engine(self):
+    def is_ready(self) -> bool:
+        """The model's readiness as Triton reports it, on Triton releases that ask (python_backend's
+        user-defined is_ready, Triton 2.67 and later). Triton 2.51 never calls it: there the health
+        probe reads gemma_engine_state instead."""
+        return self.unhealthy is None
+
+    def _start_engine(self, dead: Engine | None = None) -> Engine:
         # In a process of its own, the engine's loop does not share this process's GIL with the
         # responder thread (backend/engine_process.py).
-        return start_engine(self.settings.engine, engine_process=self.settings.engine_process)
+        if dead is None:
+            return start_engine(self.settings.engine, engine_process=self.settings.engine_process)
+        # A restart: the checkpoint the dead engine resolved and the tokenizer it checked. Loading the
+        # tokenizer again grew the stub by ~120 MB a restart (measured: 10 restarts, 0.7 -> 1.9 GB).
+        return Engine(dead.config, dead.tokenizer, engine_process=self.settings.engine_process)
 
     def execute(self, requests):
         for request in requests:
@@ -256,6 +281,12 @@ class TritonPythonModel:
 
         while not self._stopping.wait(METRICS_PERIOD_S):
             try:
+                # First: a stats() below that hangs (an engine that stopped answering) stops the
+                # heartbeat too, so the model reads not ready until the engine is replaced.
+                self.metrics.set_health(self.engine_state, time.time())
+            except Exception as e:
+                log_once(e)
+            try:
                 # Each metric update is an IPC call (~20 us), a few per generated token: under heavy
                 # load the records may take longer than a period. They wait for the next one, so the
                 # gauges that autoscalers and routers read never go stale.
@@ -288,6 +319,7 @@ class TritonPythonModel:
         explicit); otherwise start a fresh engine here."""
         self.unhealthy = cause
         pb_utils.Logger.log_error(f"gemma: the engine is unhealthy: {cause}")
+        self.engine_state = "failed" if self.settings.unload_when_unhealthy else "restarting"
         if self.settings.unload_when_unhealthy:
             try:
                 pb_utils.unload_model(self.model_name)
@@ -304,16 +336,17 @@ class TritonPythonModel:
             if self._stopping.wait(delay):
                 return
             try:
-                engine = self._start_engine()
+                engine = self._start_engine(dead)
             except Exception as e:  # noqa: BLE001 - logged; the next attempt may succeed
                 pb_utils.Logger.log_error(f"gemma: engine restart {attempt} failed: {e!r}")
                 continue
             if self._stopping.is_set():  # finalize began meanwhile: it must not be left running
                 engine.shutdown()
                 return
-            self.engine, self.unhealthy = engine, None
+            self.engine, self.unhealthy, self.engine_state = engine, None, "serving"
             self.metrics.count_engine_restart()
             pb_utils.Logger.log_info(f"gemma: engine restarted (attempt {attempt})")
             return
+        self.engine_state = "failed"
         pb_utils.Logger.log_error(f"gemma: the engine did not restart after {len(ENGINE_RESTART_DELAYS_S)} "
                                   f"attempts; the model stays unavailable")
