@@ -45,6 +45,8 @@ def grammar_text(constraint: StructuredOutputs) -> str:
         if constraint.disable_additional_properties:
             schema = _closed_objects(schema)
         options = {"whitespace_flexible": not constraint.disable_any_whitespace}
+        if constraint.whitespace_pattern is not None:
+            options["whitespace_pattern"] = constraint.whitespace_pattern
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
     if constraint.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(constraint.regex)

@@ -40,6 +40,7 @@ class StructuredOutputs:
     json_object: bool = False
     disable_any_whitespace: bool = False  # JSON without whitespace between tokens (vLLM's option)
     disable_additional_properties: bool = False  # objects of the schema take no properties it does not name
+    whitespace_pattern: Optional[str] = None  # JSON: a regex for the whitespace allowed between tokens
 
     KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
@@ -52,7 +53,7 @@ class StructuredOutputs:
         if len(given) != 1:
             raise InvalidRequestError(f"'structured_outputs' needs exactly one of {', '.join(self.KINDS)}; "
                                       f"got {', '.join(given) or 'none'}")
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "whitespace_pattern"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise InvalidRequestError(f"'structured_outputs.{name}' must be a string")
         if self.json is not None:
@@ -81,7 +82,7 @@ class StructuredOutputs:
         if not isinstance(obj, Mapping):
             raise InvalidRequestError("'structured_outputs' must be an object")
         ours = {name for name in cls.__dataclass_fields__}
-        ignored = {"backend", "disable_fallback", "whitespace_pattern"}
+        ignored = {"backend", "disable_fallback"}
         unknown = sorted(set(obj) - ours - ignored)
         if "structural_tag" in unknown:
             raise InvalidRequestError("'structured_outputs.structural_tag' is not supported by this model")
