@@ -11,11 +11,18 @@ import torch
 
 @dataclass
 class SeqChunk:
-    """`token_ids` are the sequence's tokens at positions [start, start + len) this step."""
+    """`token_ids` are the sequence's tokens at positions [start, start + len) this step. A chunk that
+    needs logits needs them for its last token; a verify chunk (speculative decoding) ends with
+    `num_drafts` proposed tokens and needs logits for them too: its last 1 + num_drafts rows."""
     token_ids: list[int]
     start: int
     block_table: list[int]
     needs_logits: bool
+    num_drafts: int = 0
+
+    @property
+    def num_logit_rows(self) -> int:
+        return 1 + self.num_drafts if self.needs_logits else 0
 
 
 class HostToDevice:

@@ -6,7 +6,9 @@ the model (reference or TransformerEngine) and the sampler -> runner.complete() 
 ids to the host -> scheduler.update() appends the tokens and applies the stop rules -> a constrained
 sequence's grammar accepts its token -> each loop's token deltas go to `publish` at once. A request
 with structured outputs waits for its grammar to compile (backend/grammar.py, beside this loop)
-before it joins the scheduler.
+before it joins the scheduler. With speculative decoding (EngineConfig.speculative_config), the
+proposer guesses each speculating sequence's next tokens before the step is scheduled, and the step
+verifies them (backend/speculative.py).
 
 With async scheduling (on a GPU by default) the core launches step N+1 before it completes step
 N: while the GPU computes N, this thread schedules and lays out N+1 and then hands out N's tokens,
@@ -14,7 +16,9 @@ so the host's work per step hides behind the GPU's instead of adding to it. The 
 wasted row per sequence that stops on a token (its next decode was already launched) and
 admissions one step later; a batch holding a request with repetition, presence or frequency
 penalties, bad words of several tokens, or a grammar, runs step by step, since those need every
-token on the host.
+token on the host; so does one holding a speculating sequence (its drafts are proposed from its
+tokens so far, and its verify step yields a number of tokens known only on the host). A sequence
+whose speculation pauses (its drafts kept failing) lets the steps overlap again.
 
 The core runs on a thread of the front's process, or in a process of its own (backend/engine_process.py
 starts one there and talks to it through pipes); the front cannot tell the two apart.
@@ -39,6 +43,7 @@ from .params import EngineConfig, EngineLimits, SamplingParams
 from .runner import ModelRunner, StepInFlight, StepModel
 from .sampling import make_generator, needs_token_history
 from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
+from .speculative import SpecDecodeStats, Speculation, make_proposer
 from .step_times import StepTimes
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class EngineStats:
     prefix_cache: PrefixCacheStats
     num_preemptions: int  # since the engine started
     step_times: StepTimes  # where the steps' time went, since the engine started
+    spec_decode: SpecDecodeStats = SpecDecodeStats()  # speculative decoding's drafts, since the engine started
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,6 +117,9 @@ class EngineCore:
         self._stepped = False  # a step completed in this loop (engine thread)
         self._num_preemptions = 0
         self._step_times = StepTimes()  # written by the engine thread; stats() copies it
+        self._spec_decode = SpecDecodeStats()
+        self._speculative = config.speculative()
+        self._proposer = None if self._speculative is None else make_proposer(self._speculative)
         started: list = []  # what the engine thread set up, or the exception it raised
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started, ready), name="gemma-engine", daemon=True)
@@ -134,7 +143,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache.pool, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
-                                  max_model_len, config.cuda_graphs)
+                                  max_model_len, config.cuda_graphs,
+                                  0 if self._speculative is None else self._speculative.num_speculative_tokens)
         self.runner.warm_up()
         self._grammars = GrammarCompiler(Path(config.checkpoint) / "tokenizer.json", cfg.vocab_size,
                                          self.eos_token_ids, on_done=self._wake)
@@ -143,13 +153,17 @@ class EngineCore:
 
     def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request the front has checked and numbered."""
+        # Constrained sequences do not speculate: their grammar would have to check every draft.
+        speculates = self._proposer is not None and params.speculate and params.structured_outputs is None
         with self._lock:
             self._submitted.append(Sequence(
                 request_id=request_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
                 # Unseeded requests share the global RNG (one batched draw); a seed gets its own
                 # generator so its output does not depend on what else is in the batch.
                 generator=None if params.seed is None else make_generator(params.seed, self.device),
-                eos_token_ids=self.eos_token_ids))
+                eos_token_ids=self.eos_token_ids,
+                speculation=Speculation(self._proposer.start(prompt_ids), self._speculative.num_speculative_tokens)
+                if speculates else None))
             self._lock.notify()
 
     def end(self, request_id: int, reason: str) -> None:
@@ -163,7 +177,7 @@ class EngineCore:
             num_waiting = len(self.scheduler.waiting) + len(self._submitted) + len(self._compiling)
             return EngineStats(self.kv_cache.usage(), len(self.scheduler.running), num_waiting,
                                self.scheduler.prefix_cache,
-                               self._num_preemptions, dataclasses.replace(self._step_times))
+                               self._num_preemptions, dataclasses.replace(self._step_times), self._spec_decode)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel everything in flight (each gets a final "cancelled" delta) and stop the thread."""
@@ -229,9 +243,32 @@ class EngineCore:
 
     def _needs_every_token(self) -> bool:
         """A running request's sampler needs its tokens so far on the host (penalties, bad words of
-        several tokens, a grammar's next mask): the next step waits for the one in flight."""
-        return any(seq.num_in_flight and (needs_token_history(seq.params) or seq.grammar is not None)
+        several tokens, a grammar's next mask), or its proposer does (a speculating sequence; its
+        verify step's tokens are known only on the host): the next step waits for the one in flight."""
+        return any(seq.num_in_flight and (needs_token_history(seq.params) or seq.grammar is not None
+                                          or self._speculating(seq))
                    for seq in self.scheduler.running)
+
+    @staticmethod
+    def _speculating(seq: Sequence) -> bool:
+        return seq.speculation is not None and seq.speculation.active(seq.num_output_tokens)
+
+    def _propose(self) -> None:
+        """Drafts for each speculating sequence about to decode with all its tokens on the host; at
+        most as many as leave room for the token after them within max_tokens."""
+        if self._proposer is None:
+            return
+        for seq in self.scheduler.running:
+            if seq.num_in_flight or seq.num_pending != 1 or not self._speculating(seq):
+                continue
+            room = seq.params.max_tokens - seq.num_output_tokens - 1
+            if room < 1:
+                continue
+            drafts = self._proposer.propose(seq.speculation.state, seq.token_ids, min(seq.speculation.num_drafts, room))
+            if drafts:
+                seq.draft_token_ids = drafts
+            else:
+                seq.speculation.record_miss(seq.num_output_tokens)
 
     def _grammar_news(self) -> bool:
         """A waiting grammar finished compiling, or ran out of time."""
@@ -267,6 +304,7 @@ class EngineCore:
     def _launch(self, previous: Optional[StepInFlight]) -> Optional[StepInFlight]:
         """Schedule and launch the next step (None if nothing could be scheduled, or it failed)."""
         start = time.perf_counter()
+        self._propose()
         output = self.scheduler.schedule()
         self._num_preemptions += len(output.preempted)
         if not output.chunks:
@@ -288,28 +326,40 @@ class EngineCore:
         self._stepped = True
         updating = time.perf_counter()
         output = step.output
-        samplers = [scheduled.seq for scheduled in output.chunks if scheduled.needs_logits]
+        samplers = [scheduled for scheduled in output.chunks if scheduled.needs_logits]
         for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
-            self._finish(samplers[row], "error", error="the model's scores for this request were not finite "
-                                                       "(NaN or infinity): nothing could be sampled")
-        for seq, i in self.scheduler.update(output, sampled.token_ids):
+            self._finish(samplers[row].seq, "error", error="the model's scores for this request were not finite "
+                                                           "(NaN or infinity): nothing could be sampled")
+        new_tokens = [sampled.tokens(i) for i in range(len(samplers))]
+        if sampled.num_accepted is not None:
+            self._count_drafts(samplers, sampled.num_accepted)
+        for seq, i, n in self.scheduler.update(output, new_tokens):
             broken = grammar_done = None
-            if seq.grammar is not None and seq.finish_reason is None:
-                ended = seq.grammar.accept(sampled.token_ids[i])
+            if seq.grammar is not None and seq.finish_reason is None:  # (never has drafts)
+                ended = seq.grammar.accept(new_tokens[i][0])
                 if ended == "stop":  # the grammar is complete and nothing may follow
                     self.scheduler.finish(seq, "stop")
                     grammar_done = True
                 else:
                     broken = ended
-            logprobs = sampled.logprobs[i]
-            self._deliver(seq, TokenDelta([sampled.token_ids[i]], seq.finish_reason,
+            logprobs = sampled.token_logprobs(i)
+            self._deliver(seq, TokenDelta(new_tokens[i][:n], seq.finish_reason,
                                           num_cached_tokens=seq.num_cached_prompt_tokens,
-                                          logprobs=None if logprobs is None else [logprobs],
+                                          logprobs=None if logprobs is None else logprobs[:n],
                                           ends_with_stop_id=not grammar_done))
             if broken is not None:
                 self._finish(seq, "error", error=f"the generated token broke the structured-outputs constraint: "
                                                  f"{broken}")
         self._step_times.update_s += time.perf_counter() - updating
+
+    def _count_drafts(self, samplers: list, num_accepted: list[int]) -> None:
+        """Speculative decoding's counts, and each verifying sequence's own (which may pause it)."""
+        positions = self._speculative.num_speculative_tokens
+        for scheduled, accepted in zip(samplers, num_accepted):
+            num_drafts = scheduled.chunk.num_drafts
+            if num_drafts:
+                self._spec_decode = self._spec_decode.plus(num_drafts, accepted, positions)
+                scheduled.seq.speculation.record_verify(accepted, scheduled.seq.num_output_tokens)
 
     def _fail_step(self, output: SchedulerOutput, exc: Exception) -> None:
         log.error("engine step failed", exc_info=exc)

@@ -227,7 +227,7 @@ class _MixedEntry:
     row_ids: torch.Tensor  # [Tb] arange
     tiles: torch.Tensor  # [Nb, 4]: the most tiles Tb tokens of up to max_seqs sequences make
     block_tables: torch.Tensor  # [max_seqs, blocks of max_len]
-    logit_rows: torch.Tensor  # [min(Tb, max_seqs)]
+    logit_rows: torch.Tensor  # [min(Tb, max_logit_rows)]
     graph: Optional[torch.cuda.CUDAGraph] = None
     logits: Optional[torch.Tensor] = None
     replays: int = field(default=0)
@@ -235,12 +235,16 @@ class _MixedEntry:
 
 class MixedGraphs(_GraphSet):
     """Steps with a VarlenLayout (models whose attention backend takes one, `tile_rows` set): one graph per
-    token bucket, for steps of up to `max_seqs` sequences, `max_tokens` tokens and `max_len` positions."""
+    token bucket, for steps of up to `max_seqs` sequences, `max_tokens` tokens and `max_len` positions,
+    with up to `max_logit_rows` logit rows (default one per sequence; speculative decoding's verify
+    chunks need 1 + k each: they are chunks like any other, k + 1 query rows in the varlen kernel)."""
     kind = "mixed"
 
-    def __init__(self, model, block_size: int, max_seqs: int, max_tokens: int, max_len: int):
+    def __init__(self, model, block_size: int, max_seqs: int, max_tokens: int, max_len: int,
+                 max_logit_rows: Optional[int] = None):
         super().__init__(model)
         self.block_size, self.max_seqs = block_size, max_seqs
+        self.max_logit_rows = max_seqs if max_logit_rows is None else max_logit_rows
         self.width = blocks_for(max_len, block_size)
         self.buckets = token_buckets(max_tokens)
 
@@ -250,7 +254,7 @@ class MixedGraphs(_GraphSet):
             return False
         seqs, width = varlen.block_tables.shape
         return (token_ids.shape[0] <= self.buckets[-1] and seqs <= self.max_seqs and width <= self.width
-                and varlen.block_size == self.block_size)
+                and varlen.block_size == self.block_size and layout.logit_rows.numel() <= self.max_logit_rows)
 
     def capture_all(self, kv_cache) -> None:
         """Capture every bucket before serving. The captures' warm-up steps have no tiles and no
@@ -268,9 +272,9 @@ class MixedGraphs(_GraphSet):
     def _new_entry(self, tokens: int) -> _MixedEntry:
         dev = self.device
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
-        rows = min(tokens, self.max_seqs)
         # Each sequence's chunk ends in at most one partial tile.
-        tiles = tokens // self.model.attention.tile_rows + rows
+        tiles = tokens // self.model.attention.tile_rows + min(tokens, self.max_seqs)
+        rows = min(tokens, self.max_logit_rows)
         return _MixedEntry(tokens=zeros(tokens), positions=zeros(tokens), slots=zeros(tokens), num_valid=zeros(()),
                            row_ids=torch.arange(tokens, device=dev), tiles=zeros(tiles, 4).to(torch.int32),
                            block_tables=zeros(self.max_seqs, self.width), logit_rows=zeros(rows))

@@ -114,6 +114,9 @@ class SamplingParams:
     # by clients: a sequence's last token is banned wherever the output so far ends with the rest.
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     structured_outputs: Optional[StructuredOutputs] = None  # a dict is read as vLLM's object
+    # False: this request never speculates, even on an engine with speculative_config (its tokens are
+    # the same either way; speculation only changes how many a step yields).
+    speculate: bool = True
 
     def __post_init__(self) -> None:
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
@@ -218,8 +221,17 @@ class EngineConfig:
     # A structured-outputs constraint that takes longer to compile ends its own request "invalid";
     # the others never wait for it (backend/grammar.py compiles beside the engine loop).
     grammar_compile_timeout_s: float = 10.0
+    # Speculative decoding, as JSON text with vLLM's keys (SpeculativeConfig), e.g.
+    # '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}';
+    # None (or ""): off. A dict is stored as its JSON text.
+    speculative_config: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, Mapping):
+            object.__setattr__(self, "speculative_config", json.dumps(dict(self.speculative_config)))
+        if self.speculative_config is not None and not self.speculative_config.strip():
+            object.__setattr__(self, "speculative_config", None)
+        self.speculative()  # raises ValueError naming what is wrong
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -233,6 +245,63 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, not {self.max_queue_size}")
+
+    def speculative(self) -> Optional["SpeculativeConfig"]:
+        """`speculative_config` parsed; None when speculation is off."""
+        return None if self.speculative_config is None else SpeculativeConfig.from_json(self.speculative_config)
+
+
+MAX_SPECULATIVE_TOKENS = 16  # drafts verified per sequence and step (a verify chunk is 1 + this many tokens)
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, with vLLM's `speculative_config` keys. `ngram` (prompt lookup): before a
+    step, a sequence whose last n tokens (prompt_lookup_min <= n <= prompt_lookup_max, the longest
+    found) occurred earlier in its prompt or output proposes the `num_speculative_tokens` tokens that
+    followed them there; the step verifies them (backend/speculative.py). As in vLLM, a lookup bound
+    left out takes the other's value, and both left out are 5."""
+    method: str = "ngram"
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: Optional[int] = None
+    prompt_lookup_max: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config: method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                             f"not {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"speculative_config: {name} must be an integer, not {value!r}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                             f"not {self.num_speculative_tokens}")
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        low, high = (5, 5) if low is None and high is None else (high, high) if low is None else \
+            (low, low) if high is None else (low, high)
+        object.__setattr__(self, "prompt_lookup_min", low)
+        object.__setattr__(self, "prompt_lookup_max", high)
+        if not 1 <= low <= high:
+            raise ValueError(f"speculative_config: needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{low} and {high}")
+
+    @classmethod
+    def from_json(cls, text: str) -> "SpeculativeConfig":
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"speculative_config must be a JSON object, not {text!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        if "num_speculative_tokens" not in obj:
+            raise ValueError("speculative_config: num_speculative_tokens is required")
+        return cls(**obj)
 
 
 @dataclass(frozen=True)

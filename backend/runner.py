@@ -6,7 +6,10 @@ mixed steps for models whose attention backend has a varlen kernel) and the samp
 contract is explicit (`StepModel`): its dtype, device, row multiple, its attention backend (which
 lays each step out), and forward(token_ids, layout, kv_cache) -> fp32 logits of the layout's logit rows.
 Rows of constrained sequences (structured outputs) get their grammar's mask on those logits; the
-sampler then returns each token and, for requests that ask, its logprobs from them.
+sampler then returns each token and, for requests that ask, its logprobs from them. A verify chunk
+(speculative decoding: a sequence's last token and its drafts) is laid out like a prefill chunk and
+has a logit row per draft and one more, each sampled as the one-token step at its position would
+be; the sampler accepts a prefix of the drafts (backend/sampling.py).
 
 `launch(output)` queues the whole step (input copy, forward, sampler, the copy of the sampled ids to
 the host) without waiting for the device; `complete(step)` waits for its ids. In between, the engine
@@ -29,7 +32,7 @@ from .config import GemmaConfig
 from .grammar import mask_logits
 from .graphs import DecodeGraphs, MixedGraphs
 from .kv_cache import PagedKVCache
-from .sampling import SampledOnDevice, SampledTokens, SamplingRow
+from .sampling import SampledOnDevice, SampledTokens, SamplingRow, needs_token_history
 from .scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput
 from .step_times import StepTimes
 
@@ -46,7 +49,7 @@ class StepModel(Protocol):
 
 class ModelRunner:
     def __init__(self, model: StepModel, kv_cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_len: int, cuda_graphs: bool = True):
+                 max_len: int, cuda_graphs: bool = True, num_speculative_tokens: int = 0):
         self.model, self.kv_cache, self.device = model, kv_cache, model.device
         self._uploader = HostToDevice(self.device)
         self._limits = (max_num_seqs, max_len)
@@ -55,7 +58,9 @@ class ModelRunner:
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(model) if graphs else None
         self._spare_events: list = []
-        self.mixed_graphs = MixedGraphs(model, kv_cache.block_size, max_num_seqs, max_num_batched_tokens, max_len) \
+        # A verify chunk needs logits for each of its 1 + k rows.
+        self.mixed_graphs = MixedGraphs(model, kv_cache.block_size, max_num_seqs, max_num_batched_tokens, max_len,
+                                        max_logit_rows=max_num_seqs * (1 + num_speculative_tokens)) \
             if graphs and model.attention.tile_rows is not None else None
 
     def warm_up(self) -> None:
@@ -85,10 +90,12 @@ class ModelRunner:
         if events:
             events[1].record()
         launched = time.perf_counter()
-        mask_logits(logits, [s.seq.grammar for s in output.chunks if s.needs_logits])
-        rows = [SamplingRow(s.seq.params, s.seq.generator, s.seq.token_ids, s.num_output_tokens, s.seq.eos_token_ids)
-                for s in output.chunks if s.needs_logits]
-        sampled = SampledOnDevice(logits, rows) if rows else None
+        samplers = [s for s in output.chunks if s.needs_logits]
+        mask_logits(logits, [s.seq.grammar for s in samplers for _ in range(s.chunk.num_logit_rows)])
+        rows = [row for s in samplers for row in sampling_rows(s)]
+        drafts = [s.chunk.token_ids[len(s.chunk.token_ids) - s.chunk.num_drafts:] for s in samplers] \
+            if any(s.chunk.num_drafts for s in samplers) else None
+        sampled = SampledOnDevice(logits, rows, drafts) if rows else None
         times.steps += 1
         times.mixed_steps += any(len(c.token_ids) > 1 for c in chunks)
         times.prepare_s += prepared - start
@@ -120,6 +127,21 @@ class ModelRunner:
         return self.model(token_ids, layout, self.kv_cache)
 
 
+def sampling_rows(scheduled: ScheduledChunk) -> list[SamplingRow]:
+    """The sampler's rows of a chunk that needs logits: one, or for a verify chunk one per draft and
+    one more, row j as the one-token step after draft j would see it (its drafts count as tokens so
+    far)."""
+    seq, chunk = scheduled.seq, scheduled.chunk
+    params, history = seq.params, seq.token_ids
+    drafts = chunk.token_ids[len(chunk.token_ids) - chunk.num_drafts:]
+    rows = []
+    for j in range(chunk.num_drafts + 1):
+        if j and needs_token_history(params):  # only the penalties and bad words read the history
+            history = seq.token_ids + drafts[:j]
+        rows.append(SamplingRow(params, seq.generator, history, scheduled.num_output_tokens + j, seq.eos_token_ids))
+    return rows
+
+
 @dataclass
 class StepInFlight:
     """A launched step: what was scheduled, its sampler output still on the device, and the events
@@ -135,8 +157,11 @@ class StepInFlight:
         for next_chunk in scheduled:
             chunk = next_chunk.chunk
             if chunk.token_ids[-1] == PENDING_TOKEN:  # only ever a decode: the sequence's last token
-                if rows is None:
-                    rows = {id(s.seq): i for i, s in enumerate(s for s in self.output.chunks if s.needs_logits)}
+                if rows is None:  # each sequence's logit row (one: a sequence verifying drafts is never pending)
+                    rows, row = {}, 0
+                    for s in self.output.chunks:
+                        rows[id(s.seq)] = row
+                        row += s.chunk.num_logit_rows
                 chunk = dataclasses.replace(chunk, token_ids=[-1 - rows[id(next_chunk.seq)]])
             chunks.append(chunk)
         return chunks, rows is not None

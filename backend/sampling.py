@@ -8,6 +8,22 @@ bad words vLLM's; HF has neither.)
 Logprobs, when a row asks for them, come from the raw logits, before any of these steps.
 Each sampled row draws from its own torch.Generator, so a seeded request gets the same tokens
 whatever else shares its batch.
+
+Verifying drafts (speculative decoding, backend/speculative.py): a sequence with k drafts has k + 1
+logit rows, row j scoring the token after draft j (row 0: after its last token), each processed as
+the one-token step at that position would be (min_tokens, bad words and penalties see the drafts
+before it). Every row picks its token as usual; the drafts are accepted while each equals the pick
+of the row before it, and the sequence gets the accepted drafts and the pick of the row after them
+(the correction, or with all accepted, the bonus token). Greedy, that is "while the draft is the
+argmax": the output is token for token the one-token-per-step output. Sampled, the pick is the
+exponential race argmax(p / E), E ~ Exp(1) per token, which makes it rejection sampling with a
+point-mass draft q = [d] (Leviathan et al.; a proposer's drafts are certain): the race picks d with
+probability p(d) (acceptance p(d) / q(d) = p(d)), and the race among the other tokens is independent
+of whether d wins, so on a rejection the pick is a draw from p without d, renormalised - exactly the
+residual max(p - q, 0). The output distribution is the model's. A seeded sequence's rows draw its
+generator's noise in order, one row per position as without drafts; the rows after a rejection give
+their noise back (the generator is rewound to just after the row that ended the sequence's tokens),
+so a seed gives the same tokens with speculation on or off, alone or in any batch.
 """
 from __future__ import annotations
 
@@ -36,10 +52,27 @@ class SamplingRow:
 
 @dataclass(frozen=True)
 class SampledTokens:
-    """One step's sampler output: a token per row, and its logprobs where the row asked for them."""
+    """One step's sampler output: a token per logit row, and its logprobs where the row asked for
+    them. Without drafts, row i is the i-th sequence that sampled; with drafts, `tokens(i)` and
+    `token_logprobs(i)` are sequence i's new tokens (the accepted drafts and the one after them)."""
     token_ids: list[int]
     logprobs: list[Optional[TokenLogprobs]]
-    failed_rows: tuple[int, ...] = ()  # rows with non-finite logits: their requests fail, the others go on
+    failed_rows: tuple[int, ...] = ()  # sequences (by index) whose scores were not finite: they fail, the others go on
+    first_rows: Optional[list[int]] = None  # per sequence, its first logit row; None: row i is sequence i
+    num_accepted: Optional[list[int]] = None  # per sequence, its drafts accepted; None: nobody had drafts
+
+    def tokens(self, i: int) -> list[int]:
+        if self.first_rows is None:
+            return [self.token_ids[i]]
+        first = self.first_rows[i]
+        return self.token_ids[first:first + 1 + self.num_accepted[i]]
+
+    def token_logprobs(self, i: int) -> Optional[list[TokenLogprobs]]:
+        """Sequence i's new tokens' logprobs; None if it did not ask for them."""
+        first = i if self.first_rows is None else self.first_rows[i]
+        if self.logprobs[first] is None:
+            return None
+        return self.logprobs[first:first + 1 + (0 if self.num_accepted is None else self.num_accepted[i])]
 
 
 def make_generator(seed: Optional[int], device: Union[torch.device, str]) -> torch.Generator:
@@ -65,31 +98,47 @@ class NonFiniteLogitsError(RuntimeError):
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     """Pick one token per row of `logits` [B, V]; rows[i] describes row i. Raises
     NonFiniteLogitsError for rows that cannot be sampled."""
-    return _checked(*_sample_on_device(logits, rows))
+    token_ids, finite, _ = _sample_on_device(logits, rows)
+    return _checked(token_ids, finite)
 
 
-def _sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's token, and whether the row could be sampled at all (see _rankable), on the device."""
+def _sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow], keep_states: frozenset[int] = frozenset()
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Each row's token, and whether the row could be sampled at all (see _rankable), on the device;
+    and for the seeded sampled rows in `keep_states`, their generator's state before their draw."""
     if not any(_needs_processing(row) for row in rows):  # all-greedy batch: no float copy, no Python per row
-        return logits.argmax(dim=-1), _rankable(logits)
+        return logits.argmax(dim=-1), _rankable(logits), {}
     scores = _penalized_scores(logits, rows)
     finite = _rankable(scores)
     token_ids = scores.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    states: dict[int, torch.Tensor] = {}
     if sampled:
         index = _on_device(sampled, scores.device)
         warped = _warp(scores[index], [rows[i].params for i in sampled])
-        token_ids[index] = _draw(warped, [rows[i].generator for i in sampled])
-    return token_ids, finite
+        keep = {j: i for j, i in enumerate(sampled) if i in keep_states}
+        token_ids[index], kept = _draw(warped, [rows[i].generator for i in sampled], frozenset(keep))
+        states = {keep[j]: state for j, state in kept.items()}
+    return token_ids, finite, states
 
 
 class SampledOnDevice:
     """One step's sampler output while it is still on the device. `token_ids` can feed the next
     step at once; the copy to the host starts here without waiting, and only `result()` waits for
-    it (on a GPU the host meanwhile prepares the next step)."""
+    it (on a GPU the host meanwhile prepares the next step).
 
-    def __init__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]):
-        self.token_ids, finite = _sample_on_device(logits, rows)
+    `rows` describe the logit rows. With `drafts` (a list per sequence that samples, in order),
+    sequence s has 1 + len(drafts[s]) consecutive rows, which verify its drafts (module docstring);
+    without, each row is a sequence of its own."""
+
+    def __init__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 drafts: Optional[Sequence[Sequence[int]]] = None):
+        self._drafts = drafts if drafts is not None and any(drafts) else None
+        # Seeded sampled rows after a sequence's first: where its generator is rewound to on a rejection.
+        rewind = frozenset(first + j for first, d in zip(_first_rows(self._drafts), self._drafts or ())
+                           for j in range(1, len(d) + 1)
+                           if rows[first].generator is not None and not rows[first].params.greedy)
+        self.token_ids, finite, self._states = _sample_on_device(logits, rows, rewind)
         self._rows = rows
         self._asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         on_device = [torch.stack([self.token_ids, finite.to(self.token_ids.dtype)])]
@@ -103,7 +152,9 @@ class SampledOnDevice:
             self._copied.record()
 
     def result(self) -> SampledTokens:
-        """The tokens and logprobs on the host; rows that could not be sampled in `failed_rows`."""
+        """The tokens and logprobs on the host; sequences that could not be sampled in `failed_rows`.
+        With drafts, also how many each sequence accepted (a seeded one's generator is rewound past
+        the rows it did not use)."""
         if self._copied is not None:
             self._copied.synchronize()
         tokens, ok = self._on_host[0].tolist()
@@ -111,7 +162,29 @@ class SampledOnDevice:
         if self._asking:
             values, ranks_and_ids = self._on_host[1].tolist(), self._on_host[2].tolist()
             _fill_logprobs(logprobs, self._rows, self._asking, tokens, values, ranks_and_ids)
-        return SampledTokens(tokens, logprobs, tuple(i for i, row_ok in enumerate(ok) if not row_ok))
+        if self._drafts is None:
+            return SampledTokens(tokens, logprobs, tuple(i for i, row_ok in enumerate(ok) if not row_ok))
+        first_rows = _first_rows(self._drafts)
+        accepted, failed = [], []
+        for s, (first, drafts) in enumerate(zip(first_rows, self._drafts)):
+            a = 0  # a row that could not be sampled ends the sequence's tokens (and fails it)
+            while a < len(drafts) and ok[first + a] and tokens[first + a] == drafts[a]:
+                a += 1
+            accepted.append(a)
+            if not ok[first + a]:
+                failed.append(s)
+            if first + a + 1 in self._states:  # seeded: the rows after the last one used drew for nothing
+                self._rows[first].generator.set_state(self._states[first + a + 1])
+        return SampledTokens(tokens, logprobs, tuple(failed), first_rows, accepted)
+
+
+def _first_rows(drafts: Optional[Sequence[Sequence[int]]]) -> list[int]:
+    """Each sequence's first logit row: a sequence with k drafts has k + 1 rows."""
+    firsts, row = [], 0
+    for d in drafts or ():
+        firsts.append(row)
+        row += 1 + len(d)
+    return firsts
 
 
 def sample_with_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
@@ -327,16 +400,22 @@ def _top_p(scores: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     return torch.full_like(scores, -math.inf).scatter_(1, top_ids, kept_scores)
 
 
-def _draw(scores: torch.Tensor, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+def _draw(scores: torch.Tensor, generators: Sequence[Optional[torch.Generator]],
+          keep_states: frozenset[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Sample each row: argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race).
 
     Noise for a seeded row comes only from its own generator, so its draw ignores the other rows.
+    Rows of one generator draw in row order; for the rows in `keep_states`, their generator's state
+    before the draw is returned (by row).
     """
     probs = scores.softmax(dim=-1)
     noise = torch.empty_like(probs)
+    states = {}
     if any(g is None for g in generators):
         noise.exponential_()  # one global-RNG draw for all unseeded rows; seeded rows overwrite theirs
     for row, generator in enumerate(generators):
         if generator is not None:
+            if row in keep_states:
+                states[row] = generator.get_state()
             noise[row].exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    return (probs / noise).argmax(dim=-1), states

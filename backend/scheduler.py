@@ -12,6 +12,14 @@ is scheduled (steps run in order on one device stream), and a sequence whose sam
 in flight gets a decode of that token (`PENDING_TOKEN`, filled in on the device by the runner). A
 sequence certain to stop at max_tokens gets no further step. `update()` later appends the tokens.
 
+Speculative decoding: a sequence may carry draft tokens (`draft_token_ids`, proposed by the engine
+core before `schedule()`: backend/speculative.py). Its decode is then a verify chunk, its last token
+and the drafts, every one needing logits; `update()` takes the accepted drafts and the token after
+them, rolls `num_computed` back to the tokens kept (the rejected drafts' K/V is overwritten later),
+gives back the blocks that held only rejected drafts, and names no block holding any. A sequence
+with drafts in flight gets no step until they are back (the engine core runs such steps one at a
+time).
+
 KV blocks are allocated as sequences grow. When the pool runs dry, the newest running sequence is
 preempted: its blocks go back (full ones stay cached as a prefix), it rejoins the front of the
 queue, and on resume its prompt and the tokens it had generated are computed again as a prefill,
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence as Seq, Union
 
 import torch
 
@@ -32,6 +40,7 @@ from .params import SamplingParams, blocks_for
 
 if TYPE_CHECKING:
     from .grammar import Grammar
+    from .speculative import Speculation
 
 # A chunk's token that is still being sampled by the step in flight; the runner feeds it to the
 # model from that step's sampled ids on the device.
@@ -54,6 +63,9 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
     grammar: Optional["Grammar"] = None  # its structured-outputs matcher, advanced by the engine core
+    speculation: Optional["Speculation"] = None  # speculative decoding's state (None: it does not speculate)
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed for the next step (schedule() takes them)
+    num_drafts_in_flight: int = 0  # drafts of the scheduled step being verified
 
     @property
     def num_output_tokens(self) -> int:
@@ -130,9 +142,12 @@ class Scheduler:
         for seq in by_kind:
             if budget == 0:
                 break
-            if seq not in self.running or seq.stops_in_flight:  # preempted earlier in this loop, or done
-                continue
+            if seq not in self.running or seq.stops_in_flight or seq.num_drafts_in_flight:
+                continue  # preempted earlier in this loop, done, or its drafts are still being verified
             n = min(seq.num_pending, budget)
+            # A decode with drafts verifies them: the budget may cut some.
+            drafts = seq.draft_token_ids[:budget - 1] if seq.num_pending == 1 and not seq.num_in_flight else []
+            n += len(drafts)
             victims = self._grow(seq, seq.num_computed + n)
             preempted += victims
             for victim in victims:  # a newer decode may already hold a chunk of this step
@@ -141,7 +156,7 @@ class Scheduler:
             if seq in victims:
                 continue
             budget -= n
-            chunks.append(self._chunk(seq, n))
+            chunks.append(self._chunk(seq, n, drafts))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             # A sequence preempted with a token in flight waits for it (first come, first served).
@@ -156,28 +171,43 @@ class Scheduler:
             seq, chunk = scheduled.seq, scheduled.chunk
             seq.num_computed = chunk.start + len(chunk.token_ids)
             seq.num_in_flight += chunk.needs_logits
+            seq.num_drafts_in_flight = chunk.num_drafts
+        for seq in self.running:  # drafts are proposed for one step only
+            seq.draft_token_ids = []
         return SchedulerOutput(chunks, preempted)
 
-    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int]]:
+    def update(self, output: SchedulerOutput, sampled: Seq[Union[int, Seq[int]]]) -> list[tuple[Sequence, int, int]]:
         """Apply a computed step: append each sampled token (sampled[i] for the i-th chunk that
-        needs logits), name the blocks now full for prefix reuse, and finish sequences that reached
-        a stop. Sequences finished meanwhile (cancelled, or failed by their own step) are left
-        alone; a preempted one keeps its token (it is valid). Returns (sequence, i) for each
-        sequence that got token i."""
-        appended = []
-        for i, seq in enumerate(c.seq for c in output.chunks if c.needs_logits):
+        needs logits; for a verify chunk, the list of its accepted drafts and the token after them),
+        name the blocks now full for prefix reuse, and finish sequences that reached a stop (a stop
+        among a verify chunk's tokens drops those after it). Sequences finished meanwhile (cancelled,
+        or failed by their own step) are left alone; a preempted one keeps its tokens (they are
+        valid). Returns (sequence, i, n) for each sequence that got the first n tokens of sampled[i]."""
+        appended, stops = [], {}
+        for i, scheduled in enumerate(c for c in output.chunks if c.needs_logits):
+            seq = scheduled.seq
             seq.num_in_flight -= 1
-            if seq.finish_reason is None:
-                seq.token_ids.append(sampled[i])
-                appended.append((seq, i))
+            seq.num_drafts_in_flight = 0
+            if seq.finish_reason is not None:
+                continue
+            tokens = [sampled[i]] if isinstance(sampled[i], int) else sampled[i]
+            n = 0
+            for token in tokens:
+                seq.token_ids.append(token)
+                n += 1
+                reason = stop_reason(seq, token)
+                if reason is not None:
+                    stops[seq] = reason
+                    break
+            appended.append((seq, i, n))
+            if scheduled.chunk.num_drafts:
+                self._drop_rejected(seq)
         for scheduled in output.chunks:
             seq = scheduled.seq
             if seq.finish_reason is None and seq.block_table:  # running: not finished, not preempted
                 self._name_full_blocks(seq, first=scheduled.chunk.start // self.block_size)
-        for seq, i in appended:
-            reason = stop_reason(seq, sampled[i])
-            if reason is not None:
-                self.finish(seq, reason)
+        for seq, reason in stops.items():
+            self.finish(seq, reason)
         return appended
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -228,22 +258,35 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft_token_ids = []
         self._release(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _drop_rejected(self, seq: Sequence) -> None:
+        """After a verify chunk: only the K/V of the tokens kept counts as computed (every token but
+        the newest, which the next step computes), and blocks past the one that position needs go
+        back; they held rejected drafts only and were never named."""
+        seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
+        if seq.block_table:  # not preempted
+            keep = blocks_for(len(seq.token_ids), self.block_size)
+            if len(seq.block_table) > keep:
+                self.pool.release(seq.block_table[keep:])
+                del seq.block_table[keep:]
 
     def _release(self, seq: Sequence) -> None:
         if seq.block_table:
             self.pool.release(seq.block_table)
             seq.block_table = []
 
-    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
-        end = seq.num_computed + n
+    def _chunk(self, seq: Sequence, n: int, drafts: Seq[int] = ()) -> ScheduledChunk:
+        """The next n tokens of `seq` from num_computed; with drafts, its last token and the drafts."""
+        end = seq.num_computed + n - len(drafts)
         token_ids = seq.token_ids[seq.num_computed:end]
-        token_ids += [PENDING_TOKEN] * (n - len(token_ids))  # a decode of the token in flight
-        return ScheduledChunk(seq, SeqChunk(token_ids, seq.num_computed, list(seq.block_table),
-                                            needs_logits=end == seq.num_tokens),
+        token_ids += [PENDING_TOKEN] * (end - seq.num_computed - len(token_ids))  # a decode of the token in flight
+        return ScheduledChunk(seq, SeqChunk(token_ids + list(drafts), seq.num_computed, list(seq.block_table),
+                                            needs_logits=end == seq.num_tokens, num_drafts=len(drafts)),
                               num_output_tokens=seq.num_tokens - seq.num_prompt_tokens)
 
     def _extend_hashes(self, seq: Sequence, num_tokens: int) -> None:

@@ -134,7 +134,7 @@ BACKEND_LAYERS = (
     ("engine_process",),  # the core in a process of its own
     ("engine_core",),  # scheduler + runner + the engine thread
     ("runner", "graphs", "scheduler", "kv_cache", "sampling", "grammar", "step_times", "outputs", "tokenizer",
-     "te.runner"),
+     "te.runner", "speculative"),
     ("model", "weights", "te.model", "te.layers"),  # the models and their weights
     ("attention", "batch", "rope"),  # the attention backends and the step layout
     ("kernels",),  # Triton-language kernels: nothing of the engine

@@ -55,10 +55,13 @@ AttentionMetadata = Union[Decodes, list[AttentionGroup], VarlenLayout]
 @dataclass
 class StepLayout:
     """Where the step's flattened tokens sit: their positions, cache slots, which rows need logits
-    (the last token of each sequence that samples this step), and the attention backend's metadata."""
+    (the last token of each sequence that samples this step, and every draft of a verify chunk with
+    the token before them), and the attention backend's metadata."""
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
-    logit_rows: Optional[torch.Tensor]  # [S]; None: every row (a graph-captured decode step)
+    # [L] the rows whose logits the model returns, in order: each sampling chunk's last row, and a
+    # verify chunk's last 1 + num_drafts rows; None: every row (a graph-captured decode step)
+    logit_rows: Optional[torch.Tensor]
     attention: AttentionMetadata
     # Fixed-shape graph steps (graphs.py) only: False for padding rows, which must not write K/V.
     row_valid: Optional[torch.Tensor] = None
@@ -66,16 +69,17 @@ class StepLayout:
 
 def grouped_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevice,
                    windows: set[int | None]) -> tuple[torch.Tensor, StepLayout]:
-    """Decodes (one new token) share one batched group, each longer chunk gets its own; a
-    decode-only step is `Decodes`. Masks for each of `windows` (none: the kernels need none)."""
+    """Decodes (one new token) share one batched group, verify chunks of the same length another,
+    each prefill chunk gets its own; a decode-only step is `Decodes`. Masks for each of `windows`
+    (none: the kernels need none)."""
     token_ids, logit_rows, decodes, prefills = [], [], [], []
+    verifies: dict[int, list] = {}  # verify chunks (speculative decoding) of the same length attend together
     for chunk in chunks:
         row, n = len(token_ids), len(chunk.token_ids)
         token_ids += chunk.token_ids
-        if chunk.needs_logits:
-            logit_rows.append(row + n - 1)
-        (decodes if n == 1 else prefills).append((row, chunk))
-    members = [[p] for p in prefills] + ([decodes] if decodes else [])
+        logit_rows.extend(range(row + n - chunk.num_logit_rows, row + n))
+        (decodes if n == 1 else verifies.setdefault(n, []) if chunk.num_drafts else prefills).append((row, chunk))
+    members = [[p] for p in prefills] + list(verifies.values()) + ([decodes] if decodes else [])
     # Host side: per group, its block tables (padded with block 0, masked out), rows, starts, lengths.
     parts, shapes = [token_ids, logit_rows], []
     for group in members:
@@ -89,7 +93,7 @@ def grouped_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevi
 
     device_ids, device_rows, tables_etc = on_device[0], on_device[1], on_device[2:]
     groups = [_group(*tables_etc[4 * i:4 * i + 4], *shape, block_size, windows) for i, shape in enumerate(shapes)]
-    if not prefills:  # rows are the sequences in order: no scatter
+    if not prefills and not verifies:  # rows are the sequences in order: no scatter
         group, (q_pos, new_slots) = groups[0]
         return device_ids, StepLayout(positions=q_pos[:, 0], slot_mapping=new_slots[:, 0], logit_rows=device_rows,
                                       attention=Decodes(group.kv_slots, group.masks))
@@ -152,8 +156,7 @@ def varlen_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevic
         row, n, start = len(token_ids), len(chunk.token_ids), chunk.start
         q_starts.append(row)
         token_ids += chunk.token_ids
-        if chunk.needs_logits:
-            logit_rows.append(row + n - 1)
+        logit_rows.extend(range(row + n - chunk.num_logit_rows, row + n))
         positions.extend(range(start, start + n))
         pos = start
         while pos < start + n:  # one run of consecutive slots per cache block

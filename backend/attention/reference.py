@@ -103,10 +103,10 @@ class TorchAttention:
             out = attend(q[:B].view(B, 1, *q.shape[1:]), k_slots[meta.kv_slots], v_slots[meta.kv_slots],
                          meta.masks[layer.window], layer.scale, layer.softcap)[:, 0]
             return out if B == T else F.pad(out, (0, 0, 0, 0, 0, T - B))
-        if len(meta) == 1 and meta[0].q_index.numel() == T:  # one prefill chunk: no scatter
+        if len(meta) == 1 and meta[0].q_index.numel() == T:  # one prefill chunk (or verify chunks): no scatter
             g = meta[0]
             return attend(q.view(*g.q_index.shape, *q.shape[1:]), k_slots[g.kv_slots], v_slots[g.kv_slots],
-                          g.masks[layer.window], layer.scale, layer.softcap).view(q.shape)
+                          g.masks[layer.window], layer.scale, layer.softcap).reshape(q.shape)
         out = torch.zeros_like(q) if T > layout.slot_mapping.shape[0] else torch.empty_like(q)
         for g in meta:
             out[g.q_index] = attend(q[g.q_index], k_slots[g.kv_slots], v_slots[g.kv_slots], g.masks[layer.window],

@@ -100,6 +100,9 @@ SAMPLING_FIELDS: tuple[SamplingField, ...] = (
                   "optional `disable_any_whitespace` and `disable_additional_properties` (docs/structured-outputs.md). "
                   "A JSON string of the object is read too (request parameters hold no objects)",
                   nullable=True),
+    SamplingField("speculate", bool, True,
+                  "false: this request does not take part in the server's speculative decoding (if it has any); "
+                  "the tokens are the same either way"),
 )
 # Older names of sampling keys that clients still send (vLLM before 0.11 called it guided_decoding).
 KEY_ALIASES = {"guided_decoding": "structured_outputs"}

@@ -1,0 +1,169 @@
+"""Speculative decoding: guessing a sequence's next tokens so that one step can verify several.
+
+Before a step, the engine core asks the proposer for each speculating sequence's drafts (its guess
+of the tokens that follow); the scheduler gives that sequence a verify chunk (its last token and the
+drafts, all needing logits), the sampler accepts the longest prefix of drafts that the model's own
+choice agrees with and adds the model's next token after it (backend/sampling.py), and the scheduler
+rolls back the K/V of what was rejected. The output is what the sequence would have generated one
+token per step; only the number of steps changes.
+
+A proposer is one small interface (`Proposer`): `start` a sequence's state when it is added,
+`propose` up to n tokens from its tokens so far. One is built:
+- `NgramProposer` (vLLM's method "ngram", prompt lookup): the tokens that followed the most recent
+  earlier occurrence of the sequence's last n tokens, the longest n in [prompt_lookup_min,
+  prompt_lookup_max] that occurs, on the host from the token ids. Edits, summaries that quote, code that
+  repeats its identifiers: the output copies spans of the context, and the spans are found here.
+A proposer with a model of its own (a draft model, EAGLE-style heads) would rather propose for a
+step's speculating sequences at once, on the device: the engine core asks per sequence today, and
+such a proposer would get a batch method beside `propose`.
+
+Adaptive (`Speculation`): each sequence tracks how many of its drafts a verify step accepts (an
+exponential average). It proposes one more than that average, up to num_speculative_tokens, so
+drafts that keep failing cost fewer verify rows; and a sequence whose average stays low, or whose
+lookups keep finding nothing, pauses speculating for a while (doubling each time), so text with
+nothing to look up runs as it would without speculation: no verify rows to compute and, on a GPU,
+overlapped steps again (a speculating sequence runs its steps one at a time: engine_core.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Protocol, Sequence as Seq
+
+from .params import SpeculativeConfig
+
+# Adaptivity: an exponential average of the drafts accepted per verify step, after at least
+# MIN_VERIFIES of them; below ACCEPT_FLOOR (or after MAX_MISSES lookups in a row that found nothing)
+# the sequence stops proposing for `pause` output tokens, FIRST_PAUSE at first, doubled each time up to
+# MAX_PAUSE. Measured on the 2-core CPU, Gemma 3 270M at context 500: a verify step of 1 + 2 tokens costs
+# ~1.2-1.4x a decode step alone, 1.4x for 8 sequences at once (1 + 4 tokens: 1.5x and 1.9x); it yields
+# 1 + the accepted drafts, so half a token accepted a step about pays for it. On a GPU at small
+# batch a verify step costs about what a decode step does.
+ACCEPT_EMA = 0.3  # weight of the newest verify step
+ACCEPT_FLOOR = 0.5
+MIN_VERIFIES = 4
+MAX_MISSES = 8
+FIRST_PAUSE = 16
+MAX_PAUSE = 256
+# Occurrences of the last prompt_lookup_min tokens examined per lookup, most recent first: bounds a
+# lookup's cost in text where a short n-gram recurs thousands of times.
+MAX_CANDIDATES = 16
+
+
+@dataclass(frozen=True)
+class SpecDecodeStats:
+    """Since the engine started (engine.stats().spec_decode), with vLLM's spec_decode_* meanings: a
+    draft is one sequence's proposal verified in one step."""
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()  # [i]: drafts whose i-th token (0-based) was accepted
+
+    def plus(self, num_draft_tokens: int, num_accepted: int, positions: int) -> "SpecDecodeStats":
+        per_pos = list(self.num_accepted_tokens_per_pos) + [0] * (positions - len(self.num_accepted_tokens_per_pos))
+        for i in range(num_accepted):
+            per_pos[i] += 1
+        return replace(self, num_drafts=self.num_drafts + 1, num_draft_tokens=self.num_draft_tokens + num_draft_tokens,
+                       num_accepted_tokens=self.num_accepted_tokens + num_accepted,
+                       num_accepted_tokens_per_pos=tuple(per_pos))
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+
+@dataclass
+class Speculation:
+    """One sequence's speculation: its proposer's state and how its drafts have fared."""
+    state: object  # the proposer's (NgramProposer: a NgramIndex)
+    max_drafts: int  # num_speculative_tokens
+    accepted_avg: float = -1.0  # drafts accepted per verify step, exponentially averaged (at first: all of them)
+    num_verifies: int = 0
+    misses: int = 0  # lookups in a row that proposed nothing
+    paused_until: int = 0  # proposes again once the sequence has this many output tokens
+    pause: int = FIRST_PAUSE
+
+    def __post_init__(self) -> None:
+        self.accepted_avg = float(self.max_drafts)
+
+    def active(self, num_output_tokens: int) -> bool:
+        return num_output_tokens >= self.paused_until
+
+    @property
+    def num_drafts(self) -> int:
+        """Drafts to propose next: one more than the average accepted (rounded), within
+        num_speculative_tokens; a sequence whose drafts are all accepted proposes more."""
+        return max(1, min(self.max_drafts, round(self.accepted_avg) + 1))
+
+    def record_miss(self, num_output_tokens: int) -> None:
+        self.misses += 1
+        if self.misses >= MAX_MISSES:
+            self._pause(num_output_tokens)
+
+    def record_verify(self, num_accepted: int, num_output_tokens: int) -> None:
+        self.misses = 0
+        self.num_verifies += 1
+        self.accepted_avg += ACCEPT_EMA * (num_accepted - self.accepted_avg)
+        if self.num_verifies >= MIN_VERIFIES and self.accepted_avg < ACCEPT_FLOOR:
+            self._pause(num_output_tokens)
+
+    def _pause(self, num_output_tokens: int) -> None:
+        self.paused_until = num_output_tokens + self.pause
+        self.pause = min(2 * self.pause, MAX_PAUSE)
+        # Back on probation: a few verifies decide again.
+        self.misses, self.num_verifies, self.accepted_avg = 0, 0, float(self.max_drafts)
+
+
+class Proposer(Protocol):
+    def start(self, token_ids: Seq[int]) -> object:
+        """A new sequence's proposer state (its prompt's tokens so far)."""
+
+    def propose(self, state: object, token_ids: Seq[int], max_tokens: int) -> list[int]:
+        """At most `max_tokens` guesses of the tokens after `token_ids` (the sequence's tokens so far,
+        which only grow between calls); [] when there is nothing to propose."""
+
+
+@dataclass
+class NgramIndex:
+    """Where each n-gram of prompt_lookup_min tokens ended in a sequence, indexed as it grows."""
+    ends: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+    num_indexed: int = 0  # n-grams ending before this position are in `ends`
+
+
+class NgramProposer:
+    """Prompt lookup over the sequence's own tokens (prompt and output), on the host."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def start(self, token_ids: Seq[int]) -> NgramIndex:
+        return NgramIndex()
+
+    def propose(self, state: NgramIndex, token_ids: Seq[int], max_tokens: int) -> list[int]:
+        n, length = self.min_n, len(token_ids)
+        if length <= n or max_tokens < 1:
+            return []
+        # Index every n-gram that ends before the last token: those are the earlier occurrences.
+        ends = state.ends
+        for end in range(max(state.num_indexed, n - 1), length - 1):
+            ends.setdefault(tuple(token_ids[end - n + 1:end + 1]), []).append(end)
+        state.num_indexed = length - 1
+        found = ends.get(tuple(token_ids[length - n:]))
+        if not found:
+            return []
+        best, best_len = -1, 0
+        for end in reversed(found[-MAX_CANDIDATES:]):  # most recent first: a tie keeps the most recent
+            matched = n
+            while (matched < self.max_n and end - matched >= 0
+                   and token_ids[end - matched] == token_ids[length - 1 - matched]):
+                matched += 1
+            if matched > best_len:
+                best, best_len = end, matched
+                if matched == self.max_n:
+                    break
+        return list(token_ids[best + 1:best + 1 + max_tokens])
+
+
+def make_proposer(config: SpeculativeConfig) -> Proposer:
+    if config.method == "ngram":
+        return NgramProposer(config)
+    raise ValueError(f"speculative_config: method {config.method!r} has no proposer")
