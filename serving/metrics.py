@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import triton_python_backend_utils as pb_utils
 
+from backend.params import MAX_SPECULATIVE_TOKENS
+
 OUTCOMES = ("success", "cancelled", "invalid", "overloaded", "error")
 ENGINE_STATES = ("serving", "restarting", "failed")
 # Our finish reasons under vLLM's names (its FinishReason): a cancelled request is vLLM's "abort".
@@ -38,6 +40,10 @@ VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
 TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+# Speculative decoding's draft positions (0-based, as vLLM's `position` label): one series each.
+DRAFT_POSITIONS = tuple(str(i) for i in range(MAX_SPECULATIVE_TOKENS))
+SPEC_DECODE = {"spec_drafts": "num_drafts", "spec_draft_tokens": "num_draft_tokens",
+               "spec_accepted": "num_accepted_tokens"}  # quantity -> EngineStats.spec_decode's field
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,20 @@ FAMILIES = (
     Family("running", "vllm:num_requests_running", GAUGE, "Sequences being decoded"),
     Family("waiting", "gemma_queue_depth", GAUGE, "Requests waiting for a slot"),
     Family("waiting", "vllm:num_requests_waiting", GAUGE, "Requests waiting for a batch slot or KV cache blocks"),
+    # Speculative decoding (EngineConfig.speculative_config); a draft is one sequence's proposal verified in one step.
+    Family("spec_drafts", "gemma_spec_decode_drafts_total", COUNTER, "Speculative decoding: drafts verified"),
+    Family("spec_drafts", "vllm:spec_decode_num_drafts_total", COUNTER, "Number of spec decoding drafts"),
+    Family("spec_draft_tokens", "gemma_spec_decode_draft_tokens_total", COUNTER,
+           "Speculative decoding: draft tokens proposed"),
+    Family("spec_draft_tokens", "vllm:spec_decode_num_draft_tokens_total", COUNTER, "Number of draft tokens"),
+    Family("spec_accepted", "gemma_spec_decode_accepted_tokens_total", COUNTER,
+           "Speculative decoding: draft tokens accepted"),
+    Family("spec_accepted", "vllm:spec_decode_num_accepted_tokens_total", COUNTER, "Number of accepted tokens"),
+    Family("spec_accepted_per_pos", "gemma_spec_decode_accepted_tokens_per_pos_total", COUNTER,
+           "Speculative decoding: drafts whose token at this position (0-based) was accepted",
+           per=("position", DRAFT_POSITIONS)),
+    Family("spec_accepted_per_pos", "vllm:spec_decode_num_accepted_tokens_per_pos_total", COUNTER,
+           "Accepted tokens per draft position", per=("position", DRAFT_POSITIONS)),
     # By the model itself (GemmaMetrics.count_engine_restart, set_health).
     Family("engine_restarts", "gemma_engine_restarts_total", COUNTER,
            "Engine processes started again after one died or stopped answering"),
@@ -145,7 +165,8 @@ class GemmaMetrics:
                 series = {value: family.Metric(labels={**labels, label: value}, **options) for value in values}
             self._series.setdefault(f.quantity, []).append(series)
         # The engine counts these itself; the counters advance by what it added since the last update.
-        self._engine_totals = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+        self._engine_totals = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0, **dict.fromkeys(SPEC_DECODE, 0)}
+        self._accepted_per_pos = [0] * len(DRAFT_POSITIONS)
         self._engine_state: str | None = None  # as last exported
 
     def record(self, r: RequestRecord) -> None:
@@ -170,13 +191,21 @@ class GemmaMetrics:
         self._set("kv_total", kv.total_blocks)
         self._set("kv_cached", kv.cached_blocks)
         self._set("kv_usage", kv.used_blocks / kv.total_blocks)
+        spec = stats.spec_decode
         for quantity, total in (("prefix_queries", stats.prefix_cache.queries),
-                                ("prefix_hits", stats.prefix_cache.hits), ("preemptions", stats.num_preemptions)):
+                                ("prefix_hits", stats.prefix_cache.hits), ("preemptions", stats.num_preemptions),
+                                *((quantity, getattr(spec, name)) for quantity, name in SPEC_DECODE.items())):
             if total < self._engine_totals[quantity]:  # a restarted engine counts from 0 again
                 self._engine_totals[quantity] = 0
             if total > self._engine_totals[quantity]:
                 self._add(quantity, total - self._engine_totals[quantity])
                 self._engine_totals[quantity] = total
+        for position, total in enumerate(spec.num_accepted_tokens_per_pos[:len(DRAFT_POSITIONS)]):
+            if total < self._accepted_per_pos[position]:
+                self._accepted_per_pos[position] = 0
+            if total > self._accepted_per_pos[position]:
+                self._add("spec_accepted_per_pos", total - self._accepted_per_pos[position], key=DRAFT_POSITIONS[position])
+                self._accepted_per_pos[position] = total
         self._set("running", stats.num_running)
         self._set("waiting", stats.num_waiting)
 
