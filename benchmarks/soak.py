@@ -2,14 +2,16 @@
 model's stub and engine processes.
 
     python -m benchmarks.soak [--requests 3000] [--concurrency 16] [--cancel 0.3] [--max-tokens 4,12]
-                              [--warmup 300] [--checkpoint DIR] [--seed 0] [--out results]
+                              [--constrained 0] [--warmup 300] [--checkpoint DIR] [--seed 0] [--out results]
 
 `--requests` streamed requests (gemma_client.AsyncGemmaClient, one gRPC channel) from `--concurrency`
 closed-loop clients, each with a random prompt (half of them a question alone, half with 1 to 20
 sentences of context before it: 5 to ~400 tokens), random max_tokens and a random sampling setting
 (greedy, top-p, top-k, repetition penalty, stop strings, half of them seeded). A `--cancel` fraction is
 cancelled by the client: half of those before their first token (a random wait of up to 50 ms, the
-time a prefill takes here), the rest after a random number of tokens. Then:
+time a prefill takes here), the rest after a random number of tokens. A `--constrained` fraction
+carries a structured-outputs constraint (a JSON schema, a regex, a choice or any JSON object: issue
+#26's soak), compiled by the engine beside its loop and cancelled like the others. Then:
 - accounting: the model's KV blocks, running and waiting requests back to 0; every request Triton
   handed the model finished and counted once; its counters equal to what the clients saw, up to two
   races reported as such: a cancel that crossed the final response on the wire (a success on the
@@ -58,6 +60,16 @@ CONTEXT = ("The river bends around the old mill, where the miller keeps his acco
            "Light from the sun is scattered by the molecules of the air, blue light more than red.",
            "She packed two apples, a map of the coast and a notebook full of half-finished poems.")
 FIRST_TOKEN_WAIT_S = 0.05
+CONSTRAINT_MIX = (
+    {"json": {"type": "object", "required": ["answer", "confidence"], "additionalProperties": False,
+              "properties": {"answer": {"type": "string", "maxLength": 40},
+                             "confidence": {"enum": ["low", "medium", "high"]}}}},
+    {"json": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "maxItems": 4},
+     "disable_any_whitespace": True},
+    {"regex": r"[A-Z][a-z]{2,8}( [a-z]{2,8}){0,3}\."},
+    {"choice": ["yes", "no", "maybe"]},
+    {"json_object": True},
+)
 GOALS = {"rss_growth_after_warmup": 0.05, "rss_growth_last_half": 0.01}
 
 
@@ -112,10 +124,12 @@ def rss(pid: int, requests_done: int, start: float) -> RssSample:
 
 
 async def one_request(client, rng: random.Random, index: int, max_tokens: tuple[int, int], cancel_fraction: float,
-                      tally: ClientTally) -> None:
+                      tally: ClientTally, constrained_fraction: float = 0.0) -> None:
     sampling = {**rng.choice(SAMPLING_MIX), "max_tokens": rng.randint(*max_tokens)}
     if sampling["temperature"] > 0 and rng.random() < 0.5:
         sampling["seed"] = index
+    if rng.random() < constrained_fraction:
+        sampling["structured_outputs"] = rng.choice(CONSTRAINT_MIX)
     cancel = rng.random() < cancel_fraction
     first_token_wait = rng.uniform(0, FIRST_TOKEN_WAIT_S) if cancel and rng.random() < 0.5 else None
     stop_after = rng.randint(1, max(sampling["max_tokens"] - 1, 1)) if cancel else None
@@ -150,7 +164,7 @@ async def one_request(client, rng: random.Random, index: int, max_tokens: tuple[
 
 
 async def run_load(url: str, num_requests: int, concurrency: int, cancel_fraction: float,
-                   max_tokens: tuple[int, int], seed: int, on_done=None) -> ClientTally:
+                   max_tokens: tuple[int, int], seed: int, on_done=None, constrained_fraction: float = 0.0) -> ClientTally:
     """The closed-loop load; `on_done(requests_done)` is called after each request."""
     from gemma_client import AsyncGemmaClient
 
@@ -162,7 +176,8 @@ async def run_load(url: str, num_requests: int, concurrency: int, cancel_fractio
         async def worker() -> None:
             nonlocal done
             for index in indices:
-                await one_request(client, random.Random(seed * 1_000_003 + index), index, max_tokens, cancel_fraction, tally)
+                await one_request(client, random.Random(seed * 1_000_003 + index), index, max_tokens, cancel_fraction,
+                                  tally, constrained_fraction)
                 done += 1
                 if on_done is not None:
                     on_done(done)
@@ -238,6 +253,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--cancel", type=float, default=0.3, help="fraction of requests the client cancels")
     parser.add_argument("--max-tokens", default="4,12", help="max_tokens is drawn from this range, inclusive")
+    parser.add_argument("--constrained", type=float, default=0.0,
+                        help="fraction of requests with a structured-outputs constraint (CONSTRAINT_MIX)")
     parser.add_argument("--warmup", type=int, help="requests before the memory baseline (default: 10%%)")
     parser.add_argument("--checkpoint", help="HF checkpoint directory (default: the packaged Gemma 3 270M)")
     parser.add_argument("--seed", type=int, default=0)
@@ -273,12 +290,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                       f"(anon {s.anon_mib:.0f}, shared {s.shmem_mib:.0f})", file=sys.stderr, flush=True)
 
         tally = asyncio.run(run_load(server.grpc_url, args.requests, args.concurrency, args.cancel, (low, high),
-                                     args.seed, on_done))
+                                     args.seed, on_done, args.constrained))
         wall = time.monotonic() - start
         gauges = wait_until_idle(server, before)
         samples.append(rss(pid, args.requests, start))
         after = outcome_counts(server)
         report = {"requests": args.requests, "concurrency": args.concurrency, "cancel_fraction": args.cancel,
+                  "constrained_fraction": args.constrained,
                   "max_tokens": [low, high], "warmup": warmup, "seconds": round(wall, 1),
                   **accounting(args.requests, tally, {k: after[k] - before[k] for k in after}, gauges),
                   "memory": memory_report(samples, warmup, args.requests)}
