@@ -359,7 +359,8 @@ class EngineCore:
             num_drafts = scheduled.chunk.num_drafts
             if num_drafts:
                 self._spec_decode = self._spec_decode.plus(num_drafts, accepted, positions)
-                scheduled.seq.speculation.record_verify(accepted, scheduled.seq.num_output_tokens)
+                scheduled.seq.speculation.record_verify(num_drafts, accepted, scheduled.seq.num_output_tokens,
+                                                        len(self.scheduler.running))
 
     def _fail_step(self, output: SchedulerOutput, exc: Exception) -> None:
         log.error("engine step failed", exc_info=exc)

@@ -17,12 +17,15 @@ A proposer with a model of its own (a draft model, EAGLE-style heads) would rath
 step's speculating sequences at once, on the device: the engine core asks per sequence today, and
 such a proposer would get a batch method beside `propose`.
 
-Adaptive (`Speculation`): each sequence tracks how many of its drafts a verify step accepts (an
-exponential average). It proposes one more than that average, up to num_speculative_tokens, so
-drafts that keep failing cost fewer verify rows; and a sequence whose average stays low, or whose
-lookups keep finding nothing, pauses speculating for a while (doubling each time), so text with
-nothing to look up runs as it would without speculation: no verify rows to compute and, on a GPU,
-overlapped steps again (a speculating sequence runs its steps one at a time: engine_core.py).
+Adaptive (`Speculation`): each sequence tracks how many of its drafts a verify step accepts, and
+which fraction of them (exponential averages). It proposes one more than the average accepted, up to
+num_speculative_tokens, so drafts that keep failing cost fewer verify rows; and a sequence whose
+drafts stay unrewarding, or whose lookups keep finding nothing, pauses speculating for a while
+(doubling each time), so text with nothing to look up runs as it would without speculation: no
+verify rows to compute and, on a GPU, overlapped steps again (a speculating sequence runs its steps
+one at a time: engine_core.py). What counts as unrewarding grows with the batch: alone, a sequence's
+step costs about the same with a few more rows, so any accepted draft is a gain; beside others, its
+rejected drafts' rows add to a step every sequence waits for.
 """
 from __future__ import annotations
 
@@ -31,16 +34,21 @@ from typing import Optional, Protocol, Sequence as Seq
 
 from .params import SpeculativeConfig
 
-# Adaptivity: an exponential average of the drafts accepted per verify step, after at least
-# MIN_VERIFIES of them; below ACCEPT_FLOOR (or after MAX_MISSES lookups in a row that found nothing)
-# the sequence stops proposing for `pause` output tokens, FIRST_PAUSE at first, doubled each time up to
-# MAX_PAUSE. Measured on the 2-core CPU, Gemma 3 270M at context 500: a verify step of 1 + 2 tokens costs
-# ~1.2-1.4x a decode step alone, 1.4x for 8 sequences at once (1 + 4 tokens: 1.5x and 1.9x); it yields
-# 1 + the accepted drafts, so half a token accepted a step about pays for it. On a GPU at small
-# batch a verify step costs about what a decode step does.
-ACCEPT_EMA = 0.3  # weight of the newest verify step
+# Adaptivity: exponential averages of the drafts accepted per verify step and of the fraction of its
+# drafts accepted, after at least MIN_VERIFIES steps. Below ACCEPT_FLOOR accepted a step, or below
+# rate_floor(running sequences) accepted a draft (or after MAX_MISSES lookups in a row that found
+# nothing), the sequence stops proposing for `pause` output tokens, FIRST_PAUSE at first, doubled each
+# time up to MAX_PAUSE. Measured on the 2-core CPU, Gemma 3 270M at context 500: a verify step of 1 + 2
+# tokens costs ~1.2-1.4x a decode step alone, 1.4x for 8 sequences at once (1 + 4 tokens: 1.5x and
+# 1.9x); alone it yields 1 + the accepted drafts, so half a token accepted a step about pays for it.
+# With 8 sequences, drafts accepted at a rate of 0.37 (the sampled "free" workload of
+# benchmarks/speculative.py) made the runs 0.85-0.92x as fast; at 0.9 (the edit workload) 1.0-1.5x.
+# RATE_FLOOR * (1 - 1/running) is 0 alone and 0.44 for 8. On a GPU at small batch a verify step costs
+# about what a decode step does, and the floors are conservative there.
+ACCEPT_EMA = 0.5  # weight of the newest verify step
 ACCEPT_FLOOR = 0.5
-MIN_VERIFIES = 4
+RATE_FLOOR = 0.5
+MIN_VERIFIES = 3
 MAX_MISSES = 8
 FIRST_PAUSE = 16
 MAX_PAUSE = 256
@@ -77,6 +85,7 @@ class Speculation:
     state: object  # the proposer's (NgramProposer: a NgramIndex)
     max_drafts: int  # num_speculative_tokens
     accepted_avg: float = -1.0  # drafts accepted per verify step, exponentially averaged (at first: all of them)
+    rate_avg: float = 1.0  # the fraction of a verify step's drafts accepted, exponentially averaged
     num_verifies: int = 0
     misses: int = 0  # lookups in a row that proposed nothing
     paused_until: int = 0  # proposes again once the sequence has this many output tokens
@@ -99,18 +108,26 @@ class Speculation:
         if self.misses >= MAX_MISSES:
             self._pause(num_output_tokens)
 
-    def record_verify(self, num_accepted: int, num_output_tokens: int) -> None:
+    def record_verify(self, num_drafts: int, num_accepted: int, num_output_tokens: int, num_running: int = 1) -> None:
+        """A verify step of `num_drafts` drafts accepted `num_accepted`, in a batch of `num_running` sequences."""
         self.misses = 0
         self.num_verifies += 1
         self.accepted_avg += ACCEPT_EMA * (num_accepted - self.accepted_avg)
-        if self.num_verifies >= MIN_VERIFIES and self.accepted_avg < ACCEPT_FLOOR:
+        self.rate_avg += ACCEPT_EMA * (num_accepted / num_drafts - self.rate_avg)
+        if self.num_verifies >= MIN_VERIFIES and (self.accepted_avg < ACCEPT_FLOOR
+                                                  or self.rate_avg < rate_floor(num_running)):
             self._pause(num_output_tokens)
 
     def _pause(self, num_output_tokens: int) -> None:
         self.paused_until = num_output_tokens + self.pause
         self.pause = min(2 * self.pause, MAX_PAUSE)
         # Back on probation: a few verifies decide again.
-        self.misses, self.num_verifies, self.accepted_avg = 0, 0, float(self.max_drafts)
+        self.misses, self.num_verifies, self.accepted_avg, self.rate_avg = 0, 0, float(self.max_drafts), 1.0
+
+
+def rate_floor(num_running: int) -> float:
+    """The fraction of drafts a sequence must have accepted to keep speculating beside `num_running` - 1 others."""
+    return RATE_FLOOR * (1 - 1 / max(num_running, 1))
 
 
 class Proposer(Protocol):

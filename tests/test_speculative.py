@@ -95,17 +95,23 @@ def test_a_sequence_whose_drafts_keep_failing_pauses_then_tries_again():
 
     def failures_until_paused(at):
         for n in range(1, 20):
-            spec.record_verify(0, num_output_tokens=at)
+            spec.record_verify(spec.num_drafts, 0, num_output_tokens=at)
             if not spec.active(at):
                 return n
-    assert MIN_VERIFIES <= failures_until_paused(10) <= 8
+    assert MIN_VERIFIES <= failures_until_paused(10) <= 6
     assert not spec.active(10 + FIRST_PAUSE - 1) and spec.active(10 + FIRST_PAUSE)
-    assert failures_until_paused(40) <= 8  # failing again pauses twice as long
+    assert failures_until_paused(40) <= 6  # failing again pauses twice as long
     assert not spec.active(40 + 2 * FIRST_PAUSE - 1) and spec.active(40 + 2 * FIRST_PAUSE)
     good = Speculation(state=None, max_drafts=4)
     for _ in range(20):
-        good.record_verify(2, num_output_tokens=5)
+        good.record_verify(3, 2, num_output_tokens=5, num_running=8)
     assert good.active(5)
+    # Alone, a third of the drafts accepted is worth it; beside 7 others it is not.
+    for running, paused in ((1, False), (8, True)):
+        spec = Speculation(state=None, max_drafts=3)
+        for _ in range(6):
+            spec.record_verify(3, 1, num_output_tokens=5, num_running=running)
+        assert spec.active(5) != paused
     missing = Speculation(state=None, max_drafts=4)
     for _ in range(MAX_MISSES):
         missing.record_miss(3)
@@ -115,14 +121,14 @@ def test_a_sequence_whose_drafts_keep_failing_pauses_then_tries_again():
 def test_the_number_of_drafts_follows_how_many_are_accepted():
     spec = Speculation(state=None, max_drafts=4)
     assert spec.num_drafts == 4  # at first: all it may
-    spec.record_verify(1, 0)
-    spec.record_verify(1, 0)
-    assert spec.num_drafts == 3  # the average falls from 4 towards 1
-    for _ in range(6):
-        spec.record_verify(1, 0)
+    spec.record_verify(4, 1, 0)
+    spec.record_verify(3, 1, 0)
+    assert spec.num_drafts == 3  # the average falls from 4 towards 1: 2.5, 1.75
+    for _ in range(4):
+        spec.record_verify(2, 1, 0)
     assert spec.num_drafts == 2
-    for _ in range(8):
-        spec.record_verify(2, 0)  # all of its 2 accepted: it proposes more again
+    for _ in range(4):
+        spec.record_verify(2, 2, 0)  # all of its 2 accepted: it proposes more again
     assert spec.num_drafts == 3
 
 
@@ -307,10 +313,12 @@ def test_verified_tokens_follow_the_model_distribution_whatever_the_draft():
 # --- the engine -----------------------------------------------------------------------------------
 
 class Core:
-    """An EngineCore driven with token ids (no tokenizer): submit requests, wait for their tokens."""
+    """An EngineCore driven with token ids (no tokenizer): submit requests, wait for their tokens. On
+    the CPU unless told otherwise (tests/gpu/test_speculative_gpu.py runs these checks on a GPU)."""
 
     def __init__(self, checkpoint, speculative=None, **config):
         config.setdefault("max_num_batched_tokens", 32)
+        config.setdefault("device", "cpu")
         self._done = threading.Condition()
         self.outputs: dict[int, list] = {}
         self.ended: dict[int, str] = {}
@@ -511,6 +519,10 @@ def test_preempted_speculating_sequences_give_the_same_tokens(tiny_pair):
 
 
 def test_sampled_outputs_have_the_model_distribution_with_speculation(tmp_path):
+    check_sampled_distribution(tmp_path)
+
+
+def check_sampled_distribution(tmp_path, **config):
     """A 3-token continuation of a tiny-vocabulary model, drawn with seeds 0..N-1 with speculation
     on: the same tokens as with it off, seed for seed, and the joint distribution of the tokens is
     the model's (computed with HF transformers), by a chi-square test at the 0.1% level."""
@@ -519,8 +531,8 @@ def test_sampled_outputs_have_the_model_distribution_with_speculation(tmp_path):
     prompt = [2, 3, 0, 3, 0, 3, 0, 3]  # "3 0" recurs: drafts from the first token on
     params = [SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True) for s in range(n)]
     on = Core(path, {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2},
-              max_num_seqs=64, max_num_batched_tokens=512)
-    off = Core(path, max_num_seqs=64, max_num_batched_tokens=512)
+              max_num_seqs=64, max_num_batched_tokens=512, **config)
+    off = Core(path, max_num_seqs=64, max_num_batched_tokens=512, **config)
     try:
         with_speculation = [tuple(r[0]) for r in on.run([(prompt, p) for p in params])]
         assert on.stats().spec_decode.num_drafts > n / 2
@@ -564,3 +576,31 @@ def test_the_packaged_model_gives_the_same_tokens_with_speculation(default_check
     finally:
         off.close()
         on.close()
+
+
+# --- the benchmark's pure parts -----------------------------------------------------------------------
+
+def test_the_benchmark_reports_medians_and_on_over_off_ratios():
+    from benchmarks import speculative as bench
+    base = {"type": "speculative", "prompt_tokens": [500], "max_tokens": 8, "tokens_per_verify": None}
+    records = [{**base, "rep": rep, "workload": "edit", "streams": 1, "speculation": label, "itl_ms": itl,
+                "tokens_per_s": tok, "acceptance_rate": acc}
+               for rep, label, itl, tok, acc in ((1, "off", 100.0, 10.0, None), (1, "on", 40.0, 24.0, 0.8),
+                                                  (2, "off", 110.0, 9.0, None), (2, "on", 50.0, 20.0, 0.6))]
+    rows = bench.table(records)
+    on = next(r for r in rows if r["speculation"] == "on")
+    assert (on["itl_ms"], on["tokens_per_s"], on["acceptance_rate"]) == (45.0, 22.0, pytest.approx(0.7))
+    summary = bench.ratios(rows)
+    assert summary["spec_edit_itl_speedup_1"] == pytest.approx(105 / 45)
+    assert summary["spec_edit_tok_s_ratio_1"] == pytest.approx(22 / 9.5)
+    assert bench.paired(records) == {"edit_1": [pytest.approx(2.4), pytest.approx(20 / 9)]}
+    table = bench.markdown(rows, summary)
+    assert "| edit | 1 | 500-500 | on | 45.0 | 22.00 | 0.70 | - | 2.33x | 2.32x |" in table
+
+
+def test_the_edit_workload_has_300_to_1000_token_prompts(default_checkpoint):
+    from backend.tokenizer import Tokenizer
+    from benchmarks.speculative import workload_prompts
+    prompts = workload_prompts(Tokenizer(default_checkpoint))
+    assert all(300 <= len(p) <= 1000 for p in prompts["edit"]) and len(prompts["edit"]) >= 8
+    assert len(prompts["free"]) >= 8
