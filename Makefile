@@ -7,7 +7,7 @@ OPENAI_HOST ?= 127.0.0.1
 OPENAI_PORT ?= 9000
 GEMMA_TRITON_URL ?= localhost:$(GRPC_PORT)
 
-.PHONY: setup serve gateway test test-gpu bench soak model lint
+.PHONY: setup serve gateway test test-gpu bench soak chaos model lint
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -45,6 +45,13 @@ bench: setup
 # Options: make soak SOAK_ARGS="--requests 1000 --concurrency 8".
 soak: setup
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)
+
+# The engine's own failures under streamed load against a server it starts (default model, CPU): the
+# engine process killed, then hung, then the stub killed (and the server restarted, as Kubernetes would);
+# per fault what failed, how fast requests stream again, readiness, leftovers, memory: benchmarks/chaos.py,
+# docs/soak.md. Options: make chaos CHAOS_ARGS="--streams 16 --rounds 2".
+chaos: setup
+	$(PY) -m benchmarks.chaos $(CHAOS_ARGS)
 
 # Convert the packaged GGUF into a cached HF checkpoint directory and print its path.
 model: setup
