@@ -275,6 +275,22 @@ def test_probes_read_the_models_health_and_wait_for_model_load(variant):
         flag(pre_stop, "--propagation-s") + flag(triton["args"], "--exit-timeout-secs")
 
 
+@pytest.mark.parametrize("state, heartbeat_age_s, ready, live", [
+    ("serving", 0.1, True, True),
+    ("restarting", 0.1, False, True),  # the model brings its engine back: no container restart
+    ("failed", 0.1, False, False),  # it gave up: only a restart of the container helps
+    ("serving", 11.0, False, False),  # the heartbeat stopped: the stub is dead or stuck
+])
+def test_health_probe_rules(state, heartbeat_age_s, ready, live):
+    """health.py's verdict on what it read from /metrics (what each state reads as on a real server is
+    checked below, test_the_probes_follow_a_dead_engine_and_a_dead_stub)."""
+    health = load_script(K8S / "base" / "health.py")
+    found = {"gemma_0_0": {"state": "serving", "heartbeat": 1000.0},
+             "gemma_0_1": {"state": state, "heartbeat": 1000.0 - heartbeat_age_s}}  # one instance per GPU
+    assert (health.verdict("ready", found, now=1000.0) is None) == ready
+    assert (health.verdict("live", found, now=1000.0) is None) == live
+
+
 def test_termination_grace_covers_the_drain_and_triton_exit_timeout(variant):
     """preStop drains (drain.py), then SIGTERM: Triton waits --exit-timeout-secs for what is left.
     All of it must fit in terminationGracePeriodSeconds, after which the kubelet kills the container,

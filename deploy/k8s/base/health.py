@@ -75,7 +75,11 @@ def check(kind: str, http_url: str, metrics_url: str, model: str, max_age_s: flo
     found = instances(metrics_text, model)
     if not found:
         return f"no {STATE} series of model '{model}' on {metrics_url}"
-    now = time.time() if now is None else now
+    return verdict(kind, found, time.time() if now is None else now, max_age_s)
+
+
+def verdict(kind: str, found: dict[str, dict], now: float, max_age_s: float = MAX_AGE_S) -> Optional[str]:
+    """The rules, on what `instances` found: None when every instance passes, else why one fails."""
     for instance, health in sorted(found.items()):
         if health["heartbeat"] is None or now - health["heartbeat"] > max_age_s:
             age = "never" if health["heartbeat"] is None else f"{now - health['heartbeat']:.0f} s ago"
