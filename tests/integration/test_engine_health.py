@@ -159,6 +159,17 @@ def test_memory_stays_flat_across_ten_engine_restarts(restarting_server):
     assert engine_after["threads"] == engine_before["threads"]
 
 
+def test_after_its_engine_restarts_the_server_stops_on_sigterm(restarting_server):
+    """Issue #29 found a server whose engine had died still running 15 s after SIGTERM; after the
+    restarts above (the last test on this server) it unloads the model and exits at once."""
+    server = restarting_server
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 15
+    assert engine_processes(server) == []
+
+
 def test_a_killed_stub_leaves_no_engine_process_behind(tmp_path, tiny_env):
     """What Triton 2.51 does when the model's stub dies (docs/deploy.md, Health): it does not start
     the stub again, and answers every request with an error at once (never a hang), while the model
