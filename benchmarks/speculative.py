@@ -1,7 +1,7 @@
 """Speculative decoding (n-gram prompt lookup) on and off: inter-token latency, tokens/s, acceptance.
 
     python -m benchmarks.speculative [--max-tokens N] [--reps R] [--streams 1,8] [--speculative-config JSON]
-                                     [--checkpoint DIR] [--out FILE]
+                                     [--checkpoint DIR] [--engine auto|te|torch] [--fp8] [--out FILE]
 
 Two workloads a user would recognise, as chat turns to the packaged Gemma 3 270M (EOS ignored,
 `max_tokens` tokens each):
@@ -277,12 +277,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--streams", default="1,8", help="concurrent requests, e.g. 1,8")
     p.add_argument("--prompts", type=int, help="requests per run (default: max(streams, 2))")
     p.add_argument("--speculative-config", default=json.dumps(SPECULATIVE_CONFIG))
-    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--checkpoint", type=Path, help="HF checkpoint with a tokenizer (default: the packaged 270M)")
+    p.add_argument("--engine", choices=("auto", "te", "torch"), default="auto")
+    p.add_argument("--fp8", action="store_true", help="TE: FP8 GEMMs")
     p.add_argument("--out", type=Path, help="JSON lines file (default: stdout only)")
     args = p.parse_args(argv)
     from backend.loader import start_engine
     from backend.params import EngineConfig
-    config = EngineConfig(checkpoint=None if args.checkpoint is None else str(args.checkpoint),
+    from backend.loader import resolve_checkpoint
+    config = EngineConfig(checkpoint=str(resolve_checkpoint(args.checkpoint)), engine=args.engine, fp8=args.fp8,
                           speculative_config=args.speculative_config, enable_prefix_caching=False)
     engine = start_engine(config)
     out = open(args.out, "w") if args.out else None

@@ -4,14 +4,19 @@ mixed-step CUDA graphs), with async scheduling and CUDA graphs on as the engine 
 seeded CUDA generators rewound past unused rows. The tokens with speculation are those without, in
 fp32 (where the two paths round alike enough for greedy ties not to flip), as on the CPU
 (tests/test_speculative.py). No TransformerEngine needed: the kernels' backend is put into the
-reference model, as FusedAttention takes the same q/k/v."""
+reference model, as FusedAttention takes the same q/k/v. Where TransformerEngine is installed, the TE
+model (bf16, and FP8) speculates too: there the two paths round differently, so outputs are compared
+up to their first difference, which must be between the top two tokens of the step without
+speculation (a near-tie), and the sampled distribution is checked against the model's."""
 import pytest
 import torch
 
 from backend.attention import FusedAttention
 from backend.kernels import available as kernels_available
+from backend.params import SamplingParams
+from tests.gpu.helpers import report, requires_te
 from tests.test_speculative import (NGRAM, Core, KnownAnswers, check_same, check_sampled_distribution, mixed_requests,
-                                    run_proposing)
+                                    plain_prompt, repeating_prompt, run_proposing)
 from tests.tiny_models import write_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -69,3 +74,43 @@ def test_sampled_outputs_have_the_model_distribution_on_a_gpu(tmp_path):
     """Seeded draws on CUDA generators: the same tokens with speculation on and off, and the model's
     distribution (tests/test_speculative.py's chi-square test)."""
     check_sampled_distribution(tmp_path, device="cuda", dtype="float32", engine="torch")
+
+
+def agreement(got, want) -> int:
+    """Leading tokens equal; at a difference, the token taken must be the runner-up of the step
+    without speculation (its logprobs name the top two)."""
+    for i, (a, b) in enumerate(zip(got[0], want[0])):
+        if a != b:
+            assert a in want[1][i].top_ids, (i, a, want[1][i])
+            return i
+    return len(want[0])
+
+
+@requires_te
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_the_te_engine_speculates_in_graphs_bf16_and_fp8(fp8, tmp_path):
+    path = write_checkpoint(tmp_path / "gemma3", "gemma3_text", seed=3)
+    config = dict(device="cuda", engine="te", fp8=fp8)
+    off, on = Core(path, **config), Core(path, NGRAM, **config)
+    try:
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+        requests = [(repeating_prompt(s), params) for s in range(4)] + [(plain_prompt(s), params) for s in range(4)]
+        want = [off.run([r])[0] for r in requests]
+        answers = KnownAnswers({tuple(p): p + w[0] for (p, _), w in zip(requests, want)}, vocab=512)
+        got = run_proposing(on, answers, requests)
+        agreed = [agreement(g, w) for g, w in zip(got, want)]
+        mixed = on.core.runner.mixed_graphs
+        replays = sum(e.replays for e in mixed.entries.values())
+        stats = on.stats()
+        report(test="speculative_te", fp8=fp8, equal_tokens=agreed, of=24, accepted=stats.spec_decode.num_accepted_tokens,
+               drafted=stats.spec_decode.num_draft_tokens, mixed_graph_replays=replays)
+        assert all(g[2] == "length" and len(g[0]) == 24 for g in got)
+        assert stats.spec_decode.num_accepted_tokens > 0 and replays > 0 and stats.kv_cache.used_blocks == 0
+    finally:
+        off.close()
+        on.close()
+
+
+@requires_te
+def test_the_te_engine_samples_the_model_distribution_with_speculation(tmp_path):
+    check_sampled_distribution(tmp_path, identical=False, device="cuda", engine="te")
