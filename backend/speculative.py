@@ -44,9 +44,10 @@ from .params import SpeculativeConfig
 # With 8 sequences, drafts accepted at a rate of 0.37-0.44 (the sampled "free" workload of
 # benchmarks/speculative.py) made the runs 0.84-0.92x as fast, at 0.84-0.92 (the edit workload)
 # 1.0-1.5x: a verify row costs a forward row and, for a sampled request, a sampler row (softmax and
-# top-p over 262k logits, ~10 ms a row on these cores), and 8 sequences finish together only when
-# the slowest does. RATE_FLOOR * (1 - 1/running) is 0 alone and 0.53 for 8. On a GPU at small batch
-# a verify step costs about what a decode step does, and the floors are conservative there.
+# top-p over 262k logits: 8 sampled sequences verifying 1-4 drafts took 510 ms a step to sample
+# where 8 decodes took 348, on a loaded machine), and 8 sequences finish together only when the
+# slowest does. RATE_FLOOR * (1 - 1/running) is 0 alone and 0.53 for 8. The floors are the CPU's;
+# on a GPU at small batch a verify step should cost about what a decode step does (not measured yet).
 ACCEPT_EMA = 0.5  # weight of the newest verify step
 ACCEPT_FLOOR = 0.5
 RATE_FLOOR = 0.6
