@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .grammar import Grammar, GrammarCompiler, PendingGrammar, pending
+from .grammar import Grammar, GrammarCompiler, PendingGrammar
 from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
 from .outputs import TokenDelta
@@ -217,8 +218,8 @@ class EngineCore:
                     if seq.params.structured_outputs is None:
                         self.scheduler.add(seq)
                     else:
-                        self._compiling[seq] = pending(self._grammars.compile(seq.params.structured_outputs),
-                                                       self.config.grammar_compile_timeout_s)
+                        self._compiling[seq] = self._grammars.compile(seq.params.structured_outputs,
+                                                                      self.config.grammar_compile_timeout_s)
                 self._submitted.clear()
                 self._admit_compiled()
                 end_requests, self._end_requests = self._end_requests, []
@@ -276,10 +277,10 @@ class EngineCore:
         return any(p.future.done() or p.timed_out(now) for p in self._compiling.values())
 
     def _next_grammar_deadline(self) -> Optional[float]:
-        """Seconds until the first waiting grammar times out (None: no grammar is compiling)."""
-        if not self._compiling:
-            return None
-        return max(0.0, min(p.deadline for p in self._compiling.values()) - time.monotonic())
+        """Seconds until the first waiting grammar times out (None: none is compiling, or the tokenizer
+        they wait for is still being built: its end wakes the loop)."""
+        deadline = min((p.deadline for p in self._compiling.values()), default=math.inf)
+        return None if deadline == math.inf else max(0.0, deadline - time.monotonic())
 
     def _admit_compiled(self) -> None:
         """Sequences whose grammar compiled join the scheduler, each with its own matcher; those whose

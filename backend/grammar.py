@@ -4,7 +4,8 @@ for its sequence, and each step's allowed tokens applied to the logits.
 llguidance compiles and matches (the measured choice: docs/structured-outputs.md). Compiling runs on
 worker threads beside the engine loop, cached by constraint: a request waits for its grammar while
 the others keep stepping, and one whose constraint does not compile (or not within
-EngineConfig.grammar_compile_timeout_s) ends "invalid" alone. Each sequence gets a copy of the
+EngineConfig.grammar_compile_timeout_s, counted once the tokenizer's index exists: building it is
+the first request's cost, not its constraint's) ends "invalid" alone. Each sequence gets a copy of the
 compiled matcher (a copy is ~2 us, a fresh matcher ~0.5 ms); the engine core advances it on every
 token the sequence accepts, and a grammar that can go no further ends the sequence "stop".
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,11 +89,15 @@ class GrammarCompiler:
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="gemma-grammar")
         self._tokenizer_lock = threading.Lock()
         self._tokenizer: Optional[llguidance.LLTokenizer] = None
+        self.ready_since: Optional[float] = None  # time.monotonic() once the tokenizer is built
         self._compiled: collections.OrderedDict[StructuredOutputs, Future] = collections.OrderedDict()
 
-    def compile(self, constraint: StructuredOutputs) -> Future:
-        """A future of the constraint's compiled matcher (copy it per sequence: `Grammar.start`);
-        its exception is a GrammarError naming what is wrong."""
+    def compile(self, constraint: StructuredOutputs, timeout_s: float) -> "PendingGrammar":
+        """The constraint's compiled matcher, coming (copy it per sequence: `Grammar`); the future's
+        exception is a GrammarError naming what is wrong."""
+        return PendingGrammar(self._compiled_future(constraint), time.monotonic(), timeout_s, self)
+
+    def _compiled_future(self, constraint: StructuredOutputs) -> Future:
         future = self._compiled.get(constraint)
         if future is not None and not (future.done() and future.exception() is not None):
             self._compiled.move_to_end(constraint)
@@ -128,21 +134,31 @@ class GrammarCompiler:
             if self._tokenizer is None:
                 self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json.read_text(), n_vocab=self._vocab_size,
                                                          eos_token=self._eos)
+                self.ready_since = time.monotonic()
+                self._on_done()  # the engine loop starts the waiting grammars' clocks
             return self._tokenizer
 
 
 @dataclass
 class PendingGrammar:
-    """A sequence waiting for its constraint to compile, and until when it may wait."""
+    """A sequence's constraint being compiled, and until when it may take."""
     future: Future
-    deadline: float  # time.monotonic()
+    submitted: float  # time.monotonic()
+    timeout_s: float
+    compiler: GrammarCompiler
+
+    @property
+    def deadline(self) -> float:
+        """time.monotonic() past which the compile has failed; infinite until the tokenizer exists."""
+        ready = self.compiler.ready_since
+        return math.inf if ready is None else max(self.submitted, ready) + self.timeout_s
 
     def timed_out(self, now: float) -> bool:
         return not self.future.done() and now > self.deadline
 
-
-def pending(future: Future, timeout_s: float) -> PendingGrammar:
-    return PendingGrammar(future, time.monotonic() + timeout_s)
+    def result(self, timeout: Optional[float] = None) -> llguidance.LLMatcher:
+        """The compiled matcher, waiting for it (GrammarError if the constraint is invalid)."""
+        return self.future.result(timeout)
 
 
 class Grammar:

@@ -84,7 +84,8 @@ def test_every_end_id_may_end_a_complete_grammar_and_none_an_incomplete_one(defa
     compiler = GrammarCompiler(default_checkpoint / "tokenizer.json", 262144, eos_token_ids=frozenset({1, 106}),
                                on_done=lambda: None)
     try:
-        grammar = Grammar(compiler.compile(StructuredOutputs(regex="[0-9]+")).result(timeout=60), frozenset({1, 106, 7}))
+        compiled = compiler.compile(StructuredOutputs(regex="[0-9]+"), timeout_s=60).result(timeout=60)
+        grammar = Grammar(compiled, frozenset({1, 106, 7}))
     finally:
         compiler.shutdown()
     logits = torch.zeros(2, 262144)
@@ -167,15 +168,31 @@ def test_an_invalid_constraint_ends_its_request_invalid_and_the_others_go_on(eng
     assert plain.result().finish_reason == "length"
 
 
-def test_a_constraint_that_does_not_compile_in_time_fails_alone(default_checkpoint):
-    eng = start_engine(EngineConfig(checkpoint=str(default_checkpoint), device="cpu",
-                                    grammar_compile_timeout_s=0.001))  # the tokenizer alone takes ~2 s
+def test_a_constraint_that_does_not_compile_in_time_fails_alone(default_checkpoint, monkeypatch):
+    """A compile slower than grammar_compile_timeout_s (made slow here: llguidance compiles our
+    constraints in milliseconds) fails its request only; the clock starts once the tokenizer's index
+    exists, so the first constrained request after a start does not pay for building it."""
+    import time
+
+    import backend.grammar
+
+    compile_grammar = backend.grammar.grammar_text
+
+    def slow_for_one_regex(constraint):
+        if constraint.regex == "[a-z]+ slow":
+            time.sleep(3)
+        return compile_grammar(constraint)
+
+    monkeypatch.setattr(backend.grammar, "grammar_text", slow_for_one_regex)
+    eng = start_engine(EngineConfig(checkpoint=str(default_checkpoint), device="cpu", grammar_compile_timeout_s=1))
     try:
         plain = eng.submit("The capital of France is", SamplingParams(max_tokens=6, temperature=0))
-        late = eng.submit("Bad:", constrained({"regex": "[a-z]+"})).result()
+        quick = eng.submit("Answer:", constrained({"choice": ["yes", "no"]}))  # waits for the tokenizer (~2 s)
+        late = eng.submit("Bad:", constrained({"regex": "[a-z]+ slow"})).result()
         assert late.finish_reason == "invalid"
-        assert "did not compile within 0.001 s (grammar_compile_timeout_s)" in late.error
-        assert plain.result().finish_reason == "length"
+        assert "did not compile within 1 s (grammar_compile_timeout_s)" in late.error
+        assert quick.result().finish_reason == "stop" and plain.result().finish_reason == "length"
+        assert eng.stats().num_waiting == 0
     finally:
         eng.shutdown()
 
