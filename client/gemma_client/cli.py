@@ -62,7 +62,10 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
         if field.kind is dict:  # structured_outputs: its own options, _structured_options
             continue
         flag = "--" + field.key.replace("_", "-")
-        if field.kind is bool:
+        if field.kind is bool and field.default is True:  # e.g. speculate: only turning it off says anything
+            group.add_argument("--no-" + field.key.replace("_", "-"), dest=field.key, action="store_false",
+                               default=None, help=field.doc)
+        elif field.kind is bool:
             group.add_argument(flag, action="store_true", default=None, help=field.doc)
         elif field.is_list:
             group.add_argument(flag, type=field.kind, nargs="+", action="extend",
