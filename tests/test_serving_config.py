@@ -67,6 +67,7 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
     up to the point where it builds the engine (stopped there: no GPU here)."""
     pb_utils = types.ModuleType("triton_python_backend_utils")  # what Triton's stub provides
     pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    pb_utils.Logger = types.SimpleNamespace(log_verbose=print, log_info=print, log_error=print)
     clean_env.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
     clean_env.delitem(sys.modules, "serving.metrics", raising=False)  # it imports pb_utils too
     spec = importlib.util.spec_from_file_location("gemma_model_py", ROOT / "model_repository/gemma/1/model.py")
@@ -83,11 +84,12 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
         raise Stop
 
     clean_env.setattr(model_py, "start_engine", start_engine)
-    with pytest.raises(Stop):
+    # A failed start is re-raised as EngineStartError (its message, no traceback for Triton to print).
+    with pytest.raises(model_py.EngineStartError):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
     assert asked == [("cuda:1", True)]  # the engine in a process of its own by default
     clean_env.setenv("GEMMA_ENGINE_PROCESS", "0")  # the engine on a thread of the stub instead
-    with pytest.raises(Stop):
+    with pytest.raises(model_py.EngineStartError):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
     assert asked == [("cuda:1", True), ("cuda:1", False)]
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"
