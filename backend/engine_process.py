@@ -78,7 +78,9 @@ class EngineCoreProcess:
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
         self._exit_error: Optional[str] = None
         self._step_timeout_s = config.step_timeout_s
-        # Longer than the watchdog takes, so a stopped process with requests in flight is named by it.
+        # A process that answers nothing (frozen whole, unlike a hung engine thread, which the watchdog
+        # finds) is killed after this, idle or not. 2 x a short step_timeout_s (tests) leaves a stopped
+        # process with requests in flight to the watchdog, which names the step.
         self._stats_timeout_s = min(STATS_TIMEOUT_S, 2 * config.step_timeout_s)
         self._progress_lock = threading.Lock()
         self._in_flight: set[int] = set()  # requests added and not finished
