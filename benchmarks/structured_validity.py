@@ -2,8 +2,10 @@
 constraint cost (issue #26, "Measure").
 
     python -m benchmarks.structured_validity [--only validity|cost] [--checkpoint DIR] [--temperature 0.8]
-                                             [--no-whitespace] [--cost-prompts 16] [--cost-reps 2]
-                                             [--out docs/benchmarks/structured_validity_cpu.jsonl]
+        [--closed] [--no-whitespace] [--repetition-penalty 1.0] [--modes greedy,sampled]
+        [--kinds json,json_object,regex,choice,grammar] [--cases NAME,...]
+        [--cost-prompts 16] [--cost-reps 6] [--cost-max-tokens 64]
+        [--out docs/benchmarks/structured_validity_cpu.jsonl]
 
 Validity: every case of benchmarks/structured_cases.py (JSON schemas, regexes, choice lists, Lark
 grammars, and `json_object` on the first JSON prompts), greedy and sampled (--temperature, seeded),
@@ -12,11 +14,18 @@ all submitted at once to one in-process engine. A JSON output must parse and val
 `re.fullmatch`; a choice output must be exactly one of the choices; a grammar output must fullmatch
 the case's equivalent Python regex. The finish reason of each is recorded ("stop" expected).
 
+Each failed output gets a cause from its text: undeclared properties, whitespace, digits or a
+string without end, an object or array that kept growing (all cut by max_tokens), or the engine's
+finish reason ("invalid": the constraint did not compile).
+
 Cost: the first --cost-prompts JSON prompts, 8 streams (a closed loop: each stream submits its next
-request when one finishes), constrained (greedy) and then unconstrained with each request's
-max_tokens set to what its constrained run generated and EOS ignored, so both runs decode exactly
-the same number of tokens per request; --cost-reps such pairs, the first constrained run compiling
-cold, later ones hitting the engine's cache. Output tokens/s of each, and their ratio.
+request when one finishes), constrained (greedy) and unconstrained with each request's max_tokens
+set to what its constrained run generated and EOS ignored, so both decode exactly the same tokens
+per request; --cost-reps such pairs, rep 0 constrained first and compiling cold, later reps
+alternating which runs first. Output tokens per second of each, of the wall clock and of this
+process's CPU time (every thread: the engine's, the grammar library's; other processes on a shared
+machine move it much less than the wall clock), and their ratios per rep. Also the compile
+time of each JSON case as backend.grammar's compiler sees it, cold and cached.
 
 Writes one JSON line per request and per run to --out (the last line is the summary) and prints
 the tables.
@@ -107,6 +116,7 @@ def validity_requests(temperature: float, no_whitespace: bool, closed: bool, mod
     for case in JSON_CASES:
         cases.append(("json", case.name, case.prompt, StructuredOutputs(json=case.schema, **options),
                       case.max_tokens, lambda text, schema=case.schema: check_json(text, schema, checker)))
+    schemas = {case.name: case.schema for case in JSON_CASES}
     for case in JSON_CASES[:JSON_OBJECT_CASES]:
         cases.append(("json_object", case.name, case.prompt, StructuredOutputs(json_object=True, **ws),
                       case.max_tokens, lambda text: check_json(text, None, checker)))
@@ -125,17 +135,39 @@ def validity_requests(temperature: float, no_whitespace: bool, closed: bool, mod
             continue
         for index, (kind, name, prompt, constraint, max_tokens, check) in enumerate(cases):
             requests.append({"kind": kind, "case": name, "mode": mode, "prompt": prompt, "check": check,
+                             "schema": schemas[name] if kind == "json" else None,
                              "params": dict(max_tokens=max_tokens, temperature=temp, seed=1000 + index,
                                             repetition_penalty=repetition_penalty, structured_outputs=constraint)})
     return requests
 
 
-def why_not_done(text: str, finish_reason: str, error: Optional[str]) -> Optional[str]:
-    """What kept a failed output from finishing, by what its text ends with."""
+def declared_properties(schema: Any) -> Optional[set[str]]:
+    """Every property name a schema declares, at any depth; None where some object takes keys of
+    any name by an additionalProperties schema (then no key is undeclared)."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> bool:
+        if isinstance(node, list):
+            return all(walk(x) for x in node)
+        if not isinstance(node, dict):
+            return True
+        if isinstance(node.get("additionalProperties"), dict):
+            return False
+        names.update(node.get("properties", {}))
+        return all(walk(v) for v in node.values())
+
+    return names if walk(schema) else None
+
+
+def why_not_done(text: str, finish_reason: str, error: Optional[str], schema: Any = None) -> Optional[str]:
+    """What kept a failed output from finishing, by what its text holds and ends with."""
     if finish_reason not in ("length", "stop"):
         return finish_reason
     if finish_reason == "stop":
         return "complete but invalid"
+    declared = declared_properties(schema) if schema is not None else None
+    if declared is not None and set(re.findall(r'"([^"\\]{1,80})"\s*:', text)) - declared:
+        return "undeclared properties without end"
     if re.search(r"\s{24,}$", text):
         return "whitespace without end"
     if re.search(r"[0-9]{24,}$", text):
@@ -159,15 +191,16 @@ def run_validity(engine, requests: list[dict], progress) -> list[dict]:
                         "output_tokens": out.num_output_tokens, "max_tokens": r["params"]["max_tokens"],
                         "error": why, "text": out.text})
         if not records[-1]["ok"]:
-            records[-1]["cause"] = why_not_done(out.text, out.finish_reason, why)
+            records[-1]["cause"] = why_not_done(out.text, out.finish_reason, why, r.get("schema"))
         if done % 20 == 0 or done == len(requests):
             progress(f"  {done}/{len(requests)} checked, {time.perf_counter() - start:.0f} s")
     return records
 
 
-def closed_loop(engine, jobs: list[tuple[str, Any]], streams: int) -> tuple[float, list]:
+def closed_loop(engine, jobs: list[tuple[str, Any]], streams: int, cpu: Optional[list] = None) -> tuple[float, list]:
     """Run (prompt, SamplingParams) jobs with `streams` in flight; returns (wall seconds, outputs in
-    job order)."""
+    job order). With `cpu`, appends the CPU seconds this process spent (every thread: the engine's,
+    the grammar library's)."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for i, job in enumerate(jobs):
         todo.put((i, job))
@@ -182,11 +215,13 @@ def closed_loop(engine, jobs: list[tuple[str, Any]], streams: int) -> tuple[floa
             outputs[i] = engine.submit(prompt, params).result()
 
     threads = [threading.Thread(target=stream) for _ in range(streams)]
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
     return time.perf_counter() - start, outputs
 
 
@@ -207,17 +242,20 @@ def run_cost(engine, prompts: int, reps: int, max_tokens: int, no_whitespace: bo
     for rep in range(reps):
         order = ("constrained", "unconstrained") if rep % 2 == 0 else ("unconstrained", "constrained")
         for system in order:
-            wall, outs = closed_loop(engine, constrained if system == "constrained" else free, COST_STREAMS)
+            cpu: list[float] = []
+            wall, outs = closed_loop(engine, constrained if system == "constrained" else free, COST_STREAMS, cpu)
             tokens = [o.num_output_tokens for o in outs]
             records.append({"type": "cost", "rep": rep, "system": system, "requests": len(outs),
                             "output_tokens": sum(tokens), "wall_s": wall, "tok_s": sum(tokens) / wall,
+                            "cpu_s": cpu[0], "tok_per_cpu_s": sum(tokens) / cpu[0], "loadavg": os.getloadavg()[0],
                             "finish_reasons": sorted({o.finish_reason for o in outs}, key=str)})
             if system == "constrained" and not free:  # the unconstrained twin of each request
                 free = [(prompt, dataclasses.replace(params, structured_outputs=None, ignore_eos=True, max_tokens=n))
                         for (prompt, params), n in zip(constrained, tokens)]
-        mine = {r["system"]: r["tok_s"] for r in records if r["rep"] == rep}
-        progress(f"  cost rep {rep}: constrained {mine['constrained']:.1f} tok/s, "
-                 f"unconstrained {mine['unconstrained']:.1f} tok/s")
+        mine = {r["system"]: r for r in records if r["rep"] == rep}
+        progress(f"  cost rep {rep}: constrained {mine['constrained']['tok_s']:.1f} tok/s "
+                 f"({mine['constrained']['tok_per_cpu_s']:.1f} per CPU s), unconstrained "
+                 f"{mine['unconstrained']['tok_s']:.1f} ({mine['unconstrained']['tok_per_cpu_s']:.1f})")
     return records
 
 
@@ -230,7 +268,8 @@ def engine_compile_times(engine, closed: bool) -> dict:
     compiler = GrammarCompiler(Path(engine.config.checkpoint) / "tokenizer.json", engine.tokenizer.vocab_size,
                                engine.tokenizer.eos_token_ids, on_done=lambda: None)
     try:
-        compiler.compile(StructuredOutputs(json_object=True)).result()  # builds the tokenizer (~2 s)
+        limit = engine.config.grammar_compile_timeout_s
+        compiler.compile(StructuredOutputs(json_object=True), limit).result()  # builds the tokenizer (~2 s)
         constraints = [StructuredOutputs(json=c.schema, disable_additional_properties=closed) for c in JSON_CASES]
         times: dict[str, list[float]] = {"cold": [], "cached": []}
         failed = {}
@@ -238,7 +277,7 @@ def engine_compile_times(engine, closed: bool) -> dict:
             for case, constraint in zip(JSON_CASES, constraints):
                 start = time.perf_counter()
                 try:
-                    compiler.compile(constraint).result().deep_copy()  # each sequence gets a copy
+                    compiler.compile(constraint, limit).result().deep_copy()  # each sequence gets a copy
                 except ValueError as e:  # GrammarError: counted apart, not timed
                     failed[case.name] = str(e)
                     continue
@@ -265,14 +304,23 @@ def summarize(validity: list[dict], cost: list[dict], compile_ms: Optional[dict]
         causes[f["cause"]] = causes.get(f["cause"], 0) + 1
     summary["failure_causes"] = causes
     if cost:
-        by_rep: dict[int, dict[str, float]] = {}
+        by_rep: dict[int, dict[str, dict]] = {}
         for c in cost:
-            by_rep.setdefault(c["rep"], {})[c["system"]] = c["tok_s"]
-        pairs = [ratio(r["constrained"], r["unconstrained"]) for _, r in sorted(by_rep.items())]
-        summary["cost"] = {"constrained_tok_s": median([c["tok_s"] for c in cost if c["system"] == "constrained"]),
-                           "unconstrained_tok_s": median([c["tok_s"] for c in cost if c["system"] == "unconstrained"]),
+            by_rep.setdefault(c["rep"], {})[c["system"]] = c
+        pairs = [ratio(r["constrained"]["tok_s"], r["unconstrained"]["tok_s"]) for _, r in sorted(by_rep.items())]
+        cpu_pairs = [ratio(r["constrained"]["tok_per_cpu_s"], r["unconstrained"]["tok_per_cpu_s"])
+                     for _, r in sorted(by_rep.items())]
+
+        def med(system: str, key: str) -> Optional[float]:
+            return median([c[key] for c in cost if c["system"] == system])
+        summary["cost"] = {"constrained_tok_s": med("constrained", "tok_s"),
+                           "unconstrained_tok_s": med("unconstrained", "tok_s"),
+                           "constrained_tok_per_cpu_s": med("constrained", "tok_per_cpu_s"),
+                           "unconstrained_tok_per_cpu_s": med("unconstrained", "tok_per_cpu_s"),
                            "ratio_per_rep": pairs, "ratio_median": median(pairs),
-                           "ratio_cached_median": median(pairs[1:] or pairs)}
+                           "ratio_cached_median": median(pairs[1:] or pairs),
+                           "cpu_ratio_per_rep": cpu_pairs, "cpu_ratio_median": median(cpu_pairs),
+                           "cpu_ratio_cached_median": median(cpu_pairs[1:] or cpu_pairs)}
     if compile_ms is not None:
         summary["engine_compile_ms"] = compile_ms
     return summary
@@ -289,11 +337,13 @@ def tables(summary: dict) -> str:
         lines += [f"| {cause} | {n} |" for cause, n in sorted(summary["failure_causes"].items(), key=lambda x: -x[1])]
     if "cost" in summary:
         c = summary["cost"]
-        lines += ["", "| 8 streams | output tok/s (median) |", "|---|---|",
-                  f"| constrained (JSON schema) | {c['constrained_tok_s']:.1f} |",
-                  f"| unconstrained, same tokens | {c['unconstrained_tok_s']:.1f} |",
-                  f"| constrained / unconstrained, per rep (rep 0 compiles cold) | "
-                  f"{', '.join(f'{x:.3f}' for x in c['ratio_per_rep'])} (median {c['ratio_median']:.3f}) |"]
+        lines += ["", "| 8 streams | output tok/s (wall, median) | output tokens per CPU second (median) |",
+                  "|---|---|---|",
+                  f"| constrained (JSON schema) | {c['constrained_tok_s']:.1f} | {c['constrained_tok_per_cpu_s']:.1f} |",
+                  f"| unconstrained, same tokens | {c['unconstrained_tok_s']:.1f} | {c['unconstrained_tok_per_cpu_s']:.1f} |",
+                  f"| constrained / unconstrained per rep (rep 0 compiles cold) | "
+                  f"{', '.join(f'{x:.3f}' for x in c['ratio_per_rep'])} (median {c['ratio_median']:.3f}) | "
+                  f"{', '.join(f'{x:.3f}' for x in c['cpu_ratio_per_rep'])} (median {c['cpu_ratio_median']:.3f}) |"]
     if "engine_compile_ms" in summary:
         lines += ["", "| engine compile, ms (backend.grammar) | p50 | p90 | max |", "|---|---|---|---|"]
         lines += [f"| {label} ({d['n']} schemas) | {d['p50']:.2f} | {d['p90']:.2f} | {d['max']:.2f} |"
@@ -311,8 +361,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="JSON schemas with disable_additional_properties (objects take only the properties named)")
     parser.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
     parser.add_argument("--cost-prompts", type=int, default=16)
-    parser.add_argument("--cost-reps", type=int, default=4)
-    parser.add_argument("--cost-max-tokens", type=int, default=128, help="cap on each cost request's max_tokens")
+    parser.add_argument("--cost-reps", type=int, default=6)
+    parser.add_argument("--cost-max-tokens", type=int, default=64, help="cap on each cost request's max_tokens")
     parser.add_argument("--kinds", default="json,json_object,regex,choice,grammar", help="constraint kinds to check")
     parser.add_argument("--cases", default=None, help="only these cases (comma-separated names)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every validity request")
