@@ -155,7 +155,8 @@ def test_gauges_and_engine_counters_are_exported_per_engine(idle_server):
         elif name in GAUGES:
             assert value == 0, name  # idle
     # One series per name and engine, as a reader that keeps one line per name (the vLLM backend's
-    # test) expects; only the finish reasons and histogram buckets have one per label value.
+    # test) expects; only the finish reasons, histogram buckets and speculative positions have one per
+    # label value.
     per_engine = Counter((name, dict(labels)["engine"]) for name, labels in samples
-                         if not {"finished_reason", "le"} & {k for k, _ in labels})
+                         if not {"finished_reason", "le", "position"} & {k for k, _ in labels})
     assert set(per_engine.values()) == {1}, [k for k, n in per_engine.items() if n > 1]

@@ -147,7 +147,12 @@ def test_cli_options_constrain_the_output(server, client, tmp_path):
     assert grammar.stdout in ("The answer is yes.\n", "The answer is no.\n")
     json_object = run_cli("--url", server.grpc_url, "generate", PROMPT, "--json-object", "--max-tokens", "2",
                           "--show-stats")
-    assert json_object.stdout.startswith("{") and "finish_reason=length" in json_object.stderr
+    # Two tokens of the tiny random model: an object cut short, or one it closed ("{}"), which is complete.
+    assert json_object.returncode == 0 and json_object.stdout.startswith("{"), json_object.stderr
+    if "finish_reason=stop" in json_object.stderr:
+        assert isinstance(json.loads(json_object.stdout), dict)
+    else:
+        assert "finish_reason=length" in json_object.stderr
 
 
 @pytest.mark.parametrize("args", [
