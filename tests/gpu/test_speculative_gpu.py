@@ -6,8 +6,10 @@ fp32 (where the two paths round alike enough for greedy ties not to flip), as on
 (tests/test_speculative.py). No TransformerEngine needed: the kernels' backend is put into the
 reference model, as FusedAttention takes the same q/k/v. Where TransformerEngine is installed, the TE
 model (bf16, and FP8) speculates too: there the two paths round differently, so outputs are compared
-up to their first difference, which must be between the top two tokens of the step without
-speculation (a near-tie), and the sampled distribution is checked against the model's."""
+up to their first difference, which must be a near-tie of the step without speculation (bf16: its top
+two tokens; FP8: its top five, as delayed scaling takes each GEMM's scale from the amax of the steps
+before, which differ when the steps verify drafts), and the sampled distribution is checked against
+the model's."""
 import pytest
 import torch
 
@@ -77,8 +79,8 @@ def test_sampled_outputs_have_the_model_distribution_on_a_gpu(tmp_path):
 
 
 def agreement(got, want) -> int:
-    """Leading tokens equal; at a difference, the token taken must be the runner-up of the step
-    without speculation (its logprobs name the top two)."""
+    """Leading tokens equal; at a difference, the token taken must be among the top tokens of the
+    step without speculation (as many as its logprobs name)."""
     for i, (a, b) in enumerate(zip(got[0], want[0])):
         if a != b:
             assert a in want[1][i].top_ids, (i, a, want[1][i])
@@ -93,16 +95,19 @@ def test_the_te_engine_speculates_in_graphs_bf16_and_fp8(fp8, tmp_path):
     config = dict(device="cuda", engine="te", fp8=fp8)
     off, on = Core(path, **config), Core(path, NGRAM, **config)
     try:
-        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5 if fp8 else 2)
         requests = [(repeating_prompt(s), params) for s in range(4)] + [(plain_prompt(s), params) for s in range(4)]
         want = [off.run([r])[0] for r in requests]
+        # The same engine without speculation, all requests in one batch: how far rounding alone moves
+        # the tokens when the steps' shapes change (reported beside the speculating run's agreement).
+        batched = [agreement(g, w) for g, w in zip(off.run(requests), want)]
         answers = KnownAnswers({tuple(p): p + w[0] for (p, _), w in zip(requests, want)}, vocab=512)
         got = run_proposing(on, answers, requests)
         agreed = [agreement(g, w) for g, w in zip(got, want)]
         mixed = on.core.runner.mixed_graphs
         replays = sum(e.replays for e in mixed.entries.values())
         stats = on.stats()
-        report(test="speculative_te", fp8=fp8, equal_tokens=agreed, of=24, accepted=stats.spec_decode.num_accepted_tokens,
+        report(test="speculative_te", fp8=fp8, equal_tokens=agreed, equal_tokens_batched_off=batched, of=24, accepted=stats.spec_decode.num_accepted_tokens,
                drafted=stats.spec_decode.num_draft_tokens, mixed_graph_replays=replays)
         assert all(g[2] == "length" and len(g[0]) == 24 for g in got)
         assert stats.spec_decode.num_accepted_tokens > 0 and replays > 0 and stats.kv_cache.used_blocks == 0
