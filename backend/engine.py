@@ -95,7 +95,8 @@ class Engine:
         self._closed = False  # shut down (or the core is gone): requests are refused
         self.exit_error: Optional[str] = None  # why the core stopped on its own, if it did
         if engine_process:
-            self.core = EngineCoreProcess(config, tokenizer.eos_token_ids, self._publish, self._core_exited)
+            self.core = EngineCoreProcess(config, tokenizer.eos_token_ids, self._publish, self._core_exited,
+                                          num_unfinished=lambda: len(self._handles))
         else:
             self.core = EngineCore(config, tokenizer.eos_token_ids, self._publish)
         self.limits, self.device = self.core.limits, self.core.device

@@ -50,11 +50,12 @@ class EngineCoreProcess:
     """The parent's end: the same API as an EngineCore (add, end, stats, shutdown, limits, device)."""
 
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], publish: Publish,
-                 on_exit: Callable[[str], None]):
+                 on_exit: Callable[[str], None], num_unfinished: Callable[[], int]):
         """Start the engine process and wait until its model is loaded (its CUDA graphs captured); a
         core that fails to start raises here, as an EngineCore does. `on_exit(error)` is called if
-        the process exits on its own."""
-        self._publish, self._on_exit = publish, on_exit
+        the process exits on its own. `num_unfinished()` is how many requests the front has added and
+        not yet seen finish (its handles): the watchdog's only count of requests in flight."""
+        self._publish, self._on_exit, self._num_unfinished = publish, on_exit, num_unfinished
         commands_in, commands_out = os.pipe()
         events_in, events_out = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -82,19 +83,13 @@ class EngineCoreProcess:
         # finds) is killed after this, idle or not. 2 x a short step_timeout_s (tests) leaves a stopped
         # process with requests in flight to the watchdog, which names the step.
         self._stats_timeout_s = min(STATS_TIMEOUT_S, 2 * config.step_timeout_s)
-        self._progress_lock = threading.Lock()
-        self._in_flight: set[int] = set()  # requests added and not finished
-        self._last_progress = time.monotonic()  # the last step's deltas, or the first request after idling
+        self._last_progress = time.monotonic()  # when the last step's deltas came
         self._hung: Optional[str] = None  # why the watchdog killed the process
         self._receiver = threading.Thread(target=self._receive, name="gemma-engine-events", daemon=True)
         self._receiver.start()
         threading.Thread(target=self._watch, name="gemma-engine-watchdog", daemon=True).start()
 
     def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        with self._progress_lock:
-            if not self._in_flight:
-                self._last_progress = time.monotonic()
-            self._in_flight.add(request_id)
         self._send(("add", request_id, prompt_ids, params))
 
     def end(self, request_id: int, reason: str) -> None:
@@ -150,8 +145,8 @@ class EngineCoreProcess:
         try:
             while True:
                 kind, payload = pickle.load(self._events)
-                if kind == "deltas":
-                    self._note_progress(payload)
+                if kind == "deltas":  # every completed step sends its deltas (an empty list if it made none)
+                    self._last_progress = time.monotonic()
                     self._publish(payload)
                 elif kind == "stats":
                     self._stats.put(payload)
@@ -166,22 +161,21 @@ class EngineCoreProcess:
             self._on_exit(self._exit_error)
             self._stats.put(None)
 
-    def _note_progress(self, deltas: list) -> None:
-        """Every completed step sends its deltas (an empty list if it made none)."""
-        with self._progress_lock:
-            self._last_progress = time.monotonic()
-            self._in_flight.difference_update(request_id for request_id, delta in deltas
-                                              if delta.finish_reason is not None)
-
     def _watch(self) -> None:
         """Kill an engine process whose steps stopped returning while requests are in flight: its
         stats may still answer (another thread), but nothing would ever finish."""
+        # Time spent idle is no stalled step: a stall counts from the last step or from the last look
+        # that found nothing in flight, whichever is later. A request that arrives after that look is
+        # timed from it, at most one period (a quarter of step_timeout_s, at most 1 s) early.
+        idle_at = time.monotonic()
         while not self._closed:
             time.sleep(min(1.0, self._step_timeout_s / 4))
-            with self._progress_lock:
-                stalled = time.monotonic() - self._last_progress
-                waiting = len(self._in_flight)
-            if waiting and stalled > self._step_timeout_s and not self._closed:
+            waiting = self._num_unfinished()
+            if not waiting:
+                idle_at = time.monotonic()
+                continue
+            stalled = time.monotonic() - max(self._last_progress, idle_at)
+            if stalled > self._step_timeout_s and not self._closed:
                 self._kill_hung(f"the engine process returned no step for {stalled:.0f} s with {waiting} requests "
                                 f"in flight (step_timeout_s={self._step_timeout_s:g}) and was killed")
                 return
