@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import GemmaConfig
+from .memory import free_memory_bytes
 from .params import blocks_for
 
 
@@ -115,21 +116,6 @@ class BlockPool:
 def bytes_per_block(cfg: GemmaConfig, block_size: int, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
-
-
-def free_memory_bytes(device: torch.device) -> Optional[int]:
-    """Memory an allocation on `device` can take now: the GPU's free memory, or the host's available
-    memory (Linux's MemAvailable); None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class PagedKVCache:

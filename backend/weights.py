@@ -7,12 +7,14 @@ KV group, fc1 = [gate; up]), so the TE path consumes the same mapped dict.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .config import GemmaConfig
+from .memory import free_memory_bytes
 
 
 class CheckpointError(ValueError):
@@ -45,6 +47,26 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         self.unused.discard(name)
         return tensor
+
+    def num_elements(self) -> int:
+        """Elements of the tensors the model loads, from the files' headers (nothing is read). A saved
+        lm_head.weight is a copy of the tied embedding (every Gemma ties them; load_mapped_state) and
+        takes no memory of its own."""
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name, handle in self._where.items()
+                   if name != "lm_head.weight")
+
+
+def check_weights_fit(path: str | Path, dtype: torch.dtype, device: torch.device, free: int) -> None:
+    """Before the weights are loaded onto a GPU with `free` bytes free: a checkpoint whose weights (as
+    `dtype`) take more fails with a message naming both, not with CUDA's out-of-memory traceback
+    halfway through the load. The host needs no such check: PagedKVCache.from_budget checks what is
+    available after the weights are in."""
+    weights = CheckpointReader(path).num_elements() * torch.empty((), dtype=dtype).element_size()
+    if weights > free:
+        raise CheckpointError(f"the weights of {path} take {weights} bytes ({weights / 2**30:.2f} GiB) as "
+                              f"{str(dtype).removeprefix('torch.')} but only {free} bytes ({free / 2**30:.2f} GiB) "
+                              f"are free on {device}; free the GPU (nvidia-smi lists what holds it) or serve a "
+                              f"smaller checkpoint")
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: GemmaConfig) -> torch.Tensor:
@@ -107,6 +129,9 @@ def load_reference_model(path: str | Path, dtype: torch.dtype, device: torch.dev
     """Build the plain-PyTorch model from a checkpoint directory; returns (model, config)."""
     from .model import GemmaModel
 
+    device = torch.device(device)
+    if device.type == "cuda":
+        check_weights_fit(path, dtype, device, free_memory_bytes(device))
     cfg = GemmaConfig.from_checkpoint(path)
     state = load_mapped_state(path, cfg, dtype)
     with torch.device("meta"):

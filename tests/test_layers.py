@@ -138,6 +138,7 @@ BACKEND_LAYERS = (
     ("model", "weights", "te.model", "te.layers"),  # the models and their weights
     ("attention", "batch", "rope"),  # the attention backends and the step layout
     ("kernels",),  # Triton-language kernels: nothing of the engine
+    ("memory",),  # what memory is free: the host's (and its cgroup's), a GPU's
     ("params", "errors", "config", "te"),  # plain data; `te` only finds TransformerEngine
 )
 

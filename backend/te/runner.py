@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from backend.config import GemmaConfig
-from backend.weights import load_mapped_state
+from backend.memory import free_memory_bytes
+from backend.weights import check_weights_fit, load_mapped_state
 
 from . import import_te, te_available
 
@@ -42,6 +43,8 @@ def load_te_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
+    if not fp8:  # FP8 weights take about half of `dtype`'s bytes: too loose a bound to refuse a start with
+        check_weights_fit(path, dtype, device, free_memory_bytes(device))
     cfg = GemmaConfig.from_checkpoint(path)
     state = load_mapped_state(path, cfg, dtype)
     model = TEGemmaModel(cfg, dtype=dtype, device=device, fp8=fp8, fp8_recipe=fp8_recipe, fused=fused,
