@@ -7,8 +7,9 @@ ids to the host -> scheduler.update() appends the tokens and applies the stop ru
 sequence's grammar accepts its token -> each loop's token deltas go to `publish` at once. A request
 with structured outputs waits for its grammar to compile (backend/grammar.py, beside this loop)
 before it joins the scheduler. With speculative decoding (EngineConfig.speculative_config), the
-proposer guesses each speculating sequence's next tokens before the step is scheduled, and the step
-verifies them (backend/speculative.py).
+proposer guesses each speculating sequence's next tokens before the step is scheduled (n-gram lookup,
+or a draft model's forwards: backend/draft_model.py), and the step verifies them
+(backend/speculative.py).
 
 With async scheduling (on a GPU by default) the core launches step N+1 before it completes step
 N: while the GPU computes N, this thread schedules and lays out N+1 and then hands out N's tokens,
@@ -36,6 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .draft_model import check_draft_checkpoint, draft_proposer
 from .grammar import Grammar, GrammarCompiler, PendingGrammar
 from .kv_cache import CacheUsage, PagedKVCache
 from .model import prepare_for_cpu
@@ -44,7 +46,7 @@ from .params import EngineConfig, EngineLimits, SamplingParams
 from .runner import ModelRunner, StepInFlight, StepModel
 from .sampling import make_generator, needs_token_history
 from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
-from .speculative import SpecDecodeStats, Speculation, make_proposer
+from .speculative import DraftRequest, NgramProposer, Proposer, SpecDecodeStats, Speculation
 from .step_times import StepTimes
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class EngineStats:
     num_preemptions: int  # since the engine started
     step_times: StepTimes  # where the steps' time went, since the engine started
     spec_decode: SpecDecodeStats = SpecDecodeStats()  # speculative decoding's drafts, since the engine started
+    draft_kv_cache: Optional[CacheUsage] = None  # a draft model's own KV cache (speculative method draft_model)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,7 +123,8 @@ class EngineCore:
         self._step_times = StepTimes()  # written by the engine thread; stats() copies it
         self._spec_decode = SpecDecodeStats()
         self._speculative = config.speculative()
-        self._proposer = None if self._speculative is None else make_proposer(self._speculative)
+        self._proposer: Optional[Proposer] = None  # made on the engine thread (a draft model is loaded there)
+        self._draft_kv_cache: Optional[PagedKVCache] = None
         started: list = []  # what the engine thread set up, or the exception it raised
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started, ready), name="gemma-engine", daemon=True)
@@ -147,8 +151,22 @@ class EngineCore:
                                   max_model_len, config.cuda_graphs,
                                   0 if self._speculative is None else self._speculative.num_speculative_tokens)
         self.runner.warm_up()
+        if self._speculative is not None:
+            self._proposer = self._make_proposer(model, max_model_len)
         self._grammars = GrammarCompiler(Path(config.checkpoint) / "tokenizer.json", cfg.vocab_size,
                                          self.eos_token_ids, on_done=self._wake)
+
+    def _make_proposer(self, model: StepModel, max_model_len: int) -> Proposer:
+        """The n-gram proposer, or a draft model checked against the target and loaded like it."""
+        spec = self._speculative
+        if spec.method == "ngram":
+            return NgramProposer(spec)
+        path = Path(spec.model)
+        check_draft_checkpoint(path, model.cfg, Path(self.config.checkpoint), max_model_len)
+        draft = draft_proposer(load_model(self.config, path, self.device, model.dtype), self.config,
+                               self.kv_cache.pool.num_blocks, max_model_len)
+        self._draft_kv_cache = draft.kv_cache
+        return draft
 
     # --- API (any thread) -------------------------------------------------------------------------
 
@@ -178,7 +196,8 @@ class EngineCore:
             num_waiting = len(self.scheduler.waiting) + len(self._submitted) + len(self._compiling)
             return EngineStats(self.kv_cache.usage(), len(self.scheduler.running), num_waiting,
                                self.scheduler.prefix_cache,
-                               self._num_preemptions, dataclasses.replace(self._step_times), self._spec_decode)
+                               self._num_preemptions, dataclasses.replace(self._step_times), self._spec_decode,
+                               None if self._draft_kv_cache is None else self._draft_kv_cache.usage())
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel everything in flight (each gets a final "cancelled" delta) and stop the thread."""
@@ -255,17 +274,29 @@ class EngineCore:
         return seq.speculation is not None and seq.speculation.active(seq.num_output_tokens)
 
     def _propose(self) -> None:
-        """Drafts for each speculating sequence about to decode with all its tokens on the host; at
-        most as many as leave room for the token after them within max_tokens."""
+        """Drafts for each speculating sequence about to decode with all its tokens on the host, all at
+        once; at most as many as leave room for the token after them within max_tokens. A proposer
+        that fails (a draft model's forward) fails the requests it was proposing for."""
         if self._proposer is None:
             return
+        asking, requests = [], []
         for seq in self.scheduler.running:
             if seq.num_in_flight or seq.num_pending != 1 or not self._speculating(seq):
                 continue
             room = seq.params.max_tokens - seq.num_output_tokens - 1
-            if room < 1:
-                continue
-            drafts = self._proposer.propose(seq.speculation.state, seq.token_ids, min(seq.speculation.num_drafts, room))
+            if room >= 1:
+                asking.append(seq)
+                requests.append(DraftRequest(seq.speculation.state, seq.token_ids, min(seq.speculation.num_drafts, room)))
+        if not requests:
+            return
+        try:
+            proposals = self._proposer.propose(requests)
+        except Exception as exc:
+            log.error("proposing drafts failed", exc_info=exc)
+            for seq in asking:
+                self._finish(seq, "error", error=f"speculative decoding's proposer failed: {type(exc).__name__}: {exc}")
+            return
+        for seq, drafts in zip(asking, proposals):
             if drafts:
                 seq.draft_token_ids = drafts
             else:
@@ -306,11 +337,15 @@ class EngineCore:
         """Schedule and launch the next step (None if nothing could be scheduled, or it failed)."""
         start = time.perf_counter()
         self._propose()
+        proposed = time.perf_counter()
+        self._step_times.propose_s += proposed - start
         output = self.scheduler.schedule()
         self._num_preemptions += len(output.preempted)
+        for seq in output.preempted:  # recomputed on resume; its drafts start again from its tokens then
+            self._release_proposal_state(seq)
         if not output.chunks:
             return None
-        self._step_times.schedule_s += time.perf_counter() - start
+        self._step_times.schedule_s += time.perf_counter() - proposed
         try:
             return self.runner.launch(output, previous, self._step_times)
         except Exception as exc:  # a fault fails this step's requests; the engine keeps serving
@@ -375,9 +410,15 @@ class EngineCore:
         self._deliver(seq, TokenDelta([], reason, error, seq.num_cached_prompt_tokens))
 
     def _deliver(self, seq: Sequence, delta: TokenDelta) -> None:
-        if delta.finish_reason is not None:
+        if delta.finish_reason is not None:  # every way a sequence ends comes here once
             del self._sequences[seq.request_id]
+            self._release_proposal_state(seq)
         self._outbox.append((seq.request_id, delta))
+
+    def _release_proposal_state(self, seq: Sequence) -> None:
+        """What the proposer holds for `seq` (a draft model's KV blocks) goes back."""
+        if seq.speculation is not None:
+            self._proposer.release(seq.speculation.state)
 
     def _flush(self) -> None:
         """Publish this loop's deltas, all at once. A step that made none (prefill chunks only)

@@ -222,7 +222,8 @@ class EngineConfig:
     # the others never wait for it (backend/grammar.py compiles beside the engine loop).
     grammar_compile_timeout_s: float = 10.0
     # Speculative decoding, as JSON text with vLLM's keys (SpeculativeConfig), e.g.
-    # '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}';
+    # '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}' or
+    # '{"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 3}';
     # None (or ""): off. A dict is stored as its JSON text.
     speculative_config: Optional[str] = None
 
@@ -252,32 +253,61 @@ class EngineConfig:
 
 
 MAX_SPECULATIVE_TOKENS = 16  # drafts verified per sequence and step (a verify chunk is 1 + this many tokens)
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding, with vLLM's `speculative_config` keys. `ngram` (prompt lookup): before a
-    step, a sequence whose last n tokens (prompt_lookup_min <= n <= prompt_lookup_max, the longest
-    found) occurred earlier in its prompt or output proposes the `num_speculative_tokens` tokens that
-    followed them there; the step verifies them (backend/speculative.py). As in vLLM, a lookup bound
-    left out takes the other's value, and both left out are 5."""
-    method: str = "ngram"
+    """Speculative decoding, with vLLM's `speculative_config` keys; the step verifies each speculating
+    sequence's `num_speculative_tokens` drafts (backend/speculative.py).
+    - `ngram` (prompt lookup): a sequence whose last n tokens (prompt_lookup_min <= n <=
+      prompt_lookup_max, the longest found) occurred earlier in its prompt or output proposes the
+      tokens that followed them there. As in vLLM, a lookup bound left out takes the other's value,
+      and both left out are 5.
+    - `draft_model`: `model`, the directory of a smaller checkpoint with the target's vocabulary,
+      proposes them greedily (backend/draft_model.py; checked when the engine starts).
+    As in vLLM, `method` left out is draft_model when a `model` is named; with neither it is ngram
+    here (vLLM asks for one). `draft_tensor_parallel_size` may only be 1 (the draft runs on the
+    target's device)."""
+    method: Optional[str] = None
     num_speculative_tokens: int = 0
+    model: Optional[str] = None
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
+    draft_tensor_parallel_size: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.method is None:
+            object.__setattr__(self, "method", "draft_model" if self.model is not None else "ngram")
         if self.method not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative_config: method must be one of {', '.join(SPECULATIVE_METHODS)}, "
-                             f"not {self.method!r}")
-        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            raise ValueError(f"speculative_config: method {self.method!r} is not supported; supported: "
+                             f"{', '.join(SPECULATIVE_METHODS)}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "draft_tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"speculative_config: {name} must be an integer, not {value!r}")
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_config: num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
                              f"not {self.num_speculative_tokens}")
+        if self.draft_tensor_parallel_size not in (None, 1):
+            raise ValueError(f"speculative_config: draft_tensor_parallel_size must be 1 (the draft runs on the "
+                             f"target's device), not {self.draft_tensor_parallel_size}")
+        if self.method == "draft_model":
+            self._check_draft_model()
+        else:
+            self._check_ngram()
+
+    def _check_draft_model(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"speculative_config: method draft_model needs `model`, the draft checkpoint's "
+                             f"directory, not {self.model!r}")
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"speculative_config: {name} is for method ngram, not draft_model")
+
+    def _check_ngram(self) -> None:
+        if self.model is not None:
+            raise ValueError("speculative_config: `model` names a draft model: use method draft_model, not ngram")
         low, high = self.prompt_lookup_min, self.prompt_lookup_max
         low, high = (5, 5) if low is None and high is None else (high, high) if low is None else \
             (low, low) if high is None else (low, high)

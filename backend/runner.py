@@ -11,6 +11,10 @@ sampler then returns each token and, for requests that ask, its logprobs from th
 has a logit row per draft and one more, each sampled as the one-token step at its position would
 be; the sampler accepts a prefix of the drafts (backend/sampling.py).
 
+`logits(chunks)` runs the model alone, without a schedule or a sampler: a draft model proposing
+(backend/draft_model.py) picks its tokens from those logits, and its decodes are fed the previous
+pick on the device (a token -1 - i in a chunk is row i of the tensor given).
+
 `launch(output)` queues the whole step (input copy, forward, sampler, the copy of the sampled ids to
 the host) without waiting for the device; `complete(step)` waits for its ids. In between, the engine
 can launch the next step: a decode of a token still in flight reads it from the previous step's
@@ -103,6 +107,14 @@ class ModelRunner:
         times.sample_s += time.perf_counter() - launched
         return StepInFlight(output, sampled, events)
 
+    def logits(self, chunks: list[SeqChunk], fed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's fp32 logits of the chunks' logit rows (graphs replayed as for a step), with
+        each token -1 - i taken from fed[i] on the device."""
+        token_ids, layout = self.model.attention.build_step(chunks, self.kv_cache.block_size, self._uploader)
+        if fed is not None:
+            token_ids = fill_fed(token_ids, fed)
+        return self._forward(token_ids, layout)
+
     def complete(self, step: "StepInFlight", times: StepTimes) -> SampledTokens:
         """Wait for a launched step's sampled ids (and logprobs) on the host."""
         start = time.perf_counter()
@@ -169,5 +181,10 @@ class StepInFlight:
     def fill_pending(self, token_ids: torch.Tensor) -> torch.Tensor:
         """`token_ids` with each -1 - row replaced by the token this step sampled in that row, on the
         device (no wait)."""
-        rows = (-1 - token_ids).clamp_min(0)
-        return torch.where(token_ids < 0, self.sampled.token_ids[rows], token_ids)
+        return fill_fed(token_ids, self.sampled.token_ids)
+
+
+def fill_fed(token_ids: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+    """`token_ids` with each -1 - i replaced by fed[i], on the device (no wait)."""
+    rows = (-1 - token_ids).clamp_min(0)
+    return torch.where(token_ids < 0, fed[rows], token_ids)

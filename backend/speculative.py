@@ -8,14 +8,18 @@ rolls back the K/V of what was rejected. The output is what the sequence would h
 token per step; only the number of steps changes.
 
 A proposer is one small interface (`Proposer`): `start` a sequence's state when it is added,
-`propose` up to n tokens from its tokens so far. One is built:
+`propose` drafts for a step's speculating sequences at once (each a `DraftRequest`: its state, its
+tokens so far, how many drafts at most), `release` what a state holds when its sequence finishes or is
+preempted. Two are built:
 - `NgramProposer` (vLLM's method "ngram", prompt lookup): the tokens that followed the most recent
   earlier occurrence of the sequence's last n tokens, the longest n in [prompt_lookup_min,
   prompt_lookup_max] that occurs, on the host from the token ids. Edits, summaries that quote, code that
   repeats its identifiers: the output copies spans of the context, and the spans are found here.
-A proposer with a model of its own (a draft model, EAGLE-style heads) would rather propose for a
-step's speculating sequences at once, on the device: the engine core asks per sequence today, and
-such a proposer would get a batch method beside `propose`.
+- `DraftModelProposer` (vLLM's "draft_model", backend/draft_model.py): a smaller checkpoint with the
+  same vocabulary, run by the same runner code with a KV cache of its own, proposes greedily, all the
+  step's sequences in one batch per draft position.
+An EAGLE-style head fits the same interface: a draft model whose forward also reads the target's
+hidden states, which the runner would hand over with the tokens of the step just verified.
 
 Adaptive (`Speculation`): each sequence tracks how many of its drafts a verify step accepts, and
 which fraction of them (exponential averages). It proposes one more than the average accepted, up to
@@ -133,13 +137,25 @@ def rate_floor(num_running: int) -> float:
     return RATE_FLOOR * (1 - 1 / max(num_running, 1))
 
 
+@dataclass(frozen=True)
+class DraftRequest:
+    """One speculating sequence's ask for drafts."""
+    state: object  # what the proposer's `start` made for it
+    token_ids: Seq[int]  # its tokens so far (they only grow between calls)
+    max_tokens: int  # drafts it can use at most (>= 1)
+
+
 class Proposer(Protocol):
     def start(self, token_ids: Seq[int]) -> object:
         """A new sequence's proposer state (its prompt's tokens so far)."""
 
-    def propose(self, state: object, token_ids: Seq[int], max_tokens: int) -> list[int]:
-        """At most `max_tokens` guesses of the tokens after `token_ids` (the sequence's tokens so far,
-        which only grow between calls); [] when there is nothing to propose."""
+    def propose(self, requests: Seq[DraftRequest]) -> list[list[int]]:
+        """Each request's guesses of the tokens after its `token_ids`, at most `max_tokens`; [] when
+        there is nothing to propose."""
+
+    def release(self, state: object) -> None:
+        """The sequence finished, or was preempted (it may propose again later, from its tokens then):
+        free what its state holds."""
 
 
 @dataclass
@@ -158,7 +174,15 @@ class NgramProposer:
     def start(self, token_ids: Seq[int]) -> NgramIndex:
         return NgramIndex()
 
-    def propose(self, state: NgramIndex, token_ids: Seq[int], max_tokens: int) -> list[int]:
+    def propose(self, requests: Seq[DraftRequest]) -> list[list[int]]:
+        return [self.lookup(r.state, r.token_ids, r.max_tokens) for r in requests]
+
+    def release(self, state: NgramIndex) -> None:
+        """Nothing to free: the index is host memory that goes with the sequence, and stays valid
+        across a preemption (the sequence's tokens do not change)."""
+
+    def lookup(self, state: NgramIndex, token_ids: Seq[int], max_tokens: int) -> list[int]:
+        """At most `max_tokens` tokens that followed the longest recent match of the sequence's last tokens."""
         n, length = self.min_n, len(token_ids)
         if length <= n or max_tokens < 1:
             return []
@@ -181,9 +205,3 @@ class NgramProposer:
                 if matched == self.max_n:
                     break
         return list(token_ids[best + 1:best + 1 + max_tokens])
-
-
-def make_proposer(config: SpeculativeConfig) -> Proposer:
-    if config.method == "ngram":
-        return NgramProposer(config)
-    raise ValueError(f"speculative_config: method {config.method!r} has no proposer")

@@ -25,6 +25,7 @@ class StepTimes:
     wait_s: float = 0.0  # waiting for a step's sampled ids to reach the host
     update_s: float = 0.0  # Scheduler.update and the deltas handed to the requests
     gpu_forward_s: float = 0.0  # the forward on the device (CUDA events); 0 on CPU
+    propose_s: float = 0.0  # speculative decoding's proposer, before schedule (a draft model's forwards)
 
     def since(self, earlier: "StepTimes") -> "StepTimes":
         """The times of the steps taken after `earlier` (a copy taken then)."""

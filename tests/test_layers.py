@@ -127,14 +127,14 @@ def test_the_request_and_config_types_import_without_torch():
 
 # Inside backend/, top to bottom (docs/architecture.md): a module imports its own layer or those below.
 BACKEND_LAYERS = (
-    ("cli",),  # entry points
+    ("cli", "draft_checkpoint"),  # entry points
     ("loader",),  # resolve and check a checkpoint, start an engine
     ("default_model", "self_check", "gguf_checkpoint"),  # the packaged model, checked (runs the engine)
     ("engine",),  # the request front
     ("engine_process",),  # the core in a process of its own
     ("engine_core",),  # scheduler + runner + the engine thread
     ("runner", "graphs", "scheduler", "kv_cache", "sampling", "grammar", "step_times", "outputs", "tokenizer",
-     "te.runner", "speculative"),
+     "te.runner", "speculative", "draft_model"),
     ("model", "weights", "te.model", "te.layers"),  # the models and their weights
     ("attention", "batch", "rope"),  # the attention backends and the step layout
     ("kernels",),  # Triton-language kernels: nothing of the engine

@@ -16,8 +16,8 @@ from backend.kv_cache import BlockPool
 from backend.params import EngineConfig, SamplingParams, SpeculativeConfig
 from backend.sampling import SampledOnDevice, SamplingRow, make_generator
 from backend.scheduler import Scheduler, Sequence
-from backend.speculative import (FIRST_PAUSE, MAX_MISSES, MIN_VERIFIES, NgramProposer, SpecDecodeStats,
-                                 Speculation)
+from backend.speculative import (FIRST_PAUSE, MAX_MISSES, MIN_VERIFIES, DraftRequest, NgramProposer,
+                                 SpecDecodeStats, Speculation)
 from tests.tiny_models import hf_model, write_checkpoint
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -41,7 +41,12 @@ def test_lookup_bounds_default_as_vllm_does():
     ('{"num_speculative_tokens": "2"}', "integer"),
     ('{"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}', "prompt_lookup_min"),
     ('{"num_speculative_tokens": 2, "prompt_lookup_min": 0}', "prompt_lookup_min"),
-    ('{"num_speculative_tokens": 2, "model": "x"}', "unknown key"),
+    ('{"num_speculative_tokens": 2, "drafter": "x"}', "unknown key"),
+    ('{"method": "eagle", "num_speculative_tokens": 2, "model": "x"}', "'eagle' is not supported"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs `model`"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}', "use method draft_model"),
+    ('{"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}', "for method ngram"),
+    ('{"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}', "must be 1"),
 ])
 def test_engine_config_refuses_a_bad_speculative_config_naming_it(text, words):
     with pytest.raises(ValueError, match="speculative_config") as info:
@@ -76,7 +81,7 @@ def test_a_request_opts_out_in_its_sampling_parameters():
 
 def propose(tokens, k=3, low=1, high=3, index=None):
     proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=low, prompt_lookup_max=high))
-    return proposer.propose(index if index is not None else proposer.start(tokens), tokens, k)
+    return proposer.lookup(index if index is not None else proposer.start(tokens), tokens, k)
 
 
 def test_ngram_proposes_what_followed_the_longest_match():
@@ -92,11 +97,12 @@ def test_ngram_index_grows_with_the_sequence():
     proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=2, prompt_lookup_min=2, prompt_lookup_max=2))
     tokens = [1, 2, 3, 4]
     index = proposer.start(tokens)
-    assert proposer.propose(index, tokens, 2) == []
+    assert proposer.lookup(index, tokens, 2) == []
     tokens += [1, 2]
-    assert proposer.propose(index, tokens, 2) == [3, 4]
+    assert proposer.lookup(index, tokens, 2) == [3, 4]
     tokens += [3, 9, 2, 3]
-    assert proposer.propose(index, tokens, 2) == [9, 2]  # "2 3" ended at 2 and at 6: the most recent wins
+    assert proposer.propose([DraftRequest(index, tokens, 2), DraftRequest(proposer.start(tokens), tokens, 1)]) \
+        == [[9, 2], [9]]  # "2 3" ended at 2 and at 6: the most recent wins
     assert index.num_indexed == len(tokens) - 1
 
 
@@ -344,15 +350,24 @@ class Core:
                     self.ended[request_id] = delta.finish_reason
             self._done.notify_all()
 
-    def run(self, requests):
-        """[(prompt ids, params)] submitted together -> each one's (token ids, logprobs, finish reason)."""
+    def submit(self, requests):
+        """[(prompt ids, params)] -> their request ids."""
         ids = []
         for prompt, params in requests:
             ids.append(self._next_id)
             self.core.add(self._next_id, list(prompt), params)
             self._next_id += 1
+        return ids
+
+    def wait_for(self, condition, timeout=300):
+        """Until condition() holds (checked whenever deltas arrive)."""
         with self._done:
-            assert self._done.wait_for(lambda: all(i in self.ended for i in ids), timeout=300)
+            assert self._done.wait_for(condition, timeout=timeout)
+
+    def run(self, requests):
+        """[(prompt ids, params)] submitted together -> each one's (token ids, logprobs, finish reason)."""
+        ids = self.submit(requests)
+        self.wait_for(lambda: all(i in self.ended for i in ids))
         results = []
         for i in ids:
             deltas = self.outputs.pop(i)
@@ -411,7 +426,13 @@ class KnownAnswers:
     def start(self, token_ids):
         return self.answers.get(tuple(token_ids))
 
-    def propose(self, state, token_ids, max_tokens):
+    def propose(self, requests):
+        return [self._answer(r.state, r.token_ids, r.max_tokens) for r in requests]
+
+    def release(self, state):
+        pass
+
+    def _answer(self, state, token_ids, max_tokens):
         if state is None:
             return []
         self.calls += 1
@@ -532,17 +553,19 @@ def test_sampled_outputs_have_the_model_distribution_with_speculation(tmp_path):
     check_sampled_distribution(tmp_path)
 
 
-def check_sampled_distribution(tmp_path, identical=True, **config):
+TINY4_NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+
+
+def check_sampled_distribution(tmp_path, identical=True, speculative=lambda path: TINY4_NGRAM, **config):
     """A 3-token continuation of a tiny-vocabulary model, drawn with seeds 0..N-1 with speculation
     on: the same tokens as with it off, seed for seed (`identical`: where both round alike), and the
     joint distribution of the tokens is the model's (computed with HF transformers), by a chi-square
-    test at the 0.1% level."""
+    test at the 0.1% level. `speculative(checkpoint)`: the speculative_config (n-gram by default)."""
     vocab, n = 4, 1500
     path = write_checkpoint(tmp_path / "tiny4", "gemma3_text", seed=7, vocab_size=vocab)
     prompt = [2, 3, 0, 3, 0, 3, 0, 3]  # "3 0" recurs: drafts from the first token on
     params = [SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True) for s in range(n)]
-    on = Core(path, {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2},
-              max_num_seqs=64, max_num_batched_tokens=512, **config)
+    on = Core(path, speculative(path), max_num_seqs=64, max_num_batched_tokens=512, **config)
     off = Core(path, max_num_seqs=64, max_num_batched_tokens=512, **config)
     try:
         with_speculation = [tuple(r[0]) for r in on.run([(prompt, p) for p in params])]
@@ -592,22 +615,29 @@ def test_the_packaged_model_gives_the_same_tokens_with_speculation(default_check
 
 # --- the benchmark's pure parts -----------------------------------------------------------------------
 
-def test_the_benchmark_reports_medians_and_on_over_off_ratios():
+def test_the_benchmark_reports_medians_and_each_method_over_off():
     from benchmarks import speculative as bench
     base = {"type": "speculative", "prompt_tokens": [500], "max_tokens": 8, "tokens_per_verify": None}
     records = [{**base, "rep": rep, "workload": "edit", "streams": 1, "speculation": label, "itl_ms": itl,
                 "tokens_per_s": tok, "acceptance_rate": acc}
-               for rep, label, itl, tok, acc in ((1, "off", 100.0, 10.0, None), (1, "on", 40.0, 24.0, 0.8),
-                                                  (2, "off", 110.0, 9.0, None), (2, "on", 50.0, 20.0, 0.6))]
+               for rep, label, itl, tok, acc in ((1, "off", 100.0, 10.0, None), (1, "ngram", 40.0, 24.0, 0.8),
+                                                  (1, "draft_model", 80.0, 12.0, 0.5),
+                                                  (2, "off", 110.0, 9.0, None), (2, "ngram", 50.0, 20.0, 0.6),
+                                                  (2, "draft_model", 120.0, 8.0, 0.3))]
     rows = bench.table(records)
-    on = next(r for r in rows if r["speculation"] == "on")
+    on = next(r for r in rows if r["speculation"] == "ngram")
     assert (on["itl_ms"], on["tokens_per_s"], on["acceptance_rate"]) == (45.0, 22.0, pytest.approx(0.7))
     summary = bench.ratios(rows)
     assert summary["spec_edit_itl_speedup_1"] == pytest.approx(105 / 45)
     assert summary["spec_edit_tok_s_ratio_1"] == pytest.approx(22 / 9.5)
-    assert bench.paired(records) == {"edit_1": [pytest.approx(2.4), pytest.approx(20 / 9)]}
+    assert summary["spec_draft_edit_itl_speedup_1"] == pytest.approx(105 / 100)
+    assert summary["spec_draft_edit_acceptance_1"] == pytest.approx(0.4)
+    assert bench.paired(records) == {"edit_1": [pytest.approx(2.4), pytest.approx(20 / 9)],
+                                     "draft_edit_1": [pytest.approx(1.2), pytest.approx(8 / 9)]}
     table = bench.markdown(rows, summary)
-    assert "| edit | 1 | 500-500 | on | 45.0 | 22.00 | 0.70 | - | 2.33x | 2.32x |" in table
+    assert table.index("| off |") < table.index("| ngram |") < table.index("| draft_model |")
+    assert "| edit | 1 | 500-500 | ngram | 45.0 | 22.00 | 0.70 | - | 2.33x | 2.32x |" in table
+    assert "| edit | 1 | 500-500 | draft_model | 100.0 | 10.00 | 0.40 | - | 1.05x | 1.05x |" in table
 
 
 def test_the_edit_workload_has_300_to_1000_token_prompts(default_checkpoint):
