@@ -13,8 +13,9 @@ server level"). Where the gateway's packages are installed, the server level als
 OpenAI-compatible gateway in front of the same server against direct gRPC. Writes one JSON line per
 measurement to stdout and OUT/bench.jsonl (the last line is the summary), OUT/throughput.png,
 OUT/latency.png and OUT/table.md; progress goes to stderr. The speculative level (benchmarks/speculative.py)
-runs an engine of its own with n-gram speculation: an edit workload and one with nothing to look up,
-1 and 8 streams, speculation off and on.
+runs an engine of its own with n-gram speculation and one with a draft model (the checkpoint's first
+layers): an edit workload and one with nothing to look up, 1 and 8 streams, speculation off, n-gram
+and draft model.
 --publish copies the plots, the JSON lines and the table to docs/benchmarks/ (the committed
 results, docs/benchmarks.md). The engine level on a GPU is benchmarks/gpu_bench.py (docs/gpu.md).
 """
@@ -51,7 +52,9 @@ SUMMARY_KEYS = ("engine_vs_hf_single", "engine_vs_hf_concurrent", "server_vs_eng
 # Speculative decoding, on over off (benchmarks/speculative.py): the edit workload's inter-token latency at 1
 # stream and tokens/s at 8, and tokens/s where there is nothing to look up. The issue's goals (>= 1.8,
 # >= 1.3, >= 0.97) are for an H200; on a CPU they are reported, not judged.
-SPEC_KEYS = ("spec_edit_itl_speedup_1", "spec_edit_tok_s_ratio_8", "spec_free_tok_s_ratio_1", "spec_free_tok_s_ratio_8")
+# The draft model's (spec_draft_*) are reported beside them.
+SPEC_KEYS = ("spec_edit_itl_speedup_1", "spec_edit_tok_s_ratio_8", "spec_free_tok_s_ratio_1", "spec_free_tok_s_ratio_8",
+             "spec_draft_edit_itl_speedup_1", "spec_draft_free_tok_s_ratio_1")
 
 
 @dataclass(frozen=True)
@@ -156,18 +159,22 @@ def run_chat_level(report: Report, engine, s: Settings) -> list[dict]:
 
 
 def run_speculative_level(report: Report, engine, s: Settings) -> list[dict]:
-    """Speculation off and on in one engine of its own (n-gram prompt lookup; off is the per-request
-    opt-out), prefix caching off so a repeated prompt computes its prefill again."""
+    """Speculation off and n-gram in one engine of its own (off is the per-request opt-out), a draft
+    model in another; prefix caching off so a repeated prompt computes its prefill again."""
     from backend.loader import start_engine
-    report.progress("loading an engine with speculative decoding (prefix caching off)")
-    spec_engine = start_engine(dataclasses.replace(engine.config, enable_prefix_caching=False,
-                                                   speculative_config=json.dumps(speculative.SPECULATIVE_CONFIG)))
+    report.progress("loading engines with speculative decoding, n-gram and a draft model (prefix caching off)")
+    config = dataclasses.replace(engine.config, enable_prefix_caching=False,
+                                 speculative_config=json.dumps(speculative.SPECULATIVE_CONFIG))
+    draft_config = speculative.draft_speculative_config(Path(engine.config.checkpoint))
+    spec_engine = start_engine(config)
+    draft_engine = start_engine(dataclasses.replace(config, speculative_config=json.dumps(draft_config)))
     try:
         return [report.emit(r) for r in speculative.run(spec_engine, s.spec_tokens, s.spec_reps,
-                                                         progress=report.progress)]
+                                                         progress=report.progress, draft_engine=draft_engine)]
     finally:
         spec_engine.shutdown()
-        del spec_engine
+        draft_engine.shutdown()
+        del spec_engine, draft_engine
         gc.collect()
 
 
@@ -251,6 +258,7 @@ def summarize(engine_records: list[dict], server_records: list[dict], chat_recor
         summary.update(speculative.ratios(spec_rows))
         summary["spec_paired_tok_s_ratios"] = speculative.paired(spec_records)
         summary["spec_config"] = speculative.SPECULATIVE_CONFIG
+        summary["spec_draft"] = {"layers": speculative.DRAFT_LAYERS, "num_speculative_tokens": speculative.DRAFT_TOKENS}
         summary["spec_table"] = spec_rows
     server_rows = serving.table(server_records)
     closed = {(r["system"], r["concurrency"]): r for r in server_rows if r["mode"] == "closed"}
@@ -358,7 +366,9 @@ def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) ->
                   f"{' / '.join(_fmt(x, 2) for x in summary['openai_vs_grpc_by_rep'])}): TTFT p50 overhead "
                   f"{_fmt(summary['openai_ttft_overhead_ms_p50'])} ms.", ""]
     if summary.get("spec_table"):
-        lines += [f"Speculative decoding (`{json.dumps(summary['spec_config'])}`), off and on in one engine, "
+        lines += [f"Speculative decoding (n-gram: `{json.dumps(summary['spec_config'])}`, off and n-gram in one "
+                  f"engine; draft_model: the first {summary['spec_draft']['layers']} layers proposing up to "
+                  f"{summary['spec_draft']['num_speculative_tokens']} tokens, in another), "
                   f"{summary['settings']['spec_tokens']} tokens per request, medians of "
                   f"{summary['settings']['spec_reps']} repetitions:", "",
                   speculative.markdown(summary["spec_table"], summary)]

@@ -1,6 +1,8 @@
-"""Speculative decoding (n-gram prompt lookup) on and off: inter-token latency, tokens/s, acceptance.
+"""Speculative decoding off, with n-gram prompt lookup, and with a draft model: inter-token latency,
+tokens/s, acceptance.
 
     python -m benchmarks.speculative [--max-tokens N] [--reps R] [--streams 1,8] [--speculative-config JSON]
+                                     [--draft-layers N] [--draft-tokens K]
                                      [--checkpoint DIR] [--engine auto|te|torch] [--fp8] [--out FILE]
 
 Two workloads a user would recognise, as chat turns to the packaged Gemma 3 270M (EOS ignored,
@@ -11,11 +13,13 @@ Two workloads a user would recognise, as chat turns to the packaged Gemma 3 270M
   nothing to look up, what speculation must not slow. (Greedy, the 270M soon repeats itself, which
   prompt lookup finds too: sampling keeps the text new.)
 Each is run with 1 stream (its prompts one after another) and with 8 streams (8 requests at once),
-speculation off and on, in one engine (speculative_config on; "off" is the per-request opt-out
-`speculate=False`, which takes exactly the path of an engine without speculation), prefix caching off
-so the second run of a prompt computes its prefill again. Off and on alternate which goes first in
-each repetition; rows are medians over repetitions. The outputs are the same either way, greedy and
-seeded (checked here for every request).
+three ways: `off` and `ngram` in one engine (its speculative_config the n-gram one; "off" is the
+per-request opt-out `speculate=False`, which takes exactly the path of an engine without
+speculation), and `draft_model` in a second engine whose draft is the checkpoint's first
+`--draft-layers` layers (backend/draft_checkpoint.py, written once into the model cache; 0: no such
+rows). Prefix caching is off so the second run of a prompt computes its prefill again. The order of
+the three reverses in every other repetition; rows are medians over repetitions. The outputs are the
+same every way, greedy and seeded (checked here for every request).
 
 Per row: inter-token latency (a request's decode time per token after its first, mean over requests),
 tokens/s (every request's output tokens over the run's wall time, prefills included), and with
@@ -35,6 +39,13 @@ from typing import Callable, Iterator, Optional
 from .stats import Timeline, json_line, median, ratio
 
 SPECULATIVE_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+# The draft model's rows: the checkpoint's first DRAFT_LAYERS layers proposing up to DRAFT_TOKENS tokens
+# (the layer count with the best measured trade of agreement against cost: docs/benchmarks.md).
+DRAFT_LAYERS = 12
+DRAFT_TOKENS = 2
+METHODS = ("off", "ngram", "draft_model")  # the table's rows per workload and streams, in this order
+# Ratio keys per method: the n-gram ones keep the names make bench's summary has always had.
+KEY_PREFIX = {"ngram": "spec", "draft_model": "spec_draft"}
 STREAMS = (1, 8)
 WORKLOADS = ("edit", "free")
 SAMPLING = {"edit": {"temperature": 0.0}, "free": {"temperature": 1.0, "top_p": 0.95}}  # + a seed per request
@@ -176,11 +187,22 @@ def measure(engine, workload: str, prompts: list[list[int]], streams: int, max_t
             "tokens": tokens}
 
 
+def draft_speculative_config(checkpoint: Path, layers: int = DRAFT_LAYERS, tokens: int = DRAFT_TOKENS) -> dict:
+    """The draft_model config whose draft is `checkpoint`'s first `layers` layers (written once)."""
+    from backend.draft_checkpoint import cached_draft_checkpoint
+    return {"method": "draft_model", "model": str(cached_draft_checkpoint(checkpoint, layers)),
+            "num_speculative_tokens": tokens}
+
+
 def run(engine, max_tokens: int, reps: int, streams=STREAMS, num_prompts: Optional[int] = None,
-        progress: Callable[[str], None] = lambda s: None) -> Iterator[dict]:
-    """One record per (repetition, workload, streams, speculation); repetition 0 is a short warm-up,
-    not recorded. Raises if speculation changed any request's tokens."""
+        progress: Callable[[str], None] = lambda s: None, draft_engine=None) -> Iterator[dict]:
+    """One record per (repetition, workload, streams, speculation method); repetition 0 is a short
+    warm-up, not recorded. `engine` speculates by n-gram (and runs "off" by the opt-out), `draft_engine`
+    (if any) with a draft model. Raises if speculation changed any request's tokens."""
     prompts = workload_prompts(engine.tokenizer)
+    runs = {"off": (engine, False), "ngram": (engine, True)}
+    if draft_engine is not None:
+        runs["draft_model"] = (draft_engine, True)
     for rep in range(reps + 1):
         for workload in WORKLOADS:
             for n in streams:
@@ -190,13 +212,14 @@ def run(engine, max_tokens: int, reps: int, streams=STREAMS, num_prompts: Option
                 else:
                     tokens = max_tokens
                 results = {}
-                for speculate in ((False, True) if rep % 2 else (True, False)):
-                    label = "on" if speculate else "off"
+                for label in (list(runs) if rep % 2 else list(runs)[::-1]):
                     progress(f"speculative: {'warm-up' if rep == 0 else f'rep {rep}/{reps}'}: {workload}, "
                              f"{n} stream(s), {len(chosen)} requests x {tokens} tokens, speculation {label}")
-                    results[label] = measure(engine, workload, chosen, n, tokens, speculate)
-                if results["on"]["tokens"] != results["off"]["tokens"]:
-                    raise AssertionError(f"{workload}, {n} streams: speculation changed the output")
+                    target, speculate = runs[label]
+                    results[label] = measure(target, workload, chosen, n, tokens, speculate)
+                changed = [label for label in results if results[label]["tokens"] != results["off"]["tokens"]]
+                if changed:
+                    raise AssertionError(f"{workload}, {n} streams: speculation ({', '.join(changed)}) changed the output")
                 if rep == 0:
                     continue
                 for label, r in results.items():
@@ -225,28 +248,29 @@ def table(records: list[dict]) -> list[dict]:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """On over off, per workload and streams: ITL speedup (off / on) and tokens/s ratio (on / off);
-    also per repetition, from the records (the two ran back to back)."""
+    """Each method over off, per workload and streams: ITL speedup (off / method) and tokens/s ratio
+    (method / off), and the method's acceptance; keys `spec_*` for n-gram, `spec_draft_*` for the draft."""
     at = {(r["workload"], r["streams"], r["speculation"]): r for r in rows}
     out = {}
-    for (workload, streams, label) in at:
-        if label != "on" or (workload, streams, "off") not in at:
+    for (workload, streams, label), on in at.items():
+        if label not in KEY_PREFIX or (workload, streams, "off") not in at:
             continue
-        on, off = at[(workload, streams, "on")], at[(workload, streams, "off")]
-        out[f"spec_{workload}_itl_speedup_{streams}"] = ratio(off["itl_ms"], on["itl_ms"])
-        out[f"spec_{workload}_tok_s_ratio_{streams}"] = ratio(on["tokens_per_s"], off["tokens_per_s"])
-        out[f"spec_{workload}_acceptance_{streams}"] = on["acceptance_rate"]
+        off, prefix = at[(workload, streams, "off")], KEY_PREFIX[label]
+        out[f"{prefix}_{workload}_itl_speedup_{streams}"] = ratio(off["itl_ms"], on["itl_ms"])
+        out[f"{prefix}_{workload}_tok_s_ratio_{streams}"] = ratio(on["tokens_per_s"], off["tokens_per_s"])
+        out[f"{prefix}_{workload}_acceptance_{streams}"] = on["acceptance_rate"]
     return out
 
 
 def paired(records: list[dict]) -> dict:
-    """Each repetition's on / off tokens/s ratio per (workload, streams)."""
+    """Each repetition's method / off tokens/s ratio per (workload, streams): keys `edit_1` for n-gram,
+    `draft_edit_1` for the draft model."""
     by = {(r["rep"], r["workload"], r["streams"], r["speculation"]): r for r in records}
     out: dict[str, list] = {}
     for (rep, workload, streams, label), r in sorted(by.items()):
-        if label == "on" and (rep, workload, streams, "off") in by:
-            out.setdefault(f"{workload}_{streams}", []).append(
-                ratio(r["tokens_per_s"], by[(rep, workload, streams, "off")]["tokens_per_s"]))
+        if label in KEY_PREFIX and (rep, workload, streams, "off") in by:
+            key = f"{workload}_{streams}" if label == "ngram" else f"draft_{workload}_{streams}"
+            out.setdefault(key, []).append(ratio(r["tokens_per_s"], by[(rep, workload, streams, "off")]["tokens_per_s"]))
     return out
 
 
@@ -258,11 +282,12 @@ def markdown(rows: list[dict], summary: dict) -> str:
     lines = ["| workload | streams | prompt tokens | speculation | ITL ms | tok/s | acceptance | tokens / verify "
              "| ITL speedup | tok/s ratio |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(rows, key=lambda r: (WORKLOADS.index(r["workload"]), r["streams"], r["speculation"] == "on")):
+    for r in sorted(rows, key=lambda r: (WORKLOADS.index(r["workload"]), r["streams"], METHODS.index(r["speculation"]))):
         speedup = tok = ""
-        if r["speculation"] == "on":
-            speedup = _fmt(summary.get(f"spec_{r['workload']}_itl_speedup_{r['streams']}"), 2) + "x"
-            tok = _fmt(summary.get(f"spec_{r['workload']}_tok_s_ratio_{r['streams']}"), 2) + "x"
+        if r["speculation"] in KEY_PREFIX:
+            prefix = KEY_PREFIX[r["speculation"]]
+            speedup = _fmt(summary.get(f"{prefix}_{r['workload']}_itl_speedup_{r['streams']}"), 2) + "x"
+            tok = _fmt(summary.get(f"{prefix}_{r['workload']}_tok_s_ratio_{r['streams']}"), 2) + "x"
         tokens = f"{min(r['prompt_tokens'])}-{max(r['prompt_tokens'])}"
         lines.append(f"| {r['workload']} | {r['streams']} | {tokens} | {r['speculation']} | {_fmt(r['itl_ms'])} "
                      f"| {_fmt(r['tokens_per_s'], 2)} | {_fmt(r['acceptance_rate'], 2)} "
@@ -276,7 +301,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--streams", default="1,8", help="concurrent requests, e.g. 1,8")
     p.add_argument("--prompts", type=int, help="requests per run (default: max(streams, 2))")
-    p.add_argument("--speculative-config", default=json.dumps(SPECULATIVE_CONFIG))
+    p.add_argument("--speculative-config", default=json.dumps(SPECULATIVE_CONFIG), help="the n-gram rows' config")
+    p.add_argument("--draft-layers", type=int, default=DRAFT_LAYERS,
+                   help="the draft_model rows' draft: the checkpoint's first N layers (0: no draft rows)")
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, help="the draft's num_speculative_tokens")
     p.add_argument("--checkpoint", type=Path, help="HF checkpoint with a tokenizer (default: the packaged 270M)")
     p.add_argument("--engine", choices=("auto", "te", "torch"), default="auto")
     p.add_argument("--fp8", action="store_true", help="TE: FP8 GEMMs")
@@ -285,24 +313,31 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from backend.loader import start_engine
     from backend.params import EngineConfig
     from backend.loader import resolve_checkpoint
-    config = EngineConfig(checkpoint=str(resolve_checkpoint(args.checkpoint)), engine=args.engine, fp8=args.fp8,
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    config = EngineConfig(checkpoint=str(checkpoint), engine=args.engine, fp8=args.fp8,
                           speculative_config=args.speculative_config, enable_prefix_caching=False)
+    draft_config = draft_speculative_config(checkpoint, args.draft_layers, args.draft_tokens) \
+        if args.draft_layers else None
     engine = start_engine(config)
+    draft_engine = None if draft_config is None else \
+        start_engine(dataclasses.replace(config, speculative_config=json.dumps(draft_config)))
     out = open(args.out, "w") if args.out else None
     records = []
     try:
         for record in run(engine, args.max_tokens, args.reps, tuple(int(s) for s in args.streams.split(",")),
-                          args.prompts, progress=lambda m: print(m, flush=True)):
+                          args.prompts, progress=lambda m: print(m, flush=True), draft_engine=draft_engine):
             records.append(record)
             line = json_line(record)
             if out:
                 out.write(line + "\n")
     finally:
         engine.shutdown()
+        if draft_engine is not None:
+            draft_engine.shutdown()
     rows = table(records)
     summary = {"type": "speculative_summary", **ratios(rows), "paired_tok_s_ratios": paired(records),
-               "speculative_config": json.loads(args.speculative_config), "table": rows,
-               "engine_config": dataclasses.asdict(config)}
+               "speculative_config": json.loads(args.speculative_config), "draft_speculative_config": draft_config,
+               "table": rows, "engine_config": dataclasses.asdict(config)}
     print(markdown(rows, summary))
     if out:
         out.write(json_line(summary) + "\n")
