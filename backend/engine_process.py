@@ -83,13 +83,17 @@ class EngineCoreProcess:
         # finds) is killed after this, idle or not. 2 x a short step_timeout_s (tests) leaves a stopped
         # process with requests in flight to the watchdog, which names the step.
         self._stats_timeout_s = min(STATS_TIMEOUT_S, 2 * config.step_timeout_s)
-        self._last_progress = time.monotonic()  # when the last step's deltas came
+        self._last_progress = time.monotonic()  # the last step's deltas, or the first request after idling
         self._hung: Optional[str] = None  # why the watchdog killed the process
         self._receiver = threading.Thread(target=self._receive, name="gemma-engine-events", daemon=True)
         self._receiver.start()
         threading.Thread(target=self._watch, name="gemma-engine-watchdog", daemon=True).start()
 
     def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        # The front counts a request before it adds it (under its lock): 1 is this one alone, so the
+        # engine was idle until now, and the time it spent idle is no stalled step.
+        if self._num_unfinished() <= 1:
+            self._last_progress = time.monotonic()
         self._send(("add", request_id, prompt_ids, params))
 
     def end(self, request_id: int, reason: str) -> None:
@@ -164,9 +168,8 @@ class EngineCoreProcess:
     def _watch(self) -> None:
         """Kill an engine process whose steps stopped returning while requests are in flight: its
         stats may still answer (another thread), but nothing would ever finish."""
-        # Time spent idle is no stalled step: a stall counts from the last step or from the last look
-        # that found nothing in flight, whichever is later. A request that arrives after that look is
-        # timed from it, at most one period (a quarter of step_timeout_s, at most 1 s) early.
+        # A look between the front counting a request and add() resetting the time would see the idle
+        # time as a stall: a stall counts at most from the last look that found nothing in flight.
         idle_at = time.monotonic()
         while not self._closed:
             time.sleep(min(1.0, self._step_timeout_s / 4))
