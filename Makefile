@@ -16,7 +16,8 @@ setup:
 # the OpenAI-compatible gateway beside it on OPENAI_PORT (OPENAI_PORT=0: no gateway). Ctrl-C stops both.
 serve: setup
 	@gateway=; if [ "$(OPENAI_PORT)" != 0 ]; then \
-	  $(PY) -m gateway --host $(OPENAI_HOST) --port $(OPENAI_PORT) --triton-url localhost:$(GRPC_PORT) & gateway=$$!; \
+	  $(PY) -m gateway --host $(OPENAI_HOST) --port $(OPENAI_PORT) --triton-url localhost:$(GRPC_PORT) \
+	    --triton-metrics-url http://localhost:$(METRICS_PORT)/metrics & gateway=$$!; \
 	  echo "OpenAI-compatible API: http://$(OPENAI_HOST):$(OPENAI_PORT)/v1 (docs/gateway.md)"; fi; \
 	trap '[ -z "$$gateway" ] || kill $$gateway 2>/dev/null' EXIT; \
 	HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) bash scripts/serve.sh

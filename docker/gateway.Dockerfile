@@ -19,6 +19,8 @@ COPY client/ client/
 RUN python3 -m pip install --no-cache-dir /opt/gemma-triton/client \
       "tritonclient[grpc]==2.73.0" "fastapi==0.165.0" "uvicorn==0.54.0"
 COPY gateway/ gateway/
+# The server pod's health probe script: /health applies its rules (gateway/engine_health.py loads it here).
+COPY deploy/k8s/base/health.py deploy/k8s/base/health.py
 
 RUN groupadd --gid 10001 gemma \
  && useradd --create-home --uid 10001 --gid 10001 --shell /bin/bash gemma

@@ -19,11 +19,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--triton-url", help="Triton's gRPC host:port (default: $GEMMA_TRITON_URL or localhost:8001)")
+    parser.add_argument("--triton-metrics-url", help="Triton's metrics URL, where /health reads the engine's state, "
+                        "or 'none' (default: $GEMMA_TRITON_METRICS_URL, else port 8002 of the --triton-url host)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    if args.triton_url:
-        settings = dataclasses.replace(settings, triton_url=args.triton_url)
+    try:
+        settings = Settings.from_env()
+        given = {"triton_url": args.triton_url, "triton_metrics_url": args.triton_metrics_url}
+        settings = dataclasses.replace(settings, **{key: value for key, value in given.items() if value})
+    except ValueError as e:
+        parser.error(str(e))
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 

@@ -20,6 +20,7 @@ from gemma_client import AsyncGemmaClient, GemmaClientError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .choices import Choices, collect
+from .engine_health import engine_problem
 from .errors import APIError, from_client_error, invalid_request
 from .guard import Guard
 from .prompts import CHAT_STOP, chat_prompt
@@ -125,13 +126,21 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         events = stream_events(fmt, choices, requests, body.include_usage, prompt_param, constraint_param)
         return EventStream(events, release=choices.aclose)
 
+    metrics_url = settings.engine_metrics_url()
+
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        """200 when Triton and its model are ready, else 503 (and why)."""
+        """200 when Triton and its model are ready and the model's engine serves, else 503 (and why).
+        Triton 2.51 reads the model ready while its engine is restarting or has failed: the engine's
+        state comes from Triton's metrics (engine_health.py)."""
         try:
             await request.app.state.client.check_ready(timeout=HEALTH_TIMEOUT_S)
         except GemmaClientError as e:
             return JSONResponse({"status": "unavailable", "reason": str(e)}, status_code=503)
+        if metrics_url is not None:
+            problem = await asyncio.to_thread(engine_problem, metrics_url, settings.triton_model)
+            if problem is not None:
+                return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     app.include_router(v1)

@@ -16,6 +16,22 @@ class Settings:
     api_key: Optional[str] = None         # when set, requests need `Authorization: Bearer <key>`
     max_body_bytes: int = 1 << 20         # larger request bodies get 413
     max_choices: int = 16                 # n x prompts per request: each choice is a Triton request
+    # Triton's /metrics, where /health reads the engine's state: "" means port 8002 of triton_url's
+    # host; "none" reads Triton's readiness alone (behind a balancer over several servers, whose own
+    # probes take a server with a failed engine out: deploy/k8s).
+    triton_metrics_url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.triton_metrics_url not in ("", "none") and \
+                not self.triton_metrics_url.startswith(("http://", "https://")):
+            raise ValueError(f"the Triton metrics URL (GEMMA_TRITON_METRICS_URL, --triton-metrics-url) must be "
+                             f"http(s)://host:port/metrics or 'none', got {self.triton_metrics_url!r}")
+
+    def engine_metrics_url(self) -> Optional[str]:
+        """Where /health reads the engine's state; None: not read."""
+        if self.triton_metrics_url == "none":
+            return None
+        return self.triton_metrics_url or f"http://{self.triton_url.rpartition(':')[0]}:8002/metrics"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -27,4 +43,5 @@ class Settings:
             api_key=env.get("GEMMA_API_KEY") or None,
             max_body_bytes=int(env.get("GEMMA_GATEWAY_MAX_BODY_BYTES") or cls.max_body_bytes),
             max_choices=int(env.get("GEMMA_GATEWAY_MAX_CHOICES") or cls.max_choices),
+            triton_metrics_url=env.get("GEMMA_TRITON_METRICS_URL") or cls.triton_metrics_url,
         )

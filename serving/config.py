@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
 from backend.params import EngineConfig
+
+
+# A dead engine process is started again after each of these waits, until one start succeeds; after
+# the last failed start the model stays unavailable (a start that fails that often will not recover):
+# its state reads "failed", and the liveness probe has the orchestrator restart the server.
+ENGINE_RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class ModelSettings:
     # The vLLM backend's ENABLE_VLLM_HEALTH_CHECK: an engine that died or stopped answering unloads the
     # model, so Triton reports it not ready (model control mode explicit only).
     unload_when_unhealthy: bool = False
+    engine_restart_delays_s: tuple[float, ...] = ENGINE_RESTART_DELAYS_S
 
 
 def model_settings(args: dict[str, str]) -> ModelSettings:
@@ -33,7 +41,23 @@ def model_settings(args: dict[str, str]) -> ModelSettings:
     max_prompt_bytes = int(params.pop("max_prompt_bytes"))
     engine_process = _true(params.pop("engine_process", "true"), empty=True)
     unload_when_unhealthy = _true(params.pop("ENABLE_VLLM_HEALTH_CHECK", "false"), empty=False)
-    return ModelSettings(engine_config(params), max_prompt_bytes, engine_process, unload_when_unhealthy)
+    restart_delays = engine_restart_delays(params.pop("engine_restart_delays_s", ""))
+    return ModelSettings(engine_config(params), max_prompt_bytes, engine_process, unload_when_unhealthy,
+                         restart_delays)
+
+
+def engine_restart_delays(text: str) -> tuple[float, ...]:
+    """"1,2,4,8,16": the seconds before each start of a fresh engine process; empty: the default."""
+    if not text.strip():
+        return ENGINE_RESTART_DELAYS_S
+    try:
+        delays = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        delays = ()
+    if not delays or not all(math.isfinite(d) and d >= 0 for d in delays):
+        raise ValueError(f"engine_restart_delays_s must be seconds >= 0 separated by commas, one per restart "
+                         f"attempt (e.g. '1,2,4,8,16'), got {text!r}")
+    return delays
 
 
 def _true(text: str, empty: bool) -> bool:

@@ -62,6 +62,20 @@ def test_an_unknown_parameter_is_refused(clean_env):
         model_settings({**args, "model_config": json.dumps(config)})
 
 
+def test_engine_restart_delays_default_to_five_doubling_waits_and_take_a_list(clean_env):
+    assert model_settings(triton_args("CPU", 0)).engine_restart_delays_s == (1.0, 2.0, 4.0, 8.0, 16.0)
+    clean_env.setenv("GEMMA_ENGINE_RESTART_DELAYS_S", "0.5, 0,3")
+    assert model_settings(triton_args("CPU", 0)).engine_restart_delays_s == (0.5, 0.0, 3.0)
+
+
+@pytest.mark.parametrize("text", ["1,,2", "fast", "1,-1", "nan", "inf", ","])
+def test_bad_engine_restart_delays_are_refused_naming_the_setting(clean_env, text):
+    clean_env.setenv("GEMMA_ENGINE_RESTART_DELAYS_S", text)
+    with pytest.raises(ValueError, match=rf"engine_restart_delays_s must be seconds >= 0 separated by commas, "
+                                         rf".*got {re.escape(repr(text))}"):
+        model_settings(triton_args("CPU", 0))
+
+
 def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
     """model.py's own initialize, with the arguments Triton passes instance 1 of a KIND_GPU group,
     up to the point where it builds the engine (stopped there: no GPU here)."""

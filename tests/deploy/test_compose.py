@@ -56,10 +56,19 @@ def test_server_runs_serve_sh_with_explicit_model_control_off(services, name):
 
 
 @pytest.mark.parametrize("name", ["triton", "triton-cpu"])
-def test_server_healthcheck_waits_for_ready_models(services, name):
-    check = services[name]["healthcheck"]
-    assert "/v2/health/ready" in " ".join(check["test"])
-    assert "localhost:8000" in " ".join(check["test"])  # the container's own HTTP port
+def test_server_healthcheck_is_the_pods_readiness_probe(services, name):
+    """Healthy only while the model is ready and its engine serves (not while it is restarting, nor
+    after it failed): the Kubernetes readiness probe's script, deploy/k8s/base/health.py, mounted where
+    the pod mounts it and run against the container's own ports."""
+    server = services[name]
+    check = server["healthcheck"]
+    assert check["test"] == ["CMD", "python3", "/etc/gemma-health/health.py", "ready"]
+    (config,) = server["configs"]
+    assert config["target"] == "/etc/gemma-health/health.py"
+    assert (ROOT / yaml.safe_load(COMPOSE.read_text())["configs"][config["source"]]["file"]).resolve() == \
+        ROOT / "deploy" / "k8s" / "base" / "health.py"
+    # health.py's default ports (HTTP_PORT, METRICS_PORT) are the container's
+    assert {"HTTP_PORT": "8000", "METRICS_PORT": "8002"}.items() <= server["environment"].items()
     assert _seconds(check["start_period"]) >= 5 * 60  # loading and warming the model can take minutes
 
 
@@ -179,6 +188,15 @@ def test_compose_config_is_valid(profile):
 
 def _resolved(**env: str) -> dict:
     return json.loads(_compose("--profile", "cpu", "config", "--format", "json", **env).stdout)["services"]
+
+
+def test_the_health_check_script_is_the_repositorys_probe():
+    config = json.loads(_compose("--profile", "cpu", "config", "--format", "json").stdout)
+    (spec,) = config["configs"].values()
+    assert Path(spec["file"]) == ROOT / "deploy" / "k8s" / "base" / "health.py"
+    for name in ("triton", "triton-cpu"):
+        (mount,) = config["services"][name]["configs"]
+        assert mount["target"] == "/etc/gemma-health/health.py"
 
 
 def test_default_checkpoint_is_the_packaged_model():

@@ -530,6 +530,8 @@ def test_gateway_reaches_triton_through_the_balancer(variant):
     gateway = container(variant, GATEWAY)
     grpc_port = {p["name"]: p["port"] for p in one(variant, "Service", BALANCER)["spec"]["ports"]}["grpc"]
     assert env(gateway)["GEMMA_TRITON_URL"] == f"{BALANCER}:{grpc_port}"
+    # Behind the balancer the gateway reads no one pod's engine state: each pod's probe does.
+    assert env(gateway)["GEMMA_TRITON_METRICS_URL"] == "none"
     args = gateway["args"]
     assert args[:3] == ["python3", "-m", "gateway"]
     assert int(args[args.index("--port") + 1]) == named_ports(gateway)["http"]

@@ -57,17 +57,21 @@ class Gateway:
                 self.process.wait()
 
 
-def start_gateway(triton_url: str, log_path: Path, api_key: Optional[str] = None) -> Gateway:
+def start_gateway(triton_url: str, log_path: Path, api_key: Optional[str] = None,
+                  metrics_url: Optional[str] = None) -> Gateway:
     """`python -m gateway` on a free port, with GEMMA_API_KEY set only when `api_key` is given; returns
-    once it answers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEMMA_GATEWAY_") and k != "GEMMA_API_KEY"}
+    once it answers. `metrics_url`: the server's metrics, where /health reads the engine's state (else
+    the gateway's default, port 8002 of the server's host)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GEMMA_GATEWAY_") and k not in ("GEMMA_API_KEY", "GEMMA_TRITON_METRICS_URL")}
+    options = ["--triton-url", triton_url] + (["--triton-metrics-url", metrics_url] if metrics_url else [])
     if api_key is not None:
         env["GEMMA_API_KEY"] = api_key
     for attempt in range(3):
         (port,) = free_ports(1)
         with open(log_path, "w") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "--port", str(port), "--triton-url", triton_url],
+                [sys.executable, "-m", "gateway", "--port", str(port), *options],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         gateway = Gateway(f"http://127.0.0.1:{port}", process, log_path)
         wait_for(lambda: gateway.answers() or process.poll() is not None, timeout=STARTUP_TIMEOUT_S, period=0.1)

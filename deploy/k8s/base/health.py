@@ -13,6 +13,9 @@ model exports, per model instance (serving/metrics.py):
     python3 health.py ready   # Triton: the model ready; and every instance serving with a fresh heartbeat
     python3 health.py live    # Triton live, and every instance with a fresh heartbeat and not failed
 
+The Kubernetes pod's readiness and liveness probes and docker-compose.yml's health check run it, and the
+OpenAI gateway's /health applies its rules (engine_check) too: one reading of the model's health.
+
 An engine being restarted is live but not ready: the model brings it back by itself
 (docs/deploy.md, Health). A dead stub, or an engine that the model gave up restarting, is neither:
 only a restart of the container brings the model back. Exit status 0 when the check passes, else 1
@@ -66,12 +69,24 @@ def check(kind: str, http_url: str, metrics_url: str, model: str, max_age_s: flo
     try:
         with urllib.request.urlopen(http_url + path, timeout=2) as response:
             response.read()
+    except urllib.error.HTTPError as e:
+        return f"{e.url} answered {e.code}"
+    except OSError as e:
+        return f"Triton does not answer: {e}"
+    return engine_check(kind, metrics_url, model, max_age_s, now)
+
+
+def engine_check(kind: str, metrics_url: str, model: str, max_age_s: float = MAX_AGE_S,
+                 now: Optional[float] = None) -> Optional[str]:
+    """The model's own part of `check`, from its metrics alone: what the OpenAI gateway's /health adds
+    to Triton's readiness, which it asks over gRPC (gateway/engine_health.py)."""
+    try:
         with urllib.request.urlopen(metrics_url, timeout=2) as response:
             metrics_text = response.read().decode()
     except urllib.error.HTTPError as e:
         return f"{e.url} answered {e.code}"
     except OSError as e:
-        return f"Triton does not answer: {e}"
+        return f"Triton's metrics do not answer at {metrics_url}: {e}"
     found = instances(metrics_text, model)
     if not found:
         return f"no {STATE} series of model '{model}' on {metrics_url}"

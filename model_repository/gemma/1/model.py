@@ -41,10 +41,6 @@ from serving.token_times import TokenTimes  # noqa: E402
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
 METRICS_PERIOD_S = 0.1
-# A dead engine process is started again after each of these waits, until one start succeeds; after
-# the last failed start the model stays unavailable (a start that fails that often will not recover):
-# its state reads "failed", and the liveness probe has the orchestrator restart the server.
-ENGINE_RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class EngineStartError(RuntimeError):
@@ -331,14 +327,18 @@ class TritonPythonModel:
             self._restarter.start()
 
     def _restart_engine(self, dead) -> None:
+        """A fresh engine after each of the settings' delays until one starts (serving/config.py,
+        engine_restart_delays_s); after the last failed start the model stays unavailable."""
         dead.shutdown()  # reaps the dead process (its requests have already ended)
-        for attempt, delay in enumerate(ENGINE_RESTART_DELAYS_S, start=1):
+        delays = self.settings.engine_restart_delays_s
+        for attempt, delay in enumerate(delays, start=1):
             if self._stopping.wait(delay):
                 return
             try:
                 engine = self._start_engine(dead)
             except Exception as e:  # noqa: BLE001 - logged; the next attempt may succeed
                 pb_utils.Logger.log_error(f"gemma: engine restart {attempt} failed: {e!r}")
+                failure = e
                 continue
             if self._stopping.is_set():  # finalize began meanwhile: it must not be left running
                 engine.shutdown()
@@ -347,6 +347,9 @@ class TritonPythonModel:
             self.metrics.count_engine_restart()
             pb_utils.Logger.log_info(f"gemma: engine restarted (attempt {attempt})")
             return
+        # Every request from now on is refused naming both causes: what ended the engine, and why no
+        # fresh one starts (a checkpoint gone, a GPU now full): what an operator has to fix.
+        self.unhealthy = f"{self.unhealthy}; no restart succeeded ({len(delays)} attempts), the last failed: {failure}"
         self.engine_state = "failed"
-        pb_utils.Logger.log_error(f"gemma: the engine did not restart after {len(ENGINE_RESTART_DELAYS_S)} "
-                                  f"attempts; the model stays unavailable")
+        pb_utils.Logger.log_error(f"gemma: the engine did not restart after {len(delays)} attempts; the model "
+                                  f"stays unavailable: {self.unhealthy}")

@@ -19,7 +19,8 @@ from tests.support.gateway import API_KEY, Gateway, start_gateway  # noqa: E402
 @pytest.fixture(scope="session")
 def gateway(server, tmp_path_factory) -> Gateway:
     """The gateway in front of the `server` under test, without an API key."""
-    g = start_gateway(server.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    g = start_gateway(server.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log",
+                      metrics_url=server.metrics_url)
     yield g
     g.stop()
 
@@ -27,7 +28,8 @@ def gateway(server, tmp_path_factory) -> Gateway:
 @pytest.fixture(scope="session")
 def keyed_gateway(server, tmp_path_factory) -> Gateway:
     """The same, with GEMMA_API_KEY=API_KEY."""
-    g = start_gateway(server.grpc_url, tmp_path_factory.mktemp("gateway-key") / "gateway.log", api_key=API_KEY)
+    g = start_gateway(server.grpc_url, tmp_path_factory.mktemp("gateway-key") / "gateway.log", api_key=API_KEY,
+                      metrics_url=server.metrics_url)
     yield g
     g.stop()
 
