@@ -21,8 +21,10 @@ the engine was down, all failed, and the slowest of those failures (never a hang
 the seconds until a request sent after the fault streamed tokens again; what Triton's model readiness
 and the health probe read meanwhile; engine processes left behind; the stub's and the engine
 process's resident memory before the fault and after the recovery (with --gpu also the GPU's used
-memory before, once the killed engine is gone, and after). It writes OUT/chaos.json and the server's
-log, prints the table that docs/soak.md shows, and exits with status 1 when a check fails.
+memory before, once the killed engine is gone, and after; with --rounds > 1 each recovery's is checked
+against the first recovery's, when the allocator has warmed: gpu_memory_problems). It writes
+OUT/chaos.json and the server's log, prints the table that docs/soak.md shows, and exits with status 1
+when a check fails.
 """
 from __future__ import annotations
 
@@ -51,10 +53,10 @@ REQUEST_TIMEOUT_S = 300.0
 PROBE_PERIOD_S = 0.25
 REFUSAL_LIMIT_S = 2.0  # a request sent while the engine is down (killed) must fail within this
 STUB_GROWTH_LIMIT = 0.10  # the stub's RSS after a recovery, relative to before the fault
-# Used GPU memory after a recovery vs before the kill: the fresh engine's caching allocator may keep
-# other blocks than the old one's (an H100 run: +500 MiB after the first restart under 64 streams).
+# Used GPU memory after a recovery vs after the first recovery: the fresh engine's caching allocator may
+# keep other blocks than the old one's (an H100 run: 77,937 then 77,281 and 77,803 MiB under 64 streams).
 GPU_MEMORY_TOLERANCE_MIB = 1024
-GPU_GROWTH_PER_RESTART_MIB = 256  # the last kill's "after" vs the first's: a leak grows with each restart
+GPU_GROWTH_PER_RESTART_MIB = 256  # the last recovery's vs the first's: a leak grows with each restart
 GPU_RELEASE_WAIT_S = 2.5  # the driver frees a dead process's memory; the fresh one starts allocating later
 
 
@@ -428,24 +430,32 @@ def problems(result: dict, args) -> list[str]:
     stub_before, stub_after = result["memory_mib"]["stub"]
     if kind != "stub" and stub_before and stub_after and stub_after > stub_before * (1 + STUB_GROWTH_LIMIT):
         found.append(f"the stub grew from {stub_before} to {stub_after} MiB")
-    gpu = result.get("gpu_memory_mib")
-    if gpu and gpu["before"] and gpu["after"]:
-        growth = max(a - b for a, b in zip(gpu["after"]["used_mib"], gpu["before"]["used_mib"]))
-        if growth > GPU_MEMORY_TOLERANCE_MIB:
-            found.append(f"GPU memory after the recovery is {growth:.0f} MiB above its level before the fault")
     return found
 
 
-def gpu_growth_across_restarts(results: list[dict]) -> list[str]:
-    """The used GPU memory after the last recovery against after the first (--rounds > 1)."""
-    afters = [r["gpu_memory_mib"]["after"] for r in results if r["fault"] != "stub" and r.get("gpu_memory_mib")
-              and r["gpu_memory_mib"]["after"]]
+def gpu_memory_problems(results: list[dict]) -> list[str]:
+    """The used GPU memory after each engine recovery against after the first one. Not against the
+    level before the first fault: the first engine's caching allocator may still be growing then (on
+    the H100, 65 GiB at the first kill, ~77 GiB steady: docs/soak.md), while after a recovery under
+    the same load it has warmed. So the first recovery is the reference, and with --rounds > 1 each
+    later one must stay within GPU_MEMORY_TOLERANCE_MIB of it (a fresh allocator may hold other
+    blocks), the last within GPU_GROWTH_PER_RESTART_MIB (a leak grows with every restart)."""
+    afters = [(f"fault {n} ({r['fault']})", r["gpu_memory_mib"]["after"]["used_mib"])
+              for n, r in enumerate(results, start=1)
+              if r["fault"] != "stub" and r.get("gpu_memory_mib") and r["gpu_memory_mib"]["after"]]
     if len(afters) < 2:
         return []
-    growth = max(last - first for first, last in zip(afters[0]["used_mib"], afters[-1]["used_mib"]))
+    (_, reference), found = afters[0], []
+    for name, used in afters[1:]:
+        growth = max(a - b for a, b in zip(used, reference))
+        if growth > GPU_MEMORY_TOLERANCE_MIB:
+            found.append(f"{name}: GPU memory after the recovery is {growth:.0f} MiB above its level after the "
+                         f"first recovery")
+    growth = max(last - first for first, last in zip(reference, afters[-1][1]))
     if growth > GPU_GROWTH_PER_RESTART_MIB:
-        return [f"GPU memory grew by {growth:.0f} MiB from the first recovery to the last ({len(afters)} restarts)"]
-    return []
+        found.append(f"GPU memory grew by {growth:.0f} MiB from the first recovery to the last "
+                     f"({len(afters)} restarts)")
+    return found
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -494,7 +504,7 @@ def run(args) -> dict:
               "requests": len(load.requests), "faults": results,
               "heartbeat_max_age_healthy_s": max((r["heartbeat_max_age_before_s"] for r in results), default=None),
               "problems": ([f"{r['fault']}: {p}" for r in results for p in r["problems"]]
-                           + gpu_growth_across_restarts(results))}
+                           + gpu_memory_problems(results))}
     (out / "chaos.json").write_text(json.dumps(report, indent=1))
     return report
 
