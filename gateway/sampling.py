@@ -31,7 +31,8 @@ def choice_requests(request: GenerationRequest, prompts: Sequence[str], extra_st
     shared = dict(max_tokens=request.max_output_tokens, temperature=request.temperature,
                   top_p=request.top_p, presence_penalty=request.presence_penalty,
                   frequency_penalty=request.frequency_penalty, logprobs=request.num_top_logprobs,
-                  stop=stop or None, ignore_eos=request.ignore_eos, structured_outputs=structured_outputs)
+                  stop=stop or None, ignore_eos=request.ignore_eos, min_tokens=request.min_tokens or None,
+                  structured_outputs=structured_outputs)
     pairs = [(p, prompt) for p, prompt in enumerate(prompts) for _ in range(request.n)]
     seeds = choice_seeds(request.seed, len(pairs))
     return [ChoiceRequest(k, p, prompt, {**shared, "seed": seeds[k]}) for k, (p, prompt) in enumerate(pairs)]

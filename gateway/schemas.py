@@ -69,6 +69,10 @@ class GenerationRequest(BaseModel):
     # Not OpenAI's: vLLM's extension of the same name. Generation goes on past EOS until max_tokens
     # or a stop string (a benchmark's requests all get exactly max_tokens).
     ignore_eos: bool = False
+    # Not OpenAI's: vLLM's extension of the same name. Stop strings, the chat's end of turn and EOS are
+    # not honoured before this many tokens (AIPerf and genai-perf send it, beside ignore_eos, to fix
+    # the output length); at most max_tokens (the engine's 400 otherwise).
+    min_tokens: int = Field(0, ge=0)
     response_format: Optional[ResponseFormat] = None  # structured.py: the constraint it asks for
     # Not OpenAI's: vLLM's extension of the same name, passed to the engine as it is: one of `json`,
     # `regex`, `choice`, `grammar`, `json_object` (docs/gateway.md, Structured outputs).
