@@ -19,7 +19,8 @@ admissions one step later; a batch holding a request with repetition, presence o
 penalties, bad words of several tokens, or a grammar, runs step by step, since those need every
 token on the host; so does one holding a speculating sequence (its drafts are proposed from its
 tokens so far, and its verify step yields a number of tokens known only on the host). A sequence
-whose speculation pauses (its drafts kept failing) lets the steps overlap again.
+whose speculation pauses (its drafts do not pay for what they cost: backend/speculative.py) lets
+the steps overlap again.
 
 The core runs on a thread of the front's process, or in a process of its own (backend/engine_process.py
 starts one there and talks to it through pipes); the front cannot tell the two apart.
@@ -46,7 +47,7 @@ from .params import EngineConfig, EngineLimits, SamplingParams
 from .runner import ModelRunner, StepInFlight, StepModel
 from .sampling import make_generator, needs_token_history
 from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
-from .speculative import DraftRequest, NgramProposer, Proposer, SpecDecodeStats, Speculation
+from .speculative import DraftControl, DraftRequest, NgramProposer, Proposer, SpecDecodeStats
 from .step_times import StepTimes
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,11 @@ class EngineCore:
         self._speculative = config.speculative()
         self._proposer: Optional[Proposer] = None  # made on the engine thread (a draft model is loaded there)
         self._draft_kv_cache: Optional[PagedKVCache] = None
+        # How many drafts each sequence proposes, from what drafts cost this engine's steps (timed from
+        # launch to tokens applied, less the proposer's time: `_timed_step`) and how often they are accepted.
+        self._draft_control = None if self._speculative is None else \
+            DraftControl(self._speculative.num_speculative_tokens)
+        self._timed_step: Optional[tuple[SchedulerOutput, float, float]] = None  # (output, launched at, proposing s)
         started: list = []  # what the engine thread set up, or the exception it raised
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started, ready), name="gemma-engine", daemon=True)
@@ -181,8 +187,7 @@ class EngineCore:
                 # generator so its output does not depend on what else is in the batch.
                 generator=None if params.seed is None else make_generator(params.seed, self.device),
                 eos_token_ids=self.eos_token_ids,
-                speculation=Speculation(self._proposer.start(prompt_ids), self._speculative.num_speculative_tokens)
-                if speculates else None))
+                speculation=self._draft_control.start(self._proposer.start(prompt_ids)) if speculates else None))
             self._lock.notify()
 
     def end(self, request_id: int, reason: str) -> None:
@@ -196,7 +201,10 @@ class EngineCore:
             num_waiting = len(self.scheduler.waiting) + len(self._submitted) + len(self._compiling)
             return EngineStats(self.kv_cache.usage(), len(self.scheduler.running), num_waiting,
                                self.scheduler.prefix_cache,
-                               self._num_preemptions, dataclasses.replace(self._step_times), self._spec_decode,
+                               self._num_preemptions, dataclasses.replace(self._step_times),
+                               self._spec_decode if self._draft_control is None else
+                               dataclasses.replace(self._spec_decode,
+                                                   draft_cost=self._draft_control.draft_cost(len(self.scheduler.running))),
                                None if self._draft_kv_cache is None else self._draft_kv_cache.usage())
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -273,34 +281,44 @@ class EngineCore:
     def _speculating(seq: Sequence) -> bool:
         return seq.speculation is not None and seq.speculation.active(seq.num_output_tokens)
 
-    def _propose(self) -> None:
+    def _propose(self) -> float:
         """Drafts for each speculating sequence about to decode with all its tokens on the host, all at
-        once; at most as many as leave room for the token after them within max_tokens. A proposer
-        that fails (a draft model's forward) fails the requests it was proposing for."""
+        once; as many as it plans (backend/speculative.py: 0 pauses it), at most as many as leave room
+        for the token after them within max_tokens. A proposer that fails (a draft model's forward)
+        fails the requests it was proposing for. Returns the seconds the proposer took."""
         if self._proposer is None:
-            return
+            return 0.0
         asking, requests = [], []
+        num_running = len(self.scheduler.running)
+        draft_cost = self._draft_control.draft_cost(num_running)
         for seq in self.scheduler.running:
             if seq.num_in_flight or seq.num_pending != 1 or not self._speculating(seq):
                 continue
             room = seq.params.max_tokens - seq.num_output_tokens - 1
-            if room >= 1:
+            if room < 1:
+                continue
+            wanted = seq.speculation.plan(draft_cost, num_running, seq.num_output_tokens)
+            if wanted:
                 asking.append(seq)
-                requests.append(DraftRequest(seq.speculation.state, seq.token_ids, min(seq.speculation.num_drafts, room)))
+                requests.append(DraftRequest(seq.speculation.state, seq.token_ids, min(wanted, room)))
         if not requests:
-            return
+            return 0.0
+        start = time.perf_counter()
         try:
             proposals = self._proposer.propose(requests)
         except Exception as exc:
             log.error("proposing drafts failed", exc_info=exc)
             for seq in asking:
                 self._finish(seq, "error", error=f"speculative decoding's proposer failed: {type(exc).__name__}: {exc}")
-            return
+            return 0.0
+        seconds = time.perf_counter() - start
+        self._draft_control.costs.observe_proposal(sum(map(len, proposals)), seconds)
         for seq, drafts in zip(asking, proposals):
             if drafts:
                 seq.draft_token_ids = drafts
             else:
                 seq.speculation.record_miss(seq.num_output_tokens)
+        return seconds
 
     def _grammar_news(self) -> bool:
         """A waiting grammar finished compiling, or ran out of time."""
@@ -336,7 +354,7 @@ class EngineCore:
     def _launch(self, previous: Optional[StepInFlight]) -> Optional[StepInFlight]:
         """Schedule and launch the next step (None if nothing could be scheduled, or it failed)."""
         start = time.perf_counter()
-        self._propose()
+        proposing_s = self._propose()
         proposed = time.perf_counter()
         self._step_times.propose_s += proposed - start
         output = self.scheduler.schedule()
@@ -345,6 +363,8 @@ class EngineCore:
             self._release_proposal_state(seq)
         if not output.chunks:
             return None
+        if self._draft_control is not None:
+            self._timed_step = (output, start, proposing_s)
         self._step_times.schedule_s += time.perf_counter() - proposed
         try:
             return self.runner.launch(output, previous, self._step_times)
@@ -386,7 +406,18 @@ class EngineCore:
             if broken is not None:
                 self._finish(seq, "error", error=f"the generated token broke the structured-outputs constraint: "
                                                  f"{broken}")
-        self._step_times.update_s += time.perf_counter() - updating
+        done = time.perf_counter()
+        self._step_times.update_s += done - updating
+        if self._timed_step is not None and self._timed_step[0] is output:
+            self._time_step(output, done - self._timed_step[1] - self._timed_step[2])
+
+    def _time_step(self, output: SchedulerOutput, seconds: float) -> None:
+        """What a decode step cost (launched after the one before it had completed: none of its time
+        is another's), less its proposer's time, for the choice of drafts; steps with prefill chunks
+        are left out."""
+        chunks = [scheduled.chunk for scheduled in output.chunks]
+        if all(c.needs_logits and len(c.token_ids) == 1 + c.num_drafts for c in chunks):
+            self._draft_control.costs.observe_step(len(chunks), sum(c.num_drafts for c in chunks), seconds)
 
     def _count_drafts(self, samplers: list, num_accepted: list[int]) -> None:
         """Speculative decoding's counts, and each verifying sequence's own (which may pause it)."""
@@ -395,8 +426,7 @@ class EngineCore:
             num_drafts = scheduled.chunk.num_drafts
             if num_drafts:
                 self._spec_decode = self._spec_decode.plus(num_drafts, accepted, positions)
-                scheduled.seq.speculation.record_verify(num_drafts, accepted, scheduled.seq.num_output_tokens,
-                                                        len(self.scheduler.running))
+                self._draft_control.record_verify(scheduled.seq.speculation, num_drafts, accepted)
 
     def _fail_step(self, output: SchedulerOutput, exc: Exception) -> None:
         log.error("engine step failed", exc_info=exc)

@@ -23,7 +23,9 @@ same every way, greedy and seeded (checked here for every request).
 
 Per row: inter-token latency (a request's decode time per token after its first, mean over requests),
 tokens/s (every request's output tokens over the run's wall time, prefills included), and with
-speculation the acceptance rate (accepted / proposed draft tokens) and the tokens a verify step yields.
+speculation the acceptance rate (accepted / proposed draft tokens), the tokens a verify step yields
+and the engine's estimate of a draft's cost after the run (r of backend/speculative.py's
+best_num_drafts, in shares of a step: a sequence speculates while its acceptance beats it).
 `make bench` runs this as its `speculative` level (benchmarks/run.py); docs/benchmarks.md has the table.
 """
 from __future__ import annotations
@@ -184,6 +186,9 @@ def measure(engine, workload: str, prompts: list[list[int]], streams: int, max_t
             "drafts": drafts, "draft_tokens": proposed, "accepted_tokens": accepted,
             "acceptance_rate": accepted / proposed if proposed else None,
             "tokens_per_verify": (drafts + accepted) / drafts if drafts else None,
+            # The engine's estimate of a draft's cost in shares of a step after the run (backend/speculative.py's
+            # best_num_drafts: a sequence speculates while its drafts' acceptance beats it); None for off.
+            "draft_cost": after.spec_decode.draft_cost if speculate else None,
             "tokens": tokens}
 
 
@@ -228,7 +233,7 @@ def run(engine, max_tokens: int, reps: int, streams=STREAMS, num_prompts: Option
                            **{k: v for k, v in r.items() if k != "tokens"}}
 
 
-KEYS = ("itl_ms", "tokens_per_s", "acceptance_rate", "tokens_per_verify")
+KEYS = ("itl_ms", "tokens_per_s", "acceptance_rate", "tokens_per_verify", "draft_cost")
 
 
 def table(records: list[dict]) -> list[dict]:
@@ -241,7 +246,7 @@ def table(records: list[dict]) -> list[dict]:
         row = {"workload": workload, "streams": streams, "speculation": label, "reps": len(rs),
                "prompt_tokens": rs[0]["prompt_tokens"], "max_tokens": rs[0]["max_tokens"]}
         for key in KEYS:
-            values = [r[key] for r in rs if r[key] is not None]
+            values = [r[key] for r in rs if r.get(key) is not None]
             row[key] = median(values) if values else None
         rows.append(row)
     return rows
@@ -280,8 +285,8 @@ def _fmt(x, digits=1) -> str:
 
 def markdown(rows: list[dict], summary: dict) -> str:
     lines = ["| workload | streams | prompt tokens | speculation | ITL ms | tok/s | acceptance | tokens / verify "
-             "| ITL speedup | tok/s ratio |",
-             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| draft cost | ITL speedup | tok/s ratio |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: (WORKLOADS.index(r["workload"]), r["streams"], METHODS.index(r["speculation"]))):
         speedup = tok = ""
         if r["speculation"] in KEY_PREFIX:
@@ -291,7 +296,7 @@ def markdown(rows: list[dict], summary: dict) -> str:
         tokens = f"{min(r['prompt_tokens'])}-{max(r['prompt_tokens'])}"
         lines.append(f"| {r['workload']} | {r['streams']} | {tokens} | {r['speculation']} | {_fmt(r['itl_ms'])} "
                      f"| {_fmt(r['tokens_per_s'], 2)} | {_fmt(r['acceptance_rate'], 2)} "
-                     f"| {_fmt(r['tokens_per_verify'], 2)} | {speedup} | {tok} |")
+                     f"| {_fmt(r['tokens_per_verify'], 2)} | {_fmt(r['draft_cost'], 2)} | {speedup} | {tok} |")
     return "\n".join(lines) + "\n"
 
 

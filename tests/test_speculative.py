@@ -16,8 +16,9 @@ from backend.kv_cache import BlockPool
 from backend.params import EngineConfig, SamplingParams, SpeculativeConfig
 from backend.sampling import SampledOnDevice, SamplingRow, make_generator
 from backend.scheduler import Scheduler, Sequence
-from backend.speculative import (FIRST_PAUSE, MAX_MISSES, MIN_VERIFIES, DraftRequest, NgramProposer,
-                                 SpecDecodeStats, Speculation)
+from backend.speculative import (FIRST_PAUSE, MAX_MISSES, MAX_PAUSE, PROBE_DRAFTS, ROW_PRIOR, Acceptance, DraftControl,
+                                 DraftRequest, NgramProposer, SpecDecodeStats, Speculation, StepCosts,
+                                 best_num_drafts)
 from tests.tiny_models import hf_model, write_checkpoint
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -106,46 +107,110 @@ def test_ngram_index_grows_with_the_sequence():
     assert index.num_indexed == len(tokens) - 1
 
 
-def test_a_sequence_whose_drafts_keep_failing_pauses_then_tries_again():
-    spec = Speculation(state=None, max_drafts=4)
+def test_a_draft_pays_when_accepted_more_often_than_it_costs():
+    """k > 0 drafts exactly when the acceptance beats the cost in shares of a step, whatever the batch;
+    more drafts the more of them are accepted; none when even certain drafts cost a whole share."""
+    for running in (1, 8):
+        for acceptance in (0.05, 0.2, 0.35, 0.5, 0.7, 0.9):
+            for cost in (0.0, 0.1, 0.3, 0.6, 0.95):
+                assert (best_num_drafts(acceptance, cost, running, 4) > 0) == (acceptance > cost)
+    assert [best_num_drafts(a, 0.15, 1, 4) for a in (0.1, 0.3, 0.5, 0.9)] == [0, 1, 2, 4]
+    assert best_num_drafts(0.45, 0.3, 1, 4) == 1  # one draft pays, a second would not
+    assert best_num_drafts(1.0, 1.0, 1, 4) == best_num_drafts(1.0, 1.5, 8, 4) == 0
+    assert best_num_drafts(0.9, 0.0, 8, 3) == 3
 
-    def failures_until_paused(at):
+
+def test_acceptance_is_the_accepted_over_accepted_and_rejections():
+    acceptance = Acceptance(0.0, 0.0)
+    acceptance.add(4, 4, decay=1.0)  # all accepted: no rejection seen
+    acceptance.add(4, 1, decay=1.0)  # one accepted, then a rejection
+    acceptance.add(2, 0, decay=1.0)
+    assert (acceptance.accepted, acceptance.rejected) == (5, 2) and acceptance.rate == pytest.approx(5 / 7)
+    weighed = acceptance.weighing(2.0)
+    assert weighed.rate == pytest.approx(5 / 7) and weighed.accepted + weighed.rejected == pytest.approx(2.0)
+    assert Acceptance().rate == 1.0  # nothing seen: optimistic
+
+
+def test_step_costs_fit_a_steps_time_per_batch_size_as_shares_and_draft_rows():
+    costs = StepCosts()
+    assert costs.fit(1) is None and costs.draft_cost(1) is None
+    for step in range(60):  # alone: a step 0.07 s, a draft row 0.012 s; 8 sequences: 0.16 s, 0.01 s a row
+        drafts = (0, 1, 2, 4, 3)[step % 5]
+        costs.observe_step(1, drafts, 0.07 + 0.012 * drafts)
+        costs.observe_step(8, 8 * drafts, 0.16 + 0.01 * 8 * drafts)
+    costs.observe_proposal(8, 0.008)  # 1 ms a draft
+    assert costs.fit(1) == pytest.approx((0.07, 0.012), rel=0.02)
+    assert costs.fit(8) == pytest.approx((0.02, 0.01), rel=0.06) == costs.fit(6)  # the nearest batch size seen (the
+    # prior, v = ROW_PRIOR s, still pulls the fit a little)
+    assert costs.draft_cost(1) == pytest.approx((0.001 + 0.012) / 0.07, rel=0.03)
+    assert costs.draft_cost(8) == pytest.approx((0.001 + 0.01) / 0.02, rel=0.1)  # a share is smaller beside others
+    for _ in range(200):  # the machine slows down: the fit follows the recent steps
+        costs.observe_step(1, 0, 0.15)
+        costs.observe_step(1, 4, 0.15 + 4 * 0.03)
+    assert costs.fit(1) == pytest.approx((0.15, 0.03), rel=0.02)
+    alike = StepCosts()  # every step one sequence with 3 drafts: the time is split as ROW_PRIOR says
+    for _ in range(10):
+        alike.observe_step(1, 3, 0.08)
+    s, v = alike.fit(1)
+    assert v == pytest.approx(ROW_PRIOR * s) and s + 3 * v == pytest.approx(0.08)
+    slow_rows = StepCosts()  # rows that seem to cost more than a sequence's share: at most that
+    for step in range(20):
+        slow_rows.observe_step(1, step % 2, 0.05 + 0.2 * (step % 2))
+    s, v = slow_rows.fit(1)
+    assert v == s
+
+
+def test_a_sequence_pauses_when_its_drafts_do_not_pay_then_probes():
+    spec = Speculation(state=None, max_drafts=4)
+    assert spec.plan(None, 1, 0) == 4  # nothing measured yet: all it may
+    assert spec.plan(0.3, 1, 0) == 4  # nothing seen: every draft taken to be accepted
+
+    def verifies_until_paused(at):
         for n in range(1, 20):
-            spec.record_verify(spec.num_drafts, 0, num_output_tokens=at)
-            if not spec.active(at):
+            drafts = spec.plan(0.3, 1, at)
+            if drafts == 0:
                 return n
-    assert MIN_VERIFIES <= failures_until_paused(10) <= 6
+            spec.record_verify(drafts, 0)
+    assert verifies_until_paused(10) <= 4
     assert not spec.active(10 + FIRST_PAUSE - 1) and spec.active(10 + FIRST_PAUSE)
-    assert failures_until_paused(40) <= 6  # failing again pauses twice as long
-    assert not spec.active(40 + 2 * FIRST_PAUSE - 1) and spec.active(40 + 2 * FIRST_PAUSE)
-    good = Speculation(state=None, max_drafts=4)
-    for _ in range(20):
-        good.record_verify(3, 2, num_output_tokens=5, num_running=8)
-    assert good.active(5)
-    # Alone, a third of the drafts accepted is worth it; beside 7 others it is not.
-    for running, paused in ((1, False), (8, True)):
-        spec = Speculation(state=None, max_drafts=3)
-        for _ in range(6):
-            spec.record_verify(3, 1, num_output_tokens=5, num_running=running)
-        assert spec.active(5) != paused
+    assert spec.plan(0.3, 1, 10 + FIRST_PAUSE) == PROBE_DRAFTS  # after the pause, a probe
+    spec.record_verify(PROBE_DRAFTS, 0)  # that fails: paused twice as long
+    at = 10 + FIRST_PAUSE
+    assert spec.plan(0.3, 1, at) == 0 and not spec.active(at + 2 * FIRST_PAUSE - 1) and spec.active(at + 2 * FIRST_PAUSE)
+    at += 2 * FIRST_PAUSE
+    assert spec.plan(0.3, 1, at) == PROBE_DRAFTS
+    spec.record_verify(PROBE_DRAFTS, PROBE_DRAFTS)  # the text turned repetitive: one probe brings it back
+    assert spec.plan(0.3, 1, at + 3) > 0
+    # The same acceptance pays alone, where a sequence's share of a step is large, and not where a
+    # draft costs more than the sequence's share (beside others); nothing pays at r >= 1.
+    third = Acceptance(1.0, 2.0)
+    assert Speculation(None, 3, Acceptance(1.0, 2.0)).plan(0.2, 1, 5) > 0
+    assert Speculation(None, 3, Acceptance(1.0, 2.0)).plan(0.5, 8, 5) == 0
+    hopeless = Speculation(None, 3, third)
+    assert hopeless.plan(1.0, 1, 0) == 0 and not hopeless.active(MAX_PAUSE - 1)  # the longest pause at once
+    assert hopeless.active(MAX_PAUSE) and hopeless.plan(1.0, 1, MAX_PAUSE) == PROBE_DRAFTS  # then a probe
     missing = Speculation(state=None, max_drafts=4)
     for _ in range(MAX_MISSES):
         missing.record_miss(3)
     assert not missing.active(3)
 
 
-def test_the_number_of_drafts_follows_how_many_are_accepted():
-    spec = Speculation(state=None, max_drafts=4)
-    assert spec.num_drafts == 4  # at first: all it may
-    spec.record_verify(4, 1, 0)
-    spec.record_verify(3, 1, 0)
-    assert spec.num_drafts == 3  # the average falls from 4 towards 1: 2.5, 1.75
-    for _ in range(4):
-        spec.record_verify(2, 1, 0)
-    assert spec.num_drafts == 2
-    for _ in range(4):
-        spec.record_verify(2, 2, 0)  # all of its 2 accepted: it proposes more again
-    assert spec.num_drafts == 3
+def test_a_new_sequence_starts_from_what_the_engines_drafts_have_done():
+    control = DraftControl(max_drafts=4, pinned_cost=0.3)
+    assert control.start(None).plan(control.draft_cost(1), 1, 0) == 4
+    for _ in range(200):  # earlier sequences' drafts were accepted 1 in 5
+        control.record_verify(control.start(None), 5, 1)
+    assert control.acceptance.rate == pytest.approx(0.5, abs=0.01)  # 1 accepted, 1 rejection a verify
+    assert control.start(None).plan(control.draft_cost(1), 1, 0) == 1
+    for _ in range(100):
+        control.record_verify(control.start(None), 4, 0)
+    late = control.start(None)
+    assert late.plan(control.draft_cost(1), 1, 0) == 0 and not late.active(1)  # paused from its first token
+    control.pinned_cost = None  # measured: the fit's r raised by COST_MARGIN
+    assert control.draft_cost(1) is None
+    control.costs.observe_step(1, 2, 0.1)
+    control.costs.observe_proposal(2, 0.0)
+    assert control.draft_cost(1) > control.costs.draft_cost(1) > 0
 
 
 def test_spec_decode_stats_count_per_position():
@@ -332,7 +397,10 @@ class Core:
     """An EngineCore driven with token ids (no tokenizer): submit requests, wait for their tokens. On
     the CPU unless told otherwise (tests/gpu/test_speculative_gpu.py runs these checks on a GPU)."""
 
-    def __init__(self, checkpoint, speculative=None, **config):
+    def __init__(self, checkpoint, speculative=None, draft_cost=0.0, **config):
+        """`draft_cost`: the cost of a draft the engine assumes (backend/speculative.py's r) instead of
+        measuring it, so that which drafts are proposed does not vary with the machine's timings; 0: a
+        sequence speculates while any of its drafts are accepted."""
         config.setdefault("max_num_batched_tokens", 32)
         config.setdefault("device", "cpu")
         self._done = threading.Condition()
@@ -340,6 +408,8 @@ class Core:
         self.ended: dict[int, str] = {}
         self.core = EngineCore(EngineConfig(checkpoint=str(checkpoint), speculative_config=speculative, **config),
                                frozenset([1]), self._publish)
+        if self.core._draft_control is not None:  # before any request
+            self.core._draft_control.pinned_cost = draft_cost
         self._next_id = 0
 
     def _publish(self, deltas):
@@ -503,6 +573,40 @@ def test_overlapped_steps_with_speculating_sequences_give_the_same_tokens(tiny_p
         overlapped.close()
 
 
+class WrongGuesses(KnownAnswers):
+    """Proposes each prompt's known output with every token off by one: no draft is ever accepted."""
+
+    def _answer(self, state, token_ids, max_tokens):
+        return [] if state is None else [(t + 1) % self.vocab for t in state[len(token_ids):len(token_ids) + max_tokens]]
+
+
+def test_drafts_that_do_not_pay_for_their_cost_pause_and_the_tokens_stay_the_same(tmp_path):
+    """A draft costing half a sequence's share of a step (pinned): drafts never accepted are verified a
+    few times, then the sequence pauses and later probes; drafts mostly accepted go on throughout. At a
+    cost of a whole share nothing is proposed. The tokens are those without speculation every time."""
+    path = write_checkpoint(tmp_path / "tiny", "gemma3_text", seed=3)
+    off = Core(path)
+    request = (plain_prompt(2), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    (want,) = off.run([request])
+    off.close()
+    answers = {tuple(request[0]): request[0] + want[0]}
+    counts = {}
+    for name, cost, proposer in (("wrong", 0.5, WrongGuesses(answers, 512)), ("right", 0.5, KnownAnswers(answers, 512)),
+                                 ("costly", 1.0, KnownAnswers(answers, 512))):
+        on = Core(path, NGRAM, draft_cost=cost)
+        try:
+            assert run_proposing(on, proposer, [request]) == [want]
+            spec = on.stats().spec_decode
+            counts[name] = (spec.num_drafts, spec.num_accepted_tokens)
+        finally:
+            on.close()
+    drafts, accepted = counts["wrong"]
+    assert accepted == 0 and 3 <= drafts <= 5  # a few verifies, a pause, a probe, a longer pause
+    drafts, accepted = counts["right"]
+    assert accepted >= 20 and drafts >= 10
+    assert counts["costly"] == (0, 0)
+
+
 def test_stop_ids_and_max_tokens_end_speculating_sequences_where_they_end_without(tiny_pair):
     _, off, on = tiny_pair
     prompt = repeating_prompt(5)
@@ -636,8 +740,8 @@ def test_the_benchmark_reports_medians_and_each_method_over_off():
                                      "draft_edit_1": [pytest.approx(1.2), pytest.approx(8 / 9)]}
     table = bench.markdown(rows, summary)
     assert table.index("| off |") < table.index("| ngram |") < table.index("| draft_model |")
-    assert "| edit | 1 | 500-500 | ngram | 45.0 | 22.00 | 0.70 | - | 2.33x | 2.32x |" in table
-    assert "| edit | 1 | 500-500 | draft_model | 100.0 | 10.00 | 0.40 | - | 1.05x | 1.05x |" in table
+    assert "| edit | 1 | 500-500 | ngram | 45.0 | 22.00 | 0.70 | - | - | 2.33x | 2.32x |" in table
+    assert "| edit | 1 | 500-500 | draft_model | 100.0 | 10.00 | 0.40 | - | - | 1.05x | 1.05x |" in table
 
 
 def test_the_edit_workload_has_300_to_1000_token_prompts(default_checkpoint):
