@@ -290,14 +290,13 @@ class EngineCore:
             return 0.0
         asking, requests = [], []
         num_running = len(self.scheduler.running)
-        draft_cost = self._draft_control.draft_cost(num_running)
         for seq in self.scheduler.running:
             if seq.num_in_flight or seq.num_pending != 1 or not self._speculating(seq):
                 continue
             room = seq.params.max_tokens - seq.num_output_tokens - 1
             if room < 1:
                 continue
-            wanted = seq.speculation.plan(draft_cost, num_running, seq.num_output_tokens)
+            wanted = self._draft_control.plan(seq.speculation, num_running, seq.num_output_tokens)
             if wanted:
                 asking.append(seq)
                 requests.append(DraftRequest(seq.speculation.state, seq.token_ids, min(wanted, room)))

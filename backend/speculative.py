@@ -185,11 +185,13 @@ class Speculation:
     def active(self, num_output_tokens: int) -> bool:
         return num_output_tokens >= self.paused_until
 
-    def plan(self, draft_cost: Optional[float], num_running: int, num_output_tokens: int) -> int:
+    def plan(self, draft_cost: Optional[float], num_running: int, num_output_tokens: int,
+             hopeless: bool = False) -> int:
         """Drafts to propose now, by `best_num_drafts` (`draft_cost` None: not measured yet, propose all it
         may); 0 pauses the sequence. After a pause it probes with PROBE_DRAFTS. Where no draft could pay
-        even if every one were accepted (r >= 1: a draft model as slow as the target) the pause is the
-        longest, MAX_PAUSE: its probes are rare, and they measure the costs again."""
+        even if every one were accepted (`hopeless`: proposing one costs a whole share, a draft model
+        about as slow as the target, or one that must first catch up on what it missed) the pause is
+        the longest, MAX_PAUSE: its probes are rare, and they measure the cost again."""
         if draft_cost is None:
             return self.max_drafts
         if self.probing:
@@ -197,7 +199,7 @@ class Speculation:
             return min(PROBE_DRAFTS, self.max_drafts)
         k = best_num_drafts(self.acceptance.rate, draft_cost, num_running, self.max_drafts)
         if not k:
-            self._pause(num_output_tokens, longest=draft_cost >= 1)
+            self._pause(num_output_tokens, longest=hopeless)
         return k
 
     def record_miss(self, num_output_tokens: int) -> None:
@@ -239,6 +241,16 @@ class DraftControl:
             return self.pinned_cost
         measured = self.costs.draft_cost(num_running)
         return None if measured is None else measured * (1 + COST_MARGIN)
+
+    def plan(self, speculation: Speculation, num_running: int, num_output_tokens: int) -> int:
+        """The drafts `speculation`'s sequence proposes now (Speculation.plan), hopeless where proposing
+        a draft alone costs a whole share (pinned: where r >= 1)."""
+        draft_cost, fitted, p = self.draft_cost(num_running), self.costs.fit(num_running), self.costs.propose_s
+        if self.pinned_cost is not None:
+            hopeless = self.pinned_cost >= 1
+        else:
+            hopeless = fitted is not None and p is not None and p * (1 + COST_MARGIN) >= fitted[0]
+        return speculation.plan(draft_cost, num_running, num_output_tokens, hopeless)
 
     def record_verify(self, speculation: Speculation, num_drafts: int, num_accepted: int) -> None:
         speculation.record_verify(num_drafts, num_accepted)

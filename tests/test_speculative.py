@@ -186,9 +186,9 @@ def test_a_sequence_pauses_when_its_drafts_do_not_pay_then_probes():
     third = Acceptance(1.0, 2.0)
     assert Speculation(None, 3, Acceptance(1.0, 2.0)).plan(0.2, 1, 5) > 0
     assert Speculation(None, 3, Acceptance(1.0, 2.0)).plan(0.5, 8, 5) == 0
-    hopeless = Speculation(None, 3, third)
-    assert hopeless.plan(1.0, 1, 0) == 0 and not hopeless.active(MAX_PAUSE - 1)  # the longest pause at once
-    assert hopeless.active(MAX_PAUSE) and hopeless.plan(1.0, 1, MAX_PAUSE) == PROBE_DRAFTS  # then a probe
+    hopeless = Speculation(None, 3, third)  # proposing a draft costs a share: the longest pause at once
+    assert hopeless.plan(1.2, 1, 0, hopeless=True) == 0 and not hopeless.active(MAX_PAUSE - 1)
+    assert hopeless.active(MAX_PAUSE) and hopeless.plan(1.2, 1, MAX_PAUSE, hopeless=True) == PROBE_DRAFTS
     missing = Speculation(state=None, max_drafts=4)
     for _ in range(MAX_MISSES):
         missing.record_miss(3)
@@ -211,6 +211,11 @@ def test_a_new_sequence_starts_from_what_the_engines_drafts_have_done():
     control.costs.observe_step(1, 2, 0.1)
     control.costs.observe_proposal(2, 0.0)
     assert control.draft_cost(1) > control.costs.draft_cost(1) > 0
+    # Drafts accepted every time, but a draft model as slow as the target: paused the longest at once.
+    control.acceptance = Acceptance(10.0, 0.0)
+    control.costs.observe_proposal(2, 0.4)
+    slow = control.start(None)
+    assert slow.plan(None, 1, 0) == 4 and control.plan(slow, 1, 0) == 0 and not slow.active(MAX_PAUSE - 1)
 
 
 def test_spec_decode_stats_count_per_position():
