@@ -7,7 +7,7 @@ OPENAI_HOST ?= 127.0.0.1
 OPENAI_PORT ?= 9000
 GEMMA_TRITON_URL ?= localhost:$(GRPC_PORT)
 
-.PHONY: setup serve gateway test test-gpu bench soak chaos model lint
+.PHONY: setup serve gateway test test-gpu bench soak chaos aiperf model lint
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -53,6 +53,17 @@ soak: setup
 # docs/soak.md. Options: make chaos CHAOS_ARGS="--streams 16 --rounds 2".
 chaos: setup
 	$(PY) -m benchmarks.chaos $(CHAOS_ARGS)
+
+# NVIDIA's AIPerf against the OpenAI gateway of a server it starts (default model, CPU): streamed chat and
+# completions, fixed input/output tokens, a concurrency sweep; checks every request and its usage:
+# benchmarks/aiperf_run.py, docs/benchmarks.md ("AIPerf against the gateway"). AIPerf lives in its own
+# venv (.venv-aiperf, made here on first use; not a project dependency: Python >= 3.11, ~1.2 GB).
+# Options: make aiperf AIPERF_ARGS="--concurrency 1,4,8 --output-tokens 128 --compare".
+AIPERF_VERSION ?= 0.13.0
+aiperf: setup
+	@test -x .venv-aiperf/bin/aiperf || { python3 -m venv .venv-aiperf && \
+	  .venv-aiperf/bin/pip install -q aiperf==$(AIPERF_VERSION); }
+	$(PY) -m benchmarks.aiperf_run $(AIPERF_ARGS)
 
 # Convert the packaged GGUF into a cached HF checkpoint directory and print its path.
 model: setup
