@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from backend.draft_checkpoint import write_draft_checkpoint
-from backend.kernels import available as kernels_available
-from tests.gpu.test_speculative_gpu import with_kernels
+from tests.gpu.test_speculative_gpu import use_attention
 from tests.test_draft_model import draft_config
 from tests.test_speculative import Core, check_same, check_sampled_distribution, mixed_requests
 from tests.tiny_models import write_checkpoint
@@ -19,11 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("attention", ["torch", "kernels"])
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_a_draft_model_gives_the_tokens_of_one_token_steps_on_a_gpu(family, attention, tmp_path, monkeypatch):
-    if attention == "kernels":
-        if not kernels_available():
-            pytest.skip("needs Triton")
-        import backend.engine_core as engine_core
-        monkeypatch.setattr(engine_core, "load_model", with_kernels(engine_core.load_model))
+    use_attention(attention, monkeypatch)
     path = write_checkpoint(tmp_path / family, family, seed=3)
     drafts = {"itself": path, "truncated": write_draft_checkpoint(path, tmp_path / "draft", num_layers=2)}
     config = dict(device="cuda", dtype="float32", engine="torch")  # async scheduling and CUDA graphs: on by default

@@ -37,14 +37,20 @@ def with_kernels(load_model):
     return load
 
 
-@pytest.mark.parametrize("attention", ["torch", "kernels"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_speculation_gives_the_tokens_of_one_token_steps_on_a_gpu(family, attention, tmp_path, monkeypatch):
+def use_attention(attention: str, monkeypatch) -> None:
+    """"kernels": the engine's reference model attends through the Triton kernels (skipped without
+    Triton); "torch": as it loads."""
     if attention == "kernels":
         if not kernels_available():
             pytest.skip("needs Triton")
         import backend.engine_core as engine_core
         monkeypatch.setattr(engine_core, "load_model", with_kernels(engine_core.load_model))
+
+
+@pytest.mark.parametrize("attention", ["torch", "kernels"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_speculation_gives_the_tokens_of_one_token_steps_on_a_gpu(family, attention, tmp_path, monkeypatch):
+    use_attention(attention, monkeypatch)
     path = write_checkpoint(tmp_path / family, family, seed=3)
     config = dict(device="cuda", dtype="float32", engine="torch")  # async scheduling and CUDA graphs: on by default
     off, on = Core(path, **config), Core(path, NGRAM, **config)
