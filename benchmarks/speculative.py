@@ -175,21 +175,26 @@ def measure(engine, workload: str, prompts: list[list[int]], streams: int, max_t
         timelines += tl
         tokens += tok
     after = engine.stats()
-    itl = [(t.end - t.arrivals[0][0]) / (t.num_tokens - 1) for t in timelines if t.num_tokens > 1]
     spec, spec0 = after.spec_decode, before.spec_decode
-    drafts = spec.num_drafts - spec0.num_drafts
-    proposed = spec.num_draft_tokens - spec0.num_draft_tokens
-    accepted = spec.num_accepted_tokens - spec0.num_accepted_tokens
-    steps = after.step_times.steps - before.step_times.steps
-    return {"itl_ms": 1e3 * sum(itl) / len(itl), "tokens_per_s": sum(t.num_tokens for t in timelines) / wall,
-            "wall_s": wall, "output_tokens": sum(t.num_tokens for t in timelines), "steps": steps,
-            "drafts": drafts, "draft_tokens": proposed, "accepted_tokens": accepted,
-            "acceptance_rate": accepted / proposed if proposed else None,
-            "tokens_per_verify": (drafts + accepted) / drafts if drafts else None,
+    return {**outcome(timelines, wall, spec.num_drafts - spec0.num_drafts,
+                      spec.num_draft_tokens - spec0.num_draft_tokens,
+                      spec.num_accepted_tokens - spec0.num_accepted_tokens),
+            "steps": after.step_times.steps - before.step_times.steps,
             # The engine's estimate of a draft's cost in shares of a step after the run (backend/speculative.py's
             # best_num_drafts: a sequence speculates while its drafts' acceptance beats it); None for off.
             "draft_cost": after.spec_decode.draft_cost if speculate else None,
             "tokens": tokens}
+
+
+def outcome(timelines: list[Timeline], wall: float, drafts: int, proposed: int, accepted: int) -> dict:
+    """A run's row: ITL (mean over requests of decode time per token after the first), tokens/s over
+    `wall`, and the drafts' acceptance. benchmarks/vllm_baseline.py reports vLLM's runs with it too."""
+    itl = [(t.end - t.arrivals[0][0]) / (t.num_tokens - 1) for t in timelines if t.num_tokens > 1]
+    return {"itl_ms": 1e3 * sum(itl) / len(itl), "tokens_per_s": sum(t.num_tokens for t in timelines) / wall,
+            "wall_s": wall, "output_tokens": sum(t.num_tokens for t in timelines),
+            "drafts": drafts, "draft_tokens": proposed, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / proposed if proposed else None,
+            "tokens_per_verify": (drafts + accepted) / drafts if drafts else None}
 
 
 def draft_speculative_config(checkpoint: Path, layers: int = DRAFT_LAYERS, tokens: int = DRAFT_TOKENS) -> dict:
@@ -199,38 +204,42 @@ def draft_speculative_config(checkpoint: Path, layers: int = DRAFT_LAYERS, token
             "num_speculative_tokens": tokens}
 
 
+def schedule(prompts: dict[str, list[list[int]]], max_tokens: int, reps: int, streams=STREAMS,
+             num_prompts: Optional[int] = None) -> Iterator[tuple[int, str, int, list[list[int]], int]]:
+    """(repetition, workload, streams, prompts, max tokens) in run order; repetition 0 is a warm-up of
+    one prompt and 4 tokens per workload and streams."""
+    for rep in range(reps + 1):
+        for workload in WORKLOADS:
+            for n in streams:
+                chosen = prompts[workload][:num_prompts or max(n, 2)]
+                yield (rep, workload, n, chosen[:1], 4) if rep == 0 else (rep, workload, n, chosen, max_tokens)
+
+
 def run(engine, max_tokens: int, reps: int, streams=STREAMS, num_prompts: Optional[int] = None,
         progress: Callable[[str], None] = lambda s: None, draft_engine=None) -> Iterator[dict]:
     """One record per (repetition, workload, streams, speculation method); repetition 0 is a short
     warm-up, not recorded. `engine` speculates by n-gram (and runs "off" by the opt-out), `draft_engine`
     (if any) with a draft model. Raises if speculation changed any request's tokens."""
-    prompts = workload_prompts(engine.tokenizer)
     runs = {"off": (engine, False), "ngram": (engine, True)}
     if draft_engine is not None:
         runs["draft_model"] = (draft_engine, True)
-    for rep in range(reps + 1):
-        for workload in WORKLOADS:
-            for n in streams:
-                chosen = prompts[workload][:num_prompts or max(n, 2)]
-                if rep == 0:
-                    chosen, tokens = chosen[:1], 4
-                else:
-                    tokens = max_tokens
-                results = {}
-                for label in (list(runs) if rep % 2 else list(runs)[::-1]):
-                    progress(f"speculative: {'warm-up' if rep == 0 else f'rep {rep}/{reps}'}: {workload}, "
-                             f"{n} stream(s), {len(chosen)} requests x {tokens} tokens, speculation {label}")
-                    target, speculate = runs[label]
-                    results[label] = measure(target, workload, chosen, n, tokens, speculate)
-                changed = [label for label in results if results[label]["tokens"] != results["off"]["tokens"]]
-                if changed:
-                    raise AssertionError(f"{workload}, {n} streams: speculation ({', '.join(changed)}) changed the output")
-                if rep == 0:
-                    continue
-                for label, r in results.items():
-                    yield {"type": "speculative", "rep": rep, "workload": workload, "streams": n, "speculation": label,
-                           "prompt_tokens": [len(p) for p in chosen], "max_tokens": tokens,
-                           **{k: v for k, v in r.items() if k != "tokens"}}
+    for rep, workload, n, chosen, tokens in schedule(workload_prompts(engine.tokenizer), max_tokens, reps, streams,
+                                                     num_prompts):
+        results = {}
+        for label in (list(runs) if rep % 2 else list(runs)[::-1]):
+            progress(f"speculative: {'warm-up' if rep == 0 else f'rep {rep}/{reps}'}: {workload}, "
+                     f"{n} stream(s), {len(chosen)} requests x {tokens} tokens, speculation {label}")
+            target, speculate = runs[label]
+            results[label] = measure(target, workload, chosen, n, tokens, speculate)
+        changed = [label for label in results if results[label]["tokens"] != results["off"]["tokens"]]
+        if changed:
+            raise AssertionError(f"{workload}, {n} streams: speculation ({', '.join(changed)}) changed the output")
+        if rep == 0:
+            continue
+        for label, r in results.items():
+            yield {"type": "speculative", "rep": rep, "workload": workload, "streams": n, "speculation": label,
+                   "prompt_tokens": [len(p) for p in chosen], "max_tokens": tokens,
+                   **{k: v for k, v in r.items() if k != "tokens"}}
 
 
 KEYS = ("itl_ms", "tokens_per_s", "acceptance_rate", "tokens_per_verify", "draft_cost")

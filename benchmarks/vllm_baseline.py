@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import importlib.metadata
 import importlib.util
 import itertools
@@ -222,7 +223,113 @@ def run_serving(args, report: Report, settings: dict) -> None:
         engine.shutdown()
 
 
-PARTS = {"offline": run_offline, "serving": run_serving}
+def speculative_engine_kwargs(args, method: str) -> dict:
+    """The speculative part's engine: benchmarks/speculative.py's checkpoint and settings (prefix caching
+    off, prompts up to ~1,000 tokens) with vLLM's `method` drafting as our n-gram rows do (off: none)."""
+    from .speculative import SPECULATIVE_CONFIG
+
+    kw = {**engine_kwargs(args), "model": str(args.spec_checkpoint), "tokenizer": str(args.spec_checkpoint),
+          "max_model_len": args.spec_max_model_len, "enable_prefix_caching": False,
+          "disable_log_stats": False}  # its spec_decode counters are how acceptance is read
+    if method != "off":
+        kw["speculative_config"] = {**SPECULATIVE_CONFIG, "method": method}
+    return kw
+
+
+SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+
+
+def spec_counters(snapshot) -> dict[str, int]:
+    """vLLM's spec_decode counters, summed over engines, from vllm.v1.metrics.reader's snapshot."""
+    totals = dict.fromkeys(SPEC_COUNTERS.values(), 0)
+    for metric in snapshot:
+        if metric.name in SPEC_COUNTERS and hasattr(metric, "value"):
+            totals[SPEC_COUNTERS[metric.name]] += metric.value
+    return totals
+
+
+async def generate_ids(engine, prompt_ids: list[int], params, request_id: str, timeline) -> list[int]:
+    """One request of token ids to vLLM's AsyncLLM, each delta timed on arrival; its tokens."""
+    tokens, finish_reason = [], None
+    async for out in engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
+        completion = out.outputs[0]
+        if completion.token_ids:
+            timeline.arrivals.append((time.perf_counter(), len(completion.token_ids)))
+            tokens += completion.token_ids
+        if out.finished:
+            finish_reason = completion.finish_reason
+    if finish_reason != "length":  # EOS is ignored: every request runs to max_tokens
+        raise RuntimeError(f"request {request_id} ended with finish_reason {finish_reason!r}")
+    return tokens
+
+
+def tokens_digest(tokens: list[int]) -> str:
+    return hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:12]
+
+
+def run_speculative(args, report: Report, settings: dict) -> None:
+    """benchmarks/speculative.py's workloads, prompts, sampling and schedule on vLLM's AsyncLLM with
+    `args.spec_method` (off: no speculation), one engine per process: vLLM has no per-request opt-out."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.reader import get_metrics_snapshot
+
+    from backend.tokenizer import Tokenizer
+
+    from . import speculative
+    from .stats import Timeline
+
+    method = args.spec_method
+
+    async def start():
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**speculative_engine_kwargs(args, method)))
+
+    t0 = time.perf_counter()
+    engine = serving._run(start())
+    report.emit(kind="vllm_startup", part="speculative", seconds=time.perf_counter() - t0, **settings,
+                resolved=resolved_config(engine.vllm_config),
+                speculative_config=str(getattr(engine.vllm_config, "speculative_config", None)))
+    prompts = speculative.workload_prompts(Tokenizer(args.spec_checkpoint))
+    request_ids = itertools.count()
+
+    async def group(chosen, params):
+        timelines = [Timeline(time.perf_counter()) for _ in chosen]
+        tokens = await asyncio.gather(*(generate_ids(engine, ids, p, f"spec-{next(request_ids)}", t)
+                                        for ids, p, t in zip(chosen, params, timelines)))
+        return timelines, tokens
+
+    try:
+        for rep, workload, n, chosen, max_tokens in speculative.schedule(prompts, args.spec_tokens, args.spec_reps,
+                                                                          args.spec_streams):
+            params = [SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=i, output_kind=RequestOutputKind.DELTA,
+                                     **speculative.SAMPLING[workload]) for i in range(len(chosen))]
+            before = spec_counters(get_metrics_snapshot())
+            timelines, tokens, wall = [], [], 0.0
+            for start_at in range(0, len(chosen), n):
+                t0 = time.perf_counter()
+                tl, tok = serving._run(group(chosen[start_at:start_at + n], params[start_at:start_at + n]))
+                wall += time.perf_counter() - t0
+                timelines += tl
+                tokens += tok
+            serving._run(asyncio.sleep(0.2))  # the last step's stats reach the counters
+            after = spec_counters(get_metrics_snapshot())
+            if rep == 0:
+                continue
+            report.emit(kind="vllm_speculative", type="speculative", system="vllm", rep=rep, workload=workload,
+                        streams=n, speculation=method, prompt_tokens=[len(p) for p in chosen], max_tokens=max_tokens,
+                        **speculative.outcome(timelines, wall, *(after[k] - before[k] for k in SPEC_COUNTERS.values())),
+                        tokens_digest=[tokens_digest(t) for t in tokens], **settings)
+    finally:
+        engine.shutdown()
+
+
+PARTS = {"offline": run_offline, "serving": run_serving, "speculative": run_speculative}
+DEFAULT_PARTS = ("offline", "serving")
+# vLLM's prompt lookup, both ways it ships it: numba on the CPU (vLLM turns async scheduling off for it)
+# and on the GPU (async scheduling kept).
+SPEC_METHODS = ("ngram", "ngram_gpu")
 
 
 # ---- the parent: checkpoint, parts with timeouts and fallback, table ----
@@ -271,9 +378,9 @@ def ensure_checkpoint(args, report: Report) -> bool:
 def part_argv(args, part: str, settings: dict) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.vllm_baseline", "--part", part]
     for key, value in vars(args).items():
+        value = settings.get(key, value)
         if key in ("part", "parts", "ours", "time_limit") or value is None:
             continue
-        value = settings.get(key, value)
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -365,7 +472,39 @@ def markdown(records: list[dict], ours: list[dict]) -> str:
             if any(v is not None for v in mine.values()):
                 lines.append(f"- {c} clients, tok/s over vLLM's: engine_direct {_fmt(mine['engine_direct'], 2)}, "
                              f"server (Triton) {_fmt(mine['server'], 2)}")
+    lines += speculative_markdown([r for r in records if r.get("kind") == "vllm_speculative"],
+                                  [r for r in ours if r.get("type") == "speculative"])
     return "\n".join(lines) + "\n"
+
+
+def speculative_markdown(vllm_records: list[dict], ours: list[dict]) -> list[str]:
+    """Ours (benchmarks.speculative) and vLLM's prompt lookup on the same workloads: medians over
+    repetitions, each method against its own system's off, and vLLM's greedy outputs against its off."""
+    from . import speculative
+
+    if not vllm_records:
+        return []
+    rows = [("ours", r) for r in speculative.table(ours)] + [("vLLM", r) for r in speculative.table(vllm_records)]
+    at = {(system, r["workload"], r["streams"], r["speculation"]): r for system, r in rows}
+    lines = ["", "| workload | streams | system | speculation | ITL ms | tok/s | acceptance | tokens / verify "
+             "| ITL speedup | tok/s ratio |", "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for system, r in sorted(rows, key=lambda sr: (sr[1]["workload"], sr[1]["streams"], sr[0], sr[1]["speculation"] != "off",
+                                                  sr[1]["speculation"])):
+        off = at.get((system, r["workload"], r["streams"], "off"))
+        gains = ["", ""] if off is None or r["speculation"] == "off" else [
+            f"{_fmt(ratio(off['itl_ms'], r['itl_ms']), 2)}x", f"{_fmt(ratio(r['tokens_per_s'], off['tokens_per_s']), 2)}x"]
+        lines.append(f"| {r['workload']} | {r['streams']} | {system} | {r['speculation']} | {_fmt(r['itl_ms'], 2)} "
+                     f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['acceptance_rate'], 2)} | {_fmt(r['tokens_per_verify'], 2)} "
+                     f"| {gains[0]} | {gains[1]} |")
+    # Greedy (edit) outputs of each vLLM method against vLLM's off, request by request and repetition.
+    digests = {(r["rep"], r["workload"], r["streams"], r["speculation"]): r["tokens_digest"] for r in vllm_records}
+    for method in sorted({m for (_, _, _, m) in digests} - {"off"}):
+        pairs = [(d, digests.get((rep, w, n, "off"))) for (rep, w, n, m), d in digests.items()
+                 if m == method and w == "edit"]
+        same = sum(a == b for d, off in pairs if off for a, b in zip(d, off))
+        total = sum(len(d) for d, off in pairs if off)
+        lines.append(f"- vLLM {method}: greedy outputs identical to vLLM off in {same}/{total} requests")
+    return lines
 
 
 def _ints(text: str) -> list[int]:
@@ -380,7 +519,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "vllm.jsonl")
     p.add_argument("--ours", type=Path, nargs="*", default=[],
                    help="our JSON lines (benchmarks.gpu_bench, benchmarks.run) for the table; missing files skipped")
-    p.add_argument("--parts", type=lambda s: s.split(","), default=list(PARTS))
+    p.add_argument("--parts", type=lambda s: s.split(","), default=list(DEFAULT_PARTS),
+                   help=f"of {', '.join(PARTS)}")
     p.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # set by the parent for a child
     p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
     p.add_argument("--prompt", type=int, default=64, help="offline: prompt tokens")
@@ -397,6 +537,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--attention-backend", default="FLASH_ATTN", help="a vLLM backend name, or auto: vLLM picks")
     p.add_argument("--compilation", choices=("default", "none"), default="default",
                    help="default: vLLM's torch.compile and CUDA graphs; none: no torch.compile, full decode graphs")
+    p.add_argument("--spec-checkpoint", type=Path, default=Path("/tmp/gemma-real-model/gemma-3-270m"),
+                   help="speculative: the checkpoint of our benchmarks.speculative run (.gpu-model* converts the 270M)")
+    p.add_argument("--spec-methods", type=lambda s: s.split(","), default=list(SPEC_METHODS),
+                   help="speculative: vLLM's methods beside off")
+    p.add_argument("--spec-method", help=argparse.SUPPRESS)  # set by the parent for a child
+    p.add_argument("--spec-tokens", type=int, default=128, help="speculative: tokens per request")
+    p.add_argument("--spec-reps", type=int, default=3)
+    p.add_argument("--spec-streams", type=_ints, default=[1, 8])
+    p.add_argument("--spec-max-model-len", type=int, default=2048)
     p.add_argument("--time-limit", type=float, default=480, help="seconds for everything; parts are cut to fit")
     args = p.parse_args(argv)
     unknown = set(args.parts) - set(PARTS)
@@ -412,6 +561,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = Report(args.out)
     settings = {"attention_backend": args.attention_backend, "compilation": args.compilation}
     if args.part:  # a child: one part, then exit (its engine core goes with it)
+        if args.spec_method:
+            settings["spec_method"] = args.spec_method
         try:
             PARTS[args.part](args, report, settings)
         except Exception as e:  # noqa: BLE001 - reported, and the exit code tells the parent
@@ -424,18 +575,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.write_text("")
     report.emit(kind="vllm_env", **environment(), checkpoint=str(args.checkpoint), argv=sys.argv[1:],
                 env={k: os.environ[k] for k in VLLM_ENV})
+    # One child process per part, and per vLLM method of the speculative part (one engine each).
+    jobs = [(part, {"spec_method": m} if part == "speculative" else {})
+            for part in args.parts for m in (["off", *args.spec_methods] if part == "speculative" else [None])]
     try:
-        if ensure_checkpoint(args, report):
-            for i, part in enumerate(args.parts):
-                later = RESERVE_S * (len(args.parts) - i - 1)
-                ok = run_part(args, part, settings, min(PART_TIMEOUT_S, deadline - time.monotonic() - later), report)
+        if set(args.parts) <= {"speculative"} or ensure_checkpoint(args, report):
+            for i, (part, job) in enumerate(jobs):
+                later = RESERVE_S * (len(jobs) - i - 1)
+                ok = run_part(args, part, {**settings, **job},
+                              min(PART_TIMEOUT_S, deadline - time.monotonic() - later), report)
                 if ok or settings == FALLBACK:
                     continue
                 settings = dict(FALLBACK)  # for this part's second try and for the parts after it
                 left = deadline - time.monotonic() - later
                 if left > 120:
-                    report.emit(kind="retry", part=part, **settings)
-                    run_part(args, part, settings, min(PART_TIMEOUT_S, left), report)
+                    report.emit(kind="retry", part=part, **settings, **job)
+                    run_part(args, part, {**settings, **job}, min(PART_TIMEOUT_S, left), report)
     except KeyboardInterrupt:  # run.sh's time limit: the table of what was measured still comes out
         report.emit(kind="error", stage="interrupted", error="SIGINT")
     table = markdown(report.records(), read_json_lines(args.ours))

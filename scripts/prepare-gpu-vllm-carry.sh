@@ -7,7 +7,8 @@
 #
 # What travels (docs/benchmarks.md "vLLM side by side" says why each is in or out):
 # - vLLM 0.26.0's wheel (its last release on torch==2.11.0, the machine's torch) without the files in
-#   DROP below, split into parts (`cat` joins them there; run.sh checks the sha256);
+#   DROP below (a wheel bigger than a call's room travels in parts: `cat` joins them there, run.sh
+#   checks the sha256);
 # - DEPS: what `vllm.LLM` and vLLM's AsyncLLM import for a dense bf16 Gemma and the machine lacks;
 # - the packaged Gemma 3 270M's tokenizer (for the checkpoint, if .gpu-serving/run.sh has not made it);
 # - run.sh: installs all of it with pip into ~/vllm-site (on PYTHONPATH of the vLLM benchmark alone,
@@ -32,6 +33,9 @@ DEPS=(
   xgrammar==0.2.7 apache-tvm-ffi==0.1.10 llguidance==1.7.6  # structured output: annotations evaluated at import
   pyzmq==27.3.0 msgspec==0.22.0 cbor2==6.3.0 cachetools==8.0.2 pybase64==1.5.1  # engine IPC, hashing, caches
   depyf==0.20.0 astor==0.8.1 dill==0.4.1  # imported by vLLM's torch.compile wrapper on some paths
+  # vLLM's `ngram` speculative method (issue #27). vLLM pins numba 0.65.0, which needs numpy < 2.5; the
+  # machine has 2.5.2, which 0.68.1 allows. llvmlite (60 MB) travels in parts.
+  numba==0.68.1 llvmlite==0.50.0
 )
 # Files of the wheel a dense bf16 model on Hopper never loads: without them it takes 3 calls, not 6.
 # VLLM_CARRY_DROP (space-separated) replaces the list; VLLM_CARRY_DROP= carries the whole wheel.
@@ -96,16 +100,24 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
 PY
 wheel_sha256=$(sha256sum "$stage/$wheel" | cut -d' ' -f1)
-split -b "$FOLDER_BYTES" -d -a 2 "$stage/$wheel" "$stage/vllm.whl.part"
-parts=()
-for part in "$stage"/vllm.whl.part*; do parts+=("$(basename "$part")"); done
 
-extras=$stage/extras  # the last call's files besides wheel parts
-mkdir -p "$extras"
-cp "${dep_wheels[@]}" "$tokenizer/tokenizer_config.json" "$extras/"
-gzip -9 -c "$tokenizer/tokenizer.json" > "$extras/tokenizer.json.gz"
-deps=()
-for f in "${dep_wheels[@]}"; do deps+=("$(basename "$f")"); done
+# What travels, in $pieces: every wheel, a wheel bigger than a folder (vLLM's, llvmlite's) as parts of
+# one folder's size that run.sh joins again (`joined`: file:sha256:parts), the tokenizer and run.sh.
+pieces=$stage/pieces
+mkdir -p "$pieces"
+deps=() joined=()
+for f in "$stage/$wheel" "${dep_wheels[@]}"; do
+  name=$(basename "$f")
+  [[ $f == "$stage/$wheel" ]] || deps+=("$name")
+  if (($(stat -c %s "$f") > FOLDER_BYTES)); then
+    split -b "$FOLDER_BYTES" -d -a 2 "$f" "$pieces/$name.part"
+    joined+=("$name:$(sha256sum "$f" | cut -d' ' -f1):$(ls "$pieces/$name".part* | wc -l)")
+  else
+    cp "$f" "$pieces/"
+  fi
+done
+cp "$tokenizer/tokenizer_config.json" "$pieces/"
+gzip -9 -c "$tokenizer/tokenizer.json" > "$pieces/tokenizer.json.gz"
 
 {
   echo '#!/usr/bin/env bash'
@@ -116,9 +128,9 @@ for f in "${dep_wheels[@]}"; do deps+=("$(basename "$f")"); done
   echo '# checkpoint and tokenizer .gpu-serving/run.sh makes; made here if missing), VLLM_SITE (~/vllm-site),'
   echo '# VLLM_CARRY (~/vllm-carry), LIMIT (500 s for the benchmark; then it is interrupted).'
   echo '# Leaves under $OUT: vllm.jsonl (JSON lines), vllm.md (the table) and vllm.log (everything it printed).'
-  printf 'wheel=%q\nwheel_sha256=%s\n' "$wheel" "$wheel_sha256"
-  printf 'parts=(%s)\n' "${parts[*]}"
+  printf 'wheel=%q\n' "$wheel"
   printf 'deps=(%s)\n' "${deps[*]}"
+  printf 'joined=(%s)  # FILE:SHA256:PARTS, each joined from FILE.part00 ...\n' "${joined[*]}"
   printf '# left out of the wheel (scripts/prepare-gpu-vllm-carry.sh says why): %s\n' "${DROP[*]}"
   cat <<'RUN'
 set -uo pipefail
@@ -134,18 +146,25 @@ mkdir -p "$out" "$work"
 pth=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/00-gemma-serving.pth
 if [[ -f $pth ]]; then echo "removing $pth, left by a .gpu-serving/run.sh that was killed" >&2; rm -f "$pth"; fi
 
-# Install once per wheel: a second run on the same machine goes straight to the benchmark.
-stamp=$site/.installed-$wheel_sha256
+# Install once per set of wheels: a second run on the same machine goes straight to the benchmark.
+stamp=$site/.installed-$(echo "${joined[*]} ${deps[*]}" | sha256sum | cut -c1-16)
 if [[ ! -f $stamp ]]; then
-  missing=()
-  for f in "${parts[@]}" "${deps[@]}" tokenizer.json.gz tokenizer_config.json; do
-    [[ -f $carry/$f ]] || missing+=("$f")
+  expected=(tokenizer.json.gz tokenizer_config.json)
+  for entry in "${joined[@]}"; do
+    IFS=: read -r name sha n <<<"$entry"
+    for ((i = 0; i < n; i++)); do expected+=("$(printf '%s.part%02d' "$name" "$i")"); done
   done
+  for f in "${deps[@]}"; do [[ " ${joined[*]} " == *" $f:"* ]] || expected+=("$f"); done
+  missing=()
+  for f in "${expected[@]}"; do [[ -f $carry/$f ]] || missing+=("$f"); done
   if ((${#missing[@]})); then
     echo "not in $carry: ${missing[*]}; every .gpu-vllmN call must run first, on this machine" >&2
     exit 2
   fi
-  (cd "$carry" && cat "${parts[@]}" > "$wheel" && echo "$wheel_sha256  $wheel" | sha256sum -c --quiet -) || exit 2
+  for entry in "${joined[@]}"; do
+    IFS=: read -r name sha n <<<"$entry"
+    (cd "$carry" && cat "$name".part* > "$name" && echo "$sha  $name" | sha256sum -c --quiet -) || exit 2
+  done
   rm -rf "$site"
   "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
     "$carry/$wheel" "${deps[@]/#/$carry/}" || exit 2
@@ -174,25 +193,32 @@ timeout -s INT -k 30 "${LIMIT:-500}" "$py" -m benchmarks.vllm_baseline --checkpo
   "$@" 2>&1 | tee "$out/vllm.log"
 exit "${PIPESTATUS[0]}"
 RUN
-} > "$extras/run.sh"
+} > "$pieces/run.sh"
 
-# Folders in call order: wheel parts first, the extras with the last part when they fit beside it.
+# Folders, biggest pieces first, each piece into the first folder with room; run.sh goes last (its
+# call runs it), in the last folder if it has room.
+python3 - "$pieces" "$stage" "$PREFIX" "$FOLDER_BYTES" <<'PY'
+import shutil, sys
+from pathlib import Path
+pieces, stage, prefix, limit = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+folders: list[list[Path]] = []
+for piece in sorted((p for p in pieces.iterdir() if p.name != "run.sh"), key=lambda p: -p.stat().st_size):
+    room = [f for f in folders if sum(p.stat().st_size for p in f) + piece.stat().st_size <= limit]
+    if not room:
+        folders.append([])
+        room = [folders[-1]]
+    room[0].append(piece)
+run_sh = pieces / "run.sh"
+if not folders or sum(p.stat().st_size for p in folders[-1]) + run_sh.stat().st_size > limit:
+    folders.append([])
+folders[-1].append(run_sh)
+for i, files in enumerate(folders):
+    (stage / f"{prefix}{i}").mkdir()
+    for f in files:
+        shutil.move(f, stage / f"{prefix}{i}" / f.name)
+PY
 folders=()
-for part in "${parts[@]}"; do
-  folder=$stage/$PREFIX${#folders[@]}
-  mkdir -p "$folder" && mv "$stage/$part" "$folder/"
-  folders+=("$folder")
-done
-extras_bytes=$(du -cb "$extras"/* | tail -1 | cut -f1)
-last_bytes=$(du -cb "${folders[-1]}"/* | tail -1 | cut -f1)
-if ((last_bytes + extras_bytes > FOLDER_BYTES)); then
-  folders+=("$stage/$PREFIX${#folders[@]}") && mkdir -p "${folders[-1]}"
-fi
-mv "$extras"/* "${folders[-1]}/"
-for folder in "${folders[@]}"; do
-  bytes=$(du -cb "$folder"/* | tail -1 | cut -f1)
-  ((bytes <= FOLDER_BYTES)) || { echo "$folder holds $bytes bytes, over $FOLDER_BYTES" >&2; exit 1; }
-done
+for ((i = 0; i < $(ls -d "$stage/$PREFIX"* | wc -l); i++)); do folders+=("$stage/$PREFIX$i"); done
 
 rm -rf "$PREFIX"[0-9]*
 for folder in "${folders[@]}"; do mv "$folder" .; done

@@ -15,13 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import random_checkpoint, serving, vllm_baseline
+from benchmarks import random_checkpoint, serving, speculative, vllm_baseline
 from benchmarks.stats import Timeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prepare-gpu-vllm-carry.sh"
 DROPPED = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so", "vllm/vllm-rs")
 WHEEL = "vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+BIG_DEP, BIG_DEP_BYTES = "llvmlite", 350_000
 
 
 def write_wheel(path: Path, name: str, version: str, files: dict[str, bytes]) -> None:
@@ -56,8 +57,9 @@ def carry(tmp_path_factory):
     for spec in deps:
         name, version = spec.split("==")
         module = name.replace("-", "_")
+        size = BIG_DEP_BYTES if name == BIG_DEP else 2_000  # llvmlite is bigger than a folder there too
         write_wheel(cache / f"{module}-{version}-py3-none-any.whl", name, version,
-                    {f"{module}/__init__.py": b"", f"{module}/data.bin": rng.randbytes(2_000)})
+                    {f"{module}/__init__.py": b"", f"{module}/data.bin": rng.randbytes(size)})
     env = {**os.environ, "VLLM_CARRY_CACHE": str(cache), "VLLM_CARRY_FOLDER_BYTES": "300000",
            "VLLM_CARRY_TOKENIZER": str(tokenizer)}
     run = subprocess.run(["bash", str(SCRIPT)], cwd=repo, env=env, capture_output=True, text=True)
@@ -67,16 +69,27 @@ def carry(tmp_path_factory):
                            run_sh=(folders[-1] / "run.sh").read_text())
 
 
-def test_folders_stay_under_the_limit_and_rejoin_into_the_wheel_without_the_dropped_files(carry, tmp_path):
-    assert len(carry.folders) == 3  # 600 kB of wheel in 300 kB folders: 2 full parts, the rest with the extras
+def parts_of(carry, wheel: str) -> list[Path]:
+    return sorted((p for folder in carry.folders for p in folder.glob(f"{wheel}.part*")), key=lambda p: p.name)
+
+
+def test_folders_stay_under_the_limit_and_rejoin_into_the_wheels_without_the_dropped_files(carry, tmp_path):
+    # 600 kB of vLLM and 350 kB of llvmlite in 300 kB folders: 3 full parts, the rest beside the extras.
+    assert len(carry.folders) == 4
     for folder in carry.folders:
         assert sum(f.stat().st_size for f in folder.iterdir()) <= 300_000
-    parts = sorted(p for folder in carry.folders for p in folder.glob("vllm.whl.part*"))
-    assert [p.parent for p in parts] == carry.folders  # one part per call, in call order
-    joined = tmp_path / WHEEL
-    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
-    assert f"wheel_sha256={hashlib.sha256(joined.read_bytes()).hexdigest()}" in carry.run_sh
-    with zipfile.ZipFile(joined) as z, zipfile.ZipFile(carry.cache / WHEEL) as original:
+    joined_line = re.search(r"^joined=\((.*?)\)", carry.run_sh, re.M).group(1).split()
+    joined = {entry.split(":")[0]: entry.split(":")[1:] for entry in joined_line}
+    llvmlite = next(n for n in joined if n.startswith("llvmlite-"))
+    assert set(joined) == {WHEEL, llvmlite}
+    for name, (sha, n) in joined.items():
+        parts = parts_of(carry, name)
+        assert len(parts) == int(n) == (3 if name == WHEEL else 2)
+        data = b"".join(p.read_bytes() for p in parts)
+        assert hashlib.sha256(data).hexdigest() == sha
+        (tmp_path / name).write_bytes(data)
+    assert (tmp_path / llvmlite).read_bytes() == (carry.cache / llvmlite).read_bytes()
+    with zipfile.ZipFile(tmp_path / WHEEL) as z, zipfile.ZipFile(carry.cache / WHEEL) as original:
         assert set(z.namelist()) == set(original.namelist()) - set(DROPPED)
         record = z.read("vllm-0.26.0.dist-info/RECORD").decode()
         assert not any(name in record for name in DROPPED)
@@ -86,9 +99,9 @@ def test_folders_stay_under_the_limit_and_rejoin_into_the_wheel_without_the_drop
 def test_run_sh_installs_every_wheel_once_and_the_calls_are_printed_in_order(carry):
     deps = re.search(r"^deps=\((.*)\)$", carry.run_sh, re.M).group(1).split()
     assert len(deps) == len(set(deps)) == len(carry.deps)
-    last = carry.folders[-1]
-    assert all((last / d).exists() for d in deps)
-    assert sorted(p.name for p in last.glob("*.whl")) == sorted(deps)
+    carried = {p.name for folder in carry.folders for p in folder.iterdir()}
+    assert all(d in carried or f"{d}.part00" in carried for d in deps)
+    assert (carry.folders[-1] / "run.sh").exists()
     assert re.search(r'pip install -q --no-index --no-deps --no-compile --target "\$site" \\\n\s+'
                      r'"\$carry/\$wheel" "\$\{deps\[@\]/#/\$carry/\}"', carry.run_sh)
     calls = [line.split("]", 1) for line in carry.stdout.splitlines() if line.startswith("  [")]
@@ -113,7 +126,7 @@ def test_run_sh_waits_for_every_part_then_rejoins_checks_and_installs(carry, tmp
             (carried / f.name).write_bytes(f.read_bytes())
     (carried / "run.sh").write_text(carry.run_sh)
     early = run_sh()
-    assert early.returncode == 2 and "vllm.whl.part02" in early.stderr and not site.exists()
+    assert early.returncode == 2 and f"{WHEEL}.part02" in early.stderr and not site.exists()
     for f in carry.folders[-1].iterdir():
         (carried / f.name).write_bytes(f.read_bytes())
     done = run_sh()
@@ -228,3 +241,64 @@ def test_the_table_sets_ours_beside_vllm():
     table = vllm_baseline.markdown(records, ours)
     assert "| 64 | 10,000 | 6.30 | 9,000 | 20,000 | 2.00 |" in table
     assert "- 64 clients, tok/s over vLLM's: engine_direct 0.50, server (Triton) 0.25" in table
+
+
+def test_the_speculative_part_runs_one_child_per_vllm_method_after_off(tmp_path, monkeypatch):
+    """Without vLLM each child fails at import; the parent runs off, then each method, each once more with
+    the fallback only for the first failure, and needs no random checkpoint for this part."""
+    for key in vllm_baseline.VLLM_ENV:
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "vllm.jsonl"
+    assert vllm_baseline.main(["--parts", "speculative", "--checkpoint", str(tmp_path / "absent"),
+                               "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["vllm_env", "error", "retry", "error", "error", "error"]
+    errors = [r for r in records if r["kind"] == "error"]
+    assert [(r["part"], r["spec_method"], r["compilation"]) for r in errors] == [
+        ("speculative", "off", "default"), ("speculative", "off", "none"), ("speculative", "ngram", "none"),
+        ("speculative", "ngram_gpu", "none")]
+    assert all("No module named 'vllm'" in r["error"] for r in errors)
+
+
+def test_speculative_engine_arguments_follow_our_benchmark():
+    args = vllm_baseline.parse_args(["--spec-checkpoint", "/real"])
+    off = vllm_baseline.speculative_engine_kwargs(args, "off")
+    assert (off["model"], off["tokenizer"], off["max_model_len"], off["enable_prefix_caching"]) == ("/real", "/real", 2048, False)
+    assert "speculative_config" not in off and off["disable_log_stats"] is False
+    ngram = vllm_baseline.speculative_engine_kwargs(args, "ngram_gpu")["speculative_config"]
+    assert ngram == {**speculative.SPECULATIVE_CONFIG, "method": "ngram_gpu"}
+
+
+def test_vllm_speculative_requests_are_timed_per_delta_and_counted_from_vllm_s_counters():
+    engine = FakeEngine([[5, 6, 7], [8], [9, 10]])
+    timeline = Timeline(0.0)
+    assert asyncio.run(vllm_baseline.generate_ids(engine, [1, 2], {"n": 1}, "spec-0", timeline)) == [5, 6, 7, 8, 9, 10]
+    assert [n for _, n in timeline.arrivals] == [3, 1, 2]
+    assert engine.requests == [({"prompt_token_ids": [1, 2]}, {"n": 1}, "spec-0")]
+    with pytest.raises(RuntimeError, match="'stop'"):  # EOS is ignored: a request stopping early is wrong
+        asyncio.run(vllm_baseline.generate_ids(FakeEngine([[1]], "stop"), [1], {}, "spec-1", Timeline(0.0)))
+    snapshot = [SimpleNamespace(name="vllm:spec_decode_num_drafts", value=3),
+                SimpleNamespace(name="vllm:spec_decode_num_drafts", value=2),  # a second engine's series
+                SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens", value=7),
+                SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens_per_pos", values=[4, 3]),
+                SimpleNamespace(name="vllm:num_requests_running", value=1)]
+    assert vllm_baseline.spec_counters(snapshot) == {"drafts": 5, "draft_tokens": 0, "accepted_tokens": 7}
+
+
+def test_the_speculative_table_sets_vllm_beside_ours():
+    """Formatting and the greedy comparison; the numbers are made up."""
+    def record(system_kind, speculation, itl, tok_s, digests=None, rep=1, workload="edit"):
+        r = {"workload": workload, "streams": 1, "speculation": speculation, "rep": rep, "prompt_tokens": [500],
+             "max_tokens": 128, "itl_ms": itl, "tokens_per_s": tok_s, "acceptance_rate": 0.8 if speculation != "off" else None,
+             "tokens_per_verify": 4.0 if speculation != "off" else None, "draft_cost": None}
+        return {**r, "kind": "vllm_speculative", "tokens_digest": digests} if system_kind == "vllm" else \
+            {**r, "type": "speculative"}
+    vllm = [record("vllm", "off", 4.0, 240.0, ["a", "b"]), record("vllm", "ngram", 2.0, 400.0, ["a", "c"]),
+            record("vllm", "off", 4.0, 240.0, ["a", "b"], rep=2), record("vllm", "ngram", 2.0, 400.0, ["a", "b"], rep=2)]
+    ours = [record("ours", "off", 3.0, 300.0), record("ours", "ngram", 1.0, 600.0)]
+    lines = vllm_baseline.speculative_markdown(vllm, ours)
+    assert "| edit | 1 | ours | ngram | 1.00 | 600.0 | 0.80 | 4.00 | 3.00x | 2.00x |" in lines
+    assert "| edit | 1 | vLLM | ngram | 2.00 | 400.0 | 0.80 | 4.00 | 2.00x | 1.67x |" in lines
+    assert "| edit | 1 | vLLM | off | 4.00 | 240.0 | - | - |  |  |" in lines
+    assert "- vLLM ngram: greedy outputs identical to vLLM off in 3/4 requests" in lines
+    assert vllm_baseline.markdown(vllm, ours).count("| edit | 1 |") == 4
