@@ -40,7 +40,7 @@ import torch
 
 from .draft_model import check_draft_checkpoint, draft_proposer
 from .grammar import Grammar, GrammarCompiler, PendingGrammar
-from .kv_cache import CacheUsage, PagedKVCache
+from .kv_cache import CacheUsage, PagedKVCache, kv_cache_budget
 from .model import prepare_for_cpu
 from .outputs import TokenDelta
 from .params import EngineConfig, EngineLimits, SamplingParams
@@ -148,7 +148,12 @@ class EngineCore:
         model = load_model(config, Path(config.checkpoint), self.device, resolve_dtype(config.dtype, self.device))
         cfg = model.cfg
         max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
-        self.kv_cache = PagedKVCache.from_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype,
+        # Sized here, once the weights are in: the warm-up below captures CUDA graphs that address
+        # the cache, so it cannot come first, and no profiling forward runs before it. So unlike
+        # vLLM, which profiles a step first, gpu_memory_utilization does not count a step's
+        # activations, the graphs' pools or a draft model (loaded below): they come on top of it.
+        budget = kv_cache_budget(config, cfg, model.dtype, self.device, max_model_len)
+        self.kv_cache = PagedKVCache.from_budget(cfg, budget, config.block_size, model.dtype,
                                                  self.device, config.enable_prefix_caching)
         self.limits = EngineLimits(cfg.vocab_size, max_model_len, self.kv_cache.pool.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv_cache.pool, config.block_size, config.max_num_seqs,

@@ -10,14 +10,17 @@ evicted when the pool needs a fresh block.
 from __future__ import annotations
 
 import collections
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from .config import GemmaConfig
-from .memory import free_memory_bytes
-from .params import blocks_for
+from .memory import free_memory_bytes, total_memory_bytes, used_memory_bytes, utilization_budget
+from .params import EngineConfig, blocks_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class CacheUsage:
     used_blocks: int  # referenced by a running (or preempted-and-resuming) sequence
     cached_blocks: int  # unreferenced, still holding a reusable prefix (evicted on demand)
     block_size: int
+    num_bytes: int  # the K/V tensors' size: the budget the engine started with, rounded down to whole blocks
 
 
 def block_hash(parent: Optional[int], token_ids: Sequence[int]) -> int:
@@ -118,6 +122,25 @@ def bytes_per_block(cfg: GemmaConfig, block_size: int, dtype: torch.dtype) -> in
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
+def kv_cache_budget(config: EngineConfig, cfg: GemmaConfig, dtype: torch.dtype, device: torch.device,
+                    max_model_len: int) -> int:
+    """The KV cache's bytes: kv_cache_bytes, or with gpu_memory_utilization what that share of the
+    device leaves after what this process holds now (called once the weights are loaded)."""
+    utilization = config.gpu_memory_utilization
+    if utilization is None:
+        return config.kv_cache_bytes
+    total, used = total_memory_bytes(device), used_memory_bytes(device)
+    if total is None or used is None:
+        raise ValueError(f"gpu_memory_utilization needs {device}'s total memory and this process's use of it, "
+                         f"which cannot be read here; set kv_cache_bytes instead")
+    budget = utilization_budget(utilization, total, used, free_memory_bytes(device),
+                                bytes_per_block(cfg, config.block_size, dtype),
+                                blocks_for(max_model_len, config.block_size), str(device))
+    log.info("KV cache budget %d bytes: gpu_memory_utilization %s of %d bytes on %s, %d bytes in use",
+             budget, utilization, total, device, used)
+    return budget
+
+
 class PagedKVCache:
     """K and V for every layer as flat slot arrays [num_blocks * block_size, kv_heads, head_dim];
     slot = block_id * block_size + offset."""
@@ -152,4 +175,5 @@ class PagedKVCache:
 
     def usage(self) -> CacheUsage:
         pool = self.pool
-        return CacheUsage(pool.num_blocks, pool.num_used, pool.num_cached, self.block_size)
+        return CacheUsage(pool.num_blocks, pool.num_used, pool.num_cached, self.block_size,
+                          self.slots.numel() * self.slots.element_size())

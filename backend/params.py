@@ -203,6 +203,11 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     engine: str = "auto"  # auto: TransformerEngine on CUDA when importable, else the torch reference
     kv_cache_bytes: int = 1 << 30
+    # vLLM's gpu_memory_utilization: the fraction of the device's total memory (on the CPU, of the
+    # host's or the container's) this engine may use, weights, activations and KV cache together;
+    # the KV cache gets what the weights leave of it (backend/memory.py, utilization_budget), and
+    # kv_cache_bytes is ignored. None: the KV cache is kv_cache_bytes.
+    gpu_memory_utilization: Optional[float] = None
     block_size: int = 16
     max_num_seqs: int = 16  # sequences decoding together
     max_model_len: int = 8192  # prompt + generated tokens (capped by the model's positions)
@@ -244,6 +249,8 @@ class EngineConfig:
         for name in ("step_timeout_s", "grammar_compile_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1] (or unset), not {self.gpu_memory_utilization}")
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, not {self.max_queue_size}")
 

@@ -2,7 +2,8 @@
 
     python -m benchmarks.run [--quick] [--only engine|server] [--out results] [--publish]
                              [--checkpoint DIR] [--engine auto|te|torch] [--dtype auto|float32|bfloat16|float16]
-                             [--max-num-seqs N] [--kv-cache-bytes N] [--concurrencies 1,4,8] [--server-tokens N]
+                             [--max-num-seqs N] [--kv-cache-bytes N] [--gpu-memory-utilization F]
+                             [--concurrencies 1,4,8] [--server-tokens N]
                              [--requests-per-client N] [--server-reps N] [--rate R] [--open-requests N]
                              [--openai-concurrency N] [--client-processes N] [--time-limit S]
 
@@ -316,6 +317,13 @@ def _fmt(x: Optional[float], digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def kv_cache_setting(config: dict) -> str:
+    """What sized the KV cache: vLLM's share rule when set, else the fixed bytes."""
+    utilization = config.get("gpu_memory_utilization")  # absent from runs recorded before it existed
+    return f"kv_cache_bytes {config['kv_cache_bytes']}" if utilization is None else \
+        f"gpu_memory_utilization {utilization}"
+
+
 def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) -> str:
     """The results tables for docs/benchmarks.md."""
     config = summary["engine_config"]
@@ -324,7 +332,7 @@ def markdown(engine_rows: list[dict], server_rows: list[dict], summary: dict) ->
              f"{' '.join(_fmt(x, 2) for x in summary['loadavg_start'])} at start, "
              f"{' '.join(_fmt(x, 2) for x in summary['loadavg_end'])} at end.", "",
              f"Model {Path(config['checkpoint']).name}: engine {config['engine']}, dtype {config['dtype']}, "
-             f"max_num_seqs {config['max_num_seqs']}, kv_cache_bytes {config['kv_cache_bytes']}.", ""]
+             f"max_num_seqs {config['max_num_seqs']}, " + kv_cache_setting(config) + ".", ""]
     if engine_rows:
         st = summary["settings"]
         lines += [f"Engine level: medians over {st['reps']} repetitions ({st['reps'] * st['single_pairs']} runs for "
@@ -435,6 +443,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     engine.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     engine.add_argument("--max-num-seqs", type=int, help="sequences decoded together (at least the top concurrency)")
     engine.add_argument("--kv-cache-bytes", type=int)
+    engine.add_argument("--gpu-memory-utilization", type=float,
+                        help="vLLM's rule: the KV cache is this share of the device's memory less the weights "
+                             "(instead of --kv-cache-bytes)")
     engine.add_argument("--async-scheduling", choices=("auto", "on", "off"),
                         help="launch step N+1 before step N's tokens are back (auto: on for CUDA)")
     return p.parse_args(argv)

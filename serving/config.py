@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass
 
 from backend.params import EngineConfig
@@ -73,11 +74,12 @@ def model_parameters(model_config: dict) -> dict[str, str]:
 
 def engine_config(params: dict[str, str]) -> EngineConfig:
     """EngineConfig from string parameters named like its fields; empty values keep the defaults."""
-    values = {}
+    values, hints = {}, typing.get_type_hints(EngineConfig)
     for f in dataclasses.fields(EngineConfig):
         text = params.pop(f.name, "").strip()
         if text:
-            kind = type(f.default)
+            # An Optional field's default is None: its kind is the annotation's other type.
+            kind = type(f.default) if f.default is not None else typing.get_args(hints[f.name])[0]
             values[f.name] = (_true(text, empty=False) if kind is bool else int(text) if kind is int
                               else float(text) if kind is float else text)
     if params:

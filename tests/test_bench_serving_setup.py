@@ -37,6 +37,7 @@ def _server_engine_config(monkeypatch, env: dict[str, str]) -> EngineConfig:
     EngineConfig(),
     EngineConfig(checkpoint="/models/gemma-2b-random", engine="te", dtype="bfloat16", max_num_seqs=64,
                  kv_cache_bytes=123 << 20, max_model_len=1024),
+    EngineConfig(gpu_memory_utilization=0.9),
 ])
 def test_the_server_rebuilds_the_engine_config_of_the_in_process_engine(monkeypatch, config):
     assert _server_engine_config(monkeypatch, serving.server_env(config)) == config
@@ -46,6 +47,11 @@ def test_a_setting_the_server_cannot_be_given_is_refused():
     with pytest.raises(ValueError, match="block_size"):
         serving.server_env(EngineConfig(block_size=32))
     assert serving.server_env(EngineConfig(fp8=True))["GEMMA_FP8"] == "True"  # a parameter since FP8 serving
+
+
+def test_gpu_memory_utilization_is_an_engine_option(default_checkpoint):
+    args = run.parse_args(["--checkpoint", "/m/gemma-2b", "--gpu-memory-utilization", "0.9"])
+    assert run.engine_config(args) == EngineConfig(checkpoint="/m/gemma-2b", gpu_memory_utilization=0.9)
 
 
 def test_options_set_the_load_and_the_one_engine_config(default_checkpoint):

@@ -234,6 +234,14 @@ def test_the_table_shows_client_processes():
     table = run.markdown([], summary["server_table"], summary)
     assert "| server | closed, 8 clients in 4 processes |" in table and "| engine_direct | closed, 8 clients |" in table
 
+    assert "max_num_seqs 16, kv_cache_bytes 1." in table
+
+
+def test_the_table_names_gpu_memory_utilization_when_it_sized_the_kv_cache():
+    config = {"kv_cache_bytes": 1 << 30, "gpu_memory_utilization": 0.9}
+    assert run.kv_cache_setting(config) == "gpu_memory_utilization 0.9"
+    assert run.kv_cache_setting({**config, "gpu_memory_utilization": None}) == f"kv_cache_bytes {1 << 30}"
+
 
 def _gpu_kill(before: float, after: float) -> dict:
     return {"fault": "kill", "gpu_memory_mib": {"before": {"used_mib": [before]}, "engine_gone": {"used_mib": [591.0]},

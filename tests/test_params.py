@@ -18,6 +18,9 @@ from backend.params import EngineConfig, blocks_for
     ("max_num_seqs", 0, "max_num_seqs must be >= 1, not 0"),
     ("kv_cache_bytes", -1, "kv_cache_bytes must be >= 1, not -1"),
     ("max_queue_size", -1, "max_queue_size must be >= 0, not -1"),
+    ("gpu_memory_utilization", 0, "gpu_memory_utilization must be in (0, 1] (or unset), not 0"),
+    ("gpu_memory_utilization", 1.5, "gpu_memory_utilization must be in (0, 1] (or unset), not 1.5"),
+    ("gpu_memory_utilization", float("nan"), "gpu_memory_utilization must be in (0, 1] (or unset), not nan"),
 ])
 def test_a_wrong_setting_is_refused_naming_it(field, value, message):
     with pytest.raises(ValueError) as refused:
@@ -37,3 +40,8 @@ def test_every_device_the_engine_resolves_is_accepted(device):
 
 def test_blocks_for_rounds_up_to_whole_blocks():
     assert [blocks_for(n, 16) for n in (1, 16, 17, 32, 33)] == [1, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("utilization", [None, 0.05, 0.9, 1.0])
+def test_gpu_memory_utilization_takes_a_share_up_to_the_whole_device(utilization):
+    assert EngineConfig(gpu_memory_utilization=utilization).gpu_memory_utilization == utilization

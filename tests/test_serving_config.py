@@ -54,6 +54,15 @@ def test_a_cpu_instance_takes_the_device_parameter(clean_env):
     assert model_settings(triton_args("CPU", 0)).engine.device == "cpu"
 
 
+def test_gpu_memory_utilization_is_read_as_a_fraction_and_unset_keeps_kv_cache_bytes(clean_env):
+    assert model_settings(triton_args("CPU", 0)).engine.gpu_memory_utilization is None
+    clean_env.setenv("GEMMA_GPU_MEMORY_UTILIZATION", "0.9")
+    assert model_settings(triton_args("GPU", 0)).engine == EngineConfig(device="cuda:0", gpu_memory_utilization=0.9)
+    clean_env.setenv("GEMMA_GPU_MEMORY_UTILIZATION", "90")
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
+        model_settings(triton_args("GPU", 0))
+
+
 def test_an_unknown_parameter_is_refused(clean_env):
     args = triton_args("CPU", 0)
     config = json.loads(args["model_config"])

@@ -109,7 +109,9 @@ class TritonPythonModel:
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
         self._responder.start()
         self._monitor.start()
-        pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}")
+        kv = self.engine.stats().kv_cache
+        pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}; KV cache "
+                                 f"{kv.num_bytes} bytes, {kv.total_blocks} blocks of {kv.block_size} tokens")
 
     def is_ready(self) -> bool:
         """The model's readiness as Triton reports it, on Triton releases that ask (python_backend's
