@@ -3,7 +3,7 @@
     python -m benchmarks.aiperf_run [--concurrency 1,4] [--requests-per-client 4] [--input-tokens 128]
                                     [--output-tokens 64] [--endpoints chat,completions] [--min-tokens]
                                     [--compare] [--pace 50] [--url URL] [--tokenizer DIR] [--aiperf PATH]
-                                    [--out results/aiperf] [--keep DIR]
+                                    [--aiperf-python PYTHON] [--out results/aiperf] [--keep DIR]
 
 Starts tritonserver with the default model and the gateway in front of it (the launchers of
 benchmarks/serving.py, which the integration tests use too), unless `--url` names a running
@@ -23,7 +23,10 @@ server adds BOS, chat its turn markers). With `--compare`, our own load generato
 (read back from AIPerf's inputs.json), tokens and concurrency against the same gateway.
 
 AIPerf runs from its own venv (.venv-aiperf: `make aiperf` makes it; aiperf 0.13.0 needs Python >= 3.11
-and ~1.2 GB of packages, so it is not a project dependency). Writes OUT/<endpoint>_c<N>/ (AIPerf's
+and ~1.2 GB of packages, so it is not a project dependency). `--aiperf-python PYTHON` (or the
+environment's AIPERF_PYTHON) runs it as `PYTHON -m aiperf` instead, with this process's environment:
+on the GPU machine, its python3 with the carried wheels (~/aiperf-site) first on PYTHONPATH
+(scripts/prepare-gpu-aiperf-carry.sh). Writes OUT/<endpoint>_c<N>/ (AIPerf's
 artifacts), OUT/aiperf.json (one row per run) and a markdown table on stdout; `--keep DIR` copies the
 small exports (profile_export_aiperf.json/.csv, per-request profile_export.jsonl, inputs.json) there.
 Exit status 1 when a check fails.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import signal
@@ -43,6 +47,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 AIPERF = ROOT / ".venv-aiperf" / "bin" / "aiperf"
+AIPERF_PYTHON = "AIPERF_PYTHON"  # environment variable: the default of --aiperf-python
 MODEL = "gemma"  # the gateway's served model name
 KEPT_FILES = ("profile_export_aiperf.json", "profile_export_aiperf.csv", "profile_export.jsonl", "inputs.json")
 
@@ -53,7 +58,7 @@ def aiperf_command(args, endpoint: str, concurrency: int, url: str, out: Path) -
     extras = ["--extra-inputs", "ignore_eos:true", "--extra-inputs", "temperature:0"]
     if args.min_tokens:
         extras += ["--extra-inputs", f"min_tokens:{args.output_tokens}"]
-    return [str(args.aiperf), "profile", "--model", args.model, "--url", url, "--endpoint-type", endpoint,
+    return [*aiperf_program(args), "profile", "--model", args.model, "--url", url, "--endpoint-type", endpoint,
             "--streaming", "--tokenizer", str(args.tokenizer),
             "--synthetic-input-tokens-mean", str(args.input_tokens), "--synthetic-input-tokens-stddev", "0",
             "--output-tokens-mean", str(args.output_tokens), "--output-tokens-stddev", "0", *extras,
@@ -63,6 +68,11 @@ def aiperf_command(args, endpoint: str, concurrency: int, url: str, out: Path) -
             "--workers-max", str(args.workers), "--record-processor-service-count", "1",
             "--no-server-metrics", "--no-gpu-telemetry", "--no-auto-plot", "--ui", "none",
             "--output-artifact-dir", str(out)]
+
+
+def aiperf_program(args) -> list[str]:
+    """The command that starts AIPerf: its venv's executable, or a Python that imports it."""
+    return [args.aiperf_python, "-m", "aiperf"] if args.aiperf_python else [str(args.aiperf)]
 
 
 def pacing(rate: float) -> list[str]:
@@ -188,7 +198,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--url", help="a running OpenAI server (no server started); e.g. vLLM's")
     parser.add_argument("--model", default=MODEL, help="the served model name (vLLM: its --served-model-name)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the default model's checkpoint)")
-    parser.add_argument("--aiperf", type=Path, default=AIPERF)
+    parser.add_argument("--aiperf", type=Path, default=AIPERF, help="AIPerf's executable (its venv's)")
+    parser.add_argument("--aiperf-python", default=os.environ.get(AIPERF_PYTHON) or None,
+                        help=f"run AIPerf as `PYTHON -m aiperf` instead of --aiperf, this environment's "
+                             f"PYTHONPATH included (default: ${AIPERF_PYTHON}; the GPU machine's carry)")
     parser.add_argument("--pace", type=float, default=50,
                         help="requests/s AIPerf tries at most (a free client waits <= 1/pace s); 0: its busy loop")
     parser.add_argument("--workers", type=int, default=1, help="AIPerf's --workers-max")
@@ -201,7 +214,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if not args.aiperf.exists():
+    if args.aiperf_python is None and not args.aiperf.exists():
         raise SystemExit(f"no aiperf at {args.aiperf}: `make aiperf` installs it into .venv-aiperf")
     if args.tokenizer is None:
         from backend.default_model import ensure_default_checkpoint
