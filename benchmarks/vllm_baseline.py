@@ -2,8 +2,9 @@
 
     PYTHONPATH=~/vllm-site python3 -m benchmarks.vllm_baseline --checkpoint DIR [--tokenizer DIR]
         [--out FILE] [--ours FILE ...] [--parts offline,serving] [--batches 1,8,32,64] [--prompt 64]
-        [--new 64] [--reps 3] [--concurrencies 1,8,32,64] [--server-tokens 64] [--requests-per-client 4]
-        [--server-reps 3] [--gpu-memory-utilization 0.5] [--max-num-seqs 64] [--max-model-len 1024]
+        [--new 64] [--reps 3] [--concurrencies 1,8,32,64] [--server-tokens 64[,256]] [--prompt-kinds short[,long]]
+        [--long-prompt-tokens 1024] [--requests-per-client 4] [--min-requests 3] [--server-reps 3]
+        [--rate R] [--open-requests 160] [--gpu-memory-utilization 0.5] [--max-num-seqs 64] [--max-model-len 1024]
         [--attention-backend FLASH_ATTN|auto] [--compilation default|none] [--time-limit 480]
 
 On the GPU machine ~/vllm-carry/run.sh runs it (scripts/prepare-gpu-vllm-carry.sh, docs/benchmarks.md
@@ -17,8 +18,15 @@ parts and one failing part leaves the others:
   (new - 1); medians over --reps, fresh prompts for every call (no prefix-cache hits). total tok/s =
   B * new / time(--new tokens), prefill and vLLM's per-call overhead included.
 - serving: vLLM's AsyncLLM in this process (`VllmTarget`, beside our "engine_direct"), under
-  benchmarks/serving.py's closed loop with our serving benchmark's prompts and load, so TTFT, ITL and
-  tokens/s come from the code that computes ours.
+  benchmarks/serving.py's loads, so TTFT, ITL and tokens/s come from the code that computes ours. The
+  points, prompts, warm-ups and order are benchmarks/load_grid.py's (`run_grid`): by default our server
+  level's (short prompts, 64 tokens, 1 / 8 / 32 / 64 clients, 3 repetitions); with --prompt-kinds
+  short,long, --server-tokens 64,256, --concurrencies up to 256 (and --max-num-seqs 256), --rate, issue
+  #28's grid, long prompts made by the checkpoint's tokenizer exactly as `load_grid ours` makes them.
+  Records (kind vllm_serving) carry load_grid's tags; `python -m benchmarks.load_grid table` joins them
+  with ours (and the .md here is that table where the records span more than one prompt kind, output
+  length or load shape). The part stops starting loads STOP_S before its time limit (the last part gets all the
+  time left), the points left recorded as skipped.
 A part that fails or runs out of time with --attention-backend / --compilation as given runs once more
 with the fallback (vLLM picks the attention backend; no torch.compile, CUDA graphs of whole decode
 steps) if time is left, and the parts after it start from the fallback; every record says which.
@@ -43,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import serving
+from . import load_grid, serving
 from .stats import json_line, median, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +62,8 @@ VLLM_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "DO_
 # --compilation none: no torch.compile (no Inductor), decode steps still replayed as whole CUDA graphs.
 NO_COMPILE = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 FALLBACK = {"attention_backend": "auto", "compilation": "none"}
-PART_TIMEOUT_S = 240  # a part's cap, so that a hang in one leaves time for the next
+PART_TIMEOUT_S = 240  # a part's cap, so that a hang in one leaves time for the next (the last one: the time left)
+STOP_S = 30  # a part stops starting loads this long before its time limit, for vLLM's shutdown
 RESERVE_S = 150  # kept back for each later part
 # The wheel's files that scripts/prepare-gpu-vllm-carry.sh leaves out; recorded if absent, not assumed.
 MAYBE_ABSENT = ("vllm_flash_attn/_vllm_fa2_C.abi3.so", "_moe_C_stable_libtorch.abi3.so", "vllm-rs")
@@ -196,11 +205,12 @@ def run_offline(args, report: Report, settings: dict) -> None:
 
 
 def run_serving(args, report: Report, settings: dict) -> None:
+    started = time.monotonic()  # the part's time limit counts from here (vLLM's imports included)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from .engine_level import PROMPTS  # what benchmarks.run's server level sends
+    from backend.tokenizer import Tokenizer
 
     async def start():  # in serving's event loop, where the loads will run
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(args)))
@@ -211,14 +221,17 @@ def run_serving(args, report: Report, settings: dict) -> None:
                 resolved=resolved_config(engine.vllm_config))
     target = VllmTarget(engine, lambda n: SamplingParams(max_tokens=n, output_kind=RequestOutputKind.DELTA,
                                                          **serving.GREEDY))
+    # benchmarks/load_grid.py's points, prompts (the checkpoint's tokenizer, as ours) and order; the
+    # defaults are the server level's load: short prompts, 64 tokens, 1 / 8 / 32 / 64 clients.
+    prompts = load_grid.Prompts(Tokenizer(args.checkpoint), args.long_prompt_tokens)
+    grid = load_grid.points(args.prompt_kinds, args.server_tokens, args.concurrencies, args.rate)
+    load = load_grid.Load(requests_per_client=args.requests_per_client, min_requests=args.min_requests,
+                          open_requests=args.open_requests, time_limit_s=args.load_time_limit, reps=args.server_reps)
+    # Nothing starts within STOP_S of the part's time limit, so the engine's shutdown fits in it.
+    deadline = started + args.part_time_limit - STOP_S if args.part_time_limit else float("inf")
     try:
-        for c in args.concurrencies:  # warm-up, as benchmarks.run does for its targets
-            serving.measure(target, "closed", PROMPTS, 4, args.load_time_limit, concurrency=c, num_requests=c)
-        for rep in range(args.server_reps):
-            for c in args.concurrencies:
-                record = serving.measure(target, "closed", PROMPTS, args.server_tokens, args.load_time_limit,
-                                         concurrency=c, num_requests=max(3, c * args.requests_per_client))
-                report.emit(kind="vllm_serving", **record, rep=rep, **settings)
+        load_grid.run_grid([target], grid, prompts, load, lambda r: report.emit(**{"kind": "vllm_serving", **r},
+                                                                                **settings), deadline)
     finally:
         engine.shutdown()
 
@@ -375,11 +388,13 @@ def ensure_checkpoint(args, report: Report) -> bool:
     return rc == 0 and not problems
 
 
-def part_argv(args, part: str, settings: dict) -> list[str]:
+def part_argv(args, part: str, settings: dict, time_limit_s: Optional[float] = None) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.vllm_baseline", "--part", part]
+    if time_limit_s is not None:
+        argv += ["--part-time-limit", f"{time_limit_s:.0f}"]
     for key, value in vars(args).items():
         value = settings.get(key, value)
-        if key in ("part", "parts", "ours", "time_limit") or value is None:
+        if key in ("part", "parts", "ours", "time_limit", "part_time_limit") or value is None:
             continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
@@ -408,7 +423,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
 def run_part(args, part: str, settings: dict, timeout_s: float, report: Report) -> bool:
     """One part in a new session (so its engine core goes with it); True if it measured something."""
     before = len(report.records())
-    proc = subprocess.Popen(part_argv(args, part, settings), cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(part_argv(args, part, settings, timeout_s), cwd=ROOT, start_new_session=True)
     try:
         rc = proc.wait(timeout=max(timeout_s, 1))
     except subprocess.TimeoutExpired:
@@ -458,7 +473,9 @@ def markdown(records: list[dict], ours: list[dict]) -> str:
         lines.append("")
     server = [r for r in records if r.get("type") == "server"] + \
              [r for r in ours if r.get("type") == "server" and r.get("mode") == "closed"]
-    if server:
+    if len({(r.get("prompt_kind", "short"), r.get("max_tokens"), r["mode"]) for r in server}) > 1:
+        lines.append(load_grid.markdown(ours, records))  # issue #28's grid: a row per point, not merged
+    elif server:
         rows = serving.table(server)
         lines += ["| system | clients | requests | errors | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -522,14 +539,21 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--parts", type=lambda s: s.split(","), default=list(DEFAULT_PARTS),
                    help=f"of {', '.join(PARTS)}")
     p.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # set by the parent for a child
+    p.add_argument("--part-time-limit", type=float, help=argparse.SUPPRESS)  # the child's, from the parent
     p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
     p.add_argument("--prompt", type=int, default=64, help="offline: prompt tokens")
     p.add_argument("--new", type=int, default=64, help="offline: tokens generated per request")
     p.add_argument("--reps", type=int, default=3, help="offline: timed generate() pairs per batch size")
-    p.add_argument("--concurrencies", type=_ints, default=[1, 8, 32, 64])
-    p.add_argument("--server-tokens", type=int, default=64)
+    p.add_argument("--concurrencies", type=_ints, default=[1, 8, 32, 64], help="serving: closed-loop clients")
+    p.add_argument("--server-tokens", type=_ints, default=[64], help="serving: tokens per request, e.g. 64,256")
+    p.add_argument("--prompt-kinds", type=lambda s: s.split(","), default=["short"],
+                   help="serving: short (the server level's prompts) and/or long (load_grid's distinct ones)")
+    p.add_argument("--long-prompt-tokens", type=int, default=1024, help="serving: tokens of each long prompt")
     p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--min-requests", type=int, default=3, help="serving: closed-loop requests at least")
     p.add_argument("--server-reps", type=int, default=3)
+    p.add_argument("--rate", type=float, help="serving: an open loop at this Poisson rate (/s) after the closed ones")
+    p.add_argument("--open-requests", type=int, default=160, help="serving: open-loop arrivals")
     p.add_argument("--load-time-limit", type=float, default=60, help="seconds per load run (benchmarks.run's --time-limit)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -551,6 +575,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"--parts: unknown {sorted(unknown)}; choose from {list(PARTS)}")
+    if set(args.prompt_kinds) - set(load_grid.PROMPT_KINDS):
+        p.error(f"--prompt-kinds: choose from {', '.join(load_grid.PROMPT_KINDS)}")
+    if "long" in args.prompt_kinds and args.long_prompt_tokens + max(args.server_tokens) > args.max_model_len:
+        p.error(f"--max-model-len {args.max_model_len} < {args.long_prompt_tokens} prompt + "
+                f"{max(args.server_tokens)} output tokens")
     return args
 
 
@@ -582,15 +611,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if set(args.parts) <= {"speculative"} or ensure_checkpoint(args, report):
             for i, (part, job) in enumerate(jobs):
                 later = RESERVE_S * (len(jobs) - i - 1)
-                ok = run_part(args, part, {**settings, **job},
-                              min(PART_TIMEOUT_S, deadline - time.monotonic() - later), report)
+                cap = PART_TIMEOUT_S if later else float("inf")
+                ok = run_part(args, part, {**settings, **job}, min(cap, deadline - time.monotonic() - later), report)
                 if ok or settings == FALLBACK:
                     continue
                 settings = dict(FALLBACK)  # for this part's second try and for the parts after it
                 left = deadline - time.monotonic() - later
                 if left > 120:
                     report.emit(kind="retry", part=part, **settings, **job)
-                    run_part(args, part, {**settings, **job}, min(PART_TIMEOUT_S, left), report)
+                    run_part(args, part, {**settings, **job}, min(cap, left), report)
     except KeyboardInterrupt:  # run.sh's time limit: the table of what was measured still comes out
         report.emit(kind="error", stage="interrupted", error="SIGINT")
     table = markdown(report.records(), read_json_lines(args.ours))

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue #28's grid of ours on the GPU machine (benchmarks/load_grid.py), from the repository root with
+# .gpu-serving carried (bash scripts/prepare-gpu-serving-carry.sh), after the TE and Triton installs of
+# docs/gpu.md. It makes the environment .gpu-serving/run.sh makes for its server benchmark, from the same
+# carried files: numpy 1.26 ahead of everything, the repository and client/ through a .pth in python3's
+# site-packages (Triton's Python stub runs isolated and ignores PYTHONPATH; under numpy 2 it sends empty
+# outputs), removed when this script ends; the tokenizer; the random gemma-2b-shaped checkpoint. Then
+#   python3 -m benchmarks.load_grid ours --checkpoint $WORK/gemma-2b-random --out $OUT/ours.jsonl "$@"
+# under `timeout -s INT $LIMIT` (the interrupt stops the server; what was measured stays).
+#   OUT=DIR [LIMIT=540] [WORK=/tmp/gemma-serving] [PYTHON=python3] [LAYERS=18] bash benchmarks/load_grid_gpu.sh \
+#       [load_grid ours options]
+# Leaves under $OUT: ours.jsonl, progress.log (stderr), ours.server.log (its last 400 lines).
+set -uo pipefail
+repo=$(pwd)
+carry=$repo/.gpu-serving
+py=${PYTHON:-python3}
+work=${WORK:-/tmp/gemma-serving}
+out=${OUT:?set OUT to the results directory}
+[[ -f $carry/tokenizer.json.gz ]] || { echo "no $carry: carry .gpu-serving (scripts/prepare-gpu-serving-carry.sh)" >&2; exit 1; }
+mkdir -p "$work" "$out"
+
+numpy1='import sys, numpy; print("numpy", numpy.__version__, numpy.__file__)
+sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'
+site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || exit 1
+pth=$site/00-gemma-serving.pth  # the name .gpu-serving/run.sh and ~/vllm-carry/run.sh know
+trap 'rm -f "$pth"' EXIT
+rm -f "$pth"
+lines=("# written by $repo/benchmarks/load_grid_gpu.sh for one run; it removes this file when it ends")
+if ! "$py" -c "$numpy1" >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --upgrade --target "$work/numpy" "$carry"/numpy-1.26.4-*.whl >&2 || exit 1
+  lines+=("import sys; sys.path.insert(0, '$work/numpy')" "import sys; sys.modules.update(sklearn=None, scipy=None)")
+fi
+lines+=("$repo" "$repo/client")
+printf '%s\n' "${lines[@]}" > "$pth" || exit 1
+"$py" -c "$numpy1" || { echo "numpy<2 is not the numpy this Python imports" >&2; exit 1; }
+
+tok=$work/tokenizer
+ckpt=$work/gemma-2b-random
+mkdir -p "$tok"
+gunzip -c "$carry/tokenizer.json.gz" > "$tok/tokenizer.json" && cp "$carry/tokenizer_config.json" "$tok/" || exit 1
+# One made earlier on this machine (.gpu-serving/run.sh, ~/vllm-carry/run.sh) is used as it is.
+if ! "$py" -c "import sys; from pathlib import Path; from benchmarks.vllm_baseline import checkpoint_problems
+sys.exit(bool(checkpoint_problems(Path(sys.argv[1]))))" "$ckpt"; then
+  "$py" -m benchmarks.random_checkpoint --out "$ckpt" --tokenizer "$tok" --layers "${LAYERS:-18}" || exit 1
+fi
+
+timeout -s INT -k 30 "${LIMIT:-540}" "$py" -m benchmarks.load_grid ours --checkpoint "$ckpt" --out "$out/ours.jsonl" \
+  "$@" 2> >(tee "$out/progress.log" >&2)
+rc=$?
+tail -n 400 "$out/ours.server.log" > "$out/ours.server.log.tail" 2>/dev/null && mv "$out/ours.server.log.tail" "$out/ours.server.log"
+exit "$rc"
