@@ -100,6 +100,10 @@ work=${WORK:-/tmp/gemma-serving}
 out=${OUT:?set OUT to the results directory}
 [[ -f benchmarks/aiperf_run.py ]] || { echo "run from the repository root" >&2; exit 1; }
 mkdir -p "$out" "$work"
+# .gpu-serving/run.sh puts numpy 1.26 first on this Python's path through a .pth while it runs (for
+# Triton's stub); one that a killed run left would give AIPerf that numpy too.
+pth=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/00-gemma-serving.pth
+if [[ -f $pth ]]; then echo "removing $pth, left by a .gpu-serving/run.sh that was killed" >&2; rm -f "$pth"; fi
 
 # Install once per set of wheels: a second run on the same machine goes straight to AIPerf.
 stamp=$site/.installed-$(echo "${wheels[*]}" | sha256sum | cut -c1-16)
