@@ -19,20 +19,7 @@ out=${OUT:?set OUT to the results directory}
 [[ -f $carry/tokenizer.json.gz ]] || { echo "no $carry: carry .gpu-serving (scripts/prepare-gpu-serving-carry.sh)" >&2; exit 1; }
 mkdir -p "$work" "$out"
 
-numpy1='import sys, numpy; print("numpy", numpy.__version__, numpy.__file__)
-sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'
-site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || exit 1
-pth=$site/00-gemma-serving.pth  # the name .gpu-serving/run.sh and ~/vllm-carry/run.sh know
-trap 'rm -f "$pth"' EXIT
-rm -f "$pth"
-lines=("# written by $repo/benchmarks/load_grid_gpu.sh for one run; it removes this file when it ends")
-if ! "$py" -c "$numpy1" >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --upgrade --target "$work/numpy" "$carry"/numpy-1.26.4-*.whl >&2 || exit 1
-  lines+=("import sys; sys.path.insert(0, '$work/numpy')" "import sys; sys.modules.update(sklearn=None, scipy=None)")
-fi
-lines+=("$repo" "$repo/client")
-printf '%s\n' "${lines[@]}" > "$pth" || exit 1
-"$py" -c "$numpy1" || { echo "numpy<2 is not the numpy this Python imports" >&2; exit 1; }
+source "$repo/scripts/triton_stub_env.sh" && triton_stub_env "$py" "$carry" "$work" "$repo/benchmarks/load_grid_gpu.sh" || exit 1
 
 tok=$work/tokenizer
 ckpt=$work/gemma-2b-random

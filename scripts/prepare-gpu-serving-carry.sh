@@ -48,29 +48,8 @@ work=${WORK:-/tmp/gemma-serving}
 out=${OUT:?set OUT to the results directory}
 mkdir -p "$work" "$out"
 
-# Triton's Python backend stub runs Python isolated (PYTHONPATH ignored) on the site-packages of the
-# python3 first on PATH, which is this one (scripts/tritonserver.py puts its bin first), and it does
-# read .pth files there. So one .pth, for this run only, gives the stub and the benchmark alike:
-# numpy<2 ahead of everything (under numpy 2 the stub sends numpy-built outputs empty, docs/gpu.md
-# "Triton lead"), the repository (backend/, serving/) and client/ (gemma_protocol, gemma_client), not
-# installed.
-numpy1='import sys, numpy; print("numpy", numpy.__version__, numpy.__file__)
-sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'
-site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || exit 1
-pth=$site/00-gemma-serving.pth  # 00: before any other .pth could import numpy
-trap 'rm -f "$pth"' EXIT
-rm -f "$pth"  # one a killed run left
-lines=("# written by $repo/.gpu-serving/run.sh for one benchmark run; it removes this file when it ends")
-if ! "$py" -c "$numpy1" >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --upgrade --target "$work/numpy" "$here"/numpy-1.26.4-*.whl >&2 || exit 1
-  lines+=("import sys; sys.path.insert(0, '$work/numpy')")
-  # scipy and scikit-learn there need numpy 2; transformers imports them only where find_spec finds
-  # them, and find_spec finds nothing for a name mapped to None in sys.modules.
-  lines+=("import sys; sys.modules.update(sklearn=None, scipy=None)")
-fi
-lines+=("$repo" "$repo/client")
-printf '%s\n' "${lines[@]}" > "$pth" || exit 1
-"$py" -c "$numpy1" || { echo "numpy<2 is not the numpy this Python imports" >&2; exit 1; }
+# numpy<2, the repository and client/ for Triton's stub and this benchmark: scripts/triton_stub_env.sh.
+source "$repo/scripts/triton_stub_env.sh" && triton_stub_env "$py" "$here" "$work" "$repo/.gpu-serving/run.sh" || exit 1
 
 tok=$work/tokenizer
 ckpt=$work/gemma-2b-random

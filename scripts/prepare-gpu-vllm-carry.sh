@@ -195,43 +195,6 @@ exit "${PIPESTATUS[0]}"
 RUN
 } > "$pieces/run.sh"
 
-# Folders, biggest pieces first, each piece into the first folder with room; run.sh goes last (its
-# call runs it), in the last folder if it has room.
-python3 - "$pieces" "$stage" "$PREFIX" "$FOLDER_BYTES" <<'PY'
-import shutil, sys
-from pathlib import Path
-pieces, stage, prefix, limit = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-folders: list[list[Path]] = []
-for piece in sorted((p for p in pieces.iterdir() if p.name != "run.sh"), key=lambda p: -p.stat().st_size):
-    room = [f for f in folders if sum(p.stat().st_size for p in f) + piece.stat().st_size <= limit]
-    if not room:
-        folders.append([])
-        room = [folders[-1]]
-    room[0].append(piece)
-run_sh = pieces / "run.sh"
-if not folders or sum(p.stat().st_size for p in folders[-1]) + run_sh.stat().st_size > limit:
-    folders.append([])
-folders[-1].append(run_sh)
-for i, files in enumerate(folders):
-    (stage / f"{prefix}{i}").mkdir()
-    for f in files:
-        shutil.move(f, stage / f"{prefix}{i}" / f.name)
-PY
-folders=()
-for ((i = 0; i < $(ls -d "$stage/$PREFIX"* | wc -l); i++)); do folders+=("$stage/$PREFIX$i"); done
-
-rm -rf "$PREFIX"[0-9]*
-for folder in "${folders[@]}"; do mv "$folder" .; done
 echo "vLLM $VLLM_VERSION wheel without ${DROP[*]}: $(stat -c %s "$stage/$wheel") bytes, sha256 $wheel_sha256"
-for ((i = 0; i < ${#folders[@]}; i++)); do
-  printf '%s  %9d bytes  %2d files\n' "$PREFIX$i" "$(du -cb "$PREFIX$i"/* | tail -1 | cut -f1)" "$(ls "$PREFIX$i" | wc -l)"
-done
-echo
-echo "On the GPU machine, one call per line, back to back on one machine (an idle machine is given back"
-echo "after ~30 s and a fresh one has none of the earlier parts), each carrying the named folder:"
-last=$((${#folders[@]} - 1))
-for ((i = 0; i < last; i++)); do
-  echo "  [$PREFIX$i]  mkdir -p ~/vllm-carry && cp $PREFIX$i/* ~/vllm-carry/"
-done
-echo "  [$PREFIX$last]  mkdir -p ~/vllm-carry && cp $PREFIX$last/* ~/vllm-carry/ && bash ~/vllm-carry/run.sh"
+python3 "$(dirname "${BASH_SOURCE[0]}")/carry_folders.py" "$pieces" "$PREFIX" "$FOLDER_BYTES" '~/vllm-carry'
 echo "Again on the same machine, nothing carried (vLLM stays installed in ~/vllm-site): bash ~/vllm-carry/run.sh"

@@ -6,31 +6,19 @@ import os
 import re
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from benchmarks import aiperf_run
+from tests.stand_in_wheels import write_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prepare-gpu-aiperf-carry.sh"
 FOLDER_BYTES = 300_000
 # Stand-ins as big as they are relative to a folder: aiperf's and pydantic-core's wheels fill most of one.
 SIZES = {"aiperf": 200_000, "pydantic-core": 150_000, "crick": 120_000}
-
-
-def write_wheel(path: Path, name: str, version: str, files: dict[str, bytes]) -> None:
-    """A minimal installable wheel holding `files`."""
-    dist = f"{name.replace('-', '_')}-{version}.dist-info"
-    files = {**files, f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = "".join(f"{n},,\n" for n in files) + f"{dist}/RECORD,,\n"
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in files.items():
-            z.writestr(n, data)
-        z.writestr(f"{dist}/RECORD", record)
 
 
 def list_deps() -> list[str]:

@@ -17,24 +17,13 @@ import pytest
 
 from benchmarks import random_checkpoint, serving, speculative, vllm_baseline
 from benchmarks.stats import Timeline
+from tests.stand_in_wheels import write_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prepare-gpu-vllm-carry.sh"
 DROPPED = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so", "vllm/vllm-rs")
 WHEEL = "vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"
 BIG_DEP, BIG_DEP_BYTES = "llvmlite", 350_000
-
-
-def write_wheel(path: Path, name: str, version: str, files: dict[str, bytes]) -> None:
-    """A minimal installable wheel holding `files`."""
-    dist = f"{name.replace('-', '_')}-{version}.dist-info"
-    files = {**files, f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = "".join(f"{n},,\n" for n in files) + f"{dist}/RECORD,,\n"
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in files.items():
-            z.writestr(n, data)
-        z.writestr(f"{dist}/RECORD", record)
 
 
 @pytest.fixture(scope="module")
