@@ -44,33 +44,18 @@ DEPS=(
   crick==0.0.8  # streaming percentiles
   ffmpeg-python==0.2.0 future==1.0.0  # imported by the synthetic dataset composer (video), not run
 )
-PLATFORMS=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64
-           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
-           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-           --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
+source "$(dirname "${BASH_SOURCE[0]}")/carry_wheels.sh"
 
 if [[ ${1:-} == --list-deps ]]; then printf '%s\n' "${DEPS[@]}"; exit 0; fi
 [[ -f pyproject.toml && -d benchmarks ]] || { echo "run from the repository root" >&2; exit 1; }
 ((FOLDER_BYTES < 56 << 20)) || { echo "AIPERF_CARRY_FOLDER_BYTES must stay under 56 MiB" >&2; exit 1; }
 
-# One cached file per requirement: NAME==VERSION -> NAME-VERSION-*.whl (wheel names use underscores).
-cached() {
-  local name=${1%%==*} version=${1#*==}
-  find "$CACHE" -maxdepth 1 -iname "${name//-/_}-${version}-*.whl" | sort
-}
-mkdir -p "$CACHE"
-missing=()
-for spec in "${DEPS[@]}"; do [[ -n $(cached "$spec") ]] || missing+=("$spec"); done
-if ((${#missing[@]})); then
-  python3 -m pip download -q --no-deps "${PLATFORMS[@]}" -d "$CACHE" "${missing[@]}"
-fi
 wheels=()
-for spec in "${DEPS[@]}"; do
-  found=$(cached "$spec")
-  [[ $(wc -l <<<"$found") == 1 && -n $found ]] || { echo "$spec: want one wheel in $CACHE, found: ${found:-none}" >&2; exit 1; }
+while read -r found; do
   (($(stat -c %s "$found") <= FOLDER_BYTES)) || { echo "$found is bigger than a folder" >&2; exit 1; }
   wheels+=("$found")
-done
+done < <(cached_wheels "${DEPS[@]}")
+((${#wheels[@]} == ${#DEPS[@]})) || exit 1
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -100,10 +85,8 @@ work=${WORK:-/tmp/gemma-serving}
 out=${OUT:?set OUT to the results directory}
 [[ -f benchmarks/aiperf_run.py ]] || { echo "run from the repository root" >&2; exit 1; }
 mkdir -p "$out" "$work"
-# .gpu-serving/run.sh puts numpy 1.26 first on this Python's path through a .pth while it runs (for
-# Triton's stub); one that a killed run left would give AIPerf that numpy too.
-pth=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/00-gemma-serving.pth
-if [[ -f $pth ]]; then echo "removing $pth, left by a .gpu-serving/run.sh that was killed" >&2; rm -f "$pth"; fi
+# Not the numpy 1.26 .pth a killed Triton run left (scripts/triton_stub_env.sh): AIPerf needs numpy 2.
+source scripts/triton_stub_env.sh && drop_stale_stub_pth "$py" || exit 1
 
 # Install once per set of wheels: a second run on the same machine goes straight to AIPerf.
 stamp=$site/.installed-$(echo "${wheels[*]}" | sha256sum | cut -c1-16)

@@ -45,33 +45,15 @@ DROP=(
   vllm/vllm-rs                              # 16 MB: `vllm serve`'s Rust frontend (VLLM_USE_RUST_FRONTEND)
 )
 if [[ -v VLLM_CARRY_DROP ]]; then read -ra DROP <<<"$VLLM_CARRY_DROP"; fi
-PLATFORMS=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64
-           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
-           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-           --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
+source "$(dirname "${BASH_SOURCE[0]}")/carry_wheels.sh"
 
 if [[ ${1:-} == --list-deps ]]; then printf '%s\n' "${DEPS[@]}"; exit 0; fi
 [[ -f pyproject.toml && -d benchmarks ]] || { echo "run from the repository root" >&2; exit 1; }
 ((FOLDER_BYTES < 56 << 20)) || { echo "VLLM_CARRY_FOLDER_BYTES must stay under 56 MiB" >&2; exit 1; }
 
-# One cached file per requirement: NAME==VERSION -> NAME-VERSION-*.whl (wheel names use underscores).
-cached() {
-  local name=${1%%==*} version=${1#*==}
-  find "$CACHE" -maxdepth 1 -iname "${name//-/_}-${version}-*.whl" | sort
-}
-mkdir -p "$CACHE"
-missing=()
-[[ -n $(cached "vllm==$VLLM_VERSION") ]] || missing+=("vllm==$VLLM_VERSION")
-for spec in "${DEPS[@]}"; do [[ -n $(cached "$spec") ]] || missing+=("$spec"); done
-if ((${#missing[@]})); then
-  python3 -m pip download -q --no-deps "${PLATFORMS[@]}" -d "$CACHE" "${missing[@]}"
-fi
 files=()
-for spec in "vllm==$VLLM_VERSION" "${DEPS[@]}"; do
-  found=$(cached "$spec")
-  [[ $(wc -l <<<"$found") == 1 && -n $found ]] || { echo "$spec: want one wheel in $CACHE, found: ${found:-none}" >&2; exit 1; }
-  files+=("$found")
-done
+while read -r f; do files+=("$f"); done < <(cached_wheels "vllm==$VLLM_VERSION" "${DEPS[@]}")
+((${#files[@]} == ${#DEPS[@]} + 1)) || exit 1
 full_wheel=${files[0]} dep_wheels=("${files[@]:1}")
 
 tokenizer=${VLLM_CARRY_TOKENIZER:-$(.venv/bin/python -m backend.default_model)}  # converts the packaged model once
@@ -141,10 +123,8 @@ work=${WORK:-/tmp/gemma-serving}
 out=${OUT:?set OUT to the results directory}
 [[ -f benchmarks/vllm_baseline.py ]] || { echo "run from the repository root" >&2; exit 1; }
 mkdir -p "$out" "$work"
-# .gpu-serving/run.sh puts numpy 1.26 first on this Python's path through a .pth while it runs; one
-# that a killed run left would give vLLM that numpy too.
-pth=$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/00-gemma-serving.pth
-if [[ -f $pth ]]; then echo "removing $pth, left by a .gpu-serving/run.sh that was killed" >&2; rm -f "$pth"; fi
+# Not the numpy 1.26 .pth a killed Triton run left (scripts/triton_stub_env.sh): vLLM needs numpy 2.
+source scripts/triton_stub_env.sh && drop_stale_stub_pth "$py" || exit 1
 
 # Install once per set of wheels: a second run on the same machine goes straight to the benchmark.
 stamp=$site/.installed-$(echo "${joined[*]} ${deps[*]}" | sha256sum | cut -c1-16)

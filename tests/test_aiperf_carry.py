@@ -4,6 +4,7 @@ benchmarks/aiperf_run.py's choice of how to start AIPerf. AIPerf itself runs the
 import gzip
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def carry(tmp_path_factory):
     for d in (cache, repo / "benchmarks"):
         d.mkdir(parents=True)
     (repo / "pyproject.toml").write_text("")
+    (repo / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "triton_stub_env.sh", repo / "scripts")  # run.sh sources it from the repository
     rng = __import__("random").Random(0)
     deps = list_deps()
     for spec in deps:

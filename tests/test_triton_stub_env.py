@@ -47,3 +47,17 @@ def test_numpy_1_goes_ahead_of_everything_where_the_python_has_numpy_2(tmp_path)
                                             "import sys; sys.modules.update(sklearn=None, scipy=None)",
                                             str(ROOT), f"{ROOT}/client"]
     assert list(site.iterdir()) == []
+
+
+def test_a_stale_pth_is_dropped_for_the_runs_that_need_numpy_2(tmp_path):
+    site, state, py = tmp_path / "site", tmp_path / "state", tmp_path / "python"
+    site.mkdir()
+    state.mkdir()
+    py.write_text(FAKE_PYTHON)
+    py.chmod(0o755)
+    (site / "00-gemma-serving.pth").write_text("/numpy1\n")
+    (site / "other.pth").write_text("/kept\n")
+    done = subprocess.run(["bash", "-c", f'source scripts/triton_stub_env.sh && drop_stale_stub_pth "{py}"'], cwd=ROOT,
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "SITE": str(site)}, timeout=30)
+    assert done.returncode == 0 and "removing" in done.stderr
+    assert [p.name for p in site.iterdir()] == ["other.pth"]

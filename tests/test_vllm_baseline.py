@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,6 +36,8 @@ def carry(tmp_path_factory):
     for d in (cache, repo / "benchmarks", tokenizer):
         d.mkdir(parents=True)
     (repo / "pyproject.toml").write_text("")
+    (repo / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "triton_stub_env.sh", repo / "scripts")  # run.sh sources it from the repository
     (tokenizer / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {f"t{i}": i for i in range(2000)}}}))
     (tokenizer / "tokenizer_config.json").write_text("{}")
     rng = __import__("random").Random(0)
