@@ -23,7 +23,7 @@ which goes first alternating, before the next point; closed loops by output toke
 clients; open loops last. Nothing starts past --total-time-limit (from this process's start, less
 STOP_RESERVE_S to stop the server): the points left are recorded as skipped (load_grid_skipped), an
 interrupt (SIGINT) as load_grid_interrupted. Both engines are on the GPU at once: size each one's KV
-for that (--kv-cache-bytes, or --gpu-memory-utilization where EngineConfig has it: 0.4 each).
+for that (--kv-cache-bytes, or --gpu-memory-utilization: 0.4 each).
 
 vLLM runs the same grid with the same prompts in benchmarks/vllm_baseline.py's serving part
 (`--prompt-kinds`, `--server-tokens 64,256`, `--concurrencies`, `--rate`, ...: its docstring), records
@@ -43,8 +43,8 @@ repository through a .pth for Triton's stub, the tokenizer, the random gemma-2b 
       --server-reps 1 --rate 16 --open-requests 64 --load-time-limit 60 --time-limit 520 \
       --ours /tmp/gemma-serving/ours_grid.jsonl
 
-(Where EngineConfig has no gpu_memory_utilization, --kv-cache-bytes 8589934592 instead: 8 GiB holds
-256 sequences of 1,024 + 256 tokens at gemma-2b's 18 KiB a token.) $OUT/vllm.md is then the joined
+(Or --kv-cache-bytes 8589934592 for ours: 8 GiB holds 256 sequences of 1,024 + 256 tokens at
+gemma-2b's 18 KiB a token.) $OUT/vllm.md is then the joined
 table; here: python -m benchmarks.load_grid table --ours ours.jsonl --vllm vllm.jsonl --out table.md.
 
 `table` joins both: per point tok/s, TTFT and ITL p50/p99 of each system, ours / vLLM
@@ -255,8 +255,7 @@ def markdown(ours: list[dict], vllm: list[dict]) -> str:
     config = run.get("engine_config", {})
     lines = [f"Ours: {run.get('device')} ({run.get('date')}), engine {config.get('engine')}, dtype {config.get('dtype')}, "
              f"max_num_seqs {config.get('max_num_seqs')}, kv_cache_bytes {config.get('kv_cache_bytes')}"
-             + (f", gpu_memory_utilization {config['gpu_memory_utilization']}" if "gpu_memory_utilization" in config
-                else "") + f", checkpoint {Path(config.get('checkpoint') or '-').name}.",
+             + f", gpu_memory_utilization {config.get('gpu_memory_utilization')}, checkpoint {Path(config.get('checkpoint') or '-').name}.",
              (f"vLLM {env.get('versions', {}).get('vllm')}: {env.get('gpu')}; " + ", ".join(
                  f"{k} {v}" for k, v in (startup.get("resolved") or {}).items()) + "." if env
               else "vLLM: no vllm_env record."), "",
@@ -343,8 +342,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     engine.add_argument("--max-num-seqs", type=int, default=256)
     engine.add_argument("--kv-cache-bytes", type=int)
     engine.add_argument("--max-num-batched-tokens", type=int)
-    if "gpu_memory_utilization" in engine_fields():  # being added to EngineConfig; passed only where it is
-        engine.add_argument("--gpu-memory-utilization", type=float)
+    engine.add_argument("--gpu-memory-utilization", type=float, help="vLLM's rule for the KV cache (docs/deploy.md)")
     o.add_argument("--engine-process", action="store_true",
                    help="engine_direct drives the engine in a process of its own, as the server hosts it")
     o.add_argument("--systems", type=_names(OURS), default=list(OURS))
