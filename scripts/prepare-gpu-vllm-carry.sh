@@ -9,10 +9,12 @@
 # - vLLM 0.26.0's wheel (its last release on torch==2.11.0, the machine's torch) without the files in
 #   DROP below (a wheel bigger than a call's room travels in parts: `cat` joins them there, run.sh
 #   checks the sha256);
-# - DEPS: what `vllm.LLM` and vLLM's AsyncLLM import for a dense bf16 Gemma and the machine lacks;
+# - DEPS: what `vllm.LLM`, vLLM's AsyncLLM and its Python OpenAI server import for a dense bf16 Gemma
+#   and the machine lacks;
 # - the packaged Gemma 3 270M's tokenizer (for the checkpoint, if .gpu-serving/run.sh has not made it);
 # - run.sh: installs all of it with pip into ~/vllm-site (on PYTHONPATH of the vLLM benchmark alone,
-#   so the server's environment is untouched) and runs benchmarks/vllm_baseline.py.
+#   so the server's environment is untouched) and runs benchmarks/vllm_baseline.py, or with `serve`
+#   first starts vLLM's OpenAI server for AIPerf (issue #28) and leaves it running.
 # Environment: VLLM_CARRY_CACHE, VLLM_CARRY_FOLDER_BYTES (58000000), VLLM_CARRY_TOKENIZER (a directory
 # with tokenizer.json and tokenizer_config.json; default: the packaged model's), VLLM_CARRY_DROP (below).
 set -euo pipefail
@@ -22,7 +24,8 @@ CACHE=${VLLM_CARRY_CACHE:-$HOME/.cache/vllm-carry}
 FOLDER_BYTES=${VLLM_CARRY_FOLDER_BYTES:-58000000}  # at most, per folder: < 56 MiB leaves a call's 64 MiB room for the repo
 
 # Found by importing vLLM's LLM, AsyncLLM, EngineCore, GPU worker, both model runners, FlashAttention
-# backend, sampler and Gemma model against the machine's package list (KINDS.md); versions are the
+# backend, sampler and Gemma model, and vllm.entrypoints.openai.api_server and cli.serve (their FastAPI app
+# built) against the machine's package list (KINDS.md); versions are the
 # newest within vLLM's pins that resolve together with torch 2.11.0 and transformers 5.17.0.
 DEPS=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
@@ -36,13 +39,18 @@ DEPS=(
   # vLLM's `ngram` speculative method (issue #27). vLLM pins numba 0.65.0, which needs numpy < 2.5; the
   # machine has 2.5.2, which 0.68.1 allows. llvmlite (60 MB) travels in parts.
   numba==0.68.1 llvmlite==0.50.0
+  # vLLM's Python OpenAI server (`python -m vllm.entrypoints.openai.api_server`, issue #28's AIPerf runs):
+  # uvicorn (plain: the machine's h11 and uvloop serve), watchfiles (TLS reload, imported at start),
+  # the /metrics instrumentator, SageMaker's routes (jmespath; their supervisor is never imported).
+  uvicorn==0.55.0 watchfiles==1.3.0 prometheus-fastapi-instrumentator==8.1.0
+  model-hosting-container-standards==0.1.16 jmespath==1.1.0
 )
 # Files of the wheel a dense bf16 model on Hopper never loads: without them it takes 3 calls, not 6.
 # VLLM_CARRY_DROP (space-separated) replaces the list; VLLM_CARRY_DROP= carries the whole wheel.
 DROP=(
   vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so  # 129 MB packed: FlashAttention 2; on Hopper vLLM runs FA3
   vllm/_moe_C_stable_libtorch.abi3.so       # 41 MB: MoE kernels, imported under contextlib.suppress
-  vllm/vllm-rs                              # 16 MB: `vllm serve`'s Rust frontend (VLLM_USE_RUST_FRONTEND)
+  vllm/vllm-rs                              # 16 MB: `vllm serve`'s Rust frontend, only with VLLM_USE_RUST_FRONTEND=1
 )
 if [[ -v VLLM_CARRY_DROP ]]; then read -ra DROP <<<"$VLLM_CARRY_DROP"; fi
 source "$(dirname "${BASH_SOURCE[0]}")/carry_wheels.sh"
@@ -106,10 +114,15 @@ gzip -9 -c "$tokenizer/tokenizer.json" > "$pieces/tokenizer.json.gz"
   echo '# vLLM side by side (issue #17), on the GPU machine from the repository root, once every'
   echo "# $PREFIX* folder is in ~/vllm-carry. Written by scripts/prepare-gpu-vllm-carry.sh: edit it there."
   echo '#   bash ~/vllm-carry/run.sh [benchmarks.vllm_baseline options: they win over the ones below]'
+  echo '#   bash ~/vllm-carry/run.sh serve [vllm serve options: they win over the ones below]'
   echo '# Environment: OUT (required: results go there), PYTHON (python3), WORK (/tmp/gemma-serving: the'
   echo '# checkpoint and tokenizer .gpu-serving/run.sh makes; made here if missing), VLLM_SITE (~/vllm-site),'
-  echo '# VLLM_CARRY (~/vllm-carry), LIMIT (500 s for the benchmark; then it is interrupted).'
-  echo '# Leaves under $OUT: vllm.jsonl (JSON lines), vllm.md (the table) and vllm.log (everything it printed).'
+  echo '# VLLM_CARRY (~/vllm-carry), LIMIT (500 s for the benchmark; then it is interrupted; for serve: how'
+  echo '# long to wait for /health, 300 s), VLLM_PORT (serve: 8000; not --port, the wait asks this one).'
+  echo '# Leaves under $OUT: vllm.jsonl (JSON lines), vllm.md (the table) and vllm.log (everything it printed);'
+  echo '# with serve, vllm_serve.pid and vllm_serve.log up to /health, the server still running; a later call'
+  echo '# finds both in $WORK (AIPerf: ~/aiperf-carry/run.sh --url http://127.0.0.1:8000 --model gemma; then'
+  echo '# kill "$(cat /tmp/gemma-serving/vllm_serve.pid)"; cp /tmp/gemma-serving/vllm_serve.log $OUT/).'
   printf 'wheel=%q\n' "$wheel"
   printf 'deps=(%s)\n' "${deps[*]}"
   printf 'joined=(%s)  # FILE:SHA256:PARTS, each joined from FILE.part00 ...\n' "${joined[*]}"
@@ -167,8 +180,47 @@ if [[ ! -f $tok/tokenizer.json ]]; then
   mkdir -p "$tok" && gunzip -c "$carry/tokenizer.json.gz" > "$tok/tokenizer.json" \
     && cp "$carry/tokenizer_config.json" "$tok/" || exit 1
 fi
+ckpt=$work/gemma-2b-random
+if [[ ${1:-} == serve ]]; then
+  shift
+  # vLLM's Python OpenAI server (no VLLM_USE_RUST_FRONTEND: vllm-rs is not carried) on the benchmark's
+  # checkpoint with benchmarks/vllm_baseline.py's engine arguments and environment, for AIPerf (issue #28).
+  port=${VLLM_PORT:-8000}
+  url=http://127.0.0.1:$port
+  health() { "$py" -c 'import sys, urllib.request as u
+u.build_opener(u.ProxyHandler({})).open(sys.argv[1] + "/health", timeout=2)' "$url" >/dev/null 2>&1; }
+  if health; then echo "something already answers $url/health; stop it first" >&2; exit 4; fi
+  if [[ ! -f $ckpt/config.json ]]; then  # made as benchmarks/vllm_baseline.py makes it: the machine's packages
+    env -u PYTHONPATH "$py" -m benchmarks.random_checkpoint --out "$ckpt" --tokenizer "$tok" --layers 18 || exit 1
+  fi
+  log=$work/vllm_serve.log  # where a later call finds it; $out gets a copy of it as it stands when this call ends
+  detach=(); command -v setsid >/dev/null && detach=(setsid)  # its own session: it outlives this call
+  VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 \
+    "${detach[@]}" nohup "$py" -m vllm.entrypoints.openai.api_server --model "$ckpt" --tokenizer "$ckpt" \
+    --tokenizer-mode hf --served-model-name gemma --host 127.0.0.1 --port "$port" --dtype bfloat16 \
+    --max-model-len 1024 --max-num-seqs 64 --gpu-memory-utilization 0.5 --seed 0 --disable-log-stats \
+    --attention-backend FLASH_ATTN "$@" >"$log" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$out/vllm_serve.pid" && echo "$pid" >"$work/vllm_serve.pid"
+  limit=${LIMIT:-300} start=$SECONDS
+  until health; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      cp "$log" "$out/" && tail -n 40 "$log" >&2; echo "vLLM's server (pid $pid) ended before $url/health answered" >&2
+      exit 4
+    fi
+    if ((SECONDS - start >= limit)); then
+      kill "$pid"; cp "$log" "$out/" && tail -n 40 "$log" >&2
+      echo "no answer from $url/health in $limit s; stopped pid $pid" >&2; exit 4
+    fi
+    sleep 1
+  done
+  cp "$log" "$out/"
+  echo "vLLM serves gemma at $url after $((SECONDS - start)) s: pid $pid, log $log"
+  echo "stop it with: kill \"\$(cat $work/vllm_serve.pid)\""
+  exit 0
+fi
 # --ours: our numbers from the same machine, when there (.gpu-serving/run.sh keeps its results in $WORK).
-timeout -s INT -k 30 "${LIMIT:-500}" "$py" -m benchmarks.vllm_baseline --checkpoint "$work/gemma-2b-random" \
+timeout -s INT -k 30 "${LIMIT:-500}" "$py" -m benchmarks.vllm_baseline --checkpoint "$ckpt" \
   --tokenizer "$tok" --out "$out/vllm.jsonl" --ours "$work/results/bench.jsonl" "$work/gpu_bench.jsonl" \
   "$@" 2>&1 | tee "$out/vllm.log"
 exit "${PIPESTATUS[0]}"
@@ -178,3 +230,4 @@ RUN
 echo "vLLM $VLLM_VERSION wheel without ${DROP[*]}: $(stat -c %s "$stage/$wheel") bytes, sha256 $wheel_sha256"
 python3 "$(dirname "${BASH_SOURCE[0]}")/carry_folders.py" "$pieces" "$PREFIX" "$FOLDER_BYTES" '~/vllm-carry'
 echo "Again on the same machine, nothing carried (vLLM stays installed in ~/vllm-site): bash ~/vllm-carry/run.sh"
+echo "vLLM's OpenAI server for AIPerf (issue #28), left running on port 8000: bash ~/vllm-carry/run.sh serve"

@@ -130,6 +130,74 @@ def test_run_sh_waits_for_every_part_then_rejoins_checks_and_installs(carry, tmp
     assert len(list(site.glob(".installed-*"))) == 1
 
 
+# What the serve test's vLLM holds beyond the stand-in wheel: the modules run.sh's import check loads, and an
+# api_server that records how it was started and answers /health on its --port (the last one given wins).
+FAKE_SERVER = {
+    "vllm/_C_stable_libtorch.py": "",
+    "vllm/vllm_flash_attn/__init__.py": "",
+    "vllm/vllm_flash_attn/flash_attn_interface.py": "FA3_AVAILABLE, FA3_UNAVAILABLE_REASON = True, None\n",
+    "vllm/entrypoints/__init__.py": "",
+    "vllm/entrypoints/openai/__init__.py": "",
+    "vllm/entrypoints/openai/api_server.py": """import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+if "--fail" in sys.argv:
+    sys.exit("stand-in server: failing at start")
+argv = sys.argv[1:]
+with open(os.environ["FAKE_SERVER_RECORD"], "w") as f:
+    json.dump({"argv": argv, "flashinfer_sampler": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER")}, f)
+port = int([a for i, a in enumerate(argv[1:]) if argv[i] == "--port"][-1])
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+HTTPServer(("127.0.0.1", port), Health).serve_forever()
+""",
+}
+
+
+def test_run_sh_serve_starts_vllm_s_openai_server_waits_for_health_and_leaves_it_running(carry, tmp_path):
+    site, carried, out, work = tmp_path / "site", tmp_path / "carried", tmp_path / "out", tmp_path / "work"
+    carried.mkdir()
+    for f in (f for folder in carry.folders for f in folder.iterdir()):
+        (carried / f.name).write_bytes(f.read_bytes())
+    (work / "gemma-2b-random").mkdir(parents=True)
+    (work / "gemma-2b-random" / "config.json").write_text("{}")
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "VLLM_SITE": str(site), "VLLM_CARRY": str(carried),
+           "WORK": str(work), "VLLM_PORT": str(port), "LIMIT": "20", "FAKE_SERVER_RECORD": str(tmp_path / "record.json")}
+
+    def run_sh(*args):
+        return subprocess.run(["bash", str(carried / "run.sh"), *args], cwd=carry.repo, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    assert run_sh("serve").returncode == 3  # installed; the stand-in wheel's vLLM has no kernels to import
+    for name, text in FAKE_SERVER.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
+    failed = run_sh("serve", "--fail")
+    assert failed.returncode == 4 and "failing at start" in failed.stderr and "ended before" in failed.stderr
+    started = run_sh("serve", "--max-num-seqs", "256")
+    pid = int((out / "vllm_serve.pid").read_text())
+    try:
+        assert started.returncode == 0, started.stderr
+        assert f"serves gemma at http://127.0.0.1:{port}" in started.stdout
+        assert (work / "vllm_serve.pid").read_text() == (out / "vllm_serve.pid").read_text()
+        assert (out / "vllm_serve.log").exists() and (work / "vllm_serve.log").exists()
+        os.kill(pid, 0)  # still running after run.sh returned
+        record = json.loads((tmp_path / "record.json").read_text())
+        argv = record["argv"]
+        assert argv[argv.index("--model") + 1] == str(work / "gemma-2b-random")
+        assert argv[argv.index("--served-model-name") + 1] == "gemma" and argv[-2:] == ["--max-num-seqs", "256"]
+        assert record["flashinfer_sampler"] == "0"
+        again = run_sh("serve")  # a second server on the same port is refused
+        assert again.returncode == 4 and "already answers" in again.stderr
+    finally:
+        os.kill(pid, 15)
+
 def test_decode_numbers_are_gpu_bench_s():
     m = vllm_baseline.decode_metrics(batch=8, new=65, one_token_s=[0.05, 0.04, 0.06], all_tokens_s=[0.70, 0.69, 0.71])
     assert m["decode_s"] == pytest.approx(0.65)  # medians: 0.70 - 0.05
