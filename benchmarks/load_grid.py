@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 import zlib
@@ -67,7 +66,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from . import serving
-from .stats import json_line, median, poisson_arrivals, ratio
+from .stats import json_line, median, poisson_arrivals, ratio, read_json_files
 
 VLLM = "vllm_asyncllm"  # vllm_baseline.VllmTarget.name (that module imports this one)
 OURS = ("engine_direct", "server")
@@ -297,18 +296,6 @@ def markdown(ours: list[dict], vllm: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_json_lines(paths: Iterable[Path]) -> list[dict]:
-    """The records of the files; a line cut short (a killed writer) is skipped."""
-    records = []
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 # ---- ours ----
 
 def _ints(text: str) -> list[int]:
@@ -453,7 +440,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.command == "ours":
         return run_ours(args, started)
-    text = markdown(read_json_lines(args.ours), read_json_lines(args.vllm))
+    text = markdown(read_json_files(args.ours), read_json_files(args.vllm))
     args.out.write_text(text)
     print(text)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 
@@ -140,3 +141,18 @@ def json_line(record: dict[str, Any], digits: int = 4) -> str:
 
 def read_json_lines(lines: Iterable[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def read_json_files(paths: Iterable[Path], missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The records of JSON-lines files, in order; a line cut short (a killed writer) is skipped, and
+    with `missing_ok` a file that does not exist."""
+    records = []
+    for path in map(Path, paths):
+        if missing_ok and not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import load_grid, serving
-from .stats import json_line, median, ratio
+from .stats import json_line, median, ratio, read_json_files
 
 ROOT = Path(__file__).resolve().parents[1]
 # Set before vLLM is imported (the parts inherit them). FlashInfer is not carried, and vLLM's sampler
@@ -81,16 +81,25 @@ class VllmTarget:
         self._request_ids = itertools.count()
 
     async def stream(self, prompt: str, max_tokens: int, timeline) -> None:
-        finish_reason = None
-        request_id = f"bench-{next(self._request_ids)}"
-        async for out in self.engine.generate(prompt, self.make_params(max_tokens), request_id):
-            completion = out.outputs[0]
-            if completion.token_ids:
-                timeline.arrivals.append((time.perf_counter(), len(completion.token_ids)))
-            if out.finished:
-                finish_reason = completion.finish_reason
-        if finish_reason not in ("length", "stop"):
-            raise RuntimeError(f"request ended with finish_reason {finish_reason!r}")
+        await stream_request(self.engine, prompt, self.make_params(max_tokens), f"bench-{next(self._request_ids)}",
+                             timeline, ("length", "stop"))
+
+
+async def stream_request(engine, prompt, params, request_id: str, timeline, finish_reasons: tuple[str, ...]
+                         ) -> list[int]:
+    """One request to vLLM's AsyncLLM (DELTA outputs), each delta timed when it reaches this event loop;
+    its tokens. A finish reason outside `finish_reasons` is an error."""
+    tokens, finish_reason = [], None
+    async for out in engine.generate(prompt, params, request_id):
+        completion = out.outputs[0]
+        if completion.token_ids:
+            timeline.arrivals.append((time.perf_counter(), len(completion.token_ids)))
+            tokens += completion.token_ids
+        if out.finished:
+            finish_reason = completion.finish_reason
+    if finish_reason not in finish_reasons:
+        raise RuntimeError(f"request {request_id} ended with finish_reason {finish_reason!r}")
+    return tokens
 
     async def close(self) -> None:  # the engine belongs to whoever made it
         pass
@@ -149,7 +158,7 @@ class Report:
         return record
 
     def records(self) -> list[dict]:
-        return read_json_lines([self.path])
+        return read_json_files([self.path], missing_ok=True)
 
 
 def resolved_config(vllm_config) -> dict:
@@ -263,18 +272,8 @@ def spec_counters(snapshot) -> dict[str, int]:
 
 
 async def generate_ids(engine, prompt_ids: list[int], params, request_id: str, timeline) -> list[int]:
-    """One request of token ids to vLLM's AsyncLLM, each delta timed on arrival; its tokens."""
-    tokens, finish_reason = [], None
-    async for out in engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
-        completion = out.outputs[0]
-        if completion.token_ids:
-            timeline.arrivals.append((time.perf_counter(), len(completion.token_ids)))
-            tokens += completion.token_ids
-        if out.finished:
-            finish_reason = completion.finish_reason
-    if finish_reason != "length":  # EOS is ignored: every request runs to max_tokens
-        raise RuntimeError(f"request {request_id} ended with finish_reason {finish_reason!r}")
-    return tokens
+    """One request of token ids; EOS is ignored, so every request runs to max_tokens."""
+    return await stream_request(engine, {"prompt_token_ids": prompt_ids}, params, request_id, timeline, ("length",))
 
 
 def tokens_digest(tokens: list[int]) -> str:
@@ -432,18 +431,6 @@ def run_part(args, part: str, settings: dict, timeout_s: float, report: Report) 
     finally:
         stop_group(proc)
     return rc == 0 and any(r.get("kind") == f"vllm_{part}" for r in report.records()[before:])
-
-
-def read_json_lines(paths: list[Path]) -> list[dict]:
-    """The records of the files that exist; a line cut short (a killed writer) is skipped."""
-    records = []
-    for path in paths:
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -622,7 +609,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     run_part(args, part, {**settings, **job}, min(cap, left), report)
     except KeyboardInterrupt:  # run.sh's time limit: the table of what was measured still comes out
         report.emit(kind="error", stage="interrupted", error="SIGINT")
-    table = markdown(report.records(), read_json_lines(args.ours))
+    table = markdown(report.records(), read_json_files(args.ours, missing_ok=True))
     args.out.with_suffix(".md").write_text(table)
     print(table, flush=True)
     return 0
