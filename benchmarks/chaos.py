@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -239,6 +240,16 @@ def wait_for_streams(load: Load, since: float, timeout: float) -> None:
         raise RuntimeError(f"the {load.streams} streams did not all run within {timeout:.0f} s")
 
 
+def listening(host_port: str) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    host, port = host_port.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def inject(kind: str, server, load: Load, probes: Probes, args, since: float) -> dict:
     """One fault: inject it, wait for the recovery, and account for every request around it."""
     from tests.support.server import engine_processes
@@ -268,6 +279,9 @@ def inject(kind: str, server, load: Load, probes: Probes, args, since: float) ->
         # Triton 2.51 never ends the streams that ran in the dead stub: they wait for the client's deadline,
         # or for the server's exit, which closes their connections.
         result["in_flight_hung"] = sum(r.ended is None for r in in_flight)
+        # Unless tritonserver itself went down with its stub (seen once in a CPU CI run: its gRPC port
+        # closed, so every connection, those streams' included, closed with it).
+        result["server_listening_while_down"] = listening(server.grpc_url)
         outage_end = float("inf")  # nothing recovers without a restart of the server
         if args.stub_recovery == "restart":
             server = restart_server(server, load, args, t0, result)

@@ -27,10 +27,12 @@ def test_short_chaos_fails_only_what_was_in_flight_and_serves_again(tiny_checkpo
     assert any("returned no step for" in error for error in hang["errors"])
     # The stub: new requests fail at once, its engine process exits, the liveness probe fails. The
     # streams it ran hang (Triton 2.51 does not end them, but one it was answering at that moment) until
-    # the server is killed and their connections close.
+    # the server is killed and their connections close; where tritonserver went down with its stub (its
+    # gRPC port closed), they closed with it.
     # Three requests are sent while it is down; a closed-loop stream whose request failed at once sends
     # more, which fail too.
     assert stub["failed_while_down"] == stub["sent_while_down"] >= 3
     assert stub["engine_exited_after_s"] < 10 and stub["health_live_false_after_s"] < 30
-    assert stub["in_flight_failed"] == 8 and stub["in_flight_hung"] > 0
+    assert stub["in_flight_failed"] == 8
+    assert stub["in_flight_hung"] > 0 if stub["server_listening_while_down"] else stub["in_flight_hung"] == 0
     assert stub["recovered_s"] is not None and stub["leaked_processes"] == 0
