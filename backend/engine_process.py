@@ -158,9 +158,11 @@ class EngineCoreProcess:
                     self._stats.put(None)  # a stats() asked after the shutdown gets no answer
                     return
         except (EOFError, OSError):
-            self._closed = True
             exit_code = self._process.wait()
+            # The cause before `_closed`: a stats() that finds it closed reports `_exit_error`, so the
+            # front names why the engine died, not that it has stopped.
             self._exit_error = self._hung or f"the engine process exited unexpectedly (exit code {exit_code})"
+            self._closed = True
             log.error(self._exit_error)
             self._on_exit(self._exit_error)
             self._stats.put(None)
