@@ -5,7 +5,8 @@
                                     [--compare] [--pace 50] [--url URL] [--tokenizer DIR] [--aiperf PATH]
                                     [--aiperf-python PYTHON] [--out results/aiperf] [--keep DIR]
 
-Starts tritonserver with the default model and the gateway in front of it (the launchers of
+Starts tritonserver (the default model, or the engine options' checkpoint, engine, dtype...: the flags of
+benchmarks/run.py) and the gateway in front of it (the launchers of
 benchmarks/serving.py, which the integration tests use too), unless `--url` names a running
 OpenAI server (ours or vLLM's `vllm serve`: the same command measures both). Then, per endpoint and
 concurrency, one `aiperf profile`: streamed requests, a synthetic prompt of exactly `--input-tokens`
@@ -44,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from .engine_options import add_engine_options, engine_config
 
 ROOT = Path(__file__).resolve().parents[1]
 AIPERF = ROOT / ".venv-aiperf" / "bin" / "aiperf"
@@ -171,13 +174,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def start(out: Path):
-    """tritonserver (default model) and the gateway, by benchmarks/serving.py's launchers."""
-    from backend.params import EngineConfig
-
+def start(out: Path, config):
+    """tritonserver running the engine `config` describes and the gateway, by benchmarks/serving.py's
+    launchers."""
     from . import serving
     print(f"starting tritonserver and the gateway (logs: {out})", file=sys.stderr, flush=True)
-    server = serving.start_server(out / "server.log", EngineConfig())
+    server = serving.start_server(out / "server.log", config)
     gateway = serving.start_gateway(server.grpc_url, out / "gateway.log")
     if gateway is None:
         server.stop()
@@ -197,7 +199,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="also run our own load generator (benchmarks/serving.py) on the same prompts and load")
     parser.add_argument("--url", help="a running OpenAI server (no server started); e.g. vLLM's")
     parser.add_argument("--model", default=MODEL, help="the served model name (vLLM: its --served-model-name)")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the default model's checkpoint)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the server's checkpoint)")
     parser.add_argument("--aiperf", type=Path, default=AIPERF, help="AIPerf's executable (its venv's)")
     parser.add_argument("--aiperf-python", default=os.environ.get(AIPERF_PYTHON) or None,
                         help=f"run AIPerf as `PYTHON -m aiperf` instead of --aiperf, this environment's "
@@ -209,6 +211,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--time-limit-s", type=float, default=600, help="our own generator's limit per run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "aiperf")
     parser.add_argument("--keep", type=Path, help="copy AIPerf's small exports here (e.g. docs/benchmarks/...)")
+    add_engine_options(parser, "the server's engine, without --url (one EngineConfig, through GEMMA_*)")
     return parser.parse_args(argv)
 
 
@@ -218,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"no aiperf at {args.aiperf}: `make aiperf` installs it into .venv-aiperf")
     if args.tokenizer is None:
         from backend.default_model import ensure_default_checkpoint
-        args.tokenizer = ensure_default_checkpoint()
+        args.tokenizer = args.checkpoint or ensure_default_checkpoint()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     endpoints = args.endpoints.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +231,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows, found = [], []
     try:
         if args.url is None:
-            server, gateway = start(args.out)
+            server, gateway = start(args.out, engine_config(args))
         url = args.url or gateway.url
         for endpoint in endpoints:
             for concurrency in concurrencies:

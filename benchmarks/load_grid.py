@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from . import serving
+from .engine_options import add_engine_options, engine_config
 from .stats import json_line, median, poisson_arrivals, ratio, read_json_files
 
 VLLM = "vllm_asyncllm"  # vllm_baseline.VllmTarget.name (that module imports this one)
@@ -313,23 +314,11 @@ def _names(choices: Iterable[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-def engine_fields() -> set[str]:
-    from backend.params import EngineConfig
-    return {f.name for f in dataclasses.fields(EngineConfig)}
-
-
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("ours", help="run the grid on our engine in-process and through Triton")
-    engine = o.add_argument_group("engine (one EngineConfig for both systems)")
-    engine.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (default: the packaged 270M)")
-    engine.add_argument("--engine", choices=("auto", "te", "torch"))
-    engine.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    engine.add_argument("--max-num-seqs", type=int, default=256)
-    engine.add_argument("--kv-cache-bytes", type=int)
-    engine.add_argument("--max-num-batched-tokens", type=int)
-    engine.add_argument("--gpu-memory-utilization", type=float, help="vLLM's rule for the KV cache (docs/deploy.md)")
+    add_engine_options(o, "engine (one EngineConfig for both systems)", max_num_seqs_default=256)
     o.add_argument("--engine-process", action="store_true",
                    help="engine_direct drives the engine in a process of its own, as the server hosts it")
     o.add_argument("--systems", type=_names(OURS), default=list(OURS))
@@ -352,13 +341,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     t.add_argument("--vllm", type=Path, nargs="+", required=True)
     t.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
-
-
-def engine_config(args: argparse.Namespace):
-    from backend.loader import resolve_checkpoint
-    from backend.params import EngineConfig
-    given = {name: getattr(args, name) for name in engine_fields() if getattr(args, name, None) is not None}
-    return EngineConfig(**{**given, "checkpoint": str(resolve_checkpoint(args.checkpoint))})
 
 
 def load_settings(args: argparse.Namespace) -> Load:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import chat_level, engine_level, plots, serving, speculative
+from .engine_options import add_engine_options, engine_config, given
 from .stats import json_line, poisson_arrivals, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,34 +437,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                            "target and the open loop stay in this process")
     load.add_argument("--time-limit", dest="time_limit_s", type=float,
                       help="seconds per load run; what is left then is cancelled and counted as errors")
-    engine = p.add_argument_group("engine (one EngineConfig: the in-process engine's and, through GEMMA_*, "
-                                  "the server's)")
-    engine.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (default: the packaged 270M)")
-    engine.add_argument("--engine", choices=("auto", "te", "torch"))
-    engine.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    engine.add_argument("--max-num-seqs", type=int, help="sequences decoded together (at least the top concurrency)")
-    engine.add_argument("--kv-cache-bytes", type=int)
-    engine.add_argument("--gpu-memory-utilization", type=float,
-                        help="vLLM's rule: the KV cache is this share of the device's memory less the weights "
-                             "(instead of --kv-cache-bytes)")
-    engine.add_argument("--async-scheduling", choices=("auto", "on", "off"),
-                        help="launch step N+1 before step N's tokens are back (auto: on for CUDA)")
+    add_engine_options(p, "engine (one EngineConfig: the in-process engine's and, through GEMMA_*, the server's)")
     return p.parse_args(argv)
 
 
-def _given(args: argparse.Namespace, cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-
-
 def settings(args: argparse.Namespace) -> Settings:
-    return dataclasses.replace(QUICK if args.quick else Settings(), **_given(args, Settings))
-
-
-def engine_config(args: argparse.Namespace):
-    """The one EngineConfig of the run, with the checkpoint resolved so both targets load one path."""
-    from backend.loader import resolve_checkpoint
-    from backend.params import EngineConfig
-    return EngineConfig(**{**_given(args, EngineConfig), "checkpoint": str(resolve_checkpoint(args.checkpoint))})
+    return dataclasses.replace(QUICK if args.quick else Settings(), **given(args, Settings))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

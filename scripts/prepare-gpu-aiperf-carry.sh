@@ -70,6 +70,9 @@ for f in "${wheels[@]}"; do names+=("$(basename "$f")"); done
   echo '# AIPerf against a server on the GPU machine (issue #28), from the repository root, once every'
   echo "# $PREFIX* folder is in ~/aiperf-carry. Written by scripts/prepare-gpu-aiperf-carry.sh: edit it there."
   echo '#   bash ~/aiperf-carry/run.sh --url URL --model NAME [other benchmarks.aiperf_run options]'
+  echo '#   bash ~/aiperf-carry/run.sh --checkpoint DIR --engine te ... [options]: our server and gateway, started'
+  echo '#     by benchmarks.aiperf_run (.gpu-serving carried beside, ~/vllm-carry/run.sh run before: its'
+  echo "#     ~/vllm-site has the gateway's fastapi and uvicorn)"
   echo '# Environment: OUT (required: results go there), PYTHON (python3), WORK (/tmp/gemma-serving),'
   echo '# AIPERF_SITE (~/aiperf-site), AIPERF_CARRY (~/aiperf-carry), TOKENIZER (a directory with'
   echo '# tokenizer.json, if none of those below is there), LIMIT (540 s; then it is interrupted).'
@@ -85,8 +88,21 @@ work=${WORK:-/tmp/gemma-serving}
 out=${OUT:?set OUT to the results directory}
 [[ -f benchmarks/aiperf_run.py ]] || { echo "run from the repository root" >&2; exit 1; }
 mkdir -p "$out" "$work"
-# Not the numpy 1.26 .pth a killed Triton run left (scripts/triton_stub_env.sh): AIPerf needs numpy 2.
-source scripts/triton_stub_env.sh && drop_stale_stub_pth "$py" || exit 1
+source scripts/triton_stub_env.sh || exit 1
+aiperf_py=$py
+if [[ " $* " == *" --url "* ]]; then
+  # Not the numpy 1.26 .pth a killed Triton run left: AIPerf needs the machine's numpy 2.
+  drop_stale_stub_pth "$py" || exit 1
+else
+  # Our server, started here: Triton's stub needs numpy 1.26 (scripts/triton_stub_env.sh's .pth), AIPerf
+  # numpy 2 (the .pth steps aside where GEMMA_MACHINE_NUMPY is set: only AIPerf's processes get it).
+  [[ -f .gpu-serving/tokenizer.json.gz ]] || { echo "our server needs .gpu-serving carried beside" >&2; exit 1; }
+  [[ -d ${VLLM_SITE:-$HOME/vllm-site} ]] || { echo "the gateway needs ~/vllm-site: run ~/vllm-carry/run.sh first" >&2; exit 1; }
+  triton_stub_env "$py" .gpu-serving "$work" '~/aiperf-carry/run.sh' || exit 1
+  export PYTHONPATH=${VLLM_SITE:-$HOME/vllm-site}${PYTHONPATH:+:$PYTHONPATH}
+  aiperf_py=$work/python3-machine-numpy
+  printf '#!/bin/sh\nGEMMA_MACHINE_NUMPY=1 exec %s "$@"\n' "$(command -v "$py")" > "$aiperf_py" && chmod +x "$aiperf_py"
+fi
 
 # Install once per set of wheels: a second run on the same machine goes straight to AIPerf.
 stamp=$site/.installed-$(echo "${wheels[*]}" | sha256sum | cut -c1-16)
@@ -107,8 +123,8 @@ fi
 # The carried wheels first, the machine's packages (numpy, transformers, aiohttp...) after them. No
 # HF_HUB_OFFLINE: AIPerf 0.13.0 then looks a tokenizer up in the hub's cache only, a directory too
 # (HFValidationError); a directory is loaded without the network anyway.
-export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} AIPERF_PYTHON=$py
-"$py" -c 'from importlib.metadata import version
+export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} AIPERF_PYTHON=$aiperf_py
+"$aiperf_py" -c 'from importlib.metadata import version
 from aiperf.cli import app
 import aiperf
 print("aiperf", version("aiperf"), "at", aiperf.__file__)' >&2 || exit 3

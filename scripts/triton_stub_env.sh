@@ -33,10 +33,11 @@ sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'
   if ! "$py" -c "$numpy1" >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --upgrade --target "$work/numpy" "$wheels"/numpy-1.26.4-*.whl >&2 \
       || return 1
-    lines+=("import sys; sys.path.insert(0, '$work/numpy')")
-    # scipy and scikit-learn there need numpy 2; transformers imports them only where find_spec finds
-    # them, and find_spec finds nothing for a name mapped to None in sys.modules.
-    lines+=("import sys; sys.modules.update(sklearn=None, scipy=None)")
+    # A process started with GEMMA_MACHINE_NUMPY set keeps the machine's numpy 2 (AIPerf beside our
+    # server: ~/aiperf-carry/run.sh). scipy and scikit-learn there need numpy 2; transformers imports
+    # them only where find_spec finds them, and find_spec finds nothing for a name mapped to None.
+    lines+=("import os, sys; os.environ.get('GEMMA_MACHINE_NUMPY') or sys.path.insert(0, '$work/numpy')")
+    lines+=("import os, sys; os.environ.get('GEMMA_MACHINE_NUMPY') or sys.modules.update(sklearn=None, scipy=None)")
   fi
   lines+=("$repo" "$repo/client")
   printf '%s\n' "${lines[@]}" > "$TRITON_STUB_PTH" || return 1

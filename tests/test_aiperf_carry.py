@@ -129,6 +129,35 @@ def test_run_sh_waits_for_every_folder_installs_once_and_hands_over_to_aiperf_ru
     assert f"ENV {site} {sys.executable}" in done.stdout
     assert (out / "aiperf.md").read_text() == done.stdout and (out / "aiperf.log").exists()
 
+    # Without --url, our server: it needs .gpu-serving (numpy 1.26 for Triton's stub, by
+    # scripts/triton_stub_env.sh's .pth) and the vLLM carry's site (the gateway's fastapi); AIPerf runs
+    # through a python that sets GEMMA_MACHINE_NUMPY, which the .pth steps aside for.
+    ours = ["--checkpoint", "/ckpt", "--engine", "te"]
+    refused = subprocess.run(["bash", str(carried / "run.sh"), *ours], cwd=carry.repo, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and ".gpu-serving" in refused.stderr
+    (carry.repo / ".gpu-serving").mkdir()
+    (carry.repo / ".gpu-serving" / "tokenizer.json.gz").write_bytes(gzip.compress(b"{}"))
+    (home / "vllm-site").mkdir()
+    stub_site = tmp_path / "stub-site"  # where the .pth goes: not this interpreter's site-packages
+    stub_site.mkdir()
+    python = tmp_path / "python3"
+    python.write_text(f'#!/bin/sh\ncase "$2" in *sysconfig*) echo {stub_site}; exit;; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    (carry.repo / "benchmarks" / "aiperf_run.py").write_text(
+        "import os, subprocess, sys\nprint('ARGS', *sys.argv[1:])\nprint('ENV', os.environ['PYTHONPATH'])\n"
+        "print('PTH', *os.listdir(sys.argv[-1]))\n"
+        "print('AIPERF', subprocess.run([os.environ['AIPERF_PYTHON'], '-c', "
+        "'import os; print(os.environ.get(\"GEMMA_MACHINE_NUMPY\"))'], capture_output=True, text=True).stdout)\n")
+    served = subprocess.run(["bash", str(carried / "run.sh"), *ours, str(stub_site)], cwd=carry.repo,
+                            env={**env, "PYTHON": str(python)}, capture_output=True, text=True, timeout=120)
+    assert served.returncode == 0, served.stderr
+    lines = dict(line.split(" ", 1) for line in served.stdout.splitlines() if " " in line)
+    assert lines["ARGS"].split()[-5:-1] == ours and "--url" not in lines["ARGS"]
+    assert lines["ENV"] == f"{site}:{home / 'vllm-site'}"
+    assert lines["PTH"] == "00-gemma-serving.pth" and lines["AIPERF"] == "1"
+    assert list(stub_site.iterdir()) == []  # the .pth goes when the run ends
+
 
 def test_aiperf_runs_from_its_venv_by_default_and_from_a_python_when_asked(monkeypatch, tmp_path):
     monkeypatch.delenv("AIPERF_PYTHON", raising=False)

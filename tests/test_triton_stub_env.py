@@ -2,6 +2,7 @@
 client/ on the GPU machine: written for the run, numpy 1.26 installed only where the Python has numpy 2,
 removed when the script ends. The Python is a stand-in that answers the function's three questions."""
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +44,26 @@ def test_numpy_1_goes_ahead_of_everything_where_the_python_has_numpy_2(tmp_path)
     assert done.returncode == 0, done.stderr
     pip = (state / "pip.log").read_text()
     assert f"--target {tmp_path}/work/numpy /wheels/numpy-1.26.4-*.whl" in pip
-    assert done.stdout.splitlines()[1:] == [f"import sys; sys.path.insert(0, '{tmp_path}/work/numpy')",
-                                            "import sys; sys.modules.update(sklearn=None, scipy=None)",
-                                            str(ROOT), f"{ROOT}/client"]
+    lines = done.stdout.splitlines()[1:]
+    assert lines[2:] == [str(ROOT), f"{ROOT}/client"]
     assert list(site.iterdir()) == []
+    # The .pth as Python reads it: numpy 1.26 first and scipy hidden, except in a process started with
+    # GEMMA_MACHINE_NUMPY set (AIPerf beside our server), which keeps the machine's numpy 2.
+    kept = tmp_path / "kept-site"
+    kept.mkdir()
+    (kept / "00-gemma-serving.pth").write_text("\n".join(lines[:2]) + "\n")
+    probe = (f"import site, sys; site.addsitedir({str(kept)!r}); "
+             "print(sys.path[0] or '-', sys.modules.get('scipy', 'unset'))")
+
+    def shown(**env) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe], env={"PATH": "/usr/bin:/bin", **env},
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert shown() == [f"{tmp_path}/work/numpy", "None"]
+    first, scipy = shown(GEMMA_MACHINE_NUMPY="1")
+    assert (first, scipy) == ("-", "unset")
 
 
 def test_a_stale_pth_is_dropped_for_the_runs_that_need_numpy_2(tmp_path):
