@@ -23,8 +23,11 @@ sequence's context as its positions 0..ctx-1).
 
 The engine captures every reachable bucket when it starts (`capture_all`); a bucket still missing
 is captured the first time it is needed (the capture's warm-up runs the real step, so it writes the
-same K/V the replay writes). Graphs share one memory pool; each replay's logits are copied out
-before the next replay.
+same K/V the replay writes). Graphs share one memory pool, and the graphs of a set write their fp32
+logits into one buffer of the set's most rows (the model's `logits_out`): each replay's logits are
+copied out before the next replay. A logits output per graph stayed allocated with it: with 256
+sequences, an 8,192-token max_model_len and Gemma's 262k vocabulary, 133 decode graphs and 16 mixed
+ones held ~14 GB (an H100, 2026-12-06), outside gpu_memory_utilization's share.
 
 Mixed steps (`MixedGraphs`): without a graph, a step holding a prefill chunk ran eagerly, a few
 hundred kernel launches from Python (~20 ms for gemma-2b), and every decode in the batch waited for
@@ -91,13 +94,15 @@ class _GraphSet:
     """What decode and mixed graphs share: entries by key, one memory pool, capture on first need,
     and falling back to eager steps (with a warning) if a capture fails."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_logit_rows: int):
         self.model = model
         self.device = model.device
         self.entries: dict[tuple, object] = {}
         self.pool = None
         self.cache_ptr: Optional[int] = None
         self.disabled: Optional[str] = None  # why capture failed; steps then run eagerly
+        # Every graph's output: the first rows of this buffer (outside the graph pool, on the current stream).
+        self._logits = torch.empty(max_logit_rows, model.cfg.vocab_size, dtype=torch.float32, device=self.device)
 
     def __call__(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
         """The model's forward: replayed from a graph where one fits, else eager."""
@@ -159,9 +164,9 @@ class DecodeGraphs(_GraphSet):
     kind = "decode"
 
     def __init__(self, model, max_batch: int = 256):
-        super().__init__(model)
         buckets = tuple(b for b in BF16_BUCKETS if b % model.row_multiple == 0)
         self.buckets = tuple(b for b in buckets if b <= max(max_batch, buckets[0]))
+        super().__init__(model, max_logit_rows=self.buckets[-1])  # a decode graph's logits: a row per bucket row
         self.max_ctx = _ctx_bucket(model.cfg.max_position_embeddings)
 
     def can_run(self, token_ids: torch.Tensor, layout: StepLayout) -> bool:
@@ -215,7 +220,7 @@ class DecodeGraphs(_GraphSet):
         layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, logit_rows=None,
                             attention=self.model.attention.decodes(entry.kv_slots, entry.positions),
                             row_valid=entry.row_ids < entry.num_valid)
-        return self.model(entry.tokens, layout, kv_cache)
+        return self.model(entry.tokens, layout, kv_cache, logits_out=self._logits[:entry.batch])
 
 
 @dataclass
@@ -242,11 +247,11 @@ class MixedGraphs(_GraphSet):
 
     def __init__(self, model, block_size: int, max_seqs: int, max_tokens: int, max_len: int,
                  max_logit_rows: Optional[int] = None):
-        super().__init__(model)
         self.block_size, self.max_seqs = block_size, max_seqs
         self.max_logit_rows = max_seqs if max_logit_rows is None else max_logit_rows
         self.width = blocks_for(max_len, block_size)
         self.buckets = token_buckets(max_tokens)
+        super().__init__(model, max_logit_rows=min(self.buckets[-1], self.max_logit_rows))
 
     def can_run(self, token_ids: torch.Tensor, layout: StepLayout) -> bool:
         varlen = layout.attention
@@ -302,4 +307,4 @@ class MixedGraphs(_GraphSet):
         varlen = VarlenLayout(block_tables=entry.block_tables, tiles=entry.tiles, block_size=self.block_size)
         layout = StepLayout(positions=entry.positions, slot_mapping=entry.slots, logit_rows=entry.logit_rows,
                             attention=varlen, row_valid=entry.row_ids < entry.num_valid)
-        return self.model(entry.tokens, layout, kv_cache)
+        return self.model(entry.tokens, layout, kv_cache, logits_out=self._logits[:entry.logit_rows.numel()])

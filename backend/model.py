@@ -12,6 +12,8 @@ batched for single-token decodes, per sequence for prefill chunks).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,8 +120,10 @@ class GemmaModel(nn.Module):
         return self.embed.device
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
-        """token_ids: [T] -> float32 logits [S, vocab] for `layout.logit_rows`."""
+    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache,
+                logits_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """token_ids: [T] -> float32 logits [S, vocab] for `layout.logit_rows` (written into
+        `logits_out` where given: backend/graphs.py's one buffer for all its graphs)."""
         dtype = self.embed.dtype
         x = F.embedding(token_ids, self.embed) * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=dtype)
         step = StepContext(layout, {s: rope_cos_sin(s, self.cfg.head_dim, layout.positions, dtype)
@@ -127,14 +131,23 @@ class GemmaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, step, kv_cache)
         x = self.final_norm(x if layout.logit_rows is None else x[layout.logit_rows])
-        return self.logits(x)
+        return self.logits(x, logits_out)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.embed if self.lm_head_packed is None else self.lm_head_packed)
-        logits = logits.float()
-        if self.cfg.final_softcap is not None:
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits
+    def logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return float_logits(linear(hidden, self.embed if self.lm_head_packed is None else self.lm_head_packed),
+                            self.cfg.final_softcap, out)
+
+
+def float_logits(logits: torch.Tensor, softcap: Optional[float], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The LM head's output as float32 logits, softcapped where the family does (Gemma 2), in `out` if
+    given (as many kernels either way: the cast is a copy into it, the softcap in place)."""
+    if out is None:
+        out = logits.float()
+    else:
+        out.copy_(logits)
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)
+    return out
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ LM head stays in the model dtype); FP8 GEMMs need a multiple of 8 rows, so steps
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 from backend.attention import StepContext, attention_backend
 from backend.attention.layout import StepLayout
 from backend.config import GemmaConfig
+from backend.model import float_logits
 from backend.rope import rope_cos_sin
 
 from . import import_te
@@ -129,14 +131,17 @@ class TEGemmaModel(nn.Module):
         return import_te().autocast(enabled=True, recipe=self.fp8_recipe)
 
     @torch.no_grad()
-    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
-        """token_ids: [T] -> float32 logits for `layout.logit_rows` (every row if None)."""
+    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache,
+                logits_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """token_ids: [T] -> float32 logits for `layout.logit_rows` (every row if None), written into
+        `logits_out` where given (backend/graphs.py's one buffer for all its graphs)."""
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             torch.cuda.set_device(self.device)  # the engine thread starts on device 0
         with self.autocast():
-            return self._forward(token_ids, layout, kv_cache)
+            return self._forward(token_ids, layout, kv_cache, logits_out)
 
-    def _forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache) -> torch.Tensor:
+    def _forward(self, token_ids: torch.Tensor, layout: StepLayout, kv_cache,
+                 logits_out: Optional[torch.Tensor]) -> torch.Tensor:
         T = token_ids.shape[0]
         padded_rows = (-T) % self.row_multiple
         positions = layout.positions
@@ -153,8 +158,8 @@ class TEGemmaModel(nn.Module):
         rows = slice(T) if layout.logit_rows is None else layout.logit_rows
         x, pending = x[rows], pending.rows(rows)
         if self.fused_norms:
-            return self.logits(add_then_norm(x, pending, self.final_norm.weight, self.cfg.rms_norm_eps)[1])
-        return self.logits(self.final_norm(pending.added_to(x)))
+            return self.logits(add_then_norm(x, pending, self.final_norm.weight, self.cfg.rms_norm_eps)[1], logits_out)
+        return self.logits(self.final_norm(pending.added_to(x)), logits_out)
 
     # --- pieces ------------------------------------------------------------------------------------
 
@@ -164,15 +169,13 @@ class TEGemmaModel(nn.Module):
     def ropes(self, positions: torch.Tensor) -> dict:
         return {s: rope_cos_sin(s, self.cfg.head_dim, positions, self.dtype) for s in self.rope_specs}
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.lm_head is None:
-            logits = F.linear(hidden, self.embed).float()
+            logits = F.linear(hidden, self.embed)
         else:  # FP8 GEMM rows: a multiple of FP8_ROWS
             rows = hidden.shape[0]
-            logits = self.lm_head(F.pad(hidden, (0, 0, 0, (-rows) % FP8_ROWS)))[:rows].float()
-        if self.cfg.final_softcap is not None:
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits
+            logits = self.lm_head(F.pad(hidden, (0, 0, 0, (-rows) % FP8_ROWS)))[:rows]
+        return float_logits(logits, self.cfg.final_softcap, out)
 
     def weight_bytes_per_step(self) -> int:
         """Bytes of weights one decode step must read: every layer's parameters plus the LM head
