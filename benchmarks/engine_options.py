@@ -17,7 +17,8 @@ def add_engine_options(parser: argparse.ArgumentParser, title: str,
     engine.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     engine.add_argument("--max-num-seqs", type=int, default=max_num_seqs_default,
                         help="sequences decoded together (at least the top concurrency)")
-    engine.add_argument("--max-num-batched-tokens", type=int)
+    engine.add_argument("--max-num-batched-tokens", type=int, help="tokens one step may hold (vLLM resolves 2048)")
+    engine.add_argument("--max-model-len", type=int, help="the longest sequence (fewer CUDA graphs where shorter)")
     engine.add_argument("--kv-cache-bytes", type=int)
     engine.add_argument("--gpu-memory-utilization", type=float,
                         help="vLLM's rule: the KV cache is this share of the device's memory less the weights "
