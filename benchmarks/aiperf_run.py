@@ -5,8 +5,8 @@
                                     [--compare] [--pace 50] [--url URL] [--tokenizer DIR] [--aiperf PATH]
                                     [--aiperf-python PYTHON] [--out results/aiperf] [--keep DIR]
 
-Starts tritonserver (the default model, or the engine options' checkpoint, engine, dtype...: the flags of
-benchmarks/run.py) and the gateway in front of it (the launchers of
+Starts tritonserver (the default model, or the engine options' checkpoint, engine, dtype...:
+benchmarks/engine_options.py, the flags of benchmarks.run and load_grid) and the gateway in front of it (the launchers of
 benchmarks/serving.py, which the integration tests use too), unless `--url` names a running
 OpenAI server (ours or vLLM's `vllm serve`: the same command measures both). Then, per endpoint and
 concurrency, one `aiperf profile`: streamed requests, a synthetic prompt of exactly `--input-tokens`

@@ -39,8 +39,8 @@ def test_captured_graphs_hold_one_logits_buffer_not_one_per_graph(tmp_path):
     from backend.weights import load_reference_model
 
     # Gemma's vocabulary: the logits, not the graphs' input buffers, are what a graph holds.
-    model, cfg = load_reference_model(save_tiny(tmp_path, "gemma3_text", seed=3, vocab_size=GEMMA_VOCAB),
-                                      torch.float32, DEVICE)
+    model, cfg = load_reference_model(save_tiny(tmp_path, "gemma3_text", seed=3, vocab_size=GEMMA_VOCAB,
+                                                max_position_embeddings=1024), torch.float32, DEVICE)
     kv = PagedKVCache(cfg, num_blocks=64, block_size=16, dtype=torch.float32, device=DEVICE)
     graphs = DecodeGraphs(model, max_batch=64)
     torch.cuda.synchronize()
