@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 from .engine_core import EngineCore, EngineStats, Publish
 from .errors import EngineOverloadedError
+from .heap import freeze_startup_heap
 from .params import EngineConfig, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ def serve_engine(commands, events) -> None:
     except BaseException as exc:  # the parent raises it
         send(("failed", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}")))
         return
+    freeze_startup_heap()  # the model and its graphs are in: GC pauses would stall the steps
     send(("ready", (core.limits, core.device)))
     while True:
         try:

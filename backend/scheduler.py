@@ -137,12 +137,13 @@ class Scheduler:
         within the step's token budget."""
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        gone: set[Sequence] = set()  # preempted by this loop (a set: `in self.running` made a step O(n^2))
         budget = self.max_num_batched_tokens
         by_kind = sorted(self.running, key=lambda s: s.num_pending > 1)  # stable: decodes first, each oldest first
         for seq in by_kind:
             if budget == 0:
                 break
-            if seq not in self.running or seq.stops_in_flight or seq.num_drafts_in_flight:
+            if seq in gone or seq.stops_in_flight or seq.num_drafts_in_flight:
                 continue  # preempted earlier in this loop, done, or its drafts are still being verified
             n = min(seq.num_pending, budget)
             # A decode with drafts verifies them: the budget may cut some.
@@ -150,6 +151,7 @@ class Scheduler:
             n += len(drafts)
             victims = self._grow(seq, seq.num_computed + n)
             preempted += victims
+            gone.update(victims)
             for victim in victims:  # a newer decode may already hold a chunk of this step
                 budget += sum(len(c.chunk.token_ids) for c in chunks if c.seq is victim)
                 chunks = [c for c in chunks if c.seq is not victim]
