@@ -2,11 +2,12 @@
 
 No model math here. `execute` parses each request (serving/requests.py) and submits it to the
 engine, then returns at once (decoupled model): the engine thread hands each output to a queue,
-and two small threads do the Triton-side work, so IPC to the server never stalls a decode step:
-- the responder sends the responses serving/responses.py makes (one per text delta of a choice when
+and small threads do the Triton-side work, so IPC to the server never stalls a decode step:
+- the responders send the responses serving/responses.py makes (one per text delta of a choice when
   streaming, else one at the end; or the error that ends the request), the last with
-  TRITONSERVER_RESPONSE_COMPLETE_FINAL, as tensors from serving/tensors.py's cache, and polls for
-  cancelled requests (then cancels them in the engine, which frees their KV blocks and finishes them);
+  TRITONSERVER_RESPONSE_COMPLETE_FINAL, as tensors from serving/tensors.py's cache, and poll for
+  cancelled requests (then cancel them in the engine, which frees their KV blocks and finishes them);
+  each request belongs to one of them, taken in turn;
 - the monitor updates the metrics and notices an engine that died or stopped answering; it also
   exports the model's health (gemma_engine_state, gemma_heartbeat_timestamp_seconds), which the
   health probe reads (deploy/k8s/base/health.py): Triton 2.51 offers a Python model no way to make
@@ -16,6 +17,7 @@ pb_utils objects and sends them.
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -42,6 +44,10 @@ from serving.token_times import TokenTimes  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
+# A send waits for the server's side of the stub with the GIL released: on the CPU VM 187 us (p50) of
+# which the sending thread used 32 us of CPU. One thread sending after another bounds the streamed
+# responses per second; several keep several sends in flight.
+NUM_RESPONDERS = 4
 METRICS_PERIOD_S = 0.1
 
 
@@ -53,13 +59,129 @@ class EngineStartError(RuntimeError):
 class _Request:
     """One in-flight request: where its responses go, its choices' engine handles, and its timings."""
 
-    def __init__(self, sender, request: GenerateRequest, engine):
+    def __init__(self, sender, request: GenerateRequest, engine, responder: "_Responder"):
         self.sender = sender
         self.engine = engine  # the one its choices run in (a restart makes another)
+        self.responder = responder  # the one thread that sends its responses and polls it
         self.handles: list = []  # one per choice (n)
         self.responses = ResponseBuilder(request, lambda logprobs: logprobs_json(engine.tokenizer, logprobs))
         self.times = TokenTimes(submitted=time.monotonic())
         self.record = RequestRecord("success", n=request.n)
+
+
+class _Responder:
+    """A thread that sends the responses of the requests it owns and polls them for cancellation.
+    A request belongs to one responder for its whole life, so its sender is never asked
+    is_cancelled() while (or after) its final response goes out, which crashes Triton 2.51 (the
+    response factory is freed by then). Each has its own tensor cache: Triton's stub saves a tensor
+    to shared memory on its first send, which two threads must not do at once."""
+
+    def __init__(self, name: str, records: queue.SimpleQueue):
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # ((request, choice), handle with new output) | None
+        self._records = records  # RequestRecord for the metrics
+        self._active: set[_Request] = set()
+        self._lock = threading.Lock()
+        self._tensors = TensorCache(pb_utils.Tensor)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def own(self, req: _Request) -> None:
+        """Registered before its choices are submitted: its final output may arrive before submit returns."""
+        with self._lock:
+            self._active.add(req)
+
+    def disown(self, req: _Request) -> None:
+        with self._lock:
+            self._active.discard(req)
+
+    def notify(self, key: tuple[_Request, int], handle) -> None:
+        """Called by the engine: that choice has new output to poll."""
+        self._outputs.put((key, handle))
+
+    def stop(self) -> set[_Request]:
+        """Send what is queued, stop, and return the requests that never got a final response."""
+        self._outputs.put(None)
+        self._thread.join()
+        with self._lock:
+            orphans, self._active = self._active, set()
+        return orphans
+
+    def _loop(self) -> None:
+        next_poll = time.monotonic() + CANCEL_POLL_S
+        while True:
+            try:
+                items = [self._outputs.get(timeout=max(next_poll - time.monotonic(), 0))]
+            except queue.Empty:
+                items = []
+            stopping = self._drain_into(items)
+            for (req, choice), handle in send_order(items, has_started=_has_started):
+                try:
+                    out = handle.poll()  # detokenizes here, off the engine thread
+                    if out is not None:
+                        self._respond(req, choice, out)
+                except Exception as e:  # a client gone mid-send must not stop the other streams
+                    pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
+            if stopping:
+                return
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + CANCEL_POLL_S
+                try:
+                    self._cancel_abandoned()
+                except Exception as e:
+                    pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
+
+    def _drain_into(self, items: list) -> bool:
+        """Move every queued output into `items`; True if the stop sentinel (None) was among them."""
+        while items and items[-1] is not None:
+            try:
+                items.append(self._outputs.get_nowait())
+            except queue.Empty:
+                break
+        if items and items[-1] is None:
+            items.pop()
+            return True
+        return False
+
+    def _cancel_abandoned(self) -> None:
+        with self._lock:
+            active = list(self._active)
+        for req in active:
+            if req.handles and req.sender.is_cancelled():
+                for handle in req.handles:
+                    handle.cancel()  # the engine frees its KV blocks and sends a final "cancelled"
+
+    def _respond(self, req: _Request, choice: int, out) -> None:
+        if req.responses.ended:  # e.g. a sibling choice ended the request with an error
+            return
+        record = req.record
+        if out.token_ids:
+            req.times.note(len(out.token_ids), time.monotonic())
+            record.output_tokens += len(out.token_ids)
+        response = req.responses.add(choice, out, engine_died=req.engine.exit_error is not None)
+        if response is None:
+            return
+        if isinstance(response, ErrorResponse):
+            self.disown(req)  # its last response goes out now: no longer polled for cancellation
+            for handle in req.handles:
+                handle.cancel()
+            req.sender.send(_error(response), flags=FINAL)
+            record.outcome = response.outcome
+        else:
+            tensors = [self._tensors(name, values) for name, values in response.values.items()]
+            if not response.final:
+                req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+                return
+            self.disown(req)
+            req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+        record.finish_reason = out.finish_reason
+        record.prompt_tokens = out.num_prompt_tokens
+        record.ttft_s, record.inter_token_s = req.times.ttft_s, req.times.inter_token_s
+        record.e2e_s = time.monotonic() - req.times.submitted
+        self._records.put(record)
+
+
+def _has_started(key: tuple[_Request, int]) -> bool:
+    return key[0].times.last_token_at is not None
 
 
 def _error(error: ErrorResponse) -> pb_utils.InferenceResponse:
@@ -92,17 +214,13 @@ class TritonPythonModel:
             raise EngineStartError(str(e)) from None
         self._restarter: threading.Thread | None = None
         self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
-        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # ((request, choice), handle with new output) | None
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
-        self._active: set[_Request] = set()
-        self._lock = threading.Lock()
-        self._tensors = TensorCache(pb_utils.Tensor)
         self._stopping = threading.Event()
-        self._responder = threading.Thread(target=self._respond_loop, name="gemma-responder", daemon=True)
+        self._responders = [_Responder(f"gemma-responder-{i}", self._records) for i in range(NUM_RESPONDERS)]
+        self._next_responder = itertools.cycle(self._responders)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
-        self._responder.start()
         self._monitor.start()
-        freeze_startup_heap()  # GC pauses would stall the responder (an engine on a thread: its steps too)
+        freeze_startup_heap()  # GC pauses would stall the responders (an engine on a thread: its steps too)
         kv = self.engine.stats().kv_cache
         pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}; KV cache "
                                  f"{kv.num_bytes} bytes, {kv.total_blocks} blocks of {kv.block_size} tokens")
@@ -147,17 +265,15 @@ class TritonPythonModel:
             parsed = parse_request(tensors, request.parameters(), self.max_prompt_bytes)
         except ProtocolError as e:
             return self._refuse(sender, refusal(e))
-        req = _Request(sender, parsed, self.engine)
-        with self._lock:  # registered first: its final output may arrive before submit returns
-            self._active.add(req)
+        req = _Request(sender, parsed, self.engine, next(self._next_responder))
+        req.responder.own(req)
         try:
             for choice in range(parsed.n):
                 req.handles.append(req.engine.submit(
                     parsed.prompt, parsed.choice_params(choice),
-                    on_ready=lambda handle, key=(req, choice): self._outputs.put((key, handle))))
+                    on_ready=lambda handle, key=(req, choice): req.responder.notify(key, handle)))
         except Exception as e:
-            with self._lock:
-                self._active.discard(req)
+            req.responder.disown(req)
             req.responses.end()
             for handle in req.handles:  # the choices already queued: their outputs find the request ended
                 handle.cancel()
@@ -171,101 +287,13 @@ class TritonPythonModel:
         if self._restarter is not None:  # a start under way finishes (and stops what it started)
             self._restarter.join()
         self.engine.shutdown()  # cancels what is in flight; their final outputs are still sent
-        self._outputs.put(None)
-        self._responder.join()
-        with self._lock:
-            orphans, self._active = self._active, set()
-        for req in orphans:  # only if the engine stopped without a final output for them
-            req.sender.send(_error(SHUTTING_DOWN), flags=FINAL)
+        for responder in self._responders:
+            for req in responder.stop():  # only if the engine stopped without a final output for them
+                req.sender.send(_error(SHUTTING_DOWN), flags=FINAL)
 
     def _refuse(self, sender, answer: ErrorResponse) -> None:
         sender.send(_error(answer), flags=FINAL)
         self._records.put(RequestRecord(answer.outcome))
-
-    def _respond_loop(self) -> None:
-        """Owns the response senders of submitted requests: sends their responses and polls them for
-        cancellation. One thread, so a sender is never asked is_cancelled() while (or after) its
-        final response goes out, which crashes Triton 2.51 (the response factory is freed by then)."""
-        next_poll = time.monotonic() + CANCEL_POLL_S
-        while True:
-            try:
-                items = [self._outputs.get(timeout=max(next_poll - time.monotonic(), 0))]
-            except queue.Empty:
-                items = []
-            stopping = self._drain_into(items)
-            for (req, choice), handle in send_order(items, has_started=self._has_started):
-                try:
-                    out = handle.poll()  # detokenizes here, off the engine thread
-                    if out is not None:
-                        self._respond(req, choice, out)
-                except Exception as e:  # a client gone mid-send must not stop the other streams
-                    pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
-            if stopping:
-                return
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + CANCEL_POLL_S
-                try:
-                    self._cancel_abandoned()
-                except Exception as e:
-                    pb_utils.Logger.log_error(f"gemma: responder: {e!r}")
-
-    def _drain_into(self, items: list) -> bool:
-        """Move every queued output into `items`; True if the stop sentinel (None) was among them."""
-        while items and items[-1] is not None:
-            try:
-                items.append(self._outputs.get_nowait())
-            except queue.Empty:
-                break
-        if items and items[-1] is None:
-            items.pop()
-            return True
-        return False
-
-    @staticmethod
-    def _has_started(key: tuple[_Request, int]) -> bool:
-        return key[0].times.last_token_at is not None
-
-    def _cancel_abandoned(self) -> None:
-        with self._lock:
-            active = list(self._active)
-        for req in active:
-            if req.handles and req.sender.is_cancelled():
-                for handle in req.handles:
-                    handle.cancel()  # the engine frees its KV blocks and sends a final "cancelled"
-
-    def _respond(self, req: _Request, choice: int, out) -> None:
-        if req.responses.ended:  # e.g. a sibling choice ended the request with an error
-            return
-        record = req.record
-        if out.token_ids:
-            req.times.note(len(out.token_ids), time.monotonic())
-            record.output_tokens += len(out.token_ids)
-        response = req.responses.add(choice, out, engine_died=req.engine.exit_error is not None)
-        if response is None:
-            return
-        if isinstance(response, ErrorResponse):
-            self._forget(req)
-            for handle in req.handles:
-                handle.cancel()
-            req.sender.send(_error(response), flags=FINAL)
-            record.outcome = response.outcome
-        else:
-            tensors = [self._tensors(name, values) for name, values in response.values.items()]
-            if not response.final:
-                req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
-                return
-            self._forget(req)
-            req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
-        record.finish_reason = out.finish_reason
-        record.prompt_tokens = out.num_prompt_tokens
-        record.ttft_s, record.inter_token_s = req.times.ttft_s, req.times.inter_token_s
-        record.e2e_s = time.monotonic() - req.times.submitted
-        self._records.put(record)
-
-    def _forget(self, req: _Request) -> None:
-        """Its last response goes out now: no longer polled for cancellation."""
-        with self._lock:
-            self._active.discard(req)
 
     def _monitor_loop(self) -> None:
         logged = set()  # each error once, not every period (e.g. an engine process that has died)
