@@ -264,3 +264,22 @@ def test_chaos_gpu_memory_is_checked_against_the_first_recovery_not_the_level_be
     assert chaos.gpu_memory_problems(leak) == [
         "fault 4 (kill): GPU memory after the recovery is 1163 MiB above its level after the first recovery",
         "GPU memory grew by 1163 MiB from the first recovery to the last (3 restarts)"]
+
+
+def test_host_step_measures_both_heaps_on_one_engine_and_gives_the_collector_back(capsys):
+    import gc
+
+    from benchmarks import host_step
+
+    walked, frozen = host_step.main(["--sequences", "4", "--steps", "3", "--warm-steps", "1"])
+    assert [walked["heap"], frozen["heap"]] == ["as started", "frozen"]
+    for run_ in (walked, frozen):
+        assert run_["sequences"] == 4 and run_["steps"] >= 3
+        assert run_["host_ms"] == pytest.approx(sum(run_.get(k, 0.0) for k in host_step.HOST_PHASES), abs=0.01)
+        assert run_["full_collections"] == len(run_["full_collection_ms"])
+    assert frozen["tracked_objects"] < walked["tracked_objects"]  # the startup heap left the walked set
+    assert gc.get_freeze_count() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert frozen["one_full_collection_ms"] < walked["one_full_collection_ms"]
+    assert set(json.loads(lines[-1])) == {"host_ms_frozen_over_walked", "wall_per_step_frozen_over_walked",
+                                          "full_collection_frozen_over_walked"}
