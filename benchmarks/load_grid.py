@@ -340,6 +340,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     t.add_argument("--ours", type=Path, nargs="+", required=True)
     t.add_argument("--vllm", type=Path, nargs="+", required=True)
     t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--plot", type=Path, help="also a PNG of tok/s and TTFT p50 against clients (matplotlib)")
     return p.parse_args(argv)
 
 
@@ -422,9 +423,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.command == "ours":
         return run_ours(args, started)
-    text = markdown(read_json_files(args.ours), read_json_files(args.vllm))
+    ours, vllm = read_json_files(args.ours), read_json_files(args.vllm)
+    text = markdown(ours, vllm)
     args.out.write_text(text)
     print(text)
+    if args.plot is not None:
+        from .plots import load_grid
+        load_grid(rows(grid_records(ours) + grid_records(vllm)), args.plot, text.splitlines()[0])
     return 0
 
 

@@ -8,7 +8,8 @@ STYLE = {  # system -> (label, color, marker)
     "hf_sequential": ("HF generate, one after another", "tab:orange", "s"),
     "hf_batched": ("HF generate, batched (left-padded)", "tab:green", "^"),
     "server": ("server (gRPC)", "tab:red", "o"),
-    "engine_direct": ("engine in-process", "tab:blue", "s"),
+    "engine_direct": ("engine_direct (no server)", "tab:blue", "s"),
+    "vllm_asyncllm": ("vLLM AsyncLLM", "tab:gray", "^"),
 }
 
 
@@ -70,6 +71,25 @@ def latency(engine_rows: list[dict], server_rows: list[dict], path: Path, title:
         ax.set(title=f"{name}: p50 solid, p99 dashed", xlabel="concurrent streaming clients (closed loop)",
                ylabel="ms")
     return _save(plt, fig, axes, path, title, legend_size=7)
+
+
+def load_grid(rows: list[dict], path: Path, title: str) -> Path:
+    """Issue #28's grid (benchmarks/load_grid.rows): one column per prompt kind and output length;
+    output tokens/s (top) and TTFT p50 (bottom) against closed-loop clients, vLLM beside ours."""
+    plt = _plt()
+    blocks = sorted({(r["prompt_kind"], r["max_tokens"]) for r in rows if r["mode"] == "closed"},
+                    key=lambda b: (b[1], b[0] != "short"))
+    fig, axes = plt.subplots(2, len(blocks), figsize=(4.2 * len(blocks), 7.4), squeeze=False)
+    for column, (kind, tokens) in enumerate(blocks):
+        points = sorted((r for r in rows if r["mode"] == "closed" and (r["prompt_kind"], r["max_tokens"]) == (kind, tokens)),
+                        key=lambda r: r["concurrency"])
+        for system in ("vllm_asyncllm", "engine_direct", "server"):
+            at = [(r["concurrency"], r["systems"][system]) for r in points if system in r["systems"]]
+            _line(axes[0][column], system, [c for c, _ in at], [s["tokens_per_s"] for _, s in at])
+            _line(axes[1][column], system, [c for c, _ in at], [s["ttft_ms"]["p50"] for _, s in at])
+        axes[0][column].set(title=f"{kind} prompts, {tokens} tokens", xlabel="clients", ylabel="output tokens/s")
+        axes[1][column].set(title="TTFT p50", xlabel="clients", ylabel="ms")
+    return _save(plt, fig, [ax for pair in axes for ax in pair], path, title, legend_size=7)
 
 
 def _save(plt, fig, axes, path: Path, title: str, legend_size: int) -> Path:

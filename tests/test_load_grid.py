@@ -234,3 +234,15 @@ def test_the_table_gives_ratios_and_marks_each_goal_a_point_misses():
     assert "| short (12) | 64 | 8 clients | 2,000 | 2,200 | - | 1.10 | - |" in table and "| met |" in table
     assert "- engine_direct: all goals met at 1 of 3 points; tok/s over vLLM's 1.10 to 1.10" in table
     assert "- load_grid_skipped: points ['x']" in table
+
+
+def test_the_table_command_also_plots_the_grid_when_asked(tmp_path):
+    pytest.importorskip("matplotlib")
+    vllm = [_record("vllm_asyncllm", 2_000.0 * c, 20.0 + c, 5.0, concurrency=c) for c in (1, 8, 64)]
+    ours = [_record(system, 2_100.0 * c, 15.0 + c, 5.0, concurrency=c) for system in load_grid.OURS for c in (1, 8, 64)]
+    for name, records in (("ours.jsonl", ours), ("vllm.jsonl", vllm)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_grid.main(["table", "--ours", str(tmp_path / "ours.jsonl"), "--vllm", str(tmp_path / "vllm.jsonl"),
+                           "--out", str(tmp_path / "t.md"), "--plot", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| short (12) | 64 | 64 clients | 128,000 | 134,400 | 134,400 |" in (tmp_path / "t.md").read_text()
