@@ -174,13 +174,13 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def start(out: Path, config):
-    """tritonserver running the engine `config` describes and the gateway, by benchmarks/serving.py's
-    launchers."""
+def start(out: Path, config, gateway_workers: int):
+    """tritonserver running the engine `config` describes and the gateway (`gateway_workers` processes),
+    by benchmarks/serving.py's launchers."""
     from . import serving
     print(f"starting tritonserver and the gateway (logs: {out})", file=sys.stderr, flush=True)
     server = serving.start_server(out / "server.log", config)
-    gateway = serving.start_gateway(server.grpc_url, out / "gateway.log")
+    gateway = serving.start_gateway(server.grpc_url, out / "gateway.log", gateway_workers)
     if gateway is None:
         server.stop()
         raise SystemExit("the gateway's packages are not installed (make setup)")
@@ -207,6 +207,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pace", type=float, default=50,
                         help="requests/s AIPerf tries at most (a free client waits <= 1/pace s); 0: its busy loop")
     parser.add_argument("--workers", type=int, default=1, help="AIPerf's --workers-max")
+    parser.add_argument("--gateway-workers", type=int, default=1,
+                        help="without --url: the gateway's --workers (processes; one caps a GPU server's streams)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit-s", type=float, default=600, help="our own generator's limit per run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "aiperf")
@@ -231,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows, found = [], []
     try:
         if args.url is None:
-            server, gateway = start(args.out, engine_config(args))
+            server, gateway = start(args.out, engine_config(args), args.gateway_workers)
         url = args.url or gateway.url
         for endpoint in endpoints:
             for concurrency in concurrencies:

@@ -382,8 +382,8 @@ def start_server(log_path: Path, config):
     return server
 
 
-def start_gateway(triton_url: str, log_path: Path):
-    """`python -m gateway` on a free loopback port in front of the server at `triton_url`, started and
+def start_gateway(triton_url: str, log_path: Path, workers: int = 1):
+    """`python -m gateway --workers N` on a free loopback port in front of the server at `triton_url`, started and
     stopped by the gateway tests' own launcher. Returns an object with `url` and `stop()`, or None
     where the gateway's packages (and its tests') are not installed."""
     import pytest
@@ -391,7 +391,7 @@ def start_gateway(triton_url: str, log_path: Path):
         from tests.support.gateway import start_gateway
     except pytest.skip.Exception:  # its importorskip: fastapi, uvicorn, httpx or openai missing
         return None
-    return start_gateway(triton_url, log_path)
+    return start_gateway(triton_url, log_path, workers=workers)
 
 
 def table(records: list[dict]) -> list[dict]:

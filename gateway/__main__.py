@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import uvicorn
 
@@ -21,16 +22,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--triton-url", help="Triton's gRPC host:port (default: $GEMMA_TRITON_URL or localhost:8001)")
     parser.add_argument("--triton-metrics-url", help="Triton's metrics URL, where /health reads the engine's state, "
                         "or 'none' (default: $GEMMA_TRITON_METRICS_URL, else port 8002 of the --triton-url host)")
+    parser.add_argument("--workers", type=int,
+                        help="processes serving the port (default: $GEMMA_GATEWAY_WORKERS, else 1)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-        given = {"triton_url": args.triton_url, "triton_metrics_url": args.triton_metrics_url}
+        given = {"triton_url": args.triton_url, "triton_metrics_url": args.triton_metrics_url, "workers": args.workers}
         settings = dataclasses.replace(settings, **{key: value for key, value in given.items() if value})
     except ValueError as e:
         parser.error(str(e))
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    serve = dict(host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **serve)
+        return
+    # Worker processes build their app from the environment: the options given here go there first.
+    os.environ.update(GEMMA_TRITON_URL=settings.triton_url, GEMMA_TRITON_METRICS_URL=settings.triton_metrics_url)
+    uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **serve)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,17 @@ class Settings:
     # host; "none" reads Triton's readiness alone (behind a balancer over several servers, whose own
     # probes take a server with a failed engine out: deploy/k8s).
     triton_metrics_url: str = ""
+    # Processes serving the port, each with its own event loop and gRPC channel: one process spends
+    # ~0.3 ms of CPU per streamed token (docs/benchmarks.md), so it caps a GPU server's streams.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.triton_metrics_url not in ("", "none") and \
                 not self.triton_metrics_url.startswith(("http://", "https://")):
             raise ValueError(f"the Triton metrics URL (GEMMA_TRITON_METRICS_URL, --triton-metrics-url) must be "
                              f"http(s)://host:port/metrics or 'none', got {self.triton_metrics_url!r}")
+        if self.workers < 1:
+            raise ValueError(f"the gateway's workers (GEMMA_GATEWAY_WORKERS, --workers) must be >= 1, got {self.workers}")
 
     def engine_metrics_url(self) -> Optional[str]:
         """Where /health reads the engine's state; None: not read."""
@@ -44,4 +49,5 @@ class Settings:
             max_body_bytes=int(env.get("GEMMA_GATEWAY_MAX_BODY_BYTES") or cls.max_body_bytes),
             max_choices=int(env.get("GEMMA_GATEWAY_MAX_CHOICES") or cls.max_choices),
             triton_metrics_url=env.get("GEMMA_TRITON_METRICS_URL") or cls.triton_metrics_url,
+            workers=int(env.get("GEMMA_GATEWAY_WORKERS") or cls.workers),
         )

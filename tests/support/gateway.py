@@ -58,13 +58,14 @@ class Gateway:
 
 
 def start_gateway(triton_url: str, log_path: Path, api_key: Optional[str] = None,
-                  metrics_url: Optional[str] = None) -> Gateway:
+                  metrics_url: Optional[str] = None, workers: int = 1) -> Gateway:
     """`python -m gateway` on a free port, with GEMMA_API_KEY set only when `api_key` is given; returns
     once it answers. `metrics_url`: the server's metrics, where /health reads the engine's state (else
-    the gateway's default, port 8002 of the server's host)."""
+    the gateway's default, port 8002 of the server's host). `workers`: its --workers."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("GEMMA_GATEWAY_") and k not in ("GEMMA_API_KEY", "GEMMA_TRITON_METRICS_URL")}
-    options = ["--triton-url", triton_url] + (["--triton-metrics-url", metrics_url] if metrics_url else [])
+    options = ["--triton-url", triton_url, "--workers", str(workers)] + \
+        (["--triton-metrics-url", metrics_url] if metrics_url else [])
     if api_key is not None:
         env["GEMMA_API_KEY"] = api_key
     for attempt in range(3):
