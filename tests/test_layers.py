@@ -138,7 +138,7 @@ BACKEND_LAYERS = (
     ("model", "weights", "te.model", "te.layers"),  # the models and their weights
     ("attention", "batch", "rope"),  # the attention backends and the step layout
     ("kernels",),  # Triton-language kernels: nothing of the engine
-    ("memory",),  # what memory is free: the host's (and its cgroup's), a GPU's
+    ("memory", "heap"),  # what memory is free (the host's, its cgroup's, a GPU's); the collector kept off the startup heap
     ("params", "errors", "config", "te"),  # plain data; `te` only finds TransformerEngine
 )
 
