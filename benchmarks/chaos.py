@@ -310,10 +310,14 @@ def inject(kind: str, server, load: Load, probes: Probes, args, since: float) ->
     sent_while_down = [r for r in list(load.requests) if t0 <= r.submitted < outage_end and r.ended is not None]
     failed_while_down = [r for r in sent_while_down if r.error is not None]
     in_flight_failed = [r for r in in_flight if r.error is not None]
+    # A request whose final response was already on its way when the fault hit ends well: in flight by
+    # the snapshot above, finished by the time the process died.
+    in_flight_completed = [r for r in in_flight if r.ended is not None and r.error is None]
     # Time to first token before the fault, and of the first requests the fresh engine served.
     result["ttft_before_s"] = median_ttft([r for r in list(load.requests) if since <= r.submitted < t0])
     result["ttft_first_after_s"] = median_ttft([r for r in sent_while_down if r.error is None])
-    result.update(in_flight_failed=len(in_flight_failed), sent_while_down=len(sent_while_down),
+    result.update(in_flight_failed=len(in_flight_failed), in_flight_completed=len(in_flight_completed),
+                  sent_while_down=len(sent_while_down),
                   failed_while_down=len(failed_while_down),
                   slowest_failure_while_down_s=round(max((r.latency for r in failed_while_down), default=0), 2),
                   errors=error_kinds(in_flight_failed + failed_while_down))
