@@ -77,12 +77,11 @@ def load_grid(rows: list[dict], path: Path, title: str) -> Path:
     """Issue #28's grid (benchmarks/load_grid.rows): one column per prompt kind and output length;
     output tokens/s (top) and TTFT p50 (bottom) against closed-loop clients, vLLM beside ours."""
     plt = _plt()
-    blocks = sorted({(r["prompt_kind"], r["max_tokens"]) for r in rows if r["mode"] == "closed"},
-                    key=lambda b: (b[1], b[0] != "short"))
+    closed = [r for r in rows if r["mode"] == "closed"]  # rows() orders them: by length, kind, then clients
+    blocks = list(dict.fromkeys((r["prompt_kind"], r["max_tokens"]) for r in closed))
     fig, axes = plt.subplots(2, len(blocks), figsize=(4.2 * len(blocks), 7.4), squeeze=False)
     for column, (kind, tokens) in enumerate(blocks):
-        points = sorted((r for r in rows if r["mode"] == "closed" and (r["prompt_kind"], r["max_tokens"]) == (kind, tokens)),
-                        key=lambda r: r["concurrency"])
+        points = [r for r in closed if (r["prompt_kind"], r["max_tokens"]) == (kind, tokens)]
         for system in ("vllm_asyncllm", "engine_direct", "server"):
             at = [(r["concurrency"], r["systems"][system]) for r in points if system in r["systems"]]
             _line(axes[0][column], system, [c for c, _ in at], [s["tokens_per_s"] for _, s in at])

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings.from_env()
         given = {"triton_url": args.triton_url, "triton_metrics_url": args.triton_metrics_url, "workers": args.workers}
-        settings = dataclasses.replace(settings, **{key: value for key, value in given.items() if value})
+        settings = dataclasses.replace(settings, **{key: value for key, value in given.items()
+                                                    if value is not None and value != ""})
     except ValueError as e:
         parser.error(str(e))
     serve = dict(host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

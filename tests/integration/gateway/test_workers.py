@@ -59,3 +59,11 @@ def test_the_number_of_workers_comes_from_the_environment_and_must_be_positive()
     assert Settings.from_env({"GEMMA_GATEWAY_WORKERS": "4"}).workers == 4
     with pytest.raises(ValueError, match="GEMMA_GATEWAY_WORKERS"):
         Settings.from_env({"GEMMA_GATEWAY_WORKERS": "0"})
+
+
+def test_zero_workers_on_the_command_line_is_refused_not_taken_for_the_default():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gateway", "--workers", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "must be >= 1, got 0" in done.stderr
