@@ -30,7 +30,7 @@ from typing import Optional, Sequence as Seq
 
 import torch
 
-from .batch import SeqChunk
+from .batch import SeqChunk, fed_token
 from .config import GemmaConfig
 from .kv_cache import PagedKVCache, bytes_per_block
 from .params import EngineConfig, blocks_for
@@ -117,7 +117,8 @@ class DraftModelProposer:
         for j in range(1, max(wanted for *_, wanted in drafting)):
             active = [n for n, (*_, wanted) in enumerate(drafting) if wanted > j]
             # Draft j (0-based) goes at position len(tokens) + j - 1, fed from the device.
-            chunks = [SeqChunk([-1 - row], len(drafting[n][2]) + j - 1, drafting[n][1].block_table, needs_logits=True)
+            chunks = [SeqChunk([fed_token(row)], len(drafting[n][2]) + j - 1, drafting[n][1].block_table,
+                               needs_logits=True)
                       for row, n in enumerate(active)]
             picks = self.runner.logits(chunks, torch.stack([picked[n][-1] for n in active])).argmax(dim=-1)
             for row, n in enumerate(active):

@@ -45,7 +45,7 @@ from .model import prepare_for_cpu
 from .outputs import TokenDelta
 from .params import EngineConfig, EngineLimits, SamplingParams
 from .runner import ModelRunner, StepInFlight, StepModel
-from .sampling import make_generator, needs_token_history
+from .sampling import make_generator
 from .scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, Sequence
 from .speculative import DraftControl, DraftRequest, NgramProposer, Proposer, SpecDecodeStats
 from .step_times import StepTimes
@@ -278,7 +278,7 @@ class EngineCore:
         """A running request's sampler needs its tokens so far on the host (penalties, bad words of
         several tokens, a grammar's next mask), or its proposer does (a speculating sequence; its
         verify step's tokens are known only on the host): the next step waits for the one in flight."""
-        return any(seq.num_in_flight and (needs_token_history(seq.params) or seq.grammar is not None
+        return any(seq.num_in_flight and (seq.params.reads_token_history or seq.grammar is not None
                                           or self._speculating(seq))
                    for seq in self.scheduler.running)
 
@@ -390,9 +390,10 @@ class EngineCore:
         for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
             self._finish(samplers[row].seq, "error", error="the model's scores for this request were not finite "
                                                            "(NaN or infinity): nothing could be sampled")
-        new_tokens = [sampled.tokens(i) for i in range(len(samplers))]
+        new_tokens = sampled.every_sequence_tokens()
         if sampled.num_accepted is not None:
             self._count_drafts(samplers, sampled.num_accepted)
+        with_logprobs = sampled.any_logprobs
         for seq, i, n in self.scheduler.update(output, new_tokens):
             broken = grammar_done = None
             if seq.grammar is not None and seq.finish_reason is None:  # (never has drafts)
@@ -402,11 +403,9 @@ class EngineCore:
                     grammar_done = True
                 else:
                     broken = ended
-            logprobs = sampled.token_logprobs(i)
-            self._deliver(seq, TokenDelta(new_tokens[i][:n], seq.finish_reason,
-                                          num_cached_tokens=seq.num_cached_prompt_tokens,
-                                          logprobs=None if logprobs is None else logprobs[:n],
-                                          ends_with_stop_id=not grammar_done))
+            logprobs = sampled.token_logprobs(i) if with_logprobs else None
+            self._deliver(seq, TokenDelta(new_tokens[i][:n], seq.finish_reason, None, seq.num_cached_prompt_tokens,
+                                          None if logprobs is None else logprobs[:n], not grammar_done))
             if broken is not None:
                 self._finish(seq, "error", error=f"the generated token broke the structured-outputs constraint: "
                                                  f"{broken}")
@@ -460,4 +459,6 @@ class EngineCore:
         returned (its watchdog, backend/engine_process.py)."""
         if self._outbox or self._stepped:
             deltas, self._outbox, self._stepped = self._outbox, [], False
+            start = time.perf_counter()
             self._publish(deltas)
+            self._step_times.publish_s += time.perf_counter() - start

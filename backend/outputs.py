@@ -7,15 +7,16 @@ detokenizing and stop strings - is the consumer's work (`OutputProcessor`, run b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 from .params import SamplingParams, TokenLogprobs
 from .tokenizer import TextStream, Tokenizer
 
 
-@dataclass(frozen=True)
-class TokenDelta:
-    """Tokens a sequence generated since its previous delta, as the engine thread reports them."""
+class TokenDelta(NamedTuple):
+    """Tokens a sequence generated since its previous delta, as the engine thread reports them. A
+    tuple: the engine thread makes one per running sequence each step, and an engine process pickles
+    them to its parent, which unpickles them; a tuple costs a third of a frozen dataclass each way."""
     token_ids: list[int]
     finish_reason: Optional[str] = None  # "stop": the last token is an EOS or stop id
     error: Optional[str] = None

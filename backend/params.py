@@ -5,6 +5,7 @@ model import these at the top of their modules; the engine's torch code imports 
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -165,6 +166,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
+
+    @functools.cached_property  # asked of every running request at every step (it writes __dict__: frozen is fine)
+    def reads_token_history(self) -> bool:
+        """Sampling reads the tokens so far (the repetition, presence or frequency penalty, or a bad word
+        of several tokens; a one-token bad word is banned whatever came before)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or any(len(ids) > 1 for ids in self.bad_words_token_ids))
 
 
 

@@ -22,7 +22,6 @@ sampled ids on the device.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -36,8 +35,8 @@ from .config import GemmaConfig
 from .grammar import mask_logits
 from .graphs import DecodeGraphs, MixedGraphs
 from .kv_cache import PagedKVCache
-from .sampling import SampledOnDevice, SampledTokens, SamplingRow, needs_token_history
-from .scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput
+from .sampling import SampledOnDevice, SampledTokens, SamplingRow
+from .scheduler import ScheduledChunk, SchedulerOutput
 from .step_times import StepTimes
 
 
@@ -77,15 +76,13 @@ class ModelRunner:
 
     def launch(self, output: SchedulerOutput, previous: Optional["StepInFlight"], times: StepTimes) -> "StepInFlight":
         """Start the step: lay it out, run the model and the sampler, and start copying the sampled
-        ids to the host, without waiting for the device. A decode of a token still in flight
-        (PENDING_TOKEN) takes it from `previous`, the step launched just before, on the device."""
+        ids to the host, without waiting for the device. A decode of a token still in flight (a
+        `fed_token`) takes it from `previous`, the step launched just before, on the device."""
         start = time.perf_counter()
-        chunks, pending = [s.chunk for s in output.chunks], False
-        if previous is not None:
-            chunks, pending = previous.feed_pending(output.chunks)
+        chunks = [s.chunk for s in output.chunks]
         token_ids, layout = self.model.attention.build_step(chunks, self.kv_cache.block_size, self._uploader)
-        if pending:
-            token_ids = previous.fill_pending(token_ids)
+        if output.feeds_in_flight:
+            token_ids = fill_fed(token_ids, previous.sampled.token_ids)
         prepared = time.perf_counter()
         events = self._events() if self.device.type == "cuda" else None
         if events:
@@ -95,7 +92,8 @@ class ModelRunner:
             events[1].record()
         launched = time.perf_counter()
         samplers = [s for s in output.chunks if s.needs_logits]
-        mask_logits(logits, [s.seq.grammar for s in samplers for _ in range(s.chunk.num_logit_rows)])
+        if any(s.seq.grammar is not None for s in samplers):
+            mask_logits(logits, [s.seq.grammar for s in samplers for _ in range(s.chunk.num_logit_rows)])
         rows = [row for s in samplers for row in sampling_rows(s)]
         drafts = [s.chunk.token_ids[len(s.chunk.token_ids) - s.chunk.num_drafts:] for s in samplers] \
             if any(s.chunk.num_drafts for s in samplers) else None
@@ -145,10 +143,12 @@ def sampling_rows(scheduled: ScheduledChunk) -> list[SamplingRow]:
     far)."""
     seq, chunk = scheduled.seq, scheduled.chunk
     params, history = seq.params, seq.token_ids
+    if not chunk.num_drafts:  # the common case, first (at 256 sequences the loop below shows in a step's host time)
+        return [SamplingRow(params, seq.generator, history, scheduled.num_output_tokens, seq.eos_token_ids)]
     drafts = chunk.token_ids[len(chunk.token_ids) - chunk.num_drafts:]
     rows = []
     for j in range(chunk.num_drafts + 1):
-        if j and needs_token_history(params):  # only the penalties and bad words read the history
+        if j and params.reads_token_history:  # only the penalties and bad words read the history
             history = seq.token_ids + drafts[:j]
         rows.append(SamplingRow(params, seq.generator, history, scheduled.num_output_tokens + j, seq.eos_token_ids))
     return rows
@@ -162,29 +162,8 @@ class StepInFlight:
     sampled: Optional[SampledOnDevice]
     events: Optional[list]
 
-    def feed_pending(self, scheduled: list[ScheduledChunk]) -> tuple[list[SeqChunk], bool]:
-        """The next step's chunks, each decode of a token this step is sampling marked with its row
-        here (PENDING_TOKEN becomes -1 - row); and whether there was any."""
-        chunks, rows = [], None
-        for next_chunk in scheduled:
-            chunk = next_chunk.chunk
-            if chunk.token_ids[-1] == PENDING_TOKEN:  # only ever a decode: the sequence's last token
-                if rows is None:  # each sequence's logit row (one: a sequence verifying drafts is never pending)
-                    rows, row = {}, 0
-                    for s in self.output.chunks:
-                        rows[id(s.seq)] = row
-                        row += s.chunk.num_logit_rows
-                chunk = dataclasses.replace(chunk, token_ids=[-1 - rows[id(next_chunk.seq)]])
-            chunks.append(chunk)
-        return chunks, rows is not None
-
-    def fill_pending(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """`token_ids` with each -1 - row replaced by the token this step sampled in that row, on the
-        device (no wait)."""
-        return fill_fed(token_ids, self.sampled.token_ids)
-
 
 def fill_fed(token_ids: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
-    """`token_ids` with each -1 - i replaced by fed[i], on the device (no wait)."""
+    """`token_ids` with each fed_token(i) (-1 - i) replaced by fed[i], on the device (no wait)."""
     rows = (-1 - token_ids).clamp_min(0)
     return torch.where(token_ids < 0, fed[rows], token_ids)

@@ -67,6 +67,16 @@ class SampledTokens:
         first = self.first_rows[i]
         return self.token_ids[first:first + 1 + self.num_accepted[i]]
 
+    def every_sequence_tokens(self) -> list[list[int]]:
+        """tokens(i) of every sequence, in one pass (the engine asks for all of them each step)."""
+        if self.first_rows is None:
+            return [[token] for token in self.token_ids]
+        return [self.tokens(i) for i in range(len(self.first_rows))]
+
+    @property
+    def any_logprobs(self) -> bool:
+        return any(lp is not None for lp in self.logprobs)
+
     def token_logprobs(self, i: int) -> Optional[list[TokenLogprobs]]:
         """Sequence i's new tokens' logprobs; None if it did not ask for them."""
         first = i if self.first_rows is None else self.first_rows[i]
@@ -248,15 +258,8 @@ def _on_device(values: Sequence, device: torch.device, dtype: Optional[torch.dty
 
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.params
-    return (not params.greedy or needs_token_history(params) or bool(params.bad_words_token_ids)
+    return (not params.greedy or params.reads_token_history or bool(params.bad_words_token_ids)
             or row.num_output_tokens < params.min_tokens)
-
-
-def needs_token_history(params: SamplingParams) -> bool:
-    """Sampling reads the tokens so far (the repetition, presence or frequency penalty, or a bad word
-    of several tokens; a one-token bad word is banned whatever came before)."""
-    return (params.repetition_penalty != 1.0 or _has_occurrence_penalty(params)
-            or any(len(ids) > 1 for ids in params.bad_words_token_ids))
 
 
 def _has_occurrence_penalty(params: SamplingParams) -> bool:

@@ -9,7 +9,8 @@ no tokenizer and no thread: tested alone (tests/test_scheduler.py).
 Steps may overlap (async scheduling, backend/engine.py): the next step is scheduled before the
 current one's tokens are back. `schedule()` therefore counts a chunk's K/V as computed as soon as it
 is scheduled (steps run in order on one device stream), and a sequence whose sampled token is still
-in flight gets a decode of that token (`PENDING_TOKEN`, filled in on the device by the runner). A
+in flight gets a decode of that token: a `fed_token` naming its row among the samples of the step in
+flight (`sampled_row`), which the runner fills in on the device. A
 sequence certain to stop at max_tokens gets no further step. `update()` later appends the tokens.
 
 Speculative decoding: a sequence may carry draft tokens (`draft_token_ids`, proposed by the engine
@@ -34,18 +35,13 @@ from typing import TYPE_CHECKING, Optional, Sequence as Seq, Union
 
 import torch
 
-from .batch import SeqChunk
+from .batch import SeqChunk, fed_token
 from .kv_cache import BlockPool, block_hash
 from .params import SamplingParams, blocks_for
 
 if TYPE_CHECKING:
     from .grammar import Grammar
     from .speculative import Speculation
-
-# A chunk's token that is still being sampled by the step in flight; the runner feeds it to the
-# model from that step's sampled ids on the device.
-PENDING_TOKEN = -1
-
 
 @dataclass(eq=False)
 class Sequence:
@@ -59,6 +55,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # names of the full blocks of token_ids so far
     num_computed: int = 0  # tokens whose K/V are in the cache, or computed by a step already scheduled
     num_in_flight: int = 0  # tokens sampled by scheduled steps, not yet appended to token_ids
+    sampled_row: int = 0  # its (first) logit row in the last step scheduled that samples for it
     num_cached_prompt_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
@@ -102,6 +99,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]  # sent back to the queue this step
+    feeds_in_flight: bool = False  # a chunk decodes a token the step in flight is sampling (a fed_token)
 
     @property
     def num_tokens(self) -> int:
@@ -145,9 +143,11 @@ class Scheduler:
                 break
             if seq in gone or seq.stops_in_flight or seq.num_drafts_in_flight:
                 continue  # preempted earlier in this loop, done, or its drafts are still being verified
-            n = min(seq.num_pending, budget)
+            pending = seq.num_pending
+            n = min(pending, budget)
             # A decode with drafts verifies them: the budget may cut some.
-            drafts = seq.draft_token_ids[:budget - 1] if seq.num_pending == 1 and not seq.num_in_flight else []
+            drafts = seq.draft_token_ids[:budget - 1] if seq.draft_token_ids and pending == 1 \
+                and not seq.num_in_flight else ()
             n += len(drafts)
             victims = self._grow(seq, seq.num_computed + n)
             preempted += victims
@@ -169,14 +169,20 @@ class Scheduler:
             n = min(seq.num_pending, budget)
             budget -= n
             chunks.append(self._chunk(seq, n))
+        row, feeds_in_flight = 0, False
         for scheduled in chunks:  # the step's K/V count as computed; its samples are in flight
             seq, chunk = scheduled.seq, scheduled.chunk
+            feeds_in_flight = feeds_in_flight or chunk.token_ids[-1] < 0
             seq.num_computed = chunk.start + len(chunk.token_ids)
-            seq.num_in_flight += chunk.needs_logits
             seq.num_drafts_in_flight = chunk.num_drafts
+            if chunk.needs_logits:  # (read by the next schedule(), after every chunk of this one is made)
+                seq.num_in_flight += 1
+                seq.sampled_row = row
+                row += chunk.num_logit_rows
         for seq in self.running:  # drafts are proposed for one step only
-            seq.draft_token_ids = []
-        return SchedulerOutput(chunks, preempted)
+            if seq.draft_token_ids:
+                seq.draft_token_ids = []
+        return SchedulerOutput(chunks, preempted, feeds_in_flight)
 
     def update(self, output: SchedulerOutput, sampled: Seq[Union[int, Seq[int]]]) -> list[tuple[Sequence, int, int]]:
         """Apply a computed step: append each sampled token (sampled[i] for the i-th chunk that
@@ -284,12 +290,15 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int, drafts: Seq[int] = ()) -> ScheduledChunk:
         """The next n tokens of `seq` from num_computed; with drafts, its last token and the drafts."""
-        end = seq.num_computed + n - len(drafts)
-        token_ids = seq.token_ids[seq.num_computed:end]
-        token_ids += [PENDING_TOKEN] * (end - seq.num_computed - len(token_ids))  # a decode of the token in flight
-        return ScheduledChunk(seq, SeqChunk(token_ids + list(drafts), seq.num_computed, list(seq.block_table),
-                                            needs_logits=end == seq.num_tokens, num_drafts=len(drafts)),
-                              num_output_tokens=seq.num_tokens - seq.num_prompt_tokens)
+        start, num_tokens = seq.num_computed, seq.num_tokens
+        end = start + n - len(drafts)
+        token_ids = seq.token_ids[start:end]
+        if end - start > len(token_ids):  # a decode of the token in flight (one step is in flight at most)
+            token_ids.append(fed_token(seq.sampled_row))
+        if drafts:
+            token_ids += drafts
+        return ScheduledChunk(seq, SeqChunk(token_ids, start, list(seq.block_table), end == num_tokens, len(drafts)),
+                              num_tokens - seq.num_prompt_tokens)
 
     def _extend_hashes(self, seq: Sequence, num_tokens: int) -> None:
         """Name every full block among the first `num_tokens` tokens (names depend on tokens only)."""

@@ -23,9 +23,10 @@ class StepTimes:
     forward_s: float = 0.0  # launching the forward: a graph replay (with its input copies) or eager
     sample_s: float = 0.0  # launching the sampler and the copy of its ids to the host
     wait_s: float = 0.0  # waiting for a step's sampled ids to reach the host
-    update_s: float = 0.0  # Scheduler.update and the deltas handed to the requests
+    update_s: float = 0.0  # Scheduler.update and each request's delta made
     gpu_forward_s: float = 0.0  # the forward on the device (CUDA events); 0 on CPU
     propose_s: float = 0.0  # speculative decoding's proposer, before schedule (a draft model's forwards)
+    publish_s: float = 0.0  # the deltas handed over (an engine process pickles them onto the pipe to its parent)
 
     def since(self, earlier: "StepTimes") -> "StepTimes":
         """The times of the steps taken after `earlier` (a copy taken then)."""

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HOST_PHASES = ("schedule_ms", "prepare_ms", "update_ms")
+HOST_PHASES = ("schedule_ms", "prepare_ms", "update_ms", "publish_ms")
 
 
 class FullCollections:

@@ -9,7 +9,7 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, Top
 
 from backend.errors import InvalidRequestError
 from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator,
-                              needs_token_history, process_logits, sample, sample_with_logprobs)
+                              process_logits, sample, sample_with_logprobs)
 
 VOCAB = 1000
 EOS = 7
@@ -413,5 +413,5 @@ def test_bad_words_act_before_penalties_and_leave_logprobs_raw():
 
 
 def test_only_bad_words_of_several_tokens_need_the_token_history():
-    assert not needs_token_history(banning((3,), (4,)))
-    assert needs_token_history(banning((3,), (4, 5)))
+    assert not banning((3,), (4,)).reads_token_history
+    assert banning((3,), (4, 5)).reads_token_history

@@ -4,7 +4,8 @@ import pytest
 
 from backend.kv_cache import BlockPool
 from backend.params import SamplingParams
-from backend.scheduler import PENDING_TOKEN, Scheduler, Sequence
+from backend.batch import fed_token
+from backend.scheduler import Scheduler, Sequence
 
 BLOCK = 4
 EOS = 1
@@ -191,13 +192,31 @@ def test_a_token_in_flight_is_decoded_next_step_as_pending():
     assert a.num_computed == 5 and a.num_in_flight == 1 and a.num_pending == 1
     second = sched.schedule()  # before first's token is back
     [chunk] = [c.chunk for c in second.chunks]
-    assert (chunk.token_ids, chunk.start, chunk.needs_logits) == ([PENDING_TOKEN], 5, True)
+    assert (chunk.token_ids, chunk.start, chunk.needs_logits) == ([fed_token(0)], 5, True)  # row 0 of first's samples
     assert second.chunks[0].num_output_tokens == 1  # the token in flight counts as generated
     assert a.num_in_flight == 2 and a.num_computed == 6
     sched.update(first, [7])
     assert a.token_ids[5:] == [7] and a.num_in_flight == 1
     sched.update(second, [8])
     assert a.token_ids[5:] == [7, 8] and a.num_in_flight == 0 and a.num_pending == 1
+
+
+def test_each_decode_in_flight_names_its_row_among_the_samples_of_the_step_in_flight():
+    sched = make(budget=12)
+    a, b, c = seq(0, 5), seq(1, 8), seq(2, 6)
+    for s in (a, b, c):
+        sched.add(s)
+    first = sched.schedule()  # a's prompt (5) and b's first 7 tokens fill the budget: only a samples
+    assert [(x.seq, x.needs_logits) for x in first.chunks] == [(a, True), (b, False)]
+    assert not first.feeds_in_flight
+    second = sched.schedule()  # a decodes its token in flight, sampled in row 0; b ends its prompt; c starts
+    assert [(x.seq, x.chunk.token_ids) for x in second.chunks] == [(a, [fed_token(0)]), (b, b.token_ids[7:]),
+                                                                   (c, c.token_ids)]
+    assert second.feeds_in_flight
+    sched.update(first, [7])
+    third = sched.schedule()  # all three sampled in second: rows 0, 1, 2
+    assert [(x.seq, x.chunk.token_ids) for x in third.chunks] == [(a, [fed_token(0)]), (b, [fed_token(1)]),
+                                                                  (c, [fed_token(2)])]
 
 
 def test_a_sequence_reaching_max_tokens_in_flight_gets_no_further_step():

@@ -72,6 +72,8 @@ def grouped_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevi
     """Decodes (one new token) share one batched group, verify chunks of the same length another,
     each prefill chunk gets its own; a decode-only step is `Decodes`. Masks for each of `windows`
     (none: the kernels need none)."""
+    if all(len(chunk.token_ids) == 1 for chunk in chunks):
+        return _decodes_layout(chunks, block_size, uploader, windows)
     token_ids, logit_rows, decodes, prefills = [], [], [], []
     verifies: dict[int, list] = {}  # verify chunks (speculative decoding) of the same length attend together
     for chunk in chunks:
@@ -93,10 +95,6 @@ def grouped_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevi
 
     device_ids, device_rows, tables_etc = on_device[0], on_device[1], on_device[2:]
     groups = [_group(*tables_etc[4 * i:4 * i + 4], *shape, block_size, windows) for i, shape in enumerate(shapes)]
-    if not prefills and not verifies:  # rows are the sequences in order: no scatter
-        group, (q_pos, new_slots) = groups[0]
-        return device_ids, StepLayout(positions=q_pos[:, 0], slot_mapping=new_slots[:, 0], logit_rows=device_rows,
-                                      attention=Decodes(group.kv_slots, group.masks))
     positions = torch.empty(len(token_ids), dtype=torch.long, device=device_ids.device)
     slot_mapping = torch.empty_like(positions)
     for group, (q_pos, new_slots) in groups:
@@ -104,6 +102,30 @@ def grouped_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevi
         slot_mapping[group.q_index] = new_slots
     return device_ids, StepLayout(positions=positions, slot_mapping=slot_mapping, logit_rows=device_rows,
                                   attention=[g for g, _ in groups])
+
+
+def _decodes_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevice,
+                    windows: set[int | None]) -> tuple[torch.Tensor, StepLayout]:
+    """A step of one-token chunks (the steady state of decoding): one group, row b is chunk b, so no
+    scatter; built in one pass per list, since at 256 sequences this step's host time is what the GPU
+    waits for."""
+    starts = [chunk.start for chunk in chunks]
+    max_ctx = max(starts) + 1
+    num_blocks = -(-max_ctx // block_size)
+    tables: list[int] = []
+    for chunk in chunks:  # each padded (with block 0, masked out) or cut to the longest context's blocks
+        table = chunk.block_table
+        tables += table[:num_blocks]
+        if len(table) < num_blocks:
+            tables += [0] * (num_blocks - len(table))
+    device_ids, device_rows, device_tables, device_starts = uploader.upload(
+        [[chunk.token_ids[0] for chunk in chunks], [i for i, chunk in enumerate(chunks) if chunk.needs_logits],
+         tables, starts])
+    group, (q_pos, new_slots) = _group(device_tables, None, device_starts,
+                                       device_starts + 1 if windows else None, len(chunks), num_blocks,
+                                       1, max_ctx, block_size, windows)
+    return device_ids, StepLayout(positions=q_pos[:, 0], slot_mapping=new_slots[:, 0], logit_rows=device_rows,
+                                  attention=Decodes(group.kv_slots, group.masks))
 
 
 def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_ctx: int, block_size: int,
@@ -122,7 +144,8 @@ def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_c
         k_pos = torch.arange(max_ctx, device=device)
         visible = (k_pos <= q_pos[:, :, None]) & (k_pos < ctx[:, None, None])  # causal, within the context
         masks = _window_masks(visible, q_pos[:, :, None], k_pos, windows)
-    group = AttentionGroup(q_index=rows[:, None] + steps, kv_slots=kv_slots, masks=masks)
+    q_index = None if rows is None else rows[:, None] + steps  # None: a decodes layout's rows are its sequences
+    group = AttentionGroup(q_index=q_index, kv_slots=kv_slots, masks=masks)
     return group, (q_pos, kv_slots.gather(1, q_pos))
 
 
