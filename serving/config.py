@@ -30,6 +30,7 @@ class ModelSettings:
     # model, so Triton reports it not ready (model control mode explicit only).
     unload_when_unhealthy: bool = False
     engine_restart_delays_s: tuple[float, ...] = ENGINE_RESTART_DELAYS_S
+    responder_threads: int = 1  # the stub's threads that send responses (model.py's _Responder)
 
 
 def model_settings(args: dict[str, str]) -> ModelSettings:
@@ -43,8 +44,20 @@ def model_settings(args: dict[str, str]) -> ModelSettings:
     engine_process = _true(params.pop("engine_process", "true"), empty=True)
     unload_when_unhealthy = _true(params.pop("ENABLE_VLLM_HEALTH_CHECK", "false"), empty=False)
     restart_delays = engine_restart_delays(params.pop("engine_restart_delays_s", ""))
+    responders = responder_threads(params.pop("responder_threads", ""))
     return ModelSettings(engine_config(params), max_prompt_bytes, engine_process, unload_when_unhealthy,
-                         restart_delays)
+                         restart_delays, responders)
+
+
+def responder_threads(text: str) -> int:
+    """How many threads send responses; empty: one. On the H100 grid of 2026-12-07 four lengthened
+    TTFT at nearly every server point against one (docs/benchmarks.md), so one is the default."""
+    text = text.strip()
+    if not text:
+        return 1
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise ValueError(f"responder_threads must be a whole number from 1 to 64, got {text!r}")
+    return int(text)
 
 
 def engine_restart_delays(text: str) -> tuple[float, ...]:

@@ -85,6 +85,20 @@ def test_bad_engine_restart_delays_are_refused_naming_the_setting(clean_env, tex
         model_settings(triton_args("CPU", 0))
 
 
+def test_responder_threads_default_to_one_and_take_a_count(clean_env):
+    assert model_settings(triton_args("CPU", 0)).responder_threads == 1
+    clean_env.setenv("GEMMA_RESPONDER_THREADS", "4")
+    assert model_settings(triton_args("CPU", 0)).responder_threads == 4
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "two", "1.5", "65"])
+def test_bad_responder_threads_are_refused_naming_the_setting(clean_env, text):
+    clean_env.setenv("GEMMA_RESPONDER_THREADS", text)
+    with pytest.raises(ValueError, match=rf"responder_threads must be a whole number from 1 to 64, got "
+                                         rf"{re.escape(repr(text))}"):
+        model_settings(triton_args("CPU", 0))
+
+
 def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
     """model.py's own initialize, with the arguments Triton passes instance 1 of a KIND_GPU group,
     up to the point where it builds the engine (stopped there: no GPU here)."""

@@ -44,10 +44,6 @@ from serving.token_times import TokenTimes  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05  # how often in-flight requests are checked for cancellation
-# A send waits for the server's side of the stub with the GIL released: on the CPU VM 187 us (p50) of
-# which the sending thread used 32 us of CPU. One thread sending after another bounds the streamed
-# responses per second; several keep several sends in flight.
-NUM_RESPONDERS = 4
 METRICS_PERIOD_S = 0.1
 
 
@@ -216,7 +212,10 @@ class TritonPythonModel:
         self.metrics = GemmaMetrics(args["model_name"], args["model_version"], args["model_instance_name"])
         self._records: queue.SimpleQueue = queue.SimpleQueue()  # RequestRecord for the metrics
         self._stopping = threading.Event()
-        self._responders = [_Responder(f"gemma-responder-{i}", self._records) for i in range(NUM_RESPONDERS)]
+        # A send waits for Triton's side with the GIL released (187 us p50 on the CPU VM, 32 us of it
+        # the sender's CPU), so several responders keep several sends in flight (settings.responder_threads).
+        self._responders = [_Responder(f"gemma-responder-{i}", self._records)
+                            for i in range(settings.responder_threads)]
         self._next_responder = itertools.cycle(self._responders)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
         self._monitor.start()
