@@ -25,12 +25,15 @@ class Tokenizer:
         # len() counts added tokens as well; HF's own `vocab_size` leaves them out for some tokenizers.
         self.vocab_size = len(self.hf_tokenizer)
         # The Rust tokenizer of a fast HF tokenizer: decoding through it directly is what HF's decode
-        # does without space clean-up, minus ~1.5 us of argument conversion a call. Streaming decodes
-        # twice per token per request on the threads that share the GIL with the engine loop.
+        # does without space clean-up, minus ~1.5 us of argument conversion a call; encoding, what HF's
+        # encode does in 9 us instead of 20 (its Python wrapper). Streaming decodes twice per token per
+        # request, and every request is encoded, on the threads that share the Triton stub's GIL.
         self._backend = getattr(self.hf_tokenizer, "backend_tokenizer", None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with add_special_tokens, Gemma's tokenizer prepends <bos>."""
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         return self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

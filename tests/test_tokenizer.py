@@ -251,6 +251,18 @@ def test_gemma_decode_equals_hf_decode_without_clean_up(gemma):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("text", ["", "Hello", " leading and  double  spaces\n\ttab", "<bos>twice", "<start_of_turn>user\n"
+                                  "hi<end_of_turn>\n<start_of_turn>model\n", "x" * 5000, "Zürich → Ελληνικά, 🧑‍🚀"])
+def test_gemma_encode_equals_hf_encode(gemma, text):
+    """encode() goes to the Rust tokenizer directly; it must give what HF's encode gives, with and
+    without the special tokens (<bos>), special tokens in the text included."""
+    assert gemma._backend is not None
+    for special in (True, False):
+        assert gemma.encode(text, add_special_tokens=special) == gemma.hf_tokenizer.encode(
+            text, add_special_tokens=special)
+
+
+@pytest.mark.slow
 def test_gemma_chat_prompt_tokens(gemma):
     prompt = gemma.apply_chat_template(CONVERSATION)
     assert prompt == GEMMA_CONVERSATION
