@@ -36,6 +36,7 @@ from typing import Callable, Optional
 from .engine_core import EngineCore, EngineStats, Publish
 from .errors import EngineOverloadedError
 from .heap import freeze_startup_heap
+from .outputs import TokenDelta
 from .params import EngineConfig, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -150,9 +151,9 @@ class EngineCoreProcess:
         try:
             while True:
                 kind, payload = pickle.load(self._events)
-                if kind == "deltas":  # every completed step sends its deltas (an empty list if it made none)
+                if kind == "deltas":  # every completed step sends its deltas (none if it made none)
                     self._last_progress = time.monotonic()
-                    self._publish(payload)
+                    self._publish(unpack_deltas(payload))
                 elif kind == "stats":
                     self._stats.put(payload)
                 elif kind == "closed":
@@ -194,6 +195,29 @@ class EngineCoreProcess:
         self._process.kill()
 
 
+def pack_deltas(deltas: list[tuple[int, TokenDelta]]) -> tuple[list[int], list[tuple[int, TokenDelta]]]:
+    """A loop's deltas for the pipe: each that is one token and nothing more (the steady state of
+    decoding) as three ints (request id, token, cached prompt tokens) of one flat list, the others as
+    they are. Pickling 256 TokenDeltas took ~0.2 ms of the engine thread on the CPU VM, a list of ints
+    a twentieth of it. The one-token ones go first: none of them can follow another delta of the same
+    request in one loop (a delta with more - an end, logprobs, drafts - is a request's last of the
+    loop, or all of its deltas have more)."""
+    plain: list[int] = []
+    others = []
+    for request_id, delta in deltas:
+        if (len(delta.token_ids) == 1 and delta.finish_reason is None and delta.logprobs is None
+                and delta.ends_with_stop_id):
+            plain += (request_id, delta.token_ids[0], delta.num_cached_tokens)
+        else:
+            others.append((request_id, delta))
+    return plain, others
+
+
+def unpack_deltas(packed: tuple[list[int], list[tuple[int, TokenDelta]]]) -> list[tuple[int, TokenDelta]]:
+    plain, others = packed
+    return [(plain[i], TokenDelta([plain[i + 1]], None, None, plain[i + 2])) for i in range(0, len(plain), 3)] + others
+
+
 def serve_engine(commands, events) -> None:
     """The engine process: build the core from the config the parent sends first, then apply the
     parent's commands until it shuts down. The engine thread sends each loop's deltas itself; this
@@ -207,7 +231,7 @@ def serve_engine(commands, events) -> None:
 
     _, config, eos_token_ids = pickle.load(commands)
     try:
-        core = EngineCore(config, eos_token_ids, publish=lambda deltas: send(("deltas", deltas)))
+        core = EngineCore(config, eos_token_ids, publish=lambda deltas: send(("deltas", pack_deltas(deltas))))
     except BaseException as exc:  # the parent raises it
         send(("failed", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}")))
         return

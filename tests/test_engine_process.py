@@ -5,6 +5,7 @@ or an engine process that dies (or hangs) mid-generation ending every request wi
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -12,9 +13,11 @@ import time
 
 import pytest
 
+from backend.engine_process import pack_deltas, unpack_deltas
 from backend.errors import EngineOverloadedError
 from backend.loader import start_engine
-from backend.params import EngineConfig, SamplingParams
+from backend.outputs import TokenDelta
+from backend.params import EngineConfig, SamplingParams, TokenLogprobs
 from tests.engine_runs import GREEDY, PROMPTS, SEEDED, check_bad_requests_refused, run_staggered, token_ids, wait_idle
 
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -29,6 +32,23 @@ def engine(servable_checkpoint):
     eng = start_engine(config(servable_checkpoint), engine_process=True)
     yield eng
     eng.shutdown()
+
+
+def test_a_loops_deltas_cross_the_pipe_unchanged_each_requests_in_order():
+    logprob = TokenLogprobs(token_id=9, logprob=-0.5, rank=1, top_ids=(9,), top_logprobs=(-0.5,))
+    deltas = [(1, TokenDelta([5], num_cached_tokens=16)),
+              (2, TokenDelta([6, 7])),  # drafts accepted: more than one token
+              (3, TokenDelta([8], "stop")),
+              (4, TokenDelta([9], logprobs=[logprob])),
+              (5, TokenDelta([1], "stop", ends_with_stop_id=False)),
+              (6, TokenDelta([4])), (6, TokenDelta([], "error", "the constraint broke")),
+              (7, TokenDelta([], "cancelled"))]
+    plain, others = pack_deltas(deltas)
+    assert plain == [1, 5, 16, 6, 4, 0] and all(isinstance(v, int) for v in plain)  # only one-token deltas
+    unpacked = unpack_deltas(pickle.loads(pickle.dumps((plain, others))))
+    assert sorted(unpacked, key=lambda d: d[0]) == sorted(deltas, key=lambda d: d[0])
+    for request_id in range(1, 8):
+        assert [d for i, d in unpacked if i == request_id] == [d for i, d in deltas if i == request_id]
 
 
 def test_outputs_equal_the_engine_on_a_thread(engine, servable_checkpoint):
