@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import zlib
@@ -255,7 +256,8 @@ def markdown(ours: list[dict], vllm: list[dict]) -> str:
     config = run.get("engine_config", {})
     lines = [f"Ours: {run.get('device')} ({run.get('date')}), engine {config.get('engine')}, dtype {config.get('dtype')}, "
              f"max_num_seqs {config.get('max_num_seqs')}, kv_cache_bytes {config.get('kv_cache_bytes')}"
-             + f", gpu_memory_utilization {config.get('gpu_memory_utilization')}, checkpoint {Path(config.get('checkpoint') or '-').name}.",
+             + f", gpu_memory_utilization {config.get('gpu_memory_utilization')}, checkpoint {Path(config.get('checkpoint') or '-').name}"
+             + "".join(f", {k} {v}" for k, v in run.get("serving_env", {}).items() if v) + ".",
              (f"vLLM {env.get('versions', {}).get('vllm')}: {env.get('gpu')}; " + ", ".join(
                  f"{k} {v}" for k, v in (startup.get("resolved") or {}).items()) + "." if env
               else "vLLM: no vllm_env record."), "",
@@ -374,7 +376,7 @@ def run_ours(args: argparse.Namespace, started: float) -> int:
 
     emit({"kind": "load_grid_run", **machine(resolve_device(config.device)), "engine_config": dataclasses.asdict(config),
           "systems": args.systems, "load": dataclasses.asdict(load), "points": [p.label for p in grid],
-          "argv": sys.argv[1:]})
+          "argv": sys.argv[1:], "serving_env": {k: os.environ.get(k, "") for k in serving.SERVING_SETTINGS}})
     engine = server = None
     targets = []
     try:

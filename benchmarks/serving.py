@@ -353,6 +353,11 @@ def close(target) -> None:
     _run(target.close())
 
 
+# The model's own settings a benchmark passes on from its environment (e.g. GEMMA_RESPONDER_THREADS=4
+# for one grid call and 1 for the next, to compare them on one machine).
+SERVING_SETTINGS = ("GEMMA_ENGINE_PROCESS", "GEMMA_RESPONDER_THREADS")
+
+
 def server_env(config) -> dict[str, str]:
     """The GEMMA_* overrides under which the server's model builds the engine `config` describes:
     one for every EngineConfig field that config.pbtxt exposes. A field it does not expose cannot
@@ -368,7 +373,8 @@ def server_env(config) -> dict[str, str]:
         elif value != getattr(defaults, f.name):
             raise ValueError(f"EngineConfig.{f.name}={value!r}: the server cannot be given it (not a parameter "
                              "in model_repository/gemma/config.pbtxt)")
-    env["GEMMA_ENGINE_PROCESS"] = os.environ.get("GEMMA_ENGINE_PROCESS", "")  # a serving setting, not the engine's
+    for setting in SERVING_SETTINGS:  # the caller's, as no EngineConfig holds them
+        env[setting] = os.environ.get(setting, "")
     return env
 
 

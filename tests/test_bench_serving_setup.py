@@ -19,8 +19,8 @@ from serving.config import model_settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _server_engine_config(monkeypatch, env: dict[str, str]) -> EngineConfig:
-    """The EngineConfig the server's model builds (initialize) with config.pbtxt and `env`."""
+def _server_settings(monkeypatch, env: dict[str, str]):
+    """The settings the server's model builds (initialize) with config.pbtxt and `env`."""
     text = (ROOT / "model_repository/gemma/config.pbtxt").read_text()
     parameters = {key: {"string_value": value} for key, value in
                   re.findall(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text)}
@@ -30,7 +30,7 @@ def _server_engine_config(monkeypatch, env: dict[str, str]) -> EngineConfig:
         monkeypatch.setenv(key, value)
     args = {"model_config": json.dumps({"parameters": parameters}), "model_instance_kind": "CPU",
             "model_instance_device_id": "0"}
-    return model_settings(args).engine
+    return model_settings(args)
 
 
 @pytest.mark.parametrize("config", [
@@ -40,13 +40,24 @@ def _server_engine_config(monkeypatch, env: dict[str, str]) -> EngineConfig:
     EngineConfig(gpu_memory_utilization=0.9),
 ])
 def test_the_server_rebuilds_the_engine_config_of_the_in_process_engine(monkeypatch, config):
-    assert _server_engine_config(monkeypatch, serving.server_env(config)) == config
+    assert _server_settings(monkeypatch, serving.server_env(config)).engine == config
 
 
 def test_a_setting_the_server_cannot_be_given_is_refused():
     with pytest.raises(ValueError, match="block_size"):
         serving.server_env(EngineConfig(block_size=32))
     assert serving.server_env(EngineConfig(fp8=True))["GEMMA_FP8"] == "True"  # a parameter since FP8 serving
+
+
+def test_the_callers_serving_settings_reach_the_server(monkeypatch):
+    """GEMMA_RESPONDER_THREADS (and GEMMA_ENGINE_PROCESS) set where a benchmark runs reach the server's
+    model (the launcher passes the model's GEMMA_* settings only from the environment it is given)."""
+    monkeypatch.setenv("GEMMA_RESPONDER_THREADS", "4")
+    monkeypatch.setenv("GEMMA_ENGINE_PROCESS", "false")
+    env = serving.server_env(EngineConfig())
+    assert env["GEMMA_RESPONDER_THREADS"] == "4" and env["GEMMA_ENGINE_PROCESS"] == "false"
+    settings = _server_settings(monkeypatch, env)
+    assert settings.responder_threads == 4 and not settings.engine_process
 
 
 def test_gpu_memory_utilization_is_an_engine_option(default_checkpoint):
