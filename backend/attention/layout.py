@@ -88,8 +88,8 @@ def grouped_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevi
         n = len(group[0][1].token_ids)
         ctx_len = [c.start + n for _, c in group]
         num_blocks = -(-max(ctx_len) // block_size)
-        tables = [(c.block_table + [0] * num_blocks)[:num_blocks] for _, c in group]
-        parts += [[b for t in tables for b in t], [r for r, _ in group], [c.start for _, c in group], ctx_len]
+        parts += [_flat_block_tables([c for _, c in group], num_blocks), [r for r, _ in group],
+                  [c.start for _, c in group], ctx_len]
         shapes.append((len(group), num_blocks, n, max(ctx_len)))
     on_device = uploader.upload(parts)
 
@@ -112,20 +112,26 @@ def _decodes_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDev
     starts = [chunk.start for chunk in chunks]
     max_ctx = max(starts) + 1
     num_blocks = -(-max_ctx // block_size)
-    tables: list[int] = []
-    for chunk in chunks:  # each padded (with block 0, masked out) or cut to the longest context's blocks
-        table = chunk.block_table
-        tables += table[:num_blocks]
-        if len(table) < num_blocks:
-            tables += [0] * (num_blocks - len(table))
     device_ids, device_rows, device_tables, device_starts = uploader.upload(
         [[chunk.token_ids[0] for chunk in chunks], [i for i, chunk in enumerate(chunks) if chunk.needs_logits],
-         tables, starts])
+         _flat_block_tables(chunks, num_blocks), starts])
     group, (q_pos, new_slots) = _group(device_tables, None, device_starts,
                                        device_starts + 1 if windows else None, len(chunks), num_blocks,
                                        1, max_ctx, block_size, windows)
     return device_ids, StepLayout(positions=q_pos[:, 0], slot_mapping=new_slots[:, 0], logit_rows=device_rows,
                                   attention=Decodes(group.kv_slots, group.masks))
+
+
+def _flat_block_tables(chunks: list[SeqChunk], num_blocks: int) -> list[int]:
+    """Each chunk's block table cut or padded (with block 0, never attended) to `num_blocks`, one after
+    another."""
+    tables: list[int] = []
+    for chunk in chunks:
+        table = chunk.block_table
+        tables += table[:num_blocks]
+        if len(table) < num_blocks:
+            tables += [0] * (num_blocks - len(table))
+    return tables
 
 
 def _group(tables, rows, starts, ctx, batch: int, num_blocks: int, n: int, max_ctx: int, block_size: int,
@@ -174,7 +180,6 @@ def varlen_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevic
     tokens; all of it goes to the device in one copy."""
     token_ids, logit_rows, positions, slots, q_starts = [], [], [], [], []
     width = max(blocks_for(c.start + len(c.token_ids), block_size) for c in chunks)
-    tables = []
     for chunk in chunks:
         row, n, start = len(token_ids), len(chunk.token_ids), chunk.start
         q_starts.append(row)
@@ -188,11 +193,10 @@ def varlen_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevic
             base = (chunk.block_table[block] - block) * block_size
             slots.extend(range(base + pos, base + end))
             pos = end
-        tables += (chunk.block_table + [0] * width)[:width]
     tiles = tile_table(range(len(chunks)), q_starts, [len(c.token_ids) for c in chunks], [c.start for c in chunks],
                        tile_tokens)
     device_ids, device_rows, pos, slot_mapping, block_tables, device_tiles = uploader.upload(
-        [token_ids, logit_rows, positions, slots, tables, tiles])
+        [token_ids, logit_rows, positions, slots, _flat_block_tables(chunks, width), tiles])
     varlen = VarlenLayout(block_tables=block_tables.view(len(chunks), width),
                           tiles=device_tiles.view(-1, 4).to(torch.int32), block_size=block_size)
     return device_ids, StepLayout(positions=pos, slot_mapping=slot_mapping, logit_rows=device_rows, attention=varlen)
