@@ -171,8 +171,13 @@ class SamplingParams:
     def reads_token_history(self) -> bool:
         """Sampling reads the tokens so far (the repetition, presence or frequency penalty, or a bad word
         of several tokens; a one-token bad word is banned whatever came before)."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return (self.repetition_penalty != 1.0 or self.penalizes_occurrences
                 or any(len(ids) > 1 for ids in self.bad_words_token_ids))
+
+    @property
+    def penalizes_occurrences(self) -> bool:
+        """OpenAI's presence or frequency penalty is set."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 

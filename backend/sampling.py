@@ -262,10 +262,6 @@ def _needs_processing(row: SamplingRow) -> bool:
             or row.num_output_tokens < params.min_tokens)
 
 
-def _has_occurrence_penalty(params: SamplingParams) -> bool:
-    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-
-
 def _penalized_scores(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     scores = logits.to(torch.float32, copy=True)
     _mask_banned_tokens(scores, rows)
@@ -332,7 +328,7 @@ def _apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[SamplingRow])
 def _apply_occurrence_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """OpenAI's penalties over the tokens generated so far (not the prompt), as vLLM applies them:
     score -= presence_penalty * (count > 0) + frequency_penalty * count."""
-    penalized = [i for i, row in enumerate(rows) if _has_occurrence_penalty(row.params) and row.num_output_tokens]
+    penalized = [i for i, row in enumerate(rows) if row.params.penalizes_occurrences and row.num_output_tokens]
     if not penalized:
         return
     device = scores.device

@@ -19,6 +19,9 @@ from backend.params import EngineConfig
 # the last failed start the model stays unavailable (a start that fails that often will not recover):
 # its state reads "failed", and the liveness probe has the orchestrator restart the server.
 ENGINE_RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+# Threads of the stub that send responses (model.py's _Responder). On the H100 grid of 2026-12-07 four
+# lengthened TTFT at nearly every server point against one (docs/benchmarks.md).
+RESPONDER_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ModelSettings:
     # model, so Triton reports it not ready (model control mode explicit only).
     unload_when_unhealthy: bool = False
     engine_restart_delays_s: tuple[float, ...] = ENGINE_RESTART_DELAYS_S
-    responder_threads: int = 1  # the stub's threads that send responses (model.py's _Responder)
+    responder_threads: int = RESPONDER_THREADS
 
 
 def model_settings(args: dict[str, str]) -> ModelSettings:
@@ -50,11 +53,10 @@ def model_settings(args: dict[str, str]) -> ModelSettings:
 
 
 def responder_threads(text: str) -> int:
-    """How many threads send responses; empty: one. On the H100 grid of 2026-12-07 four lengthened
-    TTFT at nearly every server point against one (docs/benchmarks.md), so one is the default."""
+    """How many threads send responses; empty: the default."""
     text = text.strip()
     if not text:
-        return 1
+        return RESPONDER_THREADS
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise ValueError(f"responder_threads must be a whole number from 1 to 64, got {text!r}")
     return int(text)
