@@ -8,11 +8,20 @@ vllm:kv_cache_usage_perc (deploy/k8s/components/inference-pool). FAMILIES lists 
 families of one quantity get the same updates.
 
 Counters and histograms are fed per finished request (RequestRecord); gauges and the engine's own
-counters from `Engine.stats()`. Every update is an IPC call to the Triton server process, so the model
-makes them from its monitor thread, never from the engine thread.
+counters from `Engine.stats()`, all from the model's monitor thread. Every update of a Triton metric
+is a blocking IPC round trip to the server process, made with the stub's GIL held (Triton 2.51's
+Python backend; 18.6 us a call on the CPU VM), so what a period brings is sent once at its end
+(`flush`): a counter moves once by its sum. A Triton histogram takes one observation a call, which
+is affordable per request but not per generated token (three inter-token families: at 20k tokens/s,
+60k calls a second, more than the stub has). Those are exported as the three series Prometheus makes
+of a histogram, `<name>_bucket` by `le` (cumulative), `<name>_sum` and `<name>_count`, each a counter
+(`BucketCounters`): the same samples, so PromQL reads them as it reads a histogram (histogram_quantile
+over rate of _bucket); their TYPE line says counter, and their buckets are listed in no order.
 """
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass, field
 
 import triton_python_backend_utils as pb_utils
@@ -40,6 +49,7 @@ VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
 TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+TOKEN_HISTOGRAM = "token histogram"  # observed per generated token: exported as counters (BucketCounters)
 # Speculative decoding's draft positions (0-based, as vLLM's `position` label): one series each.
 DRAFT_POSITIONS = tuple(str(i) for i in range(MAX_SPECULATIVE_TOKENS))
 SPEC_DECODE = {"spec_drafts": "num_drafts", "spec_draft_tokens": "num_draft_tokens",
@@ -52,7 +62,7 @@ class Family:
     name: str  # vllm:* names get vLLM's labels, the others ours
     kind: str
     help: str
-    buckets: tuple[float, ...] = ()  # histograms only
+    buckets: tuple[float, ...] = ()  # histograms (of either kind) only
     per: tuple[str, tuple[str, ...]] | None = None  # a label and its values: one series per value
 
 
@@ -69,12 +79,12 @@ FAMILIES = (
            TTFT_BUCKETS),
     Family("ttft", "vllm:time_to_first_token_seconds", HISTOGRAM, "Seconds from submit to the first token",
            VLLM_TTFT_BUCKETS),
-    Family("inter_token", "gemma_inter_token_latency_seconds", HISTOGRAM, "Time between consecutive output deltas",
-           ITL_BUCKETS),
-    Family("inter_token", "vllm:inter_token_latency_seconds", HISTOGRAM,
+    Family("inter_token", "gemma_inter_token_latency_seconds", TOKEN_HISTOGRAM,
+           "Time between consecutive output deltas", ITL_BUCKETS),
+    Family("inter_token", "vllm:inter_token_latency_seconds", TOKEN_HISTOGRAM,
            "Seconds between consecutive output tokens", VLLM_ITL_BUCKETS),
     # The name Triton's vLLM backend gives the same observations (vLLM's own before it was renamed).
-    Family("inter_token", "vllm:time_per_output_token_seconds", HISTOGRAM,
+    Family("inter_token", "vllm:time_per_output_token_seconds", TOKEN_HISTOGRAM,
            "Seconds between consecutive output tokens (the older name of vllm:inter_token_latency_seconds)",
            VLLM_ITL_BUCKETS),
     Family("e2e", "vllm:e2e_request_latency_seconds", HISTOGRAM, "Seconds from submit to the final response",
@@ -143,6 +153,44 @@ class RequestRecord:
     finish_reason: str | None = None  # the engine's ("stop", "length", "cancelled", "error"); None: refused
 
 
+class BucketCounters:
+    """One series of a histogram observed per generated token (TOKEN_HISTOGRAM): observations are
+    counted here by bucket, and `flush` sends what came since the last one as increments of the
+    counters `counter(suffix, labels)` makes, named as Prometheus names a histogram's series."""
+
+    def __init__(self, bounds: tuple[float, ...], counter, labels: dict[str, str]):
+        self._bounds = bounds
+        self._buckets = [counter("_bucket", {**labels, "le": _le(bound)}) for bound in (*bounds, math.inf)]
+        self._sum, self._count = counter("_sum", labels), counter("_count", labels)
+        self._new = [0] * (len(bounds) + 1)  # observations since the last flush, by bucket (not cumulative)
+        self._new_sum = 0.0
+
+    def observe_many(self, values: list[float]) -> None:
+        for value in values:
+            self._new[bisect.bisect_left(self._bounds, value)] += 1  # le: a value on a bound is in its bucket
+        self._new_sum += sum(values)
+
+    def flush(self) -> None:
+        new, self._new = self._new, [0] * len(self._new)
+        new_sum, self._new_sum = self._new_sum, 0.0
+        cumulative = sum(new)
+        if not cumulative:
+            return
+        self._count.increment(cumulative)
+        # From +Inf down: a scrape between two of these reads buckets that still never shrink as le grows.
+        for bucket, count in zip(reversed(self._buckets), reversed(new)):
+            if cumulative:
+                bucket.increment(cumulative)
+            cumulative -= count
+        if new_sum:
+            self._sum.increment(new_sum)
+
+
+def _le(bound: float) -> str:
+    """A bucket's bound as Prometheus writes `le`: 0.025, 1, +Inf."""
+    return "+Inf" if bound == math.inf else repr(bound).removesuffix(".0")
+
+
 class GemmaMetrics:
     def __init__(self, model: str, version: str, instance: str):
         # One engine per model instance (one per GPU): each has its own series, sum them for the model.
@@ -153,10 +201,16 @@ class GemmaMetrics:
                  HISTOGRAM: pb_utils.MetricFamily.HISTOGRAM}
         self._families = []  # families must outlive their metrics: keep references to both
         self._series: dict[str, list] = {}  # quantity -> its metrics ({label value: metric} for `per`)
+        self._bucket_counters: list[BucketCounters] = []
         for f in FAMILIES:
+            labels = vllms if f.name.startswith("vllm:") else ours
+            if f.kind == TOKEN_HISTOGRAM:
+                series = BucketCounters(f.buckets, self._counter_maker(f), labels)
+                self._bucket_counters.append(series)
+                self._series.setdefault(f.quantity, []).append(series)
+                continue
             family = pb_utils.MetricFamily(name=f.name, description=f.help, kind=kinds[f.kind])
             self._families.append(family)
-            labels = vllms if f.name.startswith("vllm:") else ours
             options = {"buckets": list(f.buckets)} if f.kind == HISTOGRAM else {}
             if f.per is None:
                 series = family.Metric(labels=labels, **options)
@@ -164,18 +218,31 @@ class GemmaMetrics:
                 label, values = f.per
                 series = {value: family.Metric(labels={**labels, label: value}, **options) for value in values}
             self._series.setdefault(f.quantity, []).append(series)
+        self._pending: dict[tuple[str, str | None], float] = {}  # (quantity, label value) -> added this period
         # The engine counts these itself; the counters advance by what it added since the last update.
         self._engine_totals = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0, **dict.fromkeys(SPEC_DECODE, 0)}
         self._accepted_per_pos = [0] * len(DRAFT_POSITIONS)
         self._engine_state: str | None = None  # as last exported
+
+    def _counter_maker(self, f: Family):
+        """A TOKEN_HISTOGRAM's counters: one family per series name (<name>_bucket, _sum, _count)."""
+        families: dict[str, object] = {}
+
+        def counter(suffix: str, labels: dict[str, str]):
+            if suffix not in families:
+                families[suffix] = pb_utils.MetricFamily(name=f.name + suffix, description=f.help,
+                                                         kind=pb_utils.MetricFamily.COUNTER)
+                self._families.append(families[suffix])
+            return families[suffix].Metric(labels=labels)
+        return counter
 
     def record(self, r: RequestRecord) -> None:
         self._add("outcome", 1, key=r.outcome)
         self._add("prompt_tokens", r.prompt_tokens)
         self._add("generated_tokens", r.output_tokens)
         self._observe("ttft", r.ttft_s)
-        for s in r.inter_token_s:
-            self._observe("inter_token", s)
+        for series in self._series["inter_token"]:
+            series.observe_many(r.inter_token_s)
         reason = VLLM_FINISH_REASONS.get(r.finish_reason)
         if reason is None:  # refused before the engine had it: vLLM would not have seen it either
             return
@@ -221,10 +288,18 @@ class GemmaMetrics:
             self._engine_state = engine_state
         self._set("heartbeat", now)
 
-    def _add(self, quantity: str, amount: float, key: str | None = None) -> None:
-        if amount:  # each update is an IPC call: none for nothing
+    def flush(self) -> None:
+        """Send what this period added: each counter's sum in one update, the per-token histograms' buckets."""
+        pending, self._pending = self._pending, {}
+        for (quantity, key), amount in pending.items():
             for series in self._series[quantity]:
                 (series if key is None else series[key]).increment(amount)
+        for series in self._bucket_counters:
+            series.flush()
+
+    def _add(self, quantity: str, amount: float, key: str | None = None) -> None:
+        if amount:  # each update is an IPC call: none for nothing
+            self._pending[quantity, key] = self._pending.get((quantity, key), 0) + amount
 
     def _observe(self, quantity: str, value: float | None) -> None:
         if value is not None:

@@ -310,15 +310,8 @@ class TritonPythonModel:
             except Exception as e:
                 log_once(e)
             try:
-                # Each metric update is an IPC call (~20 us), a few per generated token: under heavy
-                # load the records may take longer than a period. They wait for the next one, so the
-                # gauges that autoscalers and routers read never go stale.
-                deadline = time.monotonic() + METRICS_PERIOD_S
-                while time.monotonic() < deadline:
-                    try:
-                        self.metrics.record(self._records.get_nowait())
-                    except queue.Empty:
-                        break
+                for _ in range(self._records.qsize()):  # those finished by now; later ones next period
+                    self.metrics.record(self._records.get_nowait())
             except Exception as e:
                 log_once(e)
             engine = self.engine
@@ -326,12 +319,14 @@ class TritonPythonModel:
                 stats = engine.stats()  # also the engine's health check: refused once it died, or times out
             except Exception as e:
                 log_once(e)
+                stats = None
                 # Only the engine serving now: one a restart already replaced may fail meanwhile.
                 if not self._stopping.is_set() and self.unhealthy is None and engine is self.engine:
                     self._mark_unhealthy(str(e), engine)
-                continue
             try:
-                self.metrics.set_engine_stats(stats)
+                if stats is not None:
+                    self.metrics.set_engine_stats(stats)
+                self.metrics.flush()  # the period's updates, one IPC call per series that moved
             except Exception as e:
                 log_once(e)
 

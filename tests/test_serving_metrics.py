@@ -1,0 +1,94 @@
+"""serving/metrics.py's BucketCounters: a per-token histogram's observations, sent once a period as
+increments of the counters Prometheus reads as a histogram's series. The real server's exposition is
+checked end to end in tests/integration/test_vllm_metrics.py; here, the arithmetic and the order."""
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import types
+from unittest import mock
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    """The module imports Triton's stub module, which exists only inside Triton: an empty stand-in
+    takes its place (BucketCounters is given its counters, so it never uses it)."""
+    with mock.patch.dict(sys.modules, {"triton_python_backend_utils": types.ModuleType("triton_python_backend_utils")}):
+        sys.modules.pop("serving.metrics", None)
+        yield importlib.import_module("serving.metrics")
+    sys.modules.pop("serving.metrics", None)
+
+
+class Counters:
+    """Stands for Triton's counters: every increment, in the order it was made."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str | None, float]] = []  # (suffix, le, amount)
+        self.totals: dict[tuple[str, str | None], float] = {}
+
+    def __call__(self, suffix: str, labels: dict[str, str]):
+        key = (suffix, labels.get("le"))
+        assert labels.get("engine") == "gemma_0", labels  # every series keeps the family's labels
+
+        class Counter:
+            def increment(_, amount: float) -> None:
+                assert amount > 0  # a Triton counter refuses anything else
+                self.calls.append((*key, amount))
+                self.totals[key] = self.totals.get(key, 0) + amount
+        return Counter()
+
+
+def test_buckets_are_cumulative_and_a_value_on_a_bound_is_in_its_bucket(metrics):
+    counters = Counters()
+    histogram = metrics.BucketCounters((0.01, 0.05, 0.1), counters, {"engine": "gemma_0"})
+    histogram.observe_many([0.004, 0.01, 0.02, 0.05, 0.2])
+    assert counters.calls == []  # nothing is sent before the flush
+    histogram.flush()
+    assert counters.totals == {("_count", None): 5, ("_bucket", "+Inf"): 5, ("_bucket", "0.1"): 4,
+                               ("_bucket", "0.05"): 4, ("_bucket", "0.01"): 2, ("_sum", None): pytest.approx(0.284)}
+
+
+def test_a_flush_sends_only_what_came_since_the_last_one(metrics):
+    counters = Counters()
+    histogram = metrics.BucketCounters((1.0, 2.5), counters, {"engine": "gemma_0"})
+    histogram.observe_many([0.5, 3.0])
+    histogram.flush()
+    sent = len(counters.calls)
+    histogram.flush()  # nothing new: no IPC call at all
+    assert len(counters.calls) == sent
+    histogram.observe_many([2.0, 2.0])
+    histogram.flush()
+    assert counters.totals == {("_count", None): 4, ("_bucket", "+Inf"): 4, ("_bucket", "2.5"): 3,
+                               ("_bucket", "1"): 1, ("_sum", None): 7.5}
+    assert ("_bucket", "1", 1) not in counters.calls[sent:]  # a bucket that did not move is not sent
+
+
+def test_count_and_the_top_buckets_move_first(metrics):
+    """A scrape that lands between two increments reads buckets that never shrink as le grows."""
+    counters = Counters()
+    histogram = metrics.BucketCounters((0.01, 0.1), counters, {"engine": "gemma_0"})
+    histogram.observe_many([0.001, 0.05, 5.0])
+    histogram.flush()
+    order = [(suffix, le) for suffix, le, _ in counters.calls]
+    assert order == [("_count", None), ("_bucket", "+Inf"), ("_bucket", "0.1"), ("_bucket", "0.01"), ("_sum", None)]
+    seen: dict = {}
+    for suffix, le, amount in counters.calls:
+        seen[le] = seen.get(le, 0) + amount
+        bounds = sorted((math.inf if b == "+Inf" else float(b), n) for b, n in seen.items() if b is not None)
+        assert all(low <= high for (_, low), (_, high) in zip(bounds, bounds[1:]))
+
+
+def test_le_is_written_as_prometheus_writes_it(metrics):
+    assert [metrics._le(b) for b in (0.001, 0.025, 1.0, 2.5, 80.0, math.inf)] == \
+        ["0.001", "0.025", "1", "2.5", "80", "+Inf"]
+
+
+def test_the_per_token_families_are_the_inter_token_ones(metrics):
+    """Only a histogram observed per generated token pays for counters; the per-request ones stay
+    Triton histograms (one IPC call per request each)."""
+    per_token = {f.name for f in metrics.FAMILIES if f.kind == metrics.TOKEN_HISTOGRAM}
+    assert per_token == {"gemma_inter_token_latency_seconds", "vllm:inter_token_latency_seconds",
+                         "vllm:time_per_output_token_seconds"}
