@@ -393,9 +393,11 @@ def run_ours(args: argparse.Namespace, started: float) -> int:
                 targets.append(serving.ServerTarget(server.grpc_url, timeout_s=args.time_limit,
                                                     client_processes=args.client_processes))
 
-        def probe(target):  # where engine_direct's steps' time went (backend/step_times.py), as benchmarks.run
-            if target.name != "engine_direct":
-                return None
+        def probe(target):
+            if target.name == "server":  # where requests waited before the engine had them
+                counters = serving.intake_counters(target.url)
+                return lambda: {"server_intake": serving.intake_since(counters, serving.intake_counters(target.url))}
+            # where engine_direct's steps' time went (backend/step_times.py), as benchmarks.run
             before = engine.stats().step_times
             return lambda: {"engine_steps": engine.stats().step_times.since(before).per_step_ms()}
 

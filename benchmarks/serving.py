@@ -46,6 +46,7 @@ class ServerTarget:
 
     def __init__(self, url: str, timeout_s: float, client_processes: int = 1):
         from gemma_client import AsyncGemmaClient
+        self.url = url
         self.client = AsyncGemmaClient(url, timeout=timeout_s)
         # Closed loops only; the open loop stays on `client`, in this process.
         self.processes = ClientProcesses(url, timeout_s, client_processes) if client_processes > 1 else None
@@ -347,6 +348,28 @@ def _run(coro):
     if _loop is None:
         _loop = asyncio.new_event_loop()
     return _loop.run_until_complete(coro)
+
+
+def intake_counters(grpc_url: str, model: str = "gemma") -> dict[str, int]:
+    """Triton's own counters of the requests that reached `model`: how many, their time in Triton's
+    queue before the model's one instance took them, and their time in its execute() (for a Python
+    model, the round trip to the stub, which takes requests in one at a time)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        stats = client.get_inference_statistics(model_name=model, as_json=True)["model_stats"][0]["inference_stats"]
+    finally:
+        client.close()
+    return {"requests": int(stats["queue"].get("count", 0)), "queue_ns": int(stats["queue"].get("ns", 0)),
+            "execute_ns": int(stats["compute_infer"].get("ns", 0))}
+
+
+def intake_since(before: dict[str, int], after: dict[str, int]) -> dict:
+    """Per request between two `intake_counters`: where a request waited before the engine had it."""
+    n = after["requests"] - before["requests"]
+    per_request_ms = lambda key: (after[key] - before[key]) / n / 1e6 if n else None  # noqa: E731
+    return {"requests": n, "queue_ms": per_request_ms("queue_ns"), "execute_ms": per_request_ms("execute_ns")}
 
 
 def close(target) -> None:
