@@ -192,6 +192,9 @@ def _le(bound: float) -> str:
 
 
 class GemmaMetrics:
+    """The model's metrics. record, set_engine_stats, set_health and flush come from one thread (the
+    model's monitor): what record and set_engine_stats add waits for that thread's next flush."""
+
     def __init__(self, model: str, version: str, instance: str):
         # One engine per model instance (one per GPU): each has its own series, sum them for the model.
         # vLLM labels a series with the served model and the engine, which for us is the instance.
@@ -277,7 +280,9 @@ class GemmaMetrics:
         self._set("waiting", stats.num_waiting)
 
     def count_engine_restart(self) -> None:
-        self._add("engine_restarts", 1)
+        """Sent at once: it is rare, and comes from the restarting thread, not the one that flushes."""
+        for series in self._series["engine_restarts"]:
+            series.increment(1)
 
     def set_health(self, engine_state: str, now: float) -> None:
         """The engine's state (one of ENGINE_STATES) and the heartbeat, Unix time `now`."""
