@@ -92,3 +92,12 @@ def test_the_per_token_families_are_the_inter_token_ones(metrics):
     per_token = {f.name for f in metrics.FAMILIES if f.kind == metrics.TOKEN_HISTOGRAM}
     assert per_token == {"gemma_inter_token_latency_seconds", "vllm:inter_token_latency_seconds",
                          "vllm:time_per_output_token_seconds"}
+
+
+def test_a_requests_metric_calls_do_not_grow_with_its_tokens():
+    """benchmarks/metrics_cost.py on the real GemmaMetrics: a request's Triton metric calls (each a
+    blocking IPC round trip) stay the same whether it made 8 tokens or 512."""
+    from benchmarks.metrics_cost import measure
+
+    short, long = (measure(requests=70, tokens=tokens, requests_per_period=35) for tokens in (8, 512))
+    assert short["triton_calls_per_request"] == long["triton_calls_per_request"] < 10
