@@ -1,6 +1,6 @@
 """What the model's metrics cost per finished request: Triton metric calls, and the Python around them.
 
-    python -m benchmarks.metrics_cost [--requests 3500] [--tokens 64] [--requests-per-period 35]
+    python -m benchmarks.metrics_cost [--requests 3500] [--tokens 64] [--requests-per-period 35] [--native]
 
 Every Triton metric update (`increment`, `set`, `observe`) is a blocking IPC round trip from the stub
 to the server process (18.6 us each on the CPU VM, docs/benchmarks.md), so the number of them per
@@ -9,7 +9,9 @@ serving.metrics.GemmaMetrics `--requests` finished requests of `--tokens` tokens
 every `--requests-per-period` of them (the defaults: 10 s at the H100 grid's 256-client point, ~350
 requests a second, and the model's 0.1 s period), with a stand-in for Triton's module that counts the
 calls. Prints one JSON line: calls per request by kind, and the Python time of `record` + `flush` per
-request (the stand-in's calls cost nothing, so this is our side alone).
+request (the stand-in's calls cost nothing, so this is our side alone). With --native, the inter-token
+histograms are Triton histograms (the model's inter_token_histograms "native"), as every histogram was
+before 543ab29.
 """
 from __future__ import annotations
 
@@ -53,13 +55,13 @@ def counting_triton_module(calls: collections.Counter) -> types.ModuleType:
     return module
 
 
-def measure(requests: int, tokens: int, requests_per_period: int) -> dict:
+def measure(requests: int, tokens: int, requests_per_period: int, native: bool = False) -> dict:
     calls: collections.Counter = collections.Counter()
     with mock.patch.dict(sys.modules, {"triton_python_backend_utils": counting_triton_module(calls)}):
         sys.modules.pop("serving.metrics", None)
         metrics = importlib.import_module("serving.metrics")
         sys.modules.pop("serving.metrics")
-    recorder = metrics.GemmaMetrics("gemma", "1", "gemma_0")
+    recorder = metrics.GemmaMetrics("gemma", "1", "gemma_0", native_token_histograms=native)
     records = [metrics.RequestRecord("success", prompt_tokens=14, output_tokens=tokens, ttft_s=0.05,
                                      inter_token_s=[0.003 + (i % 7) * 1e-4] * (tokens - 1), e2e_s=0.25, n=1,
                                      finish_reason="length") for i in range(requests)]
@@ -70,7 +72,7 @@ def measure(requests: int, tokens: int, requests_per_period: int) -> dict:
             recorder.flush()
     recorder.flush()
     seconds = time.perf_counter() - start
-    return {"requests": requests, "tokens": tokens, "requests_per_period": requests_per_period,
+    return {"requests": requests, "tokens": tokens, "requests_per_period": requests_per_period, "native": native,
             "triton_calls_per_request": sum(calls.values()) / requests,
             "by_kind_per_request": {kind: n / requests for kind, n in sorted(calls.items())},
             "python_us_per_request": 1e6 * seconds / requests}
@@ -81,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3500)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--requests-per-period", type=int, default=35)
+    p.add_argument("--native", action="store_true", help="the inter-token histograms as Triton histograms")
     args = p.parse_args(argv)
-    print(json_line(measure(args.requests, args.tokens, args.requests_per_period)))
+    print(json_line(measure(args.requests, args.tokens, args.requests_per_period, args.native)))
     return 0
 
 

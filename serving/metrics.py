@@ -16,7 +16,10 @@ is affordable per request but not per generated token (three inter-token familie
 60k calls a second, more than the stub has). Those are exported as the three series Prometheus makes
 of a histogram, `<name>_bucket` by `le` (cumulative), `<name>_sum` and `<name>_count`, each a counter
 (`BucketCounters`): the same samples, so PromQL reads them as it reads a histogram (histogram_quantile
-over rate of _bucket); their TYPE line says counter, and their buckets are listed in no order.
+over rate of _bucket); their TYPE line says counter, and their buckets are listed in no order. A reader
+of the text that needs TYPE histogram, or the +Inf bucket as the last line (the vLLM backend's CI test
+reads it so), gets Triton histograms with the model's inter_token_histograms "native", at a call per
+token and histogram (`PerObservation`).
 """
 from __future__ import annotations
 
@@ -186,6 +189,20 @@ class BucketCounters:
             self._sum.increment(new_sum)
 
 
+class PerObservation:
+    """A TOKEN_HISTOGRAM series as a Triton histogram: each observation is one IPC call, made at once."""
+
+    def __init__(self, metric):
+        self._metric = metric
+
+    def observe_many(self, values: list[float]) -> None:
+        for value in values:
+            self._metric.observe(value)
+
+    def flush(self) -> None:
+        pass
+
+
 def _le(bound: float) -> str:
     """A bucket's bound as Prometheus writes `le`: 0.025, 1, +Inf."""
     return "+Inf" if bound == math.inf else repr(bound).removesuffix(".0")
@@ -195,25 +212,26 @@ class GemmaMetrics:
     """The model's metrics. record, set_engine_stats, set_health and flush come from one thread (the
     model's monitor): what record and set_engine_stats add waits for that thread's next flush."""
 
-    def __init__(self, model: str, version: str, instance: str):
+    def __init__(self, model: str, version: str, instance: str, native_token_histograms: bool = False):
+        """`native_token_histograms`: the TOKEN_HISTOGRAM families as Triton histograms (PerObservation),
+        not BucketCounters."""
         # One engine per model instance (one per GPU): each has its own series, sum them for the model.
         # vLLM labels a series with the served model and the engine, which for us is the instance.
         ours = {"model": model, "version": version, "instance": instance}
         vllms = {"model_name": model, "engine": instance}
-        kinds = {COUNTER: pb_utils.MetricFamily.COUNTER, GAUGE: pb_utils.MetricFamily.GAUGE,
-                 HISTOGRAM: pb_utils.MetricFamily.HISTOGRAM}
         self._families = []  # families must outlive their metrics: keep references to both
         self._series: dict[str, list] = {}  # quantity -> its metrics ({label value: metric} for `per`)
-        self._bucket_counters: list[BucketCounters] = []
+        self._token_histograms: list[BucketCounters | PerObservation] = []
         for f in FAMILIES:
             labels = vllms if f.name.startswith("vllm:") else ours
             if f.kind == TOKEN_HISTOGRAM:
-                series = BucketCounters(f.buckets, self._counter_maker(f), labels)
-                self._bucket_counters.append(series)
+                series = (PerObservation(self._family(f.name, f.help, HISTOGRAM).Metric(labels=labels,
+                                                                                       buckets=list(f.buckets)))
+                          if native_token_histograms else BucketCounters(f.buckets, self._counter_maker(f), labels))
+                self._token_histograms.append(series)
                 self._series.setdefault(f.quantity, []).append(series)
                 continue
-            family = pb_utils.MetricFamily(name=f.name, description=f.help, kind=kinds[f.kind])
-            self._families.append(family)
+            family = self._family(f.name, f.help, f.kind)
             options = {"buckets": list(f.buckets)} if f.kind == HISTOGRAM else {}
             if f.per is None:
                 series = family.Metric(labels=labels, **options)
@@ -227,15 +245,20 @@ class GemmaMetrics:
         self._accepted_per_pos = [0] * len(DRAFT_POSITIONS)
         self._engine_state: str | None = None  # as last exported
 
+    def _family(self, name: str, help: str, kind: str):
+        kinds = {COUNTER: pb_utils.MetricFamily.COUNTER, GAUGE: pb_utils.MetricFamily.GAUGE,
+                 HISTOGRAM: pb_utils.MetricFamily.HISTOGRAM}
+        family = pb_utils.MetricFamily(name=name, description=help, kind=kinds[kind])
+        self._families.append(family)
+        return family
+
     def _counter_maker(self, f: Family):
         """A TOKEN_HISTOGRAM's counters: one family per series name (<name>_bucket, _sum, _count)."""
         families: dict[str, object] = {}
 
         def counter(suffix: str, labels: dict[str, str]):
             if suffix not in families:
-                families[suffix] = pb_utils.MetricFamily(name=f.name + suffix, description=f.help,
-                                                         kind=pb_utils.MetricFamily.COUNTER)
-                self._families.append(families[suffix])
+                families[suffix] = self._family(f.name + suffix, f.help, COUNTER)
             return families[suffix].Metric(labels=labels)
         return counter
 
@@ -299,7 +322,7 @@ class GemmaMetrics:
         for (quantity, key), amount in pending.items():
             for series in self._series[quantity]:
                 (series if key is None else series[key]).increment(amount)
-        for series in self._bucket_counters:
+        for series in self._token_histograms:
             series.flush()
 
     def _add(self, quantity: str, amount: float, key: str | None = None) -> None:

@@ -130,3 +130,15 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
     assert asked == [("cuda:1", True), ("cuda:1", False)]
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"
+
+
+def test_inter_token_histograms_default_to_counters_and_take_native(clean_env):
+    assert model_settings(triton_args("CPU", 0)).inter_token_histograms == "counters"
+    clean_env.setenv("GEMMA_INTER_TOKEN_HISTOGRAMS", "Native")
+    assert model_settings(triton_args("CPU", 0)).inter_token_histograms == "native"
+
+
+def test_an_unknown_inter_token_histograms_is_refused_naming_the_choices(clean_env):
+    clean_env.setenv("GEMMA_INTER_TOKEN_HISTOGRAMS", "prometheus")
+    with pytest.raises(ValueError, match=r"inter_token_histograms must be one of counters, native, got 'prometheus'"):
+        model_settings(triton_args("CPU", 0))

@@ -101,3 +101,13 @@ def test_a_requests_metric_calls_do_not_grow_with_its_tokens():
 
     short, long = (measure(requests=70, tokens=tokens, requests_per_period=35) for tokens in (8, 512))
     assert short["triton_calls_per_request"] == long["triton_calls_per_request"] < 10
+
+
+def test_native_inter_token_histograms_cost_a_call_per_token_and_histogram():
+    """inter_token_histograms "native": the three inter-token families are Triton histograms again,
+    each observation one call, as before the counters."""
+    from benchmarks.metrics_cost import measure
+
+    counters = measure(requests=70, tokens=64, requests_per_period=35)
+    native = measure(requests=70, tokens=64, requests_per_period=35, native=True)
+    assert native["by_kind_per_request"]["observe"] == counters["by_kind_per_request"]["observe"] + 3 * 63

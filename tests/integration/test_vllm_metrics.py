@@ -17,7 +17,7 @@ from collections import Counter
 
 import tritonclient.grpc as grpcclient
 
-from tests.support.server import MODEL, make_inputs
+from tests.support.server import MODEL, TINY_SERVER_ENV, make_inputs, start_servers, stop_servers
 from tests.support.waiting import wait_for
 
 PROMPTS = ("The most dangerous animal is", "The capital of France is", "The future of AI is")
@@ -160,3 +160,38 @@ def test_gauges_and_engine_counters_are_exported_per_engine(idle_server):
     per_engine = Counter((name, dict(labels)["engine"]) for name, labels in samples
                          if not {"finished_reason", "le", "position"} & {k for k, _ in labels})
     assert set(per_engine.values()) == {1}, [k for k, n in per_engine.items() if n > 1]
+
+
+def metrics_text(server) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        return r.read().decode()
+
+
+def last_line_values(text: str) -> dict[str, float]:
+    """Each vllm:* name's value on its last line, as the vLLM backend's CI test reads /metrics (for a
+    histogram's _bucket, the last line is +Inf's in Triton's order)."""
+    return {name: float(value) for name, _, value in SAMPLE.findall(text)}
+
+
+def test_native_inter_token_histograms_read_as_the_vllm_backends_test_reads_them(own_servers_only, tiny_checkpoint,
+                                                                                   tmp_path):
+    (server,) = start_servers((tmp_path / "server.log", {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint),
+                                                         "GEMMA_INTER_TOKEN_HISTOGRAMS": "native"}))
+    try:
+        run_round(server, PROMPTS, SAMPLING)
+        gaps = len(PROMPTS) * (MAX_TOKENS - 1)
+        assert wait_for(lambda: last_line_values(metrics_text(server)).get("vllm:time_per_output_token_seconds_count")
+                        == gaps)
+        text = metrics_text(server)
+        for name in ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds"):
+            assert f"# TYPE {name} histogram" in text
+            assert last_line_values(text)[f"{name}_bucket"] == gaps  # +Inf, the last bucket line
+    finally:
+        stop_servers([server])
+
+
+def test_by_default_the_inter_token_histograms_are_counters_of_a_histograms_series(idle_server):
+    text = metrics_text(idle_server)
+    for name in ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds"):
+        assert f"# TYPE {name}_bucket counter" in text and f"# TYPE {name} histogram" not in text
+    assert "# TYPE vllm:time_to_first_token_seconds histogram" in text  # per request: a Triton histogram still
