@@ -55,12 +55,19 @@ def counting_triton_module(calls: collections.Counter) -> types.ModuleType:
     return module
 
 
+def metrics_module(triton_module: types.ModuleType) -> types.ModuleType:
+    """serving.metrics imported with `triton_module` standing in for Triton's stub module (which exists
+    only inside Triton), and left out of sys.modules: the next import is a fresh one."""
+    with mock.patch.dict(sys.modules, {"triton_python_backend_utils": triton_module}):
+        sys.modules.pop("serving.metrics", None)
+        module = importlib.import_module("serving.metrics")
+        sys.modules.pop("serving.metrics")
+    return module
+
+
 def measure(requests: int, tokens: int, requests_per_period: int, native: bool = False) -> dict:
     calls: collections.Counter = collections.Counter()
-    with mock.patch.dict(sys.modules, {"triton_python_backend_utils": counting_triton_module(calls)}):
-        sys.modules.pop("serving.metrics", None)
-        metrics = importlib.import_module("serving.metrics")
-        sys.modules.pop("serving.metrics")
+    metrics = metrics_module(counting_triton_module(calls))
     recorder = metrics.GemmaMetrics("gemma", "1", "gemma_0", native_token_histograms=native)
     records = [metrics.RequestRecord("success", prompt_tokens=14, output_tokens=tokens, ttft_s=0.05,
                                      inter_token_s=[0.003 + (i % 7) * 1e-4] * (tokens - 1), e2e_s=0.25, n=1,

@@ -326,7 +326,7 @@ class GemmaMetrics:
             series.flush()
 
     def _add(self, quantity: str, amount: float, key: str | None = None) -> None:
-        if amount:  # each update is an IPC call: none for nothing
+        if amount:  # a counter in _pending costs an IPC call at the flush: none for nothing
             self._pending[quantity, key] = self._pending.get((quantity, key), 0) + amount
 
     def _observe(self, quantity: str, value: float | None) -> None:

@@ -3,23 +3,18 @@ increments of the counters Prometheus reads as a histogram's series. The real se
 checked end to end in tests/integration/test_vllm_metrics.py; here, the arithmetic and the order."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 import types
-from unittest import mock
 
 import pytest
+
+from benchmarks.metrics_cost import measure, metrics_module
 
 
 @pytest.fixture(scope="module")
 def metrics():
-    """The module imports Triton's stub module, which exists only inside Triton: an empty stand-in
-    takes its place (BucketCounters is given its counters, so it never uses it)."""
-    with mock.patch.dict(sys.modules, {"triton_python_backend_utils": types.ModuleType("triton_python_backend_utils")}):
-        sys.modules.pop("serving.metrics", None)
-        yield importlib.import_module("serving.metrics")
-    sys.modules.pop("serving.metrics", None)
+    """An empty stand-in for Triton's module will do: BucketCounters is given its counters."""
+    return metrics_module(types.ModuleType("triton_python_backend_utils"))
 
 
 class Counters:
@@ -97,8 +92,6 @@ def test_the_per_token_families_are_the_inter_token_ones(metrics):
 def test_a_requests_metric_calls_do_not_grow_with_its_tokens():
     """benchmarks/metrics_cost.py on the real GemmaMetrics: a request's Triton metric calls (each a
     blocking IPC round trip) stay the same whether it made 8 tokens or 512."""
-    from benchmarks.metrics_cost import measure
-
     short, long = (measure(requests=70, tokens=tokens, requests_per_period=35) for tokens in (8, 512))
     assert short["triton_calls_per_request"] == long["triton_calls_per_request"] < 10
 
@@ -106,8 +99,6 @@ def test_a_requests_metric_calls_do_not_grow_with_its_tokens():
 def test_native_inter_token_histograms_cost_a_call_per_token_and_histogram():
     """inter_token_histograms "native": the three inter-token families are Triton histograms again,
     each observation one call, as before the counters."""
-    from benchmarks.metrics_cost import measure
-
     counters = measure(requests=70, tokens=64, requests_per_period=35)
     native = measure(requests=70, tokens=64, requests_per_period=35, native=True)
     assert native["by_kind_per_request"]["observe"] == counters["by_kind_per_request"]["observe"] + 3 * 63

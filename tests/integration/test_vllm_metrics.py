@@ -39,8 +39,7 @@ def key(name: str, **labels) -> tuple[str, frozenset]:
 
 def vllm_samples(server) -> dict[tuple[str, frozenset], float]:
     """Every vllm:* sample on /metrics, by key()."""
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        text = r.read().decode()
+    text = metrics_text(server)
     return {(name, frozenset((k, float(v) if k == "le" else v) for k, v in LABEL.findall(labels or ""))): float(value)
             for name, labels, value in SAMPLE.findall(text)}
 
