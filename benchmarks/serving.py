@@ -119,10 +119,31 @@ class EngineTarget:
 
     def __init__(self, engine):
         self.engine = engine
+        # Reads handed over by the engine's receiver thread, run on the event loop in one wake-up per
+        # batch: a call_soon_threadsafe per request and step (a write to the loop's self-pipe, and a
+        # loop wake-up, each) was most of this process's CPU, which at 256 clients on the H100 held
+        # the engine back (its steps waited to hand their deltas over: docs/benchmarks.md).
+        self._reads: list[tuple] = []
+        self._reads_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _hand_over(self, read, handle) -> None:  # the engine's receiver thread
+        call = (read, handle, time.perf_counter())
+        with self._reads_lock:
+            self._reads.append(call)
+            first = len(self._reads) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._run_reads)
+
+    def _run_reads(self) -> None:
+        with self._reads_lock:
+            reads, self._reads = self._reads, []
+        for read, handle, stamp in reads:
+            read(handle, stamp)
 
     async def stream(self, prompt: str, max_tokens: int, timeline: Timeline) -> None:
         from backend.params import SamplingParams
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()  # one loop per run; a run ends with its streams
         done: asyncio.Future = loop.create_future()
 
         def read(handle, stamp: float) -> None:  # event loop thread, as a server's responder reads
@@ -134,10 +155,8 @@ class EngineTarget:
             if out.finish_reason is not None and not done.done():
                 done.set_result(out)
 
-        def on_ready(handle) -> None:  # engine thread
-            loop.call_soon_threadsafe(read, handle, time.perf_counter())
-
-        handle = self.engine.submit(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), on_ready=on_ready)
+        handle = self.engine.submit(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY),
+                                    on_ready=lambda handle: self._hand_over(read, handle))
         try:
             out = await done
         except asyncio.CancelledError:

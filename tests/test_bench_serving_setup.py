@@ -2,18 +2,22 @@
 server's model.py rebuilds from the GEMMA_* environment, the random gemma-2b-shaped checkpoint has a
 tokenizer and a vocabulary the engine can serve, a request cut short is an error, and client
 processes that cannot start say why."""
+import asyncio
 import dataclasses
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from backend.loader import start_engine
 from backend.params import EngineConfig, SamplingParams
 from benchmarks import random_checkpoint, run, serving
+from benchmarks.stats import Timeline
 from serving.config import model_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,3 +135,77 @@ def test_a_request_that_ends_with_fewer_tokens_is_an_error():
 def test_client_processes_that_cannot_reach_their_server_fail_at_once_with_each_ones_error():
     with pytest.raises(RuntimeError, match=r"(?s)client process \d+: .*ConnectionFailedError.*client process \d+: "):
         serving.ServerTarget("localhost:1", timeout_s=10, client_processes=2)  # port 1: nothing listens
+
+
+class _BatchEngine:
+    """Stands for an Engine whose receiver thread hands each step's outputs to every running
+    request at once, as an engine process's deltas arrive: one token per request and step."""
+
+    def __init__(self, num_requests: int, max_tokens: int):
+        self.num_requests, self.max_tokens = num_requests, max_tokens
+        self.handles, self.submitted = [], threading.Event()
+
+    def submit(self, prompt, params, on_ready):
+        handle = _BatchHandle(on_ready)
+        self.handles.append(handle)
+        if len(self.handles) == self.num_requests:
+            self.submitted.set()
+        return handle
+
+    def steps(self) -> None:  # the receiver thread
+        self.submitted.wait(10)
+        for step in range(self.max_tokens):
+            for handle in self.handles:
+                handle.deliver(step, "length" if step == self.max_tokens - 1 else None)
+
+
+class _BatchHandle:
+    def __init__(self, on_ready):
+        self.on_ready, self.unread, self.lock = on_ready, [], threading.Lock()
+
+    def deliver(self, token: int, finish_reason) -> None:
+        with self.lock:
+            self.unread.append((token, finish_reason))
+        self.on_ready(self)
+
+    def poll(self):
+        with self.lock:
+            unread, self.unread = self.unread, []
+        if not unread:
+            return None
+        return SimpleNamespace(token_ids=[t for t, _ in unread], finish_reason=unread[-1][1])
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_engine_direct_reads_a_steps_outputs_in_one_loop_wake_up_not_one_per_request():
+    """EngineTarget: what the engine's receiver thread hands over while the event loop is busy waits
+    for one wake-up of the loop (a call_soon_threadsafe writes to the loop's self-pipe; one per request
+    and step was most of the benchmark process's CPU at 256 clients), and every stream still gets
+    every token, stamped when it arrived."""
+    engine = _BatchEngine(num_requests=64, max_tokens=5)
+    target = serving.EngineTarget(engine)
+
+    async def streams():
+        loop = asyncio.get_running_loop()
+        wake_ups = 0
+        threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args):
+            nonlocal wake_ups
+            wake_ups += 1
+            return threadsafe(*args)
+
+        loop.call_soon_threadsafe = counted
+        steps = threading.Thread(target=engine.steps)
+        steps.start()
+        timelines = [Timeline(time.perf_counter()) for _ in range(64)]
+        await asyncio.gather(*(target.stream("p", 5, timeline) for timeline in timelines))
+        steps.join()
+        return timelines, wake_ups
+
+    timelines, wake_ups = asyncio.run(streams())
+    assert [sum(n for _, n in t.arrivals) for t in timelines] == [5] * 64
+    assert all(t.start <= stamp for t in timelines for stamp, _ in t.arrivals)
+    assert wake_ups < 64 * 5 / 4, wake_ups  # one per handed-over output was 320
