@@ -114,13 +114,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
 
 def _sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow], keep_states: frozenset[int] = frozenset()
                       ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """Each row's token, and whether the row could be sampled at all (see _rankable), on the device;
+    """Each row's token, and whether the row could be sampled at all (see _best), on the device;
     and for the seeded sampled rows in `keep_states`, their generator's state before their draw."""
     if not any(_needs_processing(row) for row in rows):  # all-greedy batch: no float copy, no Python per row
-        return logits.argmax(dim=-1), _rankable(logits), {}
+        return (*_best(logits), {})
     scores = _penalized_scores(logits, rows)
-    finite = _rankable(scores)
-    token_ids = scores.argmax(dim=-1)
+    token_ids, finite = _best(scores)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     states: dict[int, torch.Tensor] = {}
     if sampled:
@@ -225,10 +224,13 @@ def _fill_logprobs(result: list, rows: Sequence[SamplingRow], asking: list[int],
                                   tuple(row_values[1:n + 1]))
 
 
-def _rankable(scores: torch.Tensor) -> torch.Tensor:
-    """Per row: has a finite best score. A row's max is NaN if any score is NaN (max propagates it),
-    +inf for an infinite logit, -inf when every token is masked. -inf elsewhere only rules tokens out."""
-    return torch.isfinite(scores.amax(dim=-1))
+def _best(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the best token (the first of equals, as argmax picks), and whether its score is finite,
+    from one pass over the scores (argmax and amax read a [256, 262144] step's logits twice). A row's
+    max is NaN if any score is NaN (max propagates it), +inf for an infinite logit, -inf when every
+    token is masked; -inf elsewhere only rules tokens out."""
+    best, token_ids = scores.max(dim=-1)
+    return token_ids, torch.isfinite(best)
 
 
 def _checked(token_ids: torch.Tensor, finite: torch.Tensor) -> list[int]:

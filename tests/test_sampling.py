@@ -283,6 +283,14 @@ def test_non_finite_logits_fail_their_row_only(bad_value, params):
     assert [info.value.token_ids[0], info.value.token_ids[2]] == expected
 
 
+def test_greedy_takes_the_first_of_equal_best_scores_as_argmax_does():
+    """Ties go to the lowest token id (torch.argmax's rule, so HF's greedy), with or without a penalty."""
+    logits = random_logits(batch=2)
+    logits[:, [9, 300, 900]] = logits.max() + 1.0
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.2)):
+        assert sample(logits, rows_for(params, 2)) == [9, 9] == logits.argmax(dim=-1).tolist()
+
+
 def test_minus_infinity_only_rules_tokens_out():
     logits = random_logits(batch=2)
     logits[:, :500] = -math.inf
