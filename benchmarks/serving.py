@@ -122,28 +122,36 @@ class EngineTarget:
         # Reads handed over by the engine's receiver thread, run on the event loop in one wake-up per
         # batch: a call_soon_threadsafe per request and step (a write to the loop's self-pipe, and a
         # loop wake-up, each) was most of this process's CPU, which at 256 clients on the H100 held
-        # the engine back (its steps waited to hand their deltas over: docs/benchmarks.md).
-        self._reads: list[tuple] = []
+        # the engine back (its steps waited to hand their deltas over: docs/benchmarks.md). Kept by
+        # loop: a stream cancelled at a run's time limit gets its final delta after that run's loop
+        # closed, and must not land in the next run's.
+        self._reads: dict[asyncio.AbstractEventLoop, list[tuple]] = {}
         self._reads_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _hand_over(self, read, handle) -> None:  # the engine's receiver thread
+    def _hand_over(self, loop, read, handle) -> None:  # the engine's receiver thread
         call = (read, handle, time.perf_counter())
         with self._reads_lock:
-            self._reads.append(call)
-            first = len(self._reads) == 1
-        if first:
-            self._loop.call_soon_threadsafe(self._run_reads)
+            pending = self._reads.setdefault(loop, [])
+            pending.append(call)
+            first = len(pending) == 1
+        if first:  # (raises for a closed loop, as a call_soon_threadsafe per read did)
+            loop.call_soon_threadsafe(self._run_reads, loop)
 
-    def _run_reads(self) -> None:
+    def _run_reads(self, loop) -> None:
         with self._reads_lock:
-            reads, self._reads = self._reads, []
+            reads = self._reads.pop(loop, [])
         for read, handle, stamp in reads:
-            read(handle, stamp)
+            try:
+                read(handle, stamp)
+            except Exception as e:  # as the loop treats a failing callback: reported, the others still run
+                loop.call_exception_handler({"message": "engine_direct: reading a stream failed", "exception": e})
 
     async def stream(self, prompt: str, max_tokens: int, timeline: Timeline) -> None:
         from backend.params import SamplingParams
-        self._loop = loop = asyncio.get_running_loop()  # one loop per run; a run ends with its streams
+        loop = asyncio.get_running_loop()
+        with self._reads_lock:  # what was handed to runs that have ended is never read
+            for ended in [other for other in self._reads if other.is_closed()]:
+                del self._reads[ended]
         done: asyncio.Future = loop.create_future()
 
         def read(handle, stamp: float) -> None:  # event loop thread, as a server's responder reads
@@ -156,7 +164,7 @@ class EngineTarget:
                 done.set_result(out)
 
         handle = self.engine.submit(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY),
-                                    on_ready=lambda handle: self._hand_over(read, handle))
+                                    on_ready=lambda handle: self._hand_over(loop, read, handle))
         try:
             out = await done
         except asyncio.CancelledError:

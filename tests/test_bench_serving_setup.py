@@ -209,3 +209,31 @@ def test_engine_direct_reads_a_steps_outputs_in_one_loop_wake_up_not_one_per_req
     assert [sum(n for _, n in t.arrivals) for t in timelines] == [5] * 64
     assert all(t.start <= stamp for t in timelines for stamp, _ in t.arrivals)
     assert wake_ups < 64 * 5 / 4, wake_ups  # one per handed-over output was 320
+
+
+def test_engine_direct_a_stream_cut_at_the_end_of_a_run_does_not_stall_the_next_run():
+    """A stream cancelled at a run's time limit gets its final delta after that run's loop has closed
+    (handing it over raises there, as it did with a call_soon_threadsafe per read); the next run's
+    streams, on a new loop, still get every token."""
+    engine = _BatchEngine(num_requests=1, max_tokens=3)
+    target = serving.EngineTarget(engine)
+
+    async def cut_short():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(target.stream("p", 3, Timeline(time.perf_counter())), 0.05)
+
+    asyncio.run(cut_short())
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.handles[0].deliver(0, "cancelled")
+    engine.handles, engine.num_requests = [], 4
+    engine.submitted.clear()
+
+    async def next_run():
+        steps = threading.Thread(target=engine.steps)
+        steps.start()
+        timelines = [Timeline(time.perf_counter()) for _ in range(4)]
+        await asyncio.wait_for(asyncio.gather(*(target.stream("p", 3, t) for t in timelines)), 10)
+        steps.join()
+        return timelines
+
+    assert [sum(n for _, n in t.arrivals) for t in asyncio.run(next_run())] == [3] * 4
