@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 from .engine_core import EngineCore, EngineStats, Publish
 from .errors import EngineOverloadedError
-from .heap import freeze_startup_heap
+from .heap import quiet_collector
 from .outputs import TokenDelta
 from .params import EngineConfig, SamplingParams
 
@@ -235,7 +235,7 @@ def serve_engine(commands, events) -> None:
     except BaseException as exc:  # the parent raises it
         send(("failed", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}")))
         return
-    freeze_startup_heap()  # the model and its graphs are in: GC pauses would stall the steps
+    quiet_collector()  # the model and its graphs are in: GC pauses would stall the steps
     send(("ready", (core.limits, core.device)))
     while True:
         try:

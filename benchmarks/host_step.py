@@ -9,7 +9,7 @@ greedy requests decode together; after a few warm-up steps the engine's own step
 (backend/step_times.py) are read over `--steps` steps, every full (generation 2) garbage collection
 that falls in that window is timed, and then one full collection is made and timed (the median of
 three): the pause each of them costs every thread of the process. Then the same again after
-`freeze_startup_heap()`. How often full collections come depends on how many objects survive the
+`quiet_collector()`. How often full collections come depends on how many objects survive the
 young generations (in an engine process at 256 sequences on the CPU VM: one every ~11 s). The host
 phases (schedule, prepare, update) do not depend on the device, so the CPU shows what a GPU step
 pays for them; the forward and sampling rows are the CPU's own. Without --checkpoint: a tiny
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--checkpoint", type=Path, help="default: a tiny Gemma with the packaged tokenizer")
     args = p.parse_args(argv)
     from backend.default_model import ensure_default_checkpoint
-    from backend.heap import freeze_startup_heap
+    from backend.heap import quiet_collector
     from backend.loader import start_engine
     from backend.params import EngineConfig
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                        max_num_batched_tokens=max(512, 32 * args.sequences), kv_cache_bytes=1 << 28))
     try:
         runs = [{"heap": "as started", **measure(engine, args.sequences, args.warm_steps, args.steps)}]
-        freeze_startup_heap()
+        quiet_collector()
         try:
             runs.append({"heap": "frozen", **measure(engine, args.sequences, args.warm_steps, args.steps)})
         finally:

@@ -31,7 +31,7 @@ from serving.config import bound_cpu_kernel_caches, model_settings
 bound_cpu_kernel_caches()  # before torch is imported (by the modules below)
 
 from backend.engine import Engine  # noqa: E402
-from backend.heap import freeze_startup_heap  # noqa: E402
+from backend.heap import quiet_collector  # noqa: E402
 from backend.loader import start_engine  # noqa: E402
 from serving.logprobs import logprobs_json  # noqa: E402
 from serving.metrics import GemmaMetrics, RequestRecord  # noqa: E402
@@ -220,7 +220,7 @@ class TritonPythonModel:
         self._next_responder = itertools.cycle(self._responders)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
         self._monitor.start()
-        freeze_startup_heap()  # GC pauses would stall the responders (an engine on a thread: its steps too)
+        quiet_collector()  # GC pauses would stall the responders (an engine on a thread: its steps too)
         kv = self.engine.stats().kv_cache
         pb_utils.Logger.log_info(f"gemma: engine ready on {self.engine.device}: {self.engine.config}; KV cache "
                                  f"{kv.num_bytes} bytes, {kv.total_blocks} blocks of {kv.block_size} tokens")
