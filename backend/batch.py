@@ -17,7 +17,7 @@ def fed_token(row: int) -> int:
     return -1 - row
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqChunk:
     """`token_ids` are the sequence's tokens at positions [start, start + len) this step (a negative one
     is a `fed_token`). A chunk that

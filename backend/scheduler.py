@@ -84,7 +84,7 @@ class Sequence:
         return self.num_in_flight > 0 and self.num_tokens - self.num_prompt_tokens >= self.params.max_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, and a step makes 256 of them
 class ScheduledChunk:
     seq: Sequence
     chunk: SeqChunk  # its tokens computed this step; needs_logits: it reaches the last token
@@ -149,14 +149,16 @@ class Scheduler:
             drafts = seq.draft_token_ids[:budget - 1] if seq.draft_token_ids and pending == 1 \
                 and not seq.num_in_flight else ()
             n += len(drafts)
-            victims = self._grow(seq, seq.num_computed + n)
-            preempted += victims
-            gone.update(victims)
-            for victim in victims:  # a newer decode may already hold a chunk of this step
-                budget += sum(len(c.chunk.token_ids) for c in chunks if c.seq is victim)
-                chunks = [c for c in chunks if c.seq is not victim]
-            if seq in victims:
-                continue
+            # Most decodes fit the blocks they hold (one step in block_size needs a new one).
+            if seq.num_computed + n > len(seq.block_table) * self.block_size:
+                victims = self._grow(seq, seq.num_computed + n)
+                preempted += victims
+                gone.update(victims)
+                for victim in victims:  # a newer decode may already hold a chunk of this step
+                    budget += sum(len(c.chunk.token_ids) for c in chunks if c.seq is victim)
+                    chunks = [c for c in chunks if c.seq is not victim]
+                if seq in victims:
+                    continue
             budget -= n
             chunks.append(self._chunk(seq, n, drafts))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
@@ -192,7 +194,7 @@ class Scheduler:
         or failed by their own step) are left alone; a preempted one keeps its tokens (they are
         valid). Returns (sequence, i, n) for each sequence that got the first n tokens of sampled[i]."""
         appended, stops = [], {}
-        for i, scheduled in enumerate(c for c in output.chunks if c.needs_logits):
+        for i, scheduled in enumerate(c for c in output.chunks if c.chunk.needs_logits):
             seq = scheduled.seq
             seq.num_in_flight -= 1
             seq.num_drafts_in_flight = 0
@@ -313,8 +315,11 @@ class Scheduler:
         if not self.pool.enable_prefix_caching:
             return
         known = min(seq.num_computed, len(seq.token_ids))  # a name needs the block's tokens
+        full = known // self.block_size
+        if full <= first and len(seq.block_hashes) >= full:  # most steps: no block filled up
+            return
         self._extend_hashes(seq, known)
-        for i in range(first, known // self.block_size):
+        for i in range(first, full):
             self.pool.name(seq.block_table[i], seq.block_hashes[i])
 
 
