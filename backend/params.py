@@ -174,6 +174,13 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.penalizes_occurrences
                 or any(len(ids) > 1 for ids in self.bad_words_token_ids))
 
+    @functools.cached_property  # asked of every sampling request at every step
+    def samples_plainly(self) -> bool:
+        """Greedy, with nothing that reads or rules out tokens and no logprobs: its token is the argmax
+        of its raw logits, and the sampler needs nothing else of it."""
+        return (self.greedy and not self.reads_token_history and not self.bad_words_token_ids
+                and self.min_tokens == 0 and self.logprobs is None)
+
     @property
     def penalizes_occurrences(self) -> bool:
         """OpenAI's presence or frequency penalty is set."""

@@ -136,20 +136,25 @@ class SampledOnDevice:
     step at once; the copy to the host starts here without waiting, and only `result()` waits for
     it (on a GPU the host meanwhile prepares the next step).
 
-    `rows` describe the logit rows. With `drafts` (a list per sequence that samples, in order),
-    sequence s has 1 + len(drafts[s]) consecutive rows, which verify its drafts (module docstring);
-    without, each row is a sequence of its own."""
+    `rows` describe the logit rows; None: every row is a sequence whose params sample plainly
+    (`SamplingParams.samples_plainly`: its token is the argmax). With `drafts` (a list per sequence
+    that samples, in order), sequence s has 1 + len(drafts[s]) consecutive rows, which verify its
+    drafts (module docstring); without, each row is a sequence of its own."""
 
-    def __init__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+    def __init__(self, logits: torch.Tensor, rows: Optional[Sequence[SamplingRow]],
                  drafts: Optional[Sequence[Sequence[int]]] = None):
         self._drafts = drafts if drafts is not None and any(drafts) else None
-        # Seeded sampled rows after a sequence's first: where its generator is rewound to on a rejection.
-        rewind = frozenset(first + j for first, d in zip(_first_rows(self._drafts), self._drafts or ())
-                           for j in range(1, len(d) + 1)
-                           if rows[first].generator is not None and not rows[first].params.greedy)
-        self.token_ids, finite, self._states = _sample_on_device(logits, rows, rewind)
+        if rows is None:
+            self.token_ids, finite = _best(logits)
+            self._states, self._asking = {}, []
+        else:
+            # Seeded sampled rows after a sequence's first: where its generator is rewound to on a rejection.
+            rewind = frozenset(first + j for first, d in zip(_first_rows(self._drafts), self._drafts or ())
+                               for j in range(1, len(d) + 1)
+                               if rows[first].generator is not None and not rows[first].params.greedy)
+            self.token_ids, finite, self._states = _sample_on_device(logits, rows, rewind)
+            self._asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         self._rows = rows
-        self._asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         on_device = [torch.stack([self.token_ids, finite.to(self.token_ids.dtype)])]
         if self._asking:
             on_device += _logprobs_on_device(logits, self.token_ids, rows, self._asking)
@@ -167,7 +172,7 @@ class SampledOnDevice:
         if self._copied is not None:
             self._copied.synchronize()
         tokens, ok = self._on_host[0].tolist()
-        logprobs: list[Optional[TokenLogprobs]] = [None] * len(self._rows)
+        logprobs: list[Optional[TokenLogprobs]] = [None] * len(tokens)
         if self._asking:
             values, ranks_and_ids = self._on_host[1].tolist(), self._on_host[2].tolist()
             _fill_logprobs(logprobs, self._rows, self._asking, tokens, values, ranks_and_ids)

@@ -8,7 +8,7 @@ from gemma_protocol import SAMPLING_FIELDS, SERVING_KEYS
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from backend.errors import InvalidRequestError
-from backend.sampling import (NonFiniteLogitsError, SamplingParams, SamplingRow, make_generator,
+from backend.sampling import (NonFiniteLogitsError, SampledOnDevice, SamplingParams, SamplingRow, make_generator,
                               process_logits, sample, sample_with_logprobs)
 
 VOCAB = 1000
@@ -289,6 +289,29 @@ def test_greedy_takes_the_first_of_equal_best_scores_as_argmax_does():
     logits[:, [9, 300, 900]] = logits.max() + 1.0
     for params in (SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.2)):
         assert sample(logits, rows_for(params, 2)) == [9, 9] == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("params, plainly", [
+    (SamplingParams(temperature=0), True), (SamplingParams(temperature=0.7, top_k=1, ignore_eos=True), True),
+    (SamplingParams(temperature=0.7), False), (SamplingParams(temperature=0, logprobs=0), False),
+    (SamplingParams(temperature=0, min_tokens=1), False), (SamplingParams(temperature=0, repetition_penalty=1.1), False),
+    (SamplingParams(temperature=0, bad_words_token_ids=((5,),)), False)])
+def test_only_greedy_rows_that_nothing_else_touches_sample_plainly(params, plainly):
+    assert params.samples_plainly is plainly
+
+
+def test_plain_rows_are_sampled_as_their_sampling_rows_would_be():
+    """Rows given as None (every row samples plainly: the engine's greedy steady state) get what their
+    SamplingRows would get: the argmax, ties to the lowest id, a non-finite row failed alone."""
+    logits = random_logits(batch=5)
+    logits[3, [9, 300]] = logits.max() + 1.0
+    logits[1, 17] = math.nan
+    logits[4] = -math.inf
+    full = SampledOnDevice(logits, rows_for(SamplingParams(temperature=0), 5)).result()
+    plain = SampledOnDevice(logits, None).result()
+    assert plain.token_ids == full.token_ids and plain.token_ids[3] == 9
+    assert plain.failed_rows == full.failed_rows == (1, 4)
+    assert plain.logprobs == [None] * 5
 
 
 def test_minus_infinity_only_rules_tokens_out():
