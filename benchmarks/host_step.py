@@ -105,11 +105,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                        max_num_batched_tokens=max(512, 32 * args.sequences), kv_cache_bytes=1 << 28))
     try:
         runs = [{"heap": "as started", **measure(engine, args.sequences, args.warm_steps, args.steps)}]
+        threshold = gc.get_threshold()
         quiet_collector()
         try:
             runs.append({"heap": "frozen", **measure(engine, args.sequences, args.warm_steps, args.steps)})
         finally:
             gc.unfreeze()
+            gc.set_threshold(*threshold)
     finally:
         engine.shutdown()
     for run in runs:

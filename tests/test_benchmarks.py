@@ -271,6 +271,7 @@ def test_host_step_measures_both_heaps_on_one_engine_and_gives_the_collector_bac
 
     from benchmarks import host_step
 
+    threshold = gc.get_threshold()
     walked, frozen = host_step.main(["--sequences", "4", "--steps", "3", "--warm-steps", "1"])
     assert [walked["heap"], frozen["heap"]] == ["as started", "frozen"]
     for run_ in (walked, frozen):
@@ -278,8 +279,26 @@ def test_host_step_measures_both_heaps_on_one_engine_and_gives_the_collector_bac
         assert run_["host_ms"] == pytest.approx(sum(run_.get(k, 0.0) for k in host_step.HOST_PHASES), abs=0.01)
         assert run_["full_collections"] == len(run_["full_collection_ms"])
     assert frozen["tracked_objects"] < walked["tracked_objects"]  # the startup heap left the walked set
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
     lines = capsys.readouterr().out.splitlines()
     assert frozen["one_full_collection_ms"] < walked["one_full_collection_ms"]
     assert set(json.loads(lines[-1])) == {"host_ms_frozen_over_walked", "wall_per_step_frozen_over_walked",
                                           "full_collection_frozen_over_walked"}
+
+
+def test_engine_host_runs_the_closed_loop_on_the_fused_layouts_and_gives_the_collector_back(capsys):
+    """benchmarks/engine_host.py: requests end at max_tokens and are replaced, steps with prefill chunks
+    and decode-only ones both come, and the phases it reports are per step."""
+    import gc
+
+    from benchmarks import engine_host
+
+    threshold = gc.get_threshold()
+    result = engine_host.main(["--sequences", "8", "--output-tokens", "4", "--seconds", "1", "--warm-seconds", "0.5"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == result
+    assert result["tokens_per_s"] > 0 and result["steps"] > 10
+    assert 0 < result["mixed_step_share"] < 1  # 4-token requests: arrivals come every few steps
+    phases = [result[k] for k in ("schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "update_ms", "publish_ms")]
+    assert all(ms > 0 for ms in phases)
+    assert sum(phases) < 1.5 * result["wall_ms_per_step"]  # per step, as the wall time is (edges: a step or so)
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
