@@ -5,7 +5,6 @@ new tokens (`SeqChunk`), and the one host-to-device copy of a step's small integ
 from __future__ import annotations
 
 import array
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +46,12 @@ class HostToDevice:
     def upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """Each list of ints as a 1-D long tensor on the device."""
         sizes = [len(p) for p in parts]
-        # An array('q') takes the ints at C speed (torch.tensor of a list walks them in Python: twice as slow).
-        flat = torch.frombuffer(array.array("q", itertools.chain.from_iterable(parts)), dtype=torch.long)
+        # An array('q') takes the ints at C speed (torch.tensor of a list walks them in Python: twice as
+        # slow); fromlist reads each list directly, half the time of an iterator over all of them.
+        ints = array.array("q")
+        for part in parts:
+            ints.fromlist(part)
+        flat = torch.frombuffer(ints, dtype=torch.long)
         if self.pinned:
             flat = flat.pin_memory()
         # Not pinned: the CPU (no copy at all), or a one-off layout.

@@ -179,11 +179,17 @@ def varlen_layout(chunks: list[SeqChunk], block_size: int, uploader: HostToDevic
     the block tables padded to the longest context, and each chunk split into tiles of `tile_tokens`
     tokens; all of it goes to the device in one copy."""
     token_ids, logit_rows, positions, slots, q_starts = [], [], [], [], []
-    width = max(blocks_for(c.start + len(c.token_ids), block_size) for c in chunks)
+    width = blocks_for(max(c.start + len(c.token_ids) for c in chunks), block_size)
     for chunk in chunks:
         row, n, start = len(token_ids), len(chunk.token_ids), chunk.start
         q_starts.append(row)
         token_ids += chunk.token_ids
+        if n == 1:  # a decode (most of a step's chunks at many sequences): one position, one slot
+            if chunk.needs_logits:
+                logit_rows.append(row)
+            positions.append(start)
+            slots.append(chunk.block_table[start // block_size] * block_size + start % block_size)
+            continue
         logit_rows.extend(range(row + n - chunk.num_logit_rows, row + n))
         positions.extend(range(start, start + n))
         pos = start
@@ -208,6 +214,9 @@ def tile_table(seq_rows, q_starts, q_lens, pos_starts, block_m: int) -> list[int
     (seq_row, first_q_row, num_rows, first_position). A decode is a chunk of length 1."""
     flat = []
     for seq, row, length, pos in zip(seq_rows, q_starts, q_lens, pos_starts):
+        if 0 < length <= block_m:  # one tile (every decode)
+            flat += (seq, row, length, pos)
+            continue
         for offset in range(0, length, block_m):
             flat += [seq, row + offset, min(block_m, length - offset), pos + offset]
     return flat
