@@ -9,9 +9,9 @@ serving.metrics.GemmaMetrics `--requests` finished requests of `--tokens` tokens
 every `--requests-per-period` of them (the defaults: 10 s at the H100 grid's 256-client point, ~350
 requests a second, and the model's 0.1 s period), with a stand-in for Triton's module that counts the
 calls. Prints one JSON line: calls per request by kind, and the Python time of `record` + `flush` per
-request (the stand-in's calls cost nothing, so this is our side alone). With --native, the inter-token
-histograms are Triton histograms (the model's inter_token_histograms "native"), as every histogram was
-before 543ab29.
+request (the stand-in's calls cost nothing, so this is our side alone). With --native, the histograms
+are Triton histograms (the model's `histograms` setting "native"), as every histogram was before
+543ab29. Requests' times and token counts spread as a load's do, so a period moves several buckets.
 """
 from __future__ import annotations
 
@@ -68,10 +68,10 @@ def metrics_module(triton_module: types.ModuleType) -> types.ModuleType:
 def measure(requests: int, tokens: int, requests_per_period: int, native: bool = False) -> dict:
     calls: collections.Counter = collections.Counter()
     metrics = metrics_module(counting_triton_module(calls))
-    recorder = metrics.GemmaMetrics("gemma", "1", "gemma_0", native_token_histograms=native)
-    records = [metrics.RequestRecord("success", prompt_tokens=14, output_tokens=tokens, ttft_s=0.05,
-                                     inter_token_s=[0.003 + (i % 7) * 1e-4] * (tokens - 1), e2e_s=0.25, n=1,
-                                     finish_reason="length") for i in range(requests)]
+    recorder = metrics.GemmaMetrics("gemma", "1", "gemma_0", native_histograms=native)
+    records = [metrics.RequestRecord("success", prompt_tokens=10 + i % 20, output_tokens=tokens,
+                                     ttft_s=0.01 * (1 + i % 30), inter_token_s=[0.003 + (i % 7) * 1e-4] * (tokens - 1),
+                                     e2e_s=0.2 + 0.05 * (i % 40), n=1, finish_reason="length") for i in range(requests)]
     start = time.perf_counter()
     for i, record in enumerate(records, start=1):
         recorder.record(record)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3500)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--requests-per-period", type=int, default=35)
-    p.add_argument("--native", action="store_true", help="the inter-token histograms as Triton histograms")
+    p.add_argument("--native", action="store_true", help="the histograms as Triton histograms")
     args = p.parse_args(argv)
     print(json_line(measure(args.requests, args.tokens, args.requests_per_period, args.native)))
     return 0

@@ -404,9 +404,9 @@ def close(target) -> None:
 
 
 # The model's own settings a benchmark passes on from its environment (e.g. GEMMA_RESPONDER_THREADS=4
-# for one grid call and 1 for the next, or GEMMA_INTER_TOKEN_HISTOGRAMS=native against the default, to
+# for one grid call and 1 for the next, or GEMMA_HISTOGRAMS=native against the default, to
 # compare them on one machine).
-SERVING_SETTINGS = ("GEMMA_ENGINE_PROCESS", "GEMMA_RESPONDER_THREADS", "GEMMA_INTER_TOKEN_HISTOGRAMS")
+SERVING_SETTINGS = ("GEMMA_ENGINE_PROCESS", "GEMMA_RESPONDER_THREADS", "GEMMA_HISTOGRAMS")
 
 
 def server_env(config) -> dict[str, str]:

@@ -22,8 +22,8 @@ ENGINE_RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 # Threads of the stub that send responses (model.py's _Responder). On the H100 grid of 2026-12-07 four
 # lengthened TTFT at nearly every server point against one (docs/benchmarks.md).
 RESPONDER_THREADS = 1
-# How the per-token histograms are exported (serving/metrics.py): the first is the default.
-INTER_TOKEN_HISTOGRAMS = ("counters", "native")
+# How the histograms are exported (serving/metrics.py): the first is the default.
+HISTOGRAMS = ("counters", "native")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ModelSettings:
     unload_when_unhealthy: bool = False
     engine_restart_delays_s: tuple[float, ...] = ENGINE_RESTART_DELAYS_S
     responder_threads: int = RESPONDER_THREADS
-    inter_token_histograms: str = INTER_TOKEN_HISTOGRAMS[0]
+    histograms: str = HISTOGRAMS[0]
 
 
 def model_settings(args: dict[str, str]) -> ModelSettings:
@@ -51,16 +51,16 @@ def model_settings(args: dict[str, str]) -> ModelSettings:
     unload_when_unhealthy = _true(params.pop("ENABLE_VLLM_HEALTH_CHECK", "false"), empty=False)
     restart_delays = engine_restart_delays(params.pop("engine_restart_delays_s", ""))
     responders = responder_threads(params.pop("responder_threads", ""))
-    histograms = inter_token_histograms(params.pop("inter_token_histograms", ""))
+    histograms = histograms_setting(params.pop("histograms", ""))
     return ModelSettings(engine_config(params), max_prompt_bytes, engine_process, unload_when_unhealthy,
                          restart_delays, responders, histograms)
 
 
-def inter_token_histograms(text: str) -> str:
-    """How the inter-token histograms are exported; empty: the default."""
-    text = text.strip().lower() or INTER_TOKEN_HISTOGRAMS[0]
-    if text not in INTER_TOKEN_HISTOGRAMS:
-        raise ValueError(f"inter_token_histograms must be one of {', '.join(INTER_TOKEN_HISTOGRAMS)}, got {text!r}")
+def histograms_setting(text: str) -> str:
+    """How the histograms are exported; empty: the default."""
+    text = text.strip().lower() or HISTOGRAMS[0]
+    if text not in HISTOGRAMS:
+        raise ValueError(f"histograms must be one of {', '.join(HISTOGRAMS)}, got {text!r}")
     return text
 
 

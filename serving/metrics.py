@@ -10,16 +10,18 @@ families of one quantity get the same updates.
 Counters and histograms are fed per finished request (RequestRecord); gauges and the engine's own
 counters from `Engine.stats()`, all from the model's monitor thread. Every update of a Triton metric
 is a blocking IPC round trip to the server process, made with the stub's GIL held (Triton 2.51's
-Python backend; 18.6 us a call on the CPU VM), so what a period brings is sent once at its end
-(`flush`): a counter moves once by its sum. A Triton histogram takes one observation a call, which
-is affordable per request but not per generated token (three inter-token families: at 20k tokens/s,
-60k calls a second, more than the stub has). Those are exported as the three series Prometheus makes
-of a histogram, `<name>_bucket` by `le` (cumulative), `<name>_sum` and `<name>_count`, each a counter
-(`BucketCounters`): the same samples, so PromQL reads them as it reads a histogram (histogram_quantile
-over rate of _bucket); their TYPE line says counter, and their buckets are listed in no order. A reader
-of the text that needs TYPE histogram, or the +Inf bucket as the last line (the vLLM backend's CI test
-reads it so), gets Triton histograms with the model's inter_token_histograms "native", at a call per
-token and histogram (`PerObservation`).
+Python backend; 18.6 us a call on the CPU VM, 60-126 us while another thread of the stub runs), so
+what a period brings is sent once at its end (`flush`): a counter moves once by its sum. A Triton
+histogram takes one observation a call: a call per generated token for the three inter-token
+families, and six per request for the others, which at the H100's ~560 requests a second held the
+stub's GIL for a sixth of its time. So every histogram is exported as the three series Prometheus
+makes of one, `<name>_bucket` by `le` (cumulative), `<name>_sum` and `<name>_count`, each a counter
+(`BucketCounters`), moved every HISTOGRAM_PERIODS flushes by what it counted (a flush moves every
+bucket from the lowest observation's up, so fewer flushes, fewer calls): the same samples, so PromQL reads them as
+it reads a histogram (histogram_quantile over rate of _bucket); their TYPE line says counter, and
+their buckets are listed in no order. A reader of the text that needs TYPE histogram, or the +Inf
+bucket as the last line (the vLLM backend's CI test reads it so), gets Triton histograms with the
+model's `histograms` setting "native", at a call per observation (`PerObservation`).
 """
 from __future__ import annotations
 
@@ -52,7 +54,9 @@ VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
 TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-TOKEN_HISTOGRAM = "token histogram"  # observed per generated token: exported as counters (BucketCounters)
+# The histograms' buckets go out on every 10th flush: once a second at the model's period of 0.1 s
+# (METRICS_PERIOD_S in model.py), a delay no scrape interval notices.
+HISTOGRAM_PERIODS = 10
 # Speculative decoding's draft positions (0-based, as vLLM's `position` label): one series each.
 DRAFT_POSITIONS = tuple(str(i) for i in range(MAX_SPECULATIVE_TOKENS))
 SPEC_DECODE = {"spec_drafts": "num_drafts", "spec_draft_tokens": "num_draft_tokens",
@@ -65,7 +69,7 @@ class Family:
     name: str  # vllm:* names get vLLM's labels, the others ours
     kind: str
     help: str
-    buckets: tuple[float, ...] = ()  # histograms (of either kind) only
+    buckets: tuple[float, ...] = ()  # histograms only
     per: tuple[str, tuple[str, ...]] | None = None  # a label and its values: one series per value
 
 
@@ -82,12 +86,12 @@ FAMILIES = (
            TTFT_BUCKETS),
     Family("ttft", "vllm:time_to_first_token_seconds", HISTOGRAM, "Seconds from submit to the first token",
            VLLM_TTFT_BUCKETS),
-    Family("inter_token", "gemma_inter_token_latency_seconds", TOKEN_HISTOGRAM,
+    Family("inter_token", "gemma_inter_token_latency_seconds", HISTOGRAM,
            "Time between consecutive output deltas", ITL_BUCKETS),
-    Family("inter_token", "vllm:inter_token_latency_seconds", TOKEN_HISTOGRAM,
+    Family("inter_token", "vllm:inter_token_latency_seconds", HISTOGRAM,
            "Seconds between consecutive output tokens", VLLM_ITL_BUCKETS),
     # The name Triton's vLLM backend gives the same observations (vLLM's own before it was renamed).
-    Family("inter_token", "vllm:time_per_output_token_seconds", TOKEN_HISTOGRAM,
+    Family("inter_token", "vllm:time_per_output_token_seconds", HISTOGRAM,
            "Seconds between consecutive output tokens (the older name of vllm:inter_token_latency_seconds)",
            VLLM_ITL_BUCKETS),
     Family("e2e", "vllm:e2e_request_latency_seconds", HISTOGRAM, "Seconds from submit to the final response",
@@ -157,9 +161,9 @@ class RequestRecord:
 
 
 class BucketCounters:
-    """One series of a histogram observed per generated token (TOKEN_HISTOGRAM): observations are
-    counted here by bucket, and `flush` sends what came since the last one as increments of the
-    counters `counter(suffix, labels)` makes, named as Prometheus names a histogram's series."""
+    """One series of a histogram: observations are counted here by bucket, and `flush` sends what came
+    since the last one as increments of the counters `counter(suffix, labels)` makes, named as
+    Prometheus names a histogram's series."""
 
     def __init__(self, bounds: tuple[float, ...], counter, labels: dict[str, str]):
         self._bounds = bounds
@@ -168,10 +172,9 @@ class BucketCounters:
         self._new = [0] * (len(bounds) + 1)  # observations since the last flush, by bucket (not cumulative)
         self._new_sum = 0.0
 
-    def observe_many(self, values: list[float]) -> None:
-        for value in values:
-            self._new[bisect.bisect_left(self._bounds, value)] += 1  # le: a value on a bound is in its bucket
-        self._new_sum += sum(values)
+    def observe(self, value: float) -> None:
+        self._new[bisect.bisect_left(self._bounds, value)] += 1  # le: a value on a bound is in its bucket
+        self._new_sum += value
 
     def flush(self) -> None:
         new, self._new = self._new, [0] * len(self._new)
@@ -190,14 +193,13 @@ class BucketCounters:
 
 
 class PerObservation:
-    """A TOKEN_HISTOGRAM series as a Triton histogram: each observation is one IPC call, made at once."""
+    """A histogram series as a Triton histogram: each observation is one IPC call, made at once."""
 
     def __init__(self, metric):
         self._metric = metric
 
-    def observe_many(self, values: list[float]) -> None:
-        for value in values:
-            self._metric.observe(value)
+    def observe(self, value: float) -> None:
+        self._metric.observe(value)
 
     def flush(self) -> None:
         pass
@@ -212,34 +214,31 @@ class GemmaMetrics:
     """The model's metrics. record, set_engine_stats, set_health and flush come from one thread (the
     model's monitor): what record and set_engine_stats add waits for that thread's next flush."""
 
-    def __init__(self, model: str, version: str, instance: str, native_token_histograms: bool = False):
-        """`native_token_histograms`: the TOKEN_HISTOGRAM families as Triton histograms (PerObservation),
-        not BucketCounters."""
+    def __init__(self, model: str, version: str, instance: str, native_histograms: bool = False):
+        """`native_histograms`: the histogram families as Triton histograms (PerObservation), not
+        BucketCounters."""
         # One engine per model instance (one per GPU): each has its own series, sum them for the model.
         # vLLM labels a series with the served model and the engine, which for us is the instance.
         ours = {"model": model, "version": version, "instance": instance}
         vllms = {"model_name": model, "engine": instance}
         self._families = []  # families must outlive their metrics: keep references to both
         self._series: dict[str, list] = {}  # quantity -> its metrics ({label value: metric} for `per`)
-        self._token_histograms: list[BucketCounters | PerObservation] = []
+        self._histograms: list[BucketCounters | PerObservation] = []
         for f in FAMILIES:
             labels = vllms if f.name.startswith("vllm:") else ours
-            if f.kind == TOKEN_HISTOGRAM:
+            if f.kind == HISTOGRAM:
                 series = (PerObservation(self._family(f.name, f.help, HISTOGRAM).Metric(labels=labels,
                                                                                        buckets=list(f.buckets)))
-                          if native_token_histograms else BucketCounters(f.buckets, self._counter_maker(f), labels))
-                self._token_histograms.append(series)
-                self._series.setdefault(f.quantity, []).append(series)
-                continue
-            family = self._family(f.name, f.help, f.kind)
-            options = {"buckets": list(f.buckets)} if f.kind == HISTOGRAM else {}
-            if f.per is None:
-                series = family.Metric(labels=labels, **options)
+                          if native_histograms else BucketCounters(f.buckets, self._counter_maker(f), labels))
+                self._histograms.append(series)
+            elif f.per is None:
+                series = self._family(f.name, f.help, f.kind).Metric(labels=labels)
             else:
-                label, values = f.per
-                series = {value: family.Metric(labels={**labels, label: value}, **options) for value in values}
+                family, (label, values) = self._family(f.name, f.help, f.kind), f.per
+                series = {value: family.Metric(labels={**labels, label: value}) for value in values}
             self._series.setdefault(f.quantity, []).append(series)
         self._pending: dict[tuple[str, str | None], float] = {}  # (quantity, label value) -> added this period
+        self._flushes = 0
         # The engine counts these itself; the counters advance by what it added since the last update.
         self._engine_totals = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0, **dict.fromkeys(SPEC_DECODE, 0)}
         self._accepted_per_pos = [0] * len(DRAFT_POSITIONS)
@@ -253,7 +252,7 @@ class GemmaMetrics:
         return family
 
     def _counter_maker(self, f: Family):
-        """A TOKEN_HISTOGRAM's counters: one family per series name (<name>_bucket, _sum, _count)."""
+        """A histogram's counters: one family per series name (<name>_bucket, _sum, _count)."""
         families: dict[str, object] = {}
 
         def counter(suffix: str, labels: dict[str, str]):
@@ -268,7 +267,8 @@ class GemmaMetrics:
         self._add("generated_tokens", r.output_tokens)
         self._observe("ttft", r.ttft_s)
         for series in self._series["inter_token"]:
-            series.observe_many(r.inter_token_s)
+            for gap in r.inter_token_s:
+                series.observe(gap)
         reason = VLLM_FINISH_REASONS.get(r.finish_reason)
         if reason is None:  # refused before the engine had it: vLLM would not have seen it either
             return
@@ -317,13 +317,16 @@ class GemmaMetrics:
         self._set("heartbeat", now)
 
     def flush(self) -> None:
-        """Send what this period added: each counter's sum in one update, the per-token histograms' buckets."""
+        """Send what this period added: each counter's sum in one update; every HISTOGRAM_PERIODS
+        flushes, the histograms' buckets."""
         pending, self._pending = self._pending, {}
         for (quantity, key), amount in pending.items():
             for series in self._series[quantity]:
                 (series if key is None else series[key]).increment(amount)
-        for series in self._token_histograms:
-            series.flush()
+        self._flushes += 1
+        if self._flushes % HISTOGRAM_PERIODS == 0:
+            for series in self._histograms:
+                series.flush()
 
     def _add(self, quantity: str, amount: float, key: str | None = None) -> None:
         if amount:  # a counter in _pending costs an IPC call at the flush: none for nothing

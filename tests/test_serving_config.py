@@ -132,13 +132,13 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"
 
 
-def test_inter_token_histograms_default_to_counters_and_take_native(clean_env):
-    assert model_settings(triton_args("CPU", 0)).inter_token_histograms == "counters"
-    clean_env.setenv("GEMMA_INTER_TOKEN_HISTOGRAMS", "Native")
-    assert model_settings(triton_args("CPU", 0)).inter_token_histograms == "native"
+def test_histograms_default_to_counters_and_take_native(clean_env):
+    assert model_settings(triton_args("CPU", 0)).histograms == "counters"
+    clean_env.setenv("GEMMA_HISTOGRAMS", "Native")
+    assert model_settings(triton_args("CPU", 0)).histograms == "native"
 
 
-def test_an_unknown_inter_token_histograms_is_refused_naming_the_choices(clean_env):
-    clean_env.setenv("GEMMA_INTER_TOKEN_HISTOGRAMS", "prometheus")
-    with pytest.raises(ValueError, match=r"inter_token_histograms must be one of counters, native, got 'prometheus'"):
+def test_an_unknown_histograms_setting_is_refused_naming_the_choices(clean_env):
+    clean_env.setenv("GEMMA_HISTOGRAMS", "prometheus")
+    with pytest.raises(ValueError, match=r"histograms must be one of counters, native, got 'prometheus'"):
         model_settings(triton_args("CPU", 0))

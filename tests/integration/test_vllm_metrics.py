@@ -26,7 +26,9 @@ MAX_TOKENS = 8
 # String values, as the vLLM backend's test sends them. ignore_eos: every request generates MAX_TOKENS
 # tokens, whatever the checkpoint.
 SAMPLING = {"temperature": "0", "top_p": "1", "max_tokens": str(MAX_TOKENS), "ignore_eos": "true"}
-SETTLE_S = 0.3  # three of the model's metric updates (METRICS_PERIOD_S in model.py)
+# Longer than the histograms' period (HISTOGRAM_PERIODS of the model's METRICS_PERIOD_S: 1 s), so two
+# reads that far apart that agree mean nothing is on its way.
+SETTLE_S = 1.2
 SAMPLE = re.compile(r"^(vllm:[^ {]+)(?:\{(.*)\})? (\S+)$", re.M)
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
@@ -172,25 +174,26 @@ def last_line_values(text: str) -> dict[str, float]:
     return {name: float(value) for name, _, value in SAMPLE.findall(text)}
 
 
-def test_native_inter_token_histograms_read_as_the_vllm_backends_test_reads_them(own_servers_only, tiny_checkpoint,
-                                                                                   tmp_path):
+def test_native_histograms_read_as_the_vllm_backends_test_reads_them(own_servers_only, tiny_checkpoint, tmp_path):
     (server,) = start_servers((tmp_path / "server.log", {**TINY_SERVER_ENV, "GEMMA_CHECKPOINT": str(tiny_checkpoint),
-                                                         "GEMMA_INTER_TOKEN_HISTOGRAMS": "native"}))
+                                                         "GEMMA_HISTOGRAMS": "native"}))
     try:
         run_round(server, PROMPTS, SAMPLING)
-        gaps = len(PROMPTS) * (MAX_TOKENS - 1)
+        requests, gaps = len(PROMPTS), len(PROMPTS) * (MAX_TOKENS - 1)
         assert wait_for(lambda: last_line_values(metrics_text(server)).get("vllm:time_per_output_token_seconds_count")
                         == gaps)
         text = metrics_text(server)
-        for name in ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds"):
+        for name, count in (("vllm:time_per_output_token_seconds", gaps), ("vllm:inter_token_latency_seconds", gaps),
+                            ("vllm:time_to_first_token_seconds", requests), ("vllm:e2e_request_latency_seconds", requests)):
             assert f"# TYPE {name} histogram" in text
-            assert last_line_values(text)[f"{name}_bucket"] == gaps  # +Inf, the last bucket line
+            assert last_line_values(text)[f"{name}_bucket"] == count  # +Inf, the last bucket line
     finally:
         stop_servers([server])
 
 
-def test_by_default_the_inter_token_histograms_are_counters_of_a_histograms_series(idle_server):
+def test_by_default_every_histogram_is_counters_of_a_histograms_series(idle_server):
     text = metrics_text(idle_server)
-    for name in ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds"):
+    for name in ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds",
+                 "vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds", "vllm:request_params_n",
+                 "gemma_time_to_first_token_seconds"):
         assert f"# TYPE {name}_bucket counter" in text and f"# TYPE {name} histogram" not in text
-    assert "# TYPE vllm:time_to_first_token_seconds histogram" in text  # per request: a Triton histogram still
