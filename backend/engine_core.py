@@ -386,7 +386,7 @@ class EngineCore:
         self._stepped = True
         updating = time.perf_counter()
         output = step.output
-        samplers = [scheduled for scheduled in output.chunks if scheduled.needs_logits]
+        samplers = output.samplers
         for row in sampled.failed_rows:  # only these requests fail; the rest of the batch goes on
             self._finish(samplers[row].seq, "error", error="the model's scores for this request were not finite "
                                                            "(NaN or infinity): nothing could be sampled")

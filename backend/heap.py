@@ -17,6 +17,7 @@ step's peak; cyclic garbage then waits for 20,000 net allocations, not 700.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 
 YOUNG_GENERATION_THRESHOLD = 20_000
@@ -29,3 +30,16 @@ def quiet_collector() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)
+
+
+@contextlib.contextmanager
+def collector_quieted():
+    """quiet_collector() for a while, in a process that is not a server (a benchmark measuring a
+    server's process): afterwards nothing is frozen and the thresholds are what they were."""
+    threshold = gc.get_threshold()
+    quiet_collector()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -91,7 +91,7 @@ class ModelRunner:
         if events:
             events[1].record()
         launched = time.perf_counter()
-        samplers = [s for s in output.chunks if s.chunk.needs_logits]
+        samplers = output.samplers
         if any(s.seq.grammar is not None for s in samplers):
             mask_logits(logits, [s.seq.grammar for s in samplers for _ in range(s.chunk.num_logit_rows)])
         if not samplers:

@@ -30,6 +30,7 @@ with prefix caching a new sequence starts after the longest cached prefix of its
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Sequence as Seq, Union
 
@@ -104,6 +105,11 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.chunk.token_ids) for c in self.chunks)
+
+    @functools.cached_property  # the runner, the update and the engine core each ask, every step
+    def samplers(self) -> list[ScheduledChunk]:
+        """The chunks that need logits, in order: the i-th has the i-th sampled entry."""
+        return [c for c in self.chunks if c.chunk.needs_logits]
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ class Scheduler:
         or failed by their own step) are left alone; a preempted one keeps its tokens (they are
         valid). Returns (sequence, i, n) for each sequence that got the first n tokens of sampled[i]."""
         appended, stops = [], {}
-        for i, scheduled in enumerate(c for c in output.chunks if c.chunk.needs_logits):
+        for i, scheduled in enumerate(output.samplers):
             seq = scheduled.seq
             seq.num_in_flight -= 1
             seq.num_drafts_in_flight = 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import pickle
 import queue
 import random
@@ -54,7 +53,7 @@ def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: flo
     from backend.default_model import ensure_default_checkpoint
     from backend.engine_core import EngineCore
     from backend.engine_process import pack_deltas
-    from backend.heap import quiet_collector
+    from backend.heap import collector_quieted
     from backend.params import EngineConfig, SamplingParams
 
     checkpoint = ensure_default_checkpoint()
@@ -77,8 +76,6 @@ def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: flo
     model = HostOnlyModel(cfg, vocab, max_rows=max_tokens)
     with mock.patch("backend.engine_core.load_model", lambda *args: model):
         core = EngineCore(config, frozenset({1}), publish)
-    threshold = gc.get_threshold()
-    quiet_collector()  # as the engine process does once its core is up
     params = SamplingParams(max_tokens=output_tokens, temperature=0, ignore_eos=True)
     rng = random.Random(0)
     next_id = iter(range(1 << 62))
@@ -100,22 +97,22 @@ def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: flo
                 unexpected.append(reason)
             add_one()
 
-    for i in range(sequences):  # the first requests' lengths spread, so ends and arrivals come every step
-        add_one(1 + i * output_tokens // sequences)
     adder = threading.Thread(target=clients, daemon=True)
-    adder.start()
-    try:
-        time.sleep(warm_s)
-        before, tokens_before, start = core.stats().step_times, tokens[0], time.perf_counter()
-        time.sleep(seconds)
-        window, wall = core.stats().step_times.since(before), time.perf_counter() - start
-        generated = tokens[0] - tokens_before
-    finally:
-        stop.set()
-        adder.join()
-        core.shutdown()
-        gc.unfreeze()
-        gc.set_threshold(*threshold)
+    with collector_quieted():  # as the engine process's collector is once its core is up
+        try:
+            for i in range(sequences):  # the first requests' lengths spread, so ends and arrivals come every step
+                add_one(1 + i * output_tokens // sequences)
+            adder.start()
+            time.sleep(warm_s)
+            before, tokens_before, start = core.stats().step_times, tokens[0], time.perf_counter()
+            time.sleep(seconds)
+            window, wall = core.stats().step_times.since(before), time.perf_counter() - start
+            generated = tokens[0] - tokens_before
+        finally:
+            stop.set()
+            if adder.is_alive():
+                adder.join()
+            core.shutdown()
     if unexpected:
         raise RuntimeError(f"requests ended {sorted(set(unexpected))}, not at max_tokens")
     per_step = window.per_step_ms()

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--checkpoint", type=Path, help="default: a tiny Gemma with the packaged tokenizer")
     args = p.parse_args(argv)
     from backend.default_model import ensure_default_checkpoint
-    from backend.heap import quiet_collector
+    from backend.heap import collector_quieted
     from backend.loader import start_engine
     from backend.params import EngineConfig
 
@@ -105,13 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                        max_num_batched_tokens=max(512, 32 * args.sequences), kv_cache_bytes=1 << 28))
     try:
         runs = [{"heap": "as started", **measure(engine, args.sequences, args.warm_steps, args.steps)}]
-        threshold = gc.get_threshold()
-        quiet_collector()
-        try:
+        with collector_quieted():
             runs.append({"heap": "frozen", **measure(engine, args.sequences, args.warm_steps, args.steps)})
-        finally:
-            gc.unfreeze()
-            gc.set_threshold(*threshold)
     finally:
         engine.shutdown()
     for run in runs:
