@@ -117,6 +117,9 @@ class EngineCore:
         self._submitted: list[Sequence] = []
         self._end_requests: list[tuple[int, str]] = []  # cancellations, stop strings found
         self._sequences: dict[int, Sequence] = {}  # request id -> sequence, until it finishes (engine thread)
+        # Those of them whose sampler or proposer may need every token on the host: the few that
+        # _needs_every_token reads each loop instead of every running sequence (engine thread).
+        self._host_token_readers: set[Sequence] = set()
         self._compiling: dict[Sequence, PendingGrammar] = {}  # waiting for their grammar (engine thread)
         self._outbox: list[tuple[int, TokenDelta]] = []  # this loop's deltas (engine thread)
         self._stepped = False  # a step completed in this loop (engine thread)
@@ -247,6 +250,9 @@ class EngineCore:
                     self._lock.wait(self._next_grammar_deadline())
                 for seq in self._submitted:
                     self._sequences[seq.request_id] = seq
+                    if (seq.params.reads_token_history or seq.params.structured_outputs is not None
+                            or seq.speculation is not None):
+                        self._host_token_readers.add(seq)
                     if seq.params.structured_outputs is None:
                         self.scheduler.add(seq)
                     else:
@@ -280,7 +286,7 @@ class EngineCore:
         verify step's tokens are known only on the host): the next step waits for the one in flight."""
         return any(seq.num_in_flight and (seq.params.reads_token_history or seq.grammar is not None
                                           or self._speculating(seq))
-                   for seq in self.scheduler.running)
+                   for seq in self._host_token_readers)
 
     @staticmethod
     def _speculating(seq: Sequence) -> bool:
@@ -445,6 +451,7 @@ class EngineCore:
     def _deliver(self, seq: Sequence, delta: TokenDelta) -> None:
         if delta.finish_reason is not None:  # every way a sequence ends comes here once
             del self._sequences[seq.request_id]
+            self._host_token_readers.discard(seq)
             self._release_proposal_state(seq)
         self._outbox.append((seq.request_id, delta))
 
