@@ -1,8 +1,10 @@
 """Triton glue for the Gemma engine: declare the tensors, parse requests, stream responses back.
 
-No model math here. `execute` parses each request (serving/requests.py) and submits it to the
-engine, then returns at once (decoupled model): the engine thread hands each output to a queue,
-and small threads do the Triton-side work, so IPC to the server never stalls a decode step:
+No model math here. `execute` parses each request (serving/requests.py) and returns at once
+(decoupled model); small threads do the rest, so neither tokenizing nor IPC to the server stalls
+the intake of requests or a decode step:
+- the intake thread tokenizes the prompts of the requests parsed so far, all at once, and submits
+  them to the engine (serving/intake.py); the engine thread hands each output to a queue;
 - the responders send the responses serving/responses.py makes (one per text delta of a choice when
   streaming, else one at the end; or the error that ends the request), the last with
   TRITONSERVER_RESPONSE_COMPLETE_FINAL, as tensors from serving/tensors.py's cache, and poll for
@@ -27,6 +29,7 @@ import triton_python_backend_utils as pb_utils
 from gemma_protocol import INPUTS, OUTPUTS, ProtocolError
 
 from serving.config import bound_cpu_kernel_caches, model_settings
+from serving.intake import PromptIntake
 
 bound_cpu_kernel_caches()  # before torch is imported (by the modules below)
 
@@ -55,13 +58,13 @@ class EngineStartError(RuntimeError):
 class _Request:
     """One in-flight request: where its responses go, its choices' engine handles, and its timings."""
 
-    def __init__(self, sender, request: GenerateRequest, engine, responder: "_Responder"):
+    def __init__(self, sender, request: GenerateRequest, engine, responder: "_Responder", received: float):
         self.sender = sender
         self.engine = engine  # the one its choices run in (a restart makes another)
         self.responder = responder  # the one thread that sends its responses and polls it
         self.handles: list = []  # one per choice (n)
         self.responses = ResponseBuilder(request, lambda logprobs: logprobs_json(engine.tokenizer, logprobs))
-        self.times = TokenTimes(submitted=time.monotonic())
+        self.times = TokenTimes(submitted=received)  # when execute took it: the intake's wait counts
         self.record = RequestRecord("success", n=request.n)
 
 
@@ -218,6 +221,8 @@ class TritonPythonModel:
         self._responders = [_Responder(f"gemma-responder-{i}", self._records)
                             for i in range(settings.responder_threads)]
         self._next_responder = itertools.cycle(self._responders)
+        self._intake = PromptIntake(lambda prompts: self.engine.tokenizer.encode_batch(prompts),
+                                    self._submit, lambda taken, error: self._fail(taken[0], error))
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
         self._monitor.start()
         quiet_collector()  # GC pauses would stall the responders (an engine on a thread: its steps too)
@@ -241,22 +246,16 @@ class TritonPythonModel:
         return Engine(dead.config, dead.tokenizer, engine_process=self.settings.engine_process)
 
     def execute(self, requests):
+        received = time.monotonic()
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self._submit(request, sender)
-            except Exception:  # noqa: BLE001 - see below
-                # Nothing may escape execute: the stub would answer the request without a final
-                # response, Triton would never release it, and unloading the model (Ctrl-C) would
-                # hang until Triton's exit timeout, leaving the stub behind.
-                pb_utils.Logger.log_error(f"gemma: request failed in execute: {traceback.format_exc()}")
-                try:
-                    self._refuse(sender, MODEL_FAILURE)
-                except Exception as e:  # noqa: BLE001 - e.g. the request was answered already
-                    pb_utils.Logger.log_error(f"gemma: could not answer a failed request: {e!r}")
+                self._take_in(request, sender, received)
+            except Exception as e:  # noqa: BLE001 - see _fail
+                self._fail(sender, e)
         return None
 
-    def _submit(self, request, sender) -> None:
+    def _take_in(self, request, sender, received: float) -> None:
         if self.unhealthy is not None:
             return self._refuse(sender, unhealthy_refusal(self.unhealthy))
         # Triton has checked the names against the config; one inputs() call, not one per declared input.
@@ -265,12 +264,19 @@ class TritonPythonModel:
             parsed = parse_request(tensors, request.parameters(), self.max_prompt_bytes)
         except ProtocolError as e:
             return self._refuse(sender, refusal(e))
-        req = _Request(sender, parsed, self.engine, next(self._next_responder))
+        self._intake.put((sender, parsed, received), parsed.prompt)
+
+    def _submit(self, taken: tuple, prompt_ids: list[int]) -> None:
+        """The intake thread: a parsed request and its prompt's tokens -> the engine, one handle per choice."""
+        sender, parsed, received = taken
+        if self.unhealthy is not None:  # it failed since execute took the request in
+            return self._refuse(sender, unhealthy_refusal(self.unhealthy))
+        req = _Request(sender, parsed, self.engine, next(self._next_responder), received)
         req.responder.own(req)
         try:
             for choice in range(parsed.n):
                 req.handles.append(req.engine.submit(
-                    parsed.prompt, parsed.choice_params(choice),
+                    prompt_ids, parsed.choice_params(choice),
                     on_ready=lambda handle, key=(req, choice): req.responder.notify(key, handle)))
         except Exception as e:
             req.responder.disown(req)
@@ -281,11 +287,23 @@ class TritonPythonModel:
                 raise
             self._refuse(sender, answer)
 
+    def _fail(self, sender, error: Exception) -> None:
+        """A request that failed in execute or the intake gets MODEL_FAILURE. Nothing may escape
+        either: the stub would answer the request without a final response, Triton would never
+        release it, and unloading the model (Ctrl-C) would hang until Triton's exit timeout."""
+        trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        pb_utils.Logger.log_error(f"gemma: request failed before reaching the engine: {trace}")
+        try:
+            self._refuse(sender, MODEL_FAILURE)
+        except Exception as e:  # noqa: BLE001 - e.g. the request was answered already
+            pb_utils.Logger.log_error(f"gemma: could not answer a failed request: {e!r}")
+
     def finalize(self):
         self._stopping.set()  # first: the monitor's engine.stats() would be refused during the shutdown
         self._monitor.join()
         if self._restarter is not None:  # a start under way finishes (and stops what it started)
             self._restarter.join()
+        self._intake.stop()  # what execute took in reaches the engine, to be cancelled with the rest
         self.engine.shutdown()  # cancels what is in flight; their final outputs are still sent
         for responder in self._responders:
             for req in responder.stop():  # only if the engine stopped without a final output for them
