@@ -4,12 +4,13 @@
         [--kv-cache-bytes N] [--gpu-memory-utilization F] [--max-num-batched-tokens N] [--engine-process]
         [--systems engine_direct,server] [--concurrencies 1,8,32,64,128,256] [--prompts short,long]
         [--output-tokens 64,256] [--long-prompt-tokens 1024] [--min-requests N] [--requests-per-client K]
-        [--reps 1] [--rate R --open-requests N] [--time-limit S] [--total-time-limit S] [--client-processes N]
+        [--reps 1] [--rate R[,R...] --open-requests N] [--time-limit S] [--total-time-limit S] [--client-processes N]
         --out FILE
     python -m benchmarks.load_grid table --ours FILE [FILE ...] --vllm FILE [FILE ...] --out table.md
 
 A point is (prompt kind, output tokens, load): a closed loop of C clients, or with --rate an open loop
-of --open-requests Poisson arrivals (`points`). Prompt kinds: short, the server benchmark's prompts
+of --open-requests Poisson arrivals at each of its rates (`points`: a low one, and one near the knee
+of the closed loops' request rates). Prompt kinds: short, the server benchmark's prompts
 (engine_level.PROMPTS, what benchmarks.run's server level sends); long, --long-prompt-tokens tokens each,
 every one distinct (long_prompts.distinct_prompts, a seed per point, repetition and warm-up, the
 checkpoint's tokenizer), so no prefix cache skips any prefill. Every request asks for exactly the
@@ -94,16 +95,15 @@ class Point:
 
 
 def points(prompt_kinds: Iterable[str], output_tokens: Iterable[int], concurrencies: Iterable[int],
-           rate_per_s: Optional[float] = None) -> list[Point]:
+           rates_per_s: Iterable[float] = ()) -> list[Point]:
     """The grid in the order it runs: closed loops by output tokens, prompt kind, then clients (a cut
-    leaves whole blocks); open loops, one per (output tokens, prompt kind), last."""
+    leaves whole blocks); open loops last, one per (output tokens, prompt kind) at each rate in turn."""
     kinds, tokens, clients = list(prompt_kinds), list(output_tokens), list(concurrencies)
     unknown = set(kinds) - set(PROMPT_KINDS)
     if unknown:
         raise ValueError(f"prompt kinds {sorted(unknown)}: choose from {PROMPT_KINDS}")
     grid = [Point(k, n, "closed", concurrency=c) for n in tokens for k in kinds for c in clients]
-    if rate_per_s:
-        grid += [Point(k, n, "open", rate_per_s=rate_per_s) for n in tokens for k in kinds]
+    grid += [Point(k, n, "open", rate_per_s=rate) for rate in rates_per_s for n in tokens for k in kinds]
     return grid
 
 
@@ -305,6 +305,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def rates(text: str) -> list[float]:
+    """--rate's comma-separated Poisson rates (/s), each positive."""
+    values = [float(x) for x in text.split(",")]
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: rates must be positive")
+    return values
+
+
 def _names(choices: Iterable[str]) -> Callable[[str], list[str]]:
     choices = tuple(choices)
 
@@ -331,7 +339,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     o.add_argument("--min-requests", type=int, default=Load.min_requests)
     o.add_argument("--requests-per-client", type=int, default=Load.requests_per_client)
     o.add_argument("--reps", type=int, default=Load.reps)
-    o.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (none: no open loop)")
+    o.add_argument("--rate", type=rates, default=[],
+                   help="open loops: Poisson arrivals per second, one loop per rate, e.g. 16,300 (none: no open loop)")
     o.add_argument("--open-requests", type=int, default=Load.open_requests)
     o.add_argument("--time-limit", type=float, default=Load.time_limit_s, help="seconds per load run")
     o.add_argument("--total-time-limit", type=float, default=480,

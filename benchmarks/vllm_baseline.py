@@ -539,7 +539,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--min-requests", type=int, default=3, help="serving: closed-loop requests at least")
     p.add_argument("--server-reps", type=int, default=3)
-    p.add_argument("--rate", type=float, help="serving: an open loop at this Poisson rate (/s) after the closed ones")
+    p.add_argument("--rate", type=load_grid.rates, default=[],
+                   help="serving: open loops at these Poisson rates (/s, e.g. 16,300) after the closed ones")
     p.add_argument("--open-requests", type=int, default=160, help="serving: open-loop arrivals")
     p.add_argument("--load-time-limit", type=float, default=60, help="seconds per load run (benchmarks.run's --time-limit)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)

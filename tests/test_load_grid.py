@@ -1,6 +1,7 @@
 """Issue #28's load grid (benchmarks/load_grid.py) at a CPU test's size: ours on a tiny checkpoint in-process
 and through a real tritonserver, vLLM's serving part on a stand-in AsyncLLM fed the same prompts, the
 time limit, and the joined table's ratios and goal marks on made-up numbers."""
+import argparse
 import asyncio
 import json
 import sys
@@ -26,12 +27,19 @@ def tokenizer(default_checkpoint):
 
 
 def test_the_grid_runs_whole_blocks_first_and_open_loops_last():
-    grid = load_grid.points(KINDS, TOKENS, CLIENTS, rate_per_s=5.0)
+    grid = load_grid.points(KINDS, TOKENS, CLIENTS, rates_per_s=[5.0])
     assert [(p.max_tokens, p.prompt_kind, p.mode, p.concurrency) for p in grid] == [
         (2, "short", "closed", 1), (2, "short", "closed", 2), (2, "long", "closed", 1), (2, "long", "closed", 2),
         (3, "short", "closed", 1), (3, "short", "closed", 2), (3, "long", "closed", 1), (3, "long", "closed", 2),
         (2, "short", "open", None), (2, "long", "open", None), (3, "short", "open", None), (3, "long", "open", None)]
     assert load_grid.points(KINDS, TOKENS, CLIENTS)[-1].mode == "closed"  # no rate: no open loop
+    # A low rate and one near the knee: every (tokens, kind) at the first, then at the second.
+    two = load_grid.points(KINDS, TOKENS, CLIENTS, rates_per_s=load_grid.rates("5,300"))
+    assert [(p.rate_per_s, p.max_tokens, p.prompt_kind) for p in two if p.mode == "open"] == [
+        (5.0, 2, "short"), (5.0, 2, "long"), (5.0, 3, "short"), (5.0, 3, "long"),
+        (300.0, 2, "short"), (300.0, 2, "long"), (300.0, 3, "short"), (300.0, 3, "long")]
+    with pytest.raises(argparse.ArgumentTypeError):
+        load_grid.rates("16,0")
     with pytest.raises(ValueError, match="medium"):
         load_grid.points(["medium"], TOKENS, CLIENTS)
     load = load_grid.Load(requests_per_client=2, min_requests=8, open_requests=5)
@@ -102,7 +110,7 @@ def test_ours_measures_every_point_on_both_systems_with_every_token(ours_run):
     assert run["kind"] == "load_grid_run" and run["engine_config"]["max_num_seqs"] == 4 and len(run["points"]) == 12
     assert end["kind"] == "load_grid_end" and end["measurements"] == len(measured) == 24
     assert {r["kind"] for r in measured} == {"load_grid"}
-    for point in load_grid.points(KINDS, TOKENS, CLIENTS, 50.0):
+    for point in load_grid.points(KINDS, TOKENS, CLIENTS, [50.0]):
         at = [r for r in measured if (r["prompt_kind"], r["max_tokens"], r["mode"], r.get("concurrency")) ==
               (point.prompt_kind, point.max_tokens, point.mode, point.concurrency)]
         assert sorted(r["system"] for r in at) == ["engine_direct", "server"]
@@ -183,7 +191,7 @@ def test_vllm_runs_the_same_grid_with_the_same_prompts_and_the_table_joins_both(
 def test_vllm_serving_options_keep_the_old_defaults_and_check_the_long_prompts_fit():
     args = vllm_baseline.parse_args(["--checkpoint", "/m"])
     assert (args.prompt_kinds, args.server_tokens, args.concurrencies, args.server_reps, args.rate) == (
-        ["short"], [64], [1, 8, 32, 64], 3, None)
+        ["short"], [64], [1, 8, 32, 64], 3, [])
     assert [(p.prompt_kind, p.max_tokens, p.concurrency) for p in load_grid.points(
         args.prompt_kinds, args.server_tokens, args.concurrencies, args.rate)] == [
         ("short", 64, 1), ("short", 64, 8), ("short", 64, 32), ("short", 64, 64)]
