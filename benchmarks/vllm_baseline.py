@@ -393,8 +393,8 @@ def part_argv(args, part: str, settings: dict, time_limit_s: Optional[float] = N
         argv += ["--part-time-limit", f"{time_limit_s:.0f}"]
     for key, value in vars(args).items():
         value = settings.get(key, value)
-        if key in ("part", "parts", "ours", "time_limit", "part_time_limit") or value is None:
-            continue
+        if key in ("part", "parts", "ours", "time_limit", "part_time_limit") or value is None or value == []:
+            continue  # (an empty list is an option left out: --rate's default)
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         argv += [f"--{key.replace('_', '-')}", str(value)]

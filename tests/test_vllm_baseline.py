@@ -362,3 +362,15 @@ def test_the_speculative_table_sets_vllm_beside_ours():
     assert "| edit | 1 | vLLM | off | 4.00 | 240.0 | - | - |  |  |" in lines
     assert "- vLLM ngram: greedy outputs identical to vLLM off in 3/4 requests" in lines
     assert vllm_baseline.markdown(vllm, ours).count("| edit | 1 |") == 4
+
+
+def test_a_part_gets_the_parents_options_back_as_it_parses_them():
+    """part_argv: what the parent parsed, spelt again for the part's own process; --rate's several
+    rates survive the round trip, and no rate (its default, an empty list) is left out."""
+    for rate in (["--rate", "16,300"], []):
+        args = vllm_baseline.parse_args(["--checkpoint", "/m", "--concurrencies", "1,8", *rate])
+        argv = vllm_baseline.part_argv(args, "serving", {})
+        assert argv[1:5] == ["-m", "benchmarks.vllm_baseline", "--part", "serving"]
+        again = vllm_baseline.parse_args(argv[3:])
+        assert (again.rate, again.concurrencies, again.checkpoint) == (args.rate, [1, 8], args.checkpoint)
+    assert args.rate == [] and "--rate" not in argv
