@@ -3,7 +3,7 @@
 Triton hands a model instance its requests one `execute` call at a time, so whatever `execute` does
 per request bounds how fast requests are taken in, and a burst waits in Triton's queue. Tokenizing a
 1,024-token prompt takes 1.6 ms on the CPU VM; on the H100 machine `execute` took 4-5 ms a request
-with 1,024-token prompts against 0.6-0.8 ms with short ones, and requests waited 20-146 ms in
+with 1,024-token prompts against 0.5-1.3 ms with short ones, and requests waited 20-146 ms in
 Triton's queue at 32-256 clients (docs/benchmarks.md, server_intake). So `execute` only parses a
 request and queues it here; one thread takes every request queued so far, tokenizes their prompts in
 one batch (the Rust tokenizer encodes a batch on all cores with the GIL released) and submits them in
