@@ -3,8 +3,8 @@
 No model math here. `execute` parses each request (serving/requests.py) and returns at once
 (decoupled model); small threads do the rest, so neither tokenizing nor IPC to the server stalls
 the intake of requests or a decode step:
-- the intake thread tokenizes the prompts of the requests parsed so far, all at once, and submits
-  them to the engine (serving/intake.py); the engine thread hands each output to a queue;
+- the intake thread tokenizes the prompts of the requests parsed so far, a batch of about one engine
+  step's tokens at a time, and submits them to the engine (serving/intake.py); the engine thread hands each output to a queue;
 - the responders send the responses serving/responses.py makes (one per text delta of a choice when
   streaming, else one at the end; or the error that ends the request), the last with
   TRITONSERVER_RESPONSE_COMPLETE_FINAL, as tensors from serving/tensors.py's cache, and poll for
@@ -222,7 +222,8 @@ class TritonPythonModel:
                             for i in range(settings.responder_threads)]
         self._next_responder = itertools.cycle(self._responders)
         self._intake = PromptIntake(lambda prompts: self.engine.tokenizer.encode_batch(prompts),
-                                    self._submit, lambda taken, error: self._fail(taken[0], error))
+                                    self._submit, lambda taken, error: self._fail(taken[0], error),
+                                    chunk_tokens=self.engine.config.max_num_batched_tokens)
         self._monitor = threading.Thread(target=self._monitor_loop, name="gemma-metrics", daemon=True)
         self._monitor.start()
         quiet_collector()  # GC pauses would stall the responders (an engine on a thread: its steps too)
