@@ -42,7 +42,7 @@ from .draft_model import check_draft_checkpoint, draft_proposer
 from .grammar import Grammar, GrammarCompiler, PendingGrammar
 from .kv_cache import CacheUsage, PagedKVCache, kv_cache_budget
 from .model import prepare_for_cpu
-from .outputs import TokenDelta
+from .outputs import RequestPhases, TokenDelta
 from .params import EngineConfig, EngineLimits, SamplingParams
 from .runner import ModelRunner, StepInFlight, StepModel
 from .sampling import make_generator
@@ -453,6 +453,10 @@ class EngineCore:
             del self._sequences[seq.request_id]
             self._host_token_readers.discard(seq)
             self._release_proposal_state(seq)
+            if seq.first_token_at is not None:
+                delta = delta._replace(phases=RequestPhases(seq.admitted_at - seq.queued_at,
+                                                            seq.first_token_at - seq.admitted_at,
+                                                            time.monotonic() - seq.first_token_at))
         self._outbox.append((seq.request_id, delta))
 
     def _release_proposal_state(self, seq: Sequence) -> None:

@@ -13,6 +13,16 @@ from .params import SamplingParams, TokenLogprobs
 from .tokenizer import TextStream, Tokenizer
 
 
+class RequestPhases(NamedTuple):
+    """A finished sequence's time in vLLM's request phases, in seconds, by the engine's clock: queued
+    until its first step (queue), from that step's start to its first token (prefill: chunks, and
+    any wait for the steps of others), and from there to its end (decode). vLLM's inference time is
+    prefill + decode."""
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+
+
 class TokenDelta(NamedTuple):
     """Tokens a sequence generated since its previous delta, as the engine thread reports them. A
     tuple: the engine thread makes one per running sequence each step, and an engine process pickles
@@ -25,6 +35,7 @@ class TokenDelta(NamedTuple):
     # With finish_reason "stop": the last token is the EOS or stop id that ended it (no text of its
     # own); False when a structured-outputs grammar completed on a token of the text.
     ends_with_stop_id: bool = True
+    phases: Optional[RequestPhases] = None  # on a sequence's last delta, if it got a first token
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     # One per token id (the EOS / stop id too), if the request asked for logprobs; else None.
     logprobs: Optional[list[TokenLogprobs]] = None
+    # On the last output, where the engine ended the sequence (not where the front found a stop string).
+    phases: Optional[RequestPhases] = None
 
     def followed_by(self, later: "RequestOutput") -> "RequestOutput":
         """This output and the request's next one as a single output (for a consumer that fell
@@ -48,7 +61,7 @@ class RequestOutput:
             (self.logprobs or []) + (later.logprobs or [])
         return RequestOutput(self.text + later.text, self.token_ids + later.token_ids, later.num_prompt_tokens,
                              later.num_output_tokens, later.finish_reason, later.error, later.num_cached_tokens,
-                             logprobs)
+                             logprobs, later.phases)
 
 
 class OutputProcessor:
@@ -77,7 +90,7 @@ class OutputProcessor:
         new_ids: list[int] = []  # tokens that make text
         end_ids: list[int] = []  # an EOS or stop id that ended the sequence: no text of its own
         logprobs: list[TokenLogprobs] = []  # of new_ids + end_ids, if asked for
-        finish_reason = error = None
+        finish_reason = error = phases = None
         for delta in deltas:
             self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
             ends_with_stop_id = delta.finish_reason == "stop" and delta.token_ids and delta.ends_with_stop_id
@@ -85,14 +98,14 @@ class OutputProcessor:
             end_ids = delta.token_ids[-1:] if ends_with_stop_id else []
             logprobs += delta.logprobs or []
             if delta.finish_reason is not None:
-                finish_reason, error = delta.finish_reason, delta.error
+                finish_reason, error, phases = delta.finish_reason, delta.error, delta.phases
                 break
         text = []
         if self._has_stop_strings:  # token by token: the output ends with the token completing a stop
             for i, token in enumerate(new_ids):
                 text.append(self._text.push(token))
                 if self._text.stopped:
-                    new_ids, end_ids, finish_reason, error = new_ids[:i + 1], [], "stop", None
+                    new_ids, end_ids, finish_reason, error, phases = new_ids[:i + 1], [], "stop", None, None
                     logprobs = logprobs[:i + 1]
                     self.stopped_by_text = True
                     break
@@ -111,4 +124,4 @@ class OutputProcessor:
         self.finished = finish_reason is not None
         return RequestOutput(text, token_ids, self.num_prompt_tokens, self.num_output_tokens,
                              finish_reason, error, self.num_cached_tokens,
-                             logprobs if self._wants_logprobs else None)
+                             logprobs if self._wants_logprobs else None, phases)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Sequence as Seq, Union
 
@@ -64,6 +65,11 @@ class Sequence:
     speculation: Optional["Speculation"] = None  # speculative decoding's state (None: it does not speculate)
     draft_token_ids: list[int] = field(default_factory=list)  # proposed for the next step (schedule() takes them)
     num_drafts_in_flight: int = 0  # drafts of the scheduled step being verified
+    # time.monotonic() when it was queued, first admitted to a step, and given its first token: its
+    # RequestPhases, which its last delta carries
+    queued_at: float = field(default_factory=time.monotonic)
+    admitted_at: Optional[float] = None
+    first_token_at: Optional[float] = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -199,13 +205,15 @@ class Scheduler:
         among a verify chunk's tokens drops those after it). Sequences finished meanwhile (cancelled,
         or failed by their own step) are left alone; a preempted one keeps its tokens (they are
         valid). Returns (sequence, i, n) for each sequence that got the first n tokens of sampled[i]."""
-        appended, stops = [], {}
+        appended, stops, now = [], {}, time.monotonic()
         for i, scheduled in enumerate(output.samplers):
             seq = scheduled.seq
             seq.num_in_flight -= 1
             seq.num_drafts_in_flight = 0
             if seq.finish_reason is not None:
                 continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
             tokens = [sampled[i]] if isinstance(sampled[i], int) else sampled[i]
             n = 0
             for token in tokens:
@@ -252,6 +260,7 @@ class Scheduler:
         seq.block_table = cached + self.pool.allocate(needed)
         seq.num_computed = len(cached) * self.block_size
         if first_time:
+            seq.admitted_at = time.monotonic()
             seq.num_cached_prompt_tokens = seq.num_computed
             self.prefix_cache = PrefixCacheStats(self.prefix_cache.queries + seq.num_prompt_tokens,
                                                  self.prefix_cache.hits + seq.num_computed)

@@ -403,9 +403,12 @@ def run_ours(args: argparse.Namespace, started: float) -> int:
                                                     client_processes=args.client_processes))
 
         def probe(target):
-            if target.name == "server":  # where requests waited before the engine had them
+            if target.name == "server":  # where requests waited: before the engine had them, and in it
+                phases = serving.engine_phase_totals(server.metrics_url)
                 counters = serving.intake_counters(target.url)
-                return lambda: {"server_intake": serving.intake_since(counters, serving.intake_counters(target.url))}
+                return lambda: {"server_intake": serving.intake_since(counters, serving.intake_counters(target.url)),
+                                "engine_phases": serving.engine_phases_since(
+                                    phases, serving.engine_phase_totals(server.metrics_url))}
             # where engine_direct's steps' time went (backend/step_times.py), as benchmarks.run
             before = engine.stats().step_times
             return lambda: {"engine_steps": engine.stats().step_times.since(before).per_step_ms()}

@@ -23,6 +23,8 @@ import time
 import types
 from unittest import mock
 
+from backend.outputs import RequestPhases
+
 from .stats import json_line
 
 
@@ -71,7 +73,9 @@ def measure(requests: int, tokens: int, requests_per_period: int, native: bool =
     recorder = metrics.GemmaMetrics("gemma", "1", "gemma_0", native_histograms=native)
     records = [metrics.RequestRecord("success", prompt_tokens=10 + i % 20, output_tokens=tokens,
                                      ttft_s=0.01 * (1 + i % 30), inter_token_s=[0.003 + (i % 7) * 1e-4] * (tokens - 1),
-                                     e2e_s=0.2 + 0.05 * (i % 40), n=1, finish_reason="length") for i in range(requests)]
+                                     e2e_s=0.2 + 0.05 * (i % 40), n=1, finish_reason="length",
+                                     phases=[RequestPhases(0.001 * (i % 9), 0.01 * (1 + i % 30), 0.19 + 0.05 * (i % 40))])
+               for i in range(requests)]
     start = time.perf_counter()
     for i, record in enumerate(records, start=1):
         recorder.record(record)

@@ -392,6 +392,38 @@ def intake_counters(grpc_url: str, model: str = "gemma") -> dict[str, int]:
             "execute_ns": int(stats["compute_infer"].get("ns", 0))}
 
 
+# The model sends its histograms once a second (serving/metrics.py, HISTOGRAM_PERIODS): read after this,
+# /metrics holds every request finished before.
+HISTOGRAMS_SETTLE_S = 1.2
+ENGINE_PHASES = ("queue", "prefill")
+
+
+def engine_phase_totals(metrics_url: str) -> dict[str, float]:
+    """The engine's vllm:request_<phase>_time_seconds sums and counts on the server's /metrics, read
+    once the model has sent what it counted (HISTOGRAMS_SETTLE_S)."""
+    import urllib.request
+
+    time.sleep(HISTOGRAMS_SETTLE_S)
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    keys = {f"vllm:request_{phase}_time_seconds_{part}": f"{phase}_{part}"
+            for phase in ENGINE_PHASES for part in ("sum", "count")}
+    totals = dict.fromkeys(keys.values(), 0.0)
+    for line in lines:
+        key = keys.get(line.split("{", 1)[0].split(" ", 1)[0])
+        if key is not None:  # summed over the series of every model instance
+            totals[key] += float(line.rpartition(" ")[2])
+    return totals
+
+
+def engine_phases_since(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Per request between two `engine_phase_totals`: the mean ms it waited in the engine's queue and
+    spent from its first step to its first token."""
+    n = after["queue_count"] - before["queue_count"]
+    mean_ms = lambda phase: (after[f"{phase}_sum"] - before[f"{phase}_sum"]) / n * 1e3 if n else None  # noqa: E731
+    return {"requests": int(n), **{f"{phase}_ms": mean_ms(phase) for phase in ENGINE_PHASES}}
+
+
 def intake_since(before: dict[str, int], after: dict[str, int]) -> dict:
     """Per request between two `intake_counters`: where a request waited before the engine had it."""
     n = after["requests"] - before["requests"]

@@ -13,9 +13,9 @@ is a blocking IPC round trip to the server process, made with the stub's GIL hel
 Python backend; 18.6 us a call on the CPU VM, 60-126 us while another thread of the stub runs), so
 what a period brings is sent once at its end (`flush`): a counter moves once by its sum. A Triton
 histogram takes one observation a call: a call per generated token for the three inter-token
-families, and six per request for the others, which at the H100's ~560 requests a second held the
-stub's GIL for a sixth of its time. So every histogram is exported as the three series Prometheus
-makes of one, `<name>_bucket` by `le` (cumulative), `<name>_sum` and `<name>_count`, each a counter
+families, and six per request for the others (then; the engine's phases add four per choice), which
+at the H100's ~560 requests a second held the stub's GIL for a sixth of its time. So every histogram
+is exported as the three series Prometheus makes of one, `<name>_bucket` by `le` (cumulative), `<name>_sum` and `<name>_count`, each a counter
 (`BucketCounters`), moved every HISTOGRAM_PERIODS flushes by what it counted (a flush moves every
 bucket from the lowest observation's up, so fewer flushes, fewer calls): the same samples, so PromQL reads them as
 it reads a histogram (histogram_quantile over rate of _bucket); their TYPE line says counter, and
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import triton_python_backend_utils as pb_utils
 
+from backend.outputs import RequestPhases
 from backend.params import MAX_SPECULATIVE_TOKENS
 
 OUTCOMES = ("success", "cancelled", "invalid", "overloaded", "error")
@@ -96,6 +97,16 @@ FAMILIES = (
            VLLM_ITL_BUCKETS),
     Family("e2e", "vllm:e2e_request_latency_seconds", HISTOGRAM, "Seconds from submit to the final response",
            VLLM_E2E_BUCKETS),
+    # vLLM's request phases, by the engine's clock, once per choice whose sequence got a first token
+    # (a choice ended by a stop string, which the front finds, is not among them).
+    Family("queue_time", "vllm:request_queue_time_seconds", HISTOGRAM,
+           "Seconds a request waited in the engine's queue before its first step", VLLM_E2E_BUCKETS),
+    Family("prefill_time", "vllm:request_prefill_time_seconds", HISTOGRAM,
+           "Seconds from a request's first step to its first token", VLLM_E2E_BUCKETS),
+    Family("decode_time", "vllm:request_decode_time_seconds", HISTOGRAM,
+           "Seconds from a request's first token to its end", VLLM_E2E_BUCKETS),
+    Family("inference_time", "vllm:request_inference_time_seconds", HISTOGRAM,
+           "Seconds from a request's first step to its end (prefill + decode)", VLLM_E2E_BUCKETS),
     Family("request_prompt_tokens", "vllm:request_prompt_tokens", HISTOGRAM, "Prompt tokens per finished request",
            TOKEN_COUNT_BUCKETS),
     Family("request_generated_tokens", "vllm:request_generation_tokens", HISTOGRAM,
@@ -158,6 +169,7 @@ class RequestRecord:
     e2e_s: float | None = None  # submit to final response
     n: int = 1  # choices the request asked for
     finish_reason: str | None = None  # the engine's ("stop", "length", "cancelled", "error"); None: refused
+    phases: list[RequestPhases] = field(default_factory=list)  # one per choice the engine ended after a first token
 
 
 class BucketCounters:
@@ -277,6 +289,11 @@ class GemmaMetrics:
         self._observe("request_prompt_tokens", r.prompt_tokens)
         self._observe("request_generated_tokens", r.output_tokens)
         self._observe("n", r.n)
+        for phases in r.phases:
+            self._observe("queue_time", phases.queue_s)
+            self._observe("prefill_time", phases.prefill_s)
+            self._observe("decode_time", phases.decode_s)
+            self._observe("inference_time", phases.prefill_s + phases.decode_s)
 
     def set_engine_stats(self, stats) -> None:
         kv = stats.kv_cache

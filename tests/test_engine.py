@@ -1,5 +1,6 @@
 """The engine end to end on a tiny random Gemma 3 with the real tokenizer: continuous batching,
 KV cache accounting, cancellation, admission under cache pressure, bad requests."""
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -57,7 +58,8 @@ def test_stream_deltas_concatenate_to_result(engine):
     merged = deltas[0]
     for d in deltas[1:]:
         merged = merged.followed_by(d)
-    assert merged == whole
+    assert merged.phases == deltas[-1].phases is not None  # the engine's timings, the last output's
+    assert dataclasses.replace(merged, phases=None) == dataclasses.replace(whole, phases=None)
 
 
 def test_greedy_logprobs_name_the_top_token_through_the_engine(engine):
@@ -212,6 +214,24 @@ def test_queue_bound_refuses_with_overloaded(servable_checkpoint, scheduling):
         for h in handles:
             h.cancel()
         assert all(h.result().finish_reason == "cancelled" for h in handles)
+    finally:
+        eng.shutdown()
+
+
+def test_the_last_output_carries_the_engines_request_phases(servable_checkpoint, scheduling):
+    eng = make_engine(servable_checkpoint, scheduling, max_num_seqs=1)  # the second request waits for the first
+    try:
+        first, second = (eng.submit(prompt, GREEDY) for prompt in PROMPTS[:2])
+        first, second = first.result().phases, second.result().phases
+        for phases in (first, second):
+            assert phases.queue_s >= 0 and phases.prefill_s > 0 and phases.decode_s > 0
+        assert second.queue_s >= first.prefill_s + first.decode_s
+        one_token = eng.submit(PROMPTS[2], SamplingParams(max_tokens=1, temperature=0)).result().phases
+        assert one_token.prefill_s > 0 and 0 <= one_token.decode_s < one_token.prefill_s
+        # Ended by a stop string the front found: the engine's last delta comes after the output's end.
+        base = eng.submit(PROMPTS[3], GREEDY).result()
+        cut = eng.submit(PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, stop=(base.text[2:4],))).result()
+        assert cut.finish_reason == "stop" and cut.phases is None
     finally:
         eng.shutdown()
 

@@ -118,6 +118,9 @@ def test_ours_measures_every_point_on_both_systems_with_every_token(ours_run):
             n = 2
             assert (r["requests"], r["errors"], r["output_tokens"]) == (n, 0, n * point.max_tokens), r
             assert r["prompt_tokens"] == (LONG if point.prompt_kind == "long" else pytest.approx(13, abs=8))
+            if r["system"] == "server":  # where its requests waited: Triton's counters and the engine's phases
+                assert r["server_intake"]["requests"] == r["engine_phases"]["requests"] == n, r
+                assert r["engine_phases"]["queue_ms"] >= 0 and r["engine_phases"]["prefill_ms"] > 0, r
     assert all("engine_steps" in r for r in measured if r["system"] == "engine_direct")
     first = [r["system"] for r in measured if r["point"] in (0, 1)]
     assert first == ["engine_direct", "server", "server", "engine_direct"]  # who goes first alternates

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections import Counter
 
+import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.support.server import MODEL, TINY_SERVER_ENV, make_inputs, start_servers, stop_servers
@@ -32,6 +33,8 @@ SETTLE_S = 1.2
 SAMPLE = re.compile(r"^(vllm:[^ {]+)(?:\{(.*)\})? (\S+)$", re.M)
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+PHASES = ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+          "request_inference_time_seconds")
 
 
 def key(name: str, **labels) -> tuple[str, frozenset]:
@@ -107,7 +110,7 @@ def test_counters_counts_and_sums_add_up_over_two_rounds_of_requests(idle_server
     observations = {"time_to_first_token_seconds": requests, "inter_token_latency_seconds": gaps,
                     "time_per_output_token_seconds": gaps, "e2e_request_latency_seconds": requests,
                     "request_prompt_tokens": requests, "request_generation_tokens": requests,
-                    "request_params_n": requests}
+                    "request_params_n": requests, **dict.fromkeys(PHASES, requests)}
     expected = {
         key("prompt_tokens_total"): prompt_tokens,
         key("generation_tokens_total"): generated_tokens,
@@ -130,6 +133,12 @@ def test_counters_counts_and_sums_add_up_over_two_rounds_of_requests(idle_server
     # Two names for the same observations.
     assert total(after, key("inter_token_latency_seconds_sum")) == \
         total(after, key("time_per_output_token_seconds_sum"))
+    # The engine's phases: a request's inference is its prefill and its decode; each decode of
+    # MAX_TOKENS tokens and each prefill took time.
+    spent = {phase: total(after, key(f"{phase}_sum")) - total(before, key(f"{phase}_sum")) for phase in PHASES}
+    assert spent["request_prefill_time_seconds"] > 0 and spent["request_decode_time_seconds"] > 0
+    assert spent["request_inference_time_seconds"] == pytest.approx(
+        spent["request_prefill_time_seconds"] + spent["request_decode_time_seconds"])
 
 
 def test_a_request_with_two_choices_is_counted_in_request_params_n(idle_server):
@@ -139,7 +148,8 @@ def test_a_request_with_two_choices_is_counted_in_request_params_n(idle_server):
     expected = {key("request_params_n_count"): 1, key("request_params_n_sum"): 2,
                 key("request_params_n_bucket", le=1.0): 0, key("request_params_n_bucket", le=2.0): 1,
                 key("generation_tokens_total"): 2 * MAX_TOKENS,
-                key("request_success_total", finished_reason="length"): 1}
+                key("request_success_total", finished_reason="length"): 1,
+                **{key(f"{phase}_count"): 2 for phase in PHASES}}  # vLLM's phases: one per choice's sequence
     assert moved(idle_server, before, expected) == expected
 
 

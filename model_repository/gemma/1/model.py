@@ -156,6 +156,8 @@ class _Responder:
         if out.token_ids:
             req.times.note(len(out.token_ids), time.monotonic())
             record.output_tokens += len(out.token_ids)
+        if out.phases is not None:
+            record.phases.append(out.phases)
         response = req.responses.add(choice, out, engine_died=req.engine.exit_error is not None)
         if response is None:
             return
