@@ -4,7 +4,8 @@ No model math here. `execute` parses each request (serving/requests.py) and retu
 (decoupled model); small threads do the rest, so neither tokenizing nor IPC to the server stalls
 the intake of requests or a decode step:
 - the intake thread tokenizes the prompts of the requests parsed so far, a batch of about one engine
-  step's tokens at a time, and submits them to the engine (serving/intake.py); the engine thread hands each output to a queue;
+  step's tokens at a time, and submits them to the engine (serving/intake.py); the engine thread
+  hands each output to a queue;
 - the responders send the responses serving/responses.py makes (one per text delta of a choice when
   streaming, else one at the end; or the error that ends the request), the last with
   TRITONSERVER_RESPONSE_COMPLETE_FINAL, as tensors from serving/tensors.py's cache, and poll for
