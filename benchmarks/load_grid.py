@@ -296,7 +296,31 @@ def markdown(ours: list[dict], vllm: list[dict]) -> str:
     for r in ours + vllm:
         if r.get("kind") in ("load_grid_skipped", "error", "retry") or r.get("kind", "").endswith("_interrupted"):
             lines.append(f"- {r['kind']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "kind"))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + server_waits(grid_records(ours))) + "\n"
+
+
+def server_waits(records: list[dict]) -> list[str]:
+    """Where the server's mean TTFT went, per point (medians over repetitions): Triton's queue and
+    `execute` (server_intake), the engine's queue and prefill (engine_phases), and the rest: the
+    model's intake, the pipes to and from the engine process, and the way back to the client."""
+    measured = [r for r in records if r["system"] == "server" and r.get("engine_phases") and r.get("server_intake")]
+    if not measured:
+        return []
+    lines = ["", "Where the server's TTFT went: means over a point's requests, ms (medians over repetitions).", "",
+             "| prompts | out | load | TTFT | Triton queue | execute | engine queue | prefill | the rest |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key in sorted({_key(r) for r in measured}, key=lambda k: (k[2] != "closed", k[1], PROMPT_KINDS.index(k[0]),
+                                                                 k[3] or 0, k[4] or 0)):
+        mine = [r for r in measured if _key(r) == key]
+        parts = [median([r["ttft_ms"]["mean"] for r in mine])] + [
+            median([r[source][name] for r in mine if r[source][name] is not None])
+            for source, name in (("server_intake", "queue_ms"), ("server_intake", "execute_ms"),
+                                 ("engine_phases", "queue_ms"), ("engine_phases", "prefill_ms"))]
+        rest = None if None in parts else parts[0] - sum(parts[1:])
+        prompt_kind, max_tokens, mode, concurrency, rate = key
+        load = f"{concurrency} client{'s' * (concurrency > 1)}" if mode == "closed" else f"open {rate}/s"
+        lines.append(f"| {prompt_kind} | {max_tokens} | {load} | " + " | ".join(_fmt(x, 1) for x in [*parts, rest]) + " |")
+    return lines
 
 
 # ---- ours ----

@@ -247,6 +247,18 @@ def test_the_table_gives_ratios_and_marks_each_goal_a_point_misses():
     assert "- load_grid_skipped: points ['x']" in table
 
 
+def test_the_table_says_where_the_servers_ttft_went():
+    """Made-up numbers: two repetitions of one server point; each part is the median of its two."""
+    def server(ttft_mean, triton_queue, engine_queue):
+        return {**_record("server", 12_000.0, 35.0, 7.0), "ttft_ms": {"p50": 35.0, "p99": 70.0, "mean": ttft_mean},
+                "server_intake": {"requests": 128, "queue_ms": triton_queue, "execute_ms": 1.0},
+                "engine_phases": {"requests": 128, "queue_ms": engine_queue, "prefill_ms": 4.0}}
+    vllm = [_record("vllm_asyncllm", 10_000.0, 30.0, 6.0)]
+    table = load_grid.markdown([server(40.0, 10.0, 2.0), server(50.0, 20.0, 4.0)], vllm)
+    assert "| short | 64 | 64 clients | 45.0 | 15.0 | 1.0 | 3.0 | 4.0 | 22.0 |" in table
+    assert "Where the server's TTFT went" not in load_grid.markdown([_record("server", 12_000.0, 35.0, 7.0)], vllm)
+
+
 def test_the_table_command_also_plots_the_grid_when_asked(tmp_path):
     pytest.importorskip("matplotlib")
     vllm = [_record("vllm_asyncllm", 2_000.0 * c, 20.0 + c, 5.0, concurrency=c) for c in (1, 8, 64)]
