@@ -269,6 +269,7 @@ class EngineCore:
             if in_flight is not None and (stopping or not self._async or self._needs_every_token()):
                 self._complete(in_flight)
                 in_flight = None
+                self._flush()  # its tokens go out now, not after the next launch (on a CPU, a whole step)
             if stopping:
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + list(self._compiling):
                     self._finish(seq, "cancelled")
