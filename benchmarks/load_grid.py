@@ -202,6 +202,16 @@ def _key(r: dict) -> tuple:
     return (r["prompt_kind"], r["max_tokens"], r["mode"], r.get("concurrency"), r.get("rate_per_s"))
 
 
+def _point_order(key: tuple) -> tuple:
+    """A table's rows in order: closed loops first, then by output tokens, prompt kind and load."""
+    prompt_kind, max_tokens, mode, concurrency, rate = key
+    return (mode != "closed", max_tokens, PROMPT_KINDS.index(prompt_kind), concurrency or 0, rate or 0)
+
+
+def _load_label(mode: str, concurrency: Optional[int], rate_per_s: Optional[float]) -> str:
+    return f"{concurrency} client{'s' * (concurrency > 1)}" if mode == "closed" else f"open {rate_per_s}/s"
+
+
 def grid_records(records: Iterable[dict]) -> list[dict]:
     """The measurements among a file's records (ours: kind load_grid; vLLM's serving part: vllm_serving)."""
     return [r for r in records if r.get("type") == "server" and "prompt_kind" in r]
@@ -210,8 +220,7 @@ def grid_records(records: Iterable[dict]) -> list[dict]:
 def rows(records: list[dict]) -> list[dict]:
     """One row per point: each system's medians (serving.table), ours / vLLM tok/s, the goals missed."""
     out = []
-    for key in sorted({_key(r) for r in records},
-                      key=lambda k: (k[2] != "closed", k[1], PROMPT_KINDS.index(k[0]), k[3] or 0, k[4] or 0)):
+    for key in sorted({_key(r) for r in records}, key=_point_order):
         mine = [r for r in records if _key(r) == key]
         at = {r["system"]: r for r in serving.table(mine)}
         row = {"prompt_kind": key[0], "max_tokens": key[1], "mode": key[2], "concurrency": key[3],
@@ -275,8 +284,7 @@ def markdown(ours: list[dict], vllm: list[dict]) -> str:
         def each(metric, q):
             return " / ".join(_fmt(at[s][metric][q], 1) if s in at else "-" for s in systems)
 
-        c = row["concurrency"]
-        load = f"{c} client{'s' * (c > 1)}" if row["mode"] == "closed" else f"open {row['rate_per_s']}/s"
+        load = _load_label(row["mode"], row["concurrency"], row["rate_per_s"])
         notes = "; ".join(f"{s}: {', '.join(m)}" for s, m in row["missed"].items() if m) or \
             ("met" if row["missed"] else "no pair")
         lines.append(f"| {row['prompt_kind']} ({_fmt(row['prompt_tokens'])}) | {row['max_tokens']} | {load} | "
@@ -309,8 +317,7 @@ def server_waits(records: list[dict]) -> list[str]:
     lines = ["", "Where the server's TTFT went: means over a point's requests, ms (medians over repetitions).", "",
              "| prompts | out | load | TTFT | Triton queue | execute | engine queue | prefill | the rest |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for key in sorted({_key(r) for r in measured}, key=lambda k: (k[2] != "closed", k[1], PROMPT_KINDS.index(k[0]),
-                                                                 k[3] or 0, k[4] or 0)):
+    for key in sorted({_key(r) for r in measured}, key=_point_order):
         mine = [r for r in measured if _key(r) == key]
         parts = [median([r["ttft_ms"]["mean"] for r in mine])] + [
             median([r[source][name] for r in mine if r[source][name] is not None])
@@ -318,8 +325,8 @@ def server_waits(records: list[dict]) -> list[str]:
                                  ("engine_phases", "queue_ms"), ("engine_phases", "prefill_ms"))]
         rest = None if None in parts else parts[0] - sum(parts[1:])
         prompt_kind, max_tokens, mode, concurrency, rate = key
-        load = f"{concurrency} client{'s' * (concurrency > 1)}" if mode == "closed" else f"open {rate}/s"
-        lines.append(f"| {prompt_kind} | {max_tokens} | {load} | " + " | ".join(_fmt(x, 1) for x in [*parts, rest]) + " |")
+        lines.append(f"| {prompt_kind} | {max_tokens} | {_load_label(mode, concurrency, rate)} | "
+                     + " | ".join(_fmt(x, 1) for x in [*parts, rest]) + " |")
     return lines
 
 
