@@ -85,20 +85,22 @@ class Engine:
     `tokenizer` its checked tokenizer (backend.loader.start_engine makes both); the core loads the
     model from the same directory and needs only the tokenizer's EOS ids."""
 
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, engine_process: bool = False):
-        """Starts the core (on a thread, or with `engine_process` in a process of its own) and returns
-        once its model is loaded; a core that fails to start raises here."""
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, engine_process: bool = False,
+                 shared_as: Optional[str] = None):
+        """Starts the core (on a thread, or with `engine_process` in a process of its own, which with
+        `shared_as` the engines of that name share: backend/engine_fronts.py) and returns once its
+        model is loaded; a core that fails to start raises here."""
         self.tokenizer, self.config = tokenizer, config
         self._lock = threading.Lock()
         self._handles: dict[int, RequestHandle] = {}  # request id -> handle, until its final delta
-        self._next_id = 0
         self._closed = False  # shut down (or the core is gone): requests are refused
         self.exit_error: Optional[str] = None  # why the core stopped on its own, if it did
         if engine_process:
             self.core = EngineCoreProcess(config, tokenizer.eos_token_ids, self._publish, self._core_exited,
-                                          num_unfinished=lambda: len(self._handles))
+                                          num_unfinished=lambda: len(self._handles), shared_as=shared_as)
         else:
             self.core = EngineCore(config, tokenizer.eos_token_ids, self._publish)
+        self._next_id = self.core.request_id_base
         self.limits, self.device = self.core.limits, self.core.device
 
     def submit(self, prompt: Union[str, Seq[int]], params: SamplingParams,
@@ -138,6 +140,11 @@ class Engine:
     def stats(self) -> EngineStats:
         """The core's counters; an engine process that stopped refuses (EngineOverloadedError)."""
         return self.core.stats()
+
+    @property
+    def reports_engine_stats(self) -> bool:
+        """False where another front of a shared engine process exports its stats (as of the last stats())."""
+        return self.core.reports_engine_stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel everything in flight (each gets a final "cancelled" output) and stop the core."""

@@ -105,6 +105,11 @@ class EngineCore:
     """The engine thread and what it owns. `config.checkpoint` is a resolved checkpoint directory
     (backend/loader.py resolves the default model and checks it before anything starts)."""
 
+    # As an engine process's front sees it (backend/engine_process.py): one front, whose request ids
+    # start at 0 and who reports the engine's own metrics.
+    request_id_base = 0
+    reports_engine_stats = True
+
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], publish: Publish):
         """Builds the model on the engine thread, which then owns every torch op of the engine.
         Measured on the 2-core CPU: a model whose weights were loaded by another thread (whose OpenMP

@@ -26,6 +26,7 @@ import pickle
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,14 +34,15 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .engine_core import EngineCore, EngineStats, Publish
+from .engine_core import EngineStats, Publish
+from .engine_fronts import SLOT_SHIFT, serve_engine
 from .errors import EngineOverloadedError
-from .heap import quiet_collector
 from .outputs import TokenDelta
 from .params import EngineConfig, SamplingParams
 
 log = logging.getLogger(__name__)
 
+JOIN_POLL_S = 0.1  # how often a front waiting for another front's engine start looks again
 STATS_TIMEOUT_S = 30.0  # at most; 2 x step_timeout_s when that is shorter (tests)
 # Added to the engine process's oom_score_adj: when memory runs out, the kernel's OOM killer takes the
 # engine process, which the model restarts, rather than the stub or Triton, which nothing restarts in
@@ -52,31 +54,26 @@ class EngineCoreProcess:
     """The parent's end: the same API as an EngineCore (add, end, stats, shutdown, limits, device)."""
 
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], publish: Publish,
-                 on_exit: Callable[[str], None], num_unfinished: Callable[[], int]):
+                 on_exit: Callable[[str], None], num_unfinished: Callable[[], int],
+                 shared_as: Optional[str] = None):
         """Start the engine process and wait until its model is loaded (its CUDA graphs captured); a
-        core that fails to start raises here, as an EngineCore does. `on_exit(error)` is called if
-        the process exits on its own. `num_unfinished()` is how many requests the front has added and
-        not yet seen finish (its handles): the watchdog's only count of requests in flight."""
+        core that fails to start raises here, as an EngineCore does. With `shared_as`, join the engine
+        process that name finds if one runs (the fronts of one engine: backend/engine_fronts.py), and
+        start it otherwise. `on_exit(error)` is called if the process exits on its own.
+        `num_unfinished()` is how many requests the front has added and not yet seen finish (its
+        handles): the watchdog's only count of requests in flight."""
         self._publish, self._on_exit, self._num_unfinished = publish, on_exit, num_unfinished
-        commands_in, commands_out = os.pipe()
-        events_in, events_out = os.pipe()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._process = subprocess.Popen(
-            [python_executable(), "-m", "backend.engine_process", str(commands_in), str(events_out)],
-            pass_fds=(commands_in, events_out), env=env)
-        os.close(commands_in), os.close(events_out)  # the child's ends: EOF reaches us when it exits
-        self._commands, self._events = os.fdopen(commands_out, "wb"), os.fdopen(events_in, "rb")
+        self._process: Optional[subprocess.Popen] = None  # only where this front started it
         self._send_lock = threading.Lock()
         self._closed = False  # shut down, or the process is gone
-        self._send(("start", config, eos_token_ids))
-        try:
-            kind, payload = pickle.load(self._events)
-        except EOFError:
-            raise RuntimeError(f"the engine process exited while starting (exit code {self._process.wait()})")
-        if kind == "failed":
-            self._process.wait()
-            raise payload
-        self.limits, self.device = payload
+        self._engine_exits = True  # what the engine answered our shutdown: whether it exits (we were its last front)
+        if shared_as is None:
+            ready = self._start(config, eos_token_ids, None)
+        else:
+            ready = self._join_or_start(config, eos_token_ids, shared_as)
+        self.limits, self.device, slot, self._pid = ready
+        self.request_id_base = slot << SLOT_SHIFT  # this front's ids (backend/engine_fronts.py)
+        self.reports_engine_stats = True  # False while another front of the shared engine reports them
         self._stats_lock = threading.Lock()
         self._stats: queue.SimpleQueue = queue.SimpleQueue()
         self._exit_error: Optional[str] = None
@@ -90,6 +87,70 @@ class EngineCoreProcess:
         self._receiver = threading.Thread(target=self._receive, name="gemma-engine-events", daemon=True)
         self._receiver.start()
         threading.Thread(target=self._watch, name="gemma-engine-watchdog", daemon=True).start()
+
+    def _start(self, config: EngineConfig, eos_token_ids: frozenset[int], shared_as: Optional[str]) -> tuple:
+        """Start an engine process (listening as `shared_as` once ready, if given) and become its first front."""
+        commands_in, commands_out = os.pipe()
+        events_in, events_out = os.pipe()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self._process = subprocess.Popen(
+            [python_executable(), "-m", "backend.engine_process", str(commands_in), str(events_out),
+             *([shared_as] if shared_as is not None else [])],
+            pass_fds=(commands_in, events_out), env=env)
+        os.close(commands_in), os.close(events_out)  # the child's ends: EOF reaches us when it exits
+        self._commands, self._events = os.fdopen(commands_out, "wb"), os.fdopen(events_in, "rb")
+        self._send(("start", config, eos_token_ids))
+        try:
+            kind, payload = pickle.load(self._events)
+        except EOFError:
+            raise RuntimeError(f"the engine process exited while starting (exit code {self._process.wait()})")
+        if kind == "failed":
+            self._process.wait()
+            raise payload
+        return payload
+
+    def _join_or_start(self, config: EngineConfig, eos_token_ids: frozenset[int], shared_as: str) -> tuple:
+        """Join the engine process listening as `shared_as`; if none does, the front that takes the
+        start lock (an abstract socket of its own: released when its holder dies) starts one, and the
+        others join it once it is ready."""
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            while True:
+                connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    connection.connect("\0" + shared_as)
+                except OSError:  # none listens (yet)
+                    connection.close()
+                else:
+                    joined = self._join(connection, config)
+                    if joined is not None:
+                        return joined
+                try:
+                    lock.bind("\0" + shared_as + ".starting")
+                except OSError:  # another front is starting it: wait for it
+                    time.sleep(JOIN_POLL_S)
+                    continue
+                return self._start(config, eos_token_ids, shared_as)
+        finally:
+            lock.close()
+
+    def _join(self, connection: socket.socket, config: EngineConfig) -> Optional[tuple]:
+        """The join handshake; None if the engine is shutting down (the caller tries again). A config
+        other than the running engine's is refused: raised here."""
+        self._commands, self._events = connection.makefile("wb"), connection.makefile("rb")
+        connection.close()  # the files keep it open
+        self._send(("join", config, None))
+        try:
+            kind, payload = pickle.load(self._events)
+        except (EOFError, OSError):  # it died meanwhile
+            kind, payload = "failed", EngineOverloadedError("gone")
+        if kind == "ready":
+            return payload
+        self._commands.close(), self._events.close()
+        if isinstance(payload, EngineOverloadedError):
+            time.sleep(JOIN_POLL_S)
+            return None
+        raise payload
 
     def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         # The front counts a request before it adds it (under its lock): 1 is this one alone, so the
@@ -108,28 +169,31 @@ class EngineCoreProcess:
                 raise EngineOverloadedError(self._exit_error or "the engine process has stopped")
             self._send(("stats",))
             try:
-                stats = self._stats.get(timeout=self._stats_timeout_s)
+                answer = self._stats.get(timeout=self._stats_timeout_s)
             except queue.Empty:  # hung while idle (the watchdog sees only steps with requests in flight)
                 self._kill_hung(f"the engine process answered nothing for {self._stats_timeout_s:g} s "
                                 f"(step_timeout_s={self._step_timeout_s:g}) and was killed")
                 raise EngineOverloadedError(self._hung)
-        if stats is None:  # it stopped meanwhile
+        if answer is None:  # it stopped meanwhile
             raise EngineOverloadedError(self._exit_error or "the engine process has stopped")
+        stats, self.reports_engine_stats = answer
         return stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel everything in flight (each gets a final "cancelled" delta) and stop the process."""
+        """Cancel everything this front has in flight (each gets a final "cancelled" delta) and leave;
+        the engine process stops once its last front has left."""
         already, self._closed = self._closed, True
         if not already:
             self._send(("shutdown",))
         self._receiver.join(timeout)
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.error("the engine process did not stop within %.0f s; killing it", timeout)
-            self._process.kill()
-            self._process.wait()
-            self._receiver.join(timeout)  # it reads EOF now
+        if self._process is not None and (self._engine_exits or self._receiver.is_alive()):
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("the engine process did not stop within %.0f s; killing it", timeout)
+                self._process.kill()
+                self._process.wait()
+                self._receiver.join(timeout)  # it reads EOF now
         # Closed here, not whenever the garbage collector finds this object: a stub whose engine was
         # restarted ten times kept one pipe of each dead engine open.
         for pipe in (self._commands, self._events) if not self._receiver.is_alive() else (self._commands,):
@@ -157,13 +221,15 @@ class EngineCoreProcess:
                 elif kind == "stats":
                     self._stats.put(payload)
                 elif kind == "closed":
+                    self._engine_exits = payload
                     self._stats.put(None)  # a stats() asked after the shutdown gets no answer
                     return
         except (EOFError, OSError):
-            exit_code = self._process.wait()
+            # Only the front that started it can wait for its exit code.
+            exit_code = f" (exit code {self._process.wait()})" if self._process is not None else ""
             # The cause before `_closed`: a stats() that finds it closed reports `_exit_error`, so the
             # front names why the engine died, not that it has stopped.
-            self._exit_error = self._hung or f"the engine process exited unexpectedly (exit code {exit_code})"
+            self._exit_error = self._hung or f"the engine process exited unexpectedly{exit_code}"
             self._closed = True
             log.error(self._exit_error)
             self._on_exit(self._exit_error)
@@ -192,67 +258,16 @@ class EngineCoreProcess:
         if self._hung is None:
             self._hung = why
             log.error(why)
-        self._process.kill()
-
-
-def pack_deltas(deltas: list[tuple[int, TokenDelta]]) -> tuple[list[int], list[tuple[int, TokenDelta]]]:
-    """A loop's deltas for the pipe: each that is one token and nothing more (the steady state of
-    decoding) as three ints (request id, token, cached prompt tokens) of one flat list, the others as
-    they are. Pickling 256 TokenDeltas took ~0.2 ms of the engine thread on the CPU VM, a list of ints
-    a twentieth of it. The one-token ones go first: none of them can follow another delta of the same
-    request in one loop (a delta with more - an end, logprobs, drafts - is a request's last of the
-    loop, or all of its deltas have more)."""
-    plain: list[int] = []
-    others = []
-    for request_id, delta in deltas:
-        if (len(delta.token_ids) == 1 and delta.finish_reason is None and delta.logprobs is None
-                and delta.ends_with_stop_id):
-            plain += (request_id, delta.token_ids[0], delta.num_cached_tokens)
-        else:
-            others.append((request_id, delta))
-    return plain, others
+        try:
+            os.kill(self._pid, signal.SIGKILL)
+        except ProcessLookupError:  # it died meanwhile
+            pass
 
 
 def unpack_deltas(packed: tuple[list[int], list[tuple[int, TokenDelta]]]) -> list[tuple[int, TokenDelta]]:
+    """backend/engine_fronts.py's pack_deltas, undone."""
     plain, others = packed
     return [(plain[i], TokenDelta([plain[i + 1]], None, None, plain[i + 2])) for i in range(0, len(plain), 3)] + others
-
-
-def serve_engine(commands, events) -> None:
-    """The engine process: build the core from the config the parent sends first, then apply the
-    parent's commands until it shuts down. The engine thread sends each loop's deltas itself; this
-    thread only waits on the pipe."""
-    send_lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            pickle.dump(message, events)
-            events.flush()
-
-    _, config, eos_token_ids = pickle.load(commands)
-    try:
-        core = EngineCore(config, eos_token_ids, publish=lambda deltas: send(("deltas", pack_deltas(deltas))))
-    except BaseException as exc:  # the parent raises it
-        send(("failed", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}")))
-        return
-    quiet_collector()  # the model and its graphs are in: GC pauses would stall the steps
-    send(("ready", (core.limits, core.device)))
-    while True:
-        try:
-            message = pickle.load(commands)
-        except EOFError:  # the parent is gone: stop
-            message = ("shutdown",)
-        kind = message[0]
-        if kind == "add":
-            core.add(*message[1:])
-        elif kind == "end":
-            core.end(*message[1:])
-        elif kind == "stats":
-            send(("stats", core.stats()))
-        elif kind == "shutdown":
-            core.shutdown()
-            send(("closed", None))
-            return
 
 
 def prefer_as_oom_victim() -> None:
@@ -272,18 +287,10 @@ def python_executable() -> str:
     return shutil.which("python3") or os.path.join(sys.prefix, "bin", "python3")
 
 
-def _picklable(exc: BaseException) -> bool:
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: send a plain RuntimeError instead
-        return False
-
-
-
 if __name__ == "__main__":
     # Ctrl-C in a terminal interrupts the whole process group; the parent (Triton's stub) then
     # unloads the model and shuts this process down through the pipe, cancelling what is in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     prefer_as_oom_victim()
-    serve_engine(os.fdopen(int(sys.argv[1]), "rb"), os.fdopen(int(sys.argv[2]), "wb"))
+    serve_engine(os.fdopen(int(sys.argv[1]), "rb"), os.fdopen(int(sys.argv[2]), "wb"),
+                 sys.argv[3] if len(sys.argv) > 3 else None)

@@ -20,9 +20,10 @@ def resolve_checkpoint(checkpoint: Optional[str]) -> Path:
     return Path(checkpoint) if checkpoint else ensure_default_checkpoint()
 
 
-def start_engine(config: EngineConfig, engine_process: bool = False) -> Engine:
+def start_engine(config: EngineConfig, engine_process: bool = False, shared_as: Optional[str] = None) -> Engine:
     """An engine serving `config`'s checkpoint, its core on a thread of this process or, with
-    `engine_process`, in a process of its own (backend/engine_process.py)."""
+    `engine_process`, in a process of its own (backend/engine_process.py), which with `shared_as`
+    every engine started under that name shares (backend/engine_fronts.py)."""
     path = resolve_checkpoint(config.checkpoint)
     tokenizer = load_checked_tokenizer(path)
-    return Engine(dataclasses.replace(config, checkpoint=str(path)), tokenizer, engine_process)
+    return Engine(dataclasses.replace(config, checkpoint=str(path)), tokenizer, engine_process, shared_as)

@@ -53,7 +53,7 @@ def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: flo
     from backend.config import GemmaConfig
     from backend.default_model import ensure_default_checkpoint
     from backend.engine_core import EngineCore
-    from backend.engine_process import pack_deltas
+    from backend.engine_fronts import pack_deltas
     from backend.heap import collector_quieted
     from backend.params import EngineConfig, SamplingParams
 

@@ -56,6 +56,13 @@ def model_settings(args: dict[str, str]) -> ModelSettings:
                          restart_delays, responders, histograms)
 
 
+def shared_engine_name(args: dict[str, str], engine: EngineConfig) -> str:
+    """The name under which one server's instances of one model on one device find their shared
+    engine process (backend/engine_fronts.py): the server (the stubs' parent process), the model,
+    its version and the device. Instances on other devices, and other servers, get engines of their own."""
+    return f"gemma-triton/{os.getppid()}/{args['model_name']}/{args['model_version']}/{engine.device}"
+
+
 def histograms_setting(text: str) -> str:
     """How the histograms are exported; empty: the default."""
     text = text.strip().lower() or HISTOGRAMS[0]

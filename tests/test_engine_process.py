@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from backend.engine_process import pack_deltas, unpack_deltas
+from backend.engine_fronts import pack_deltas
+from backend.engine_process import unpack_deltas
 from backend.errors import EngineOverloadedError
 from backend.loader import start_engine
 from backend.outputs import TokenDelta

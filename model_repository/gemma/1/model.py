@@ -29,7 +29,7 @@ import traceback
 import triton_python_backend_utils as pb_utils
 from gemma_protocol import INPUTS, OUTPUTS, ProtocolError
 
-from serving.config import bound_cpu_kernel_caches, model_settings
+from serving.config import bound_cpu_kernel_caches, model_settings, shared_engine_name
 from serving.intake import PromptIntake
 
 bound_cpu_kernel_caches()  # before torch is imported (by the modules below)
@@ -207,6 +207,9 @@ class TritonPythonModel:
         settings = self.settings = model_settings(args)
         self.max_prompt_bytes = settings.max_prompt_bytes
         self.model_name = args["model_name"]
+        # This server's instances of the model on one device share one engine process: more stubs
+        # to send responses, one batch (backend/engine_fronts.py).
+        self.shared_engine = shared_engine_name(args, settings.engine) if settings.engine_process else None
         self.unhealthy: str | None = None  # why the engine cannot serve (it died or stopped answering)
         self.engine_state = "serving"  # serving, restarting or failed (serving/metrics.py, ENGINE_STATES)
         try:
@@ -244,10 +247,11 @@ class TritonPythonModel:
         # In a process of its own, the engine's loop does not share this process's GIL with the
         # responder thread (backend/engine_process.py).
         if dead is None:
-            return start_engine(self.settings.engine, engine_process=self.settings.engine_process)
+            return start_engine(self.settings.engine, self.settings.engine_process, self.shared_engine)
         # A restart: the checkpoint the dead engine resolved and the tokenizer it checked. Loading the
         # tokenizer again grew the stub by ~120 MB a restart (measured: 10 restarts, 0.7 -> 1.9 GB).
-        return Engine(dead.config, dead.tokenizer, engine_process=self.settings.engine_process)
+        # The first instance to find a shared engine dead starts the next; the others join it.
+        return Engine(dead.config, dead.tokenizer, self.settings.engine_process, self.shared_engine)
 
     def execute(self, requests):
         received = time.monotonic()
@@ -347,7 +351,8 @@ class TritonPythonModel:
                 if not self._stopping.is_set() and self.unhealthy is None and engine is self.engine:
                     self._mark_unhealthy(str(e), engine)
             try:
-                if stats is not None:
+                # A shared engine's own gauges and counters come from one of its instances only.
+                if stats is not None and engine.reports_engine_stats:
                     self.metrics.set_engine_stats(stats)
                 self.metrics.flush()  # the period's updates, one IPC call per series that moved
             except Exception as e:
