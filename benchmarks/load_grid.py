@@ -377,6 +377,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     o.add_argument("--total-time-limit", type=float, default=480,
                    help="seconds for everything from this process's start; points left then are skipped")
     o.add_argument("--client-processes", type=int, default=1, help="the server target's closed-loop client processes")
+    o.add_argument("--instances", type=int, default=1,
+                   help="the server's model instances (stubs), all in front of one engine process")
     o.add_argument("--out", type=Path, required=True, help="JSON lines")
     t = sub.add_parser("table", help="the markdown table of our records and vLLM's")
     t.add_argument("--ours", type=Path, nargs="+", required=True)
@@ -429,7 +431,7 @@ def run_ours(args: argparse.Namespace, started: float) -> int:
             else:
                 log_path = args.out.with_suffix(".server.log")
                 progress(f"starting tritonserver (log: {log_path})")
-                server = serving.start_server(log_path, config)
+                server = serving.start_server(log_path, config, args.instances)
                 targets.append(serving.ServerTarget(server.grpc_url, timeout_s=args.time_limit,
                                                     client_processes=args.client_processes))
 

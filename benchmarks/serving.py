@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import re
+import tempfile
 import threading
 import time
 import traceback
@@ -461,13 +462,14 @@ def server_env(config) -> dict[str, str]:
     return env
 
 
-def start_server(log_path: Path, config):
+def start_server(log_path: Path, config, instances: int = 1):
     """tritonserver on model_repository/ running the engine `config` describes (`server_env`), started
-    and stopped by the same code as the integration tests' servers. Returns an object with
-    `grpc_url` and `stop()`."""
-    from tests.support.server import start_servers
+    and stopped by the same code as the integration tests' servers; with `instances`, that many model
+    instances (stubs) in front of the one engine. Returns an object with `grpc_url` and `stop()`."""
+    from tests.support.server import repository_with_instances, start_servers
 
-    (server,) = start_servers((log_path, server_env(config)))
+    args = () if instances == 1 else repository_with_instances(Path(tempfile.mkdtemp()), instances)
+    (server,) = start_servers((log_path, server_env(config), args))
     return server
 
 

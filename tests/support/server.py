@@ -231,6 +231,19 @@ def engine_processes(server: TritonServer) -> list[int]:
     return pids
 
 
+def repository_with_instances(directory: Path, count: int) -> tuple[str, ...]:
+    """A model repository in `directory` like model_repository/ but with `count` instances of the model
+    (its instance_group's count), the model's code linked, not copied; returns the tritonserver
+    arguments that serve it (scripts/tritonserver.py takes the last --model-repository)."""
+    config = (ROOT / "model_repository" / MODEL / "config.pbtxt").read_text()
+    config, found = re.subn(r"instance_group \[ \{ count: 1,", f"instance_group [ {{ count: {count},", config)
+    assert found == 1, "config.pbtxt's instance_group changed: update this"
+    (directory / MODEL).mkdir(parents=True)
+    (directory / MODEL / "config.pbtxt").write_text(config)
+    (directory / MODEL / "1").symlink_to(ROOT / "model_repository" / MODEL / "1")
+    return ("--model-repository", str(directory))
+
+
 def free_ports(n: int) -> list[int]:
     """`n` ports free now (another process may take one before it is bound: launch's callers retry)."""
     socks = [socket.socket() for _ in range(n)]
