@@ -14,6 +14,10 @@ accepted request (id, token ids, params) and each cancellation or stop string fo
 once per engine loop, the token deltas of every request as one message. Two pipes between the two
 processes, commands one way and events the other, carry pickled tuples (pickle frames itself).
 
+Several fronts can share one engine process (backend/engine_fronts.py says why): given a name
+(`shared_as`), a front joins the engine process listening under it on an abstract Unix socket, and
+starts it if none does; the socket carries the same messages as the pipes.
+
 The engine process is `python -m backend.engine_process`, started with this process's sys.path
 (not multiprocessing's spawn, which re-runs the parent's main module: a script without a main
 guard, or Triton's stub, would not survive that).

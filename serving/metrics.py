@@ -229,7 +229,8 @@ class GemmaMetrics:
     def __init__(self, model: str, version: str, instance: str, native_histograms: bool = False):
         """`native_histograms`: the histogram families as Triton histograms (PerObservation), not
         BucketCounters."""
-        # One engine per model instance (one per GPU): each has its own series, sum them for the model.
+        # Each model instance has its own series, sum them for the model; instances sharing an engine
+        # (one device's) export its own gauges and counters from one of them (model.py).
         # vLLM labels a series with the served model and the engine, which for us is the instance.
         ours = {"model": model, "version": version, "instance": instance}
         vllms = {"model_name": model, "engine": instance}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backend.params import EngineConfig
-from serving.config import model_settings
+from serving.config import model_settings, shared_engine_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,15 @@ def test_a_gpu_instance_runs_its_engine_on_its_own_gpu(clean_env):
     settings = model_settings(triton_args("GPU", 1))
     assert settings.engine == EngineConfig(device="cuda:1", max_num_seqs=64)
     assert settings.max_prompt_bytes == 262144 and settings.engine_process
+
+
+def test_instances_share_an_engine_on_one_device_of_one_server_only(clean_env):
+    def name(kind, device_id, instance=0, version="1"):
+        args = triton_args(kind, device_id) | {"model_instance_name": f"gemma_0_{instance}", "model_version": version}
+        return shared_engine_name(args, model_settings(args).engine)
+    assert name("GPU", 0, instance=0) == name("GPU", 0, instance=1)  # count: 2 on one GPU
+    assert len({name("GPU", 0), name("GPU", 1), name("GPU", 0, version="2"), name("CPU", 0)}) == 4
+    assert f"/{os.getppid()}/" in name("GPU", 0)  # the server: the stubs' parent
 
 
 def test_a_cpu_instance_takes_the_device_parameter(clean_env):
