@@ -120,24 +120,25 @@ def test_the_models_initialize_asks_for_cuda_1_on_gpu_instance_1(clean_env):
     model_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(model_py)
 
-    asked: list[tuple[str, bool]] = []  # (device, engine_process) of each engine start
+    asked: list[tuple] = []  # (device, engine_process, shared_as) of each engine start
 
     class Stop(Exception):
         pass
 
-    def start_engine(config, engine_process):
-        asked.append((config.device, engine_process))
+    def start_engine(config, engine_process, shared_as):
+        asked.append((config.device, engine_process, shared_as))
         raise Stop
 
     clean_env.setattr(model_py, "start_engine", start_engine)
     # A failed start is re-raised as EngineStartError (its message, no traceback for Triton to print).
     with pytest.raises(model_py.EngineStartError):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
-    assert asked == [("cuda:1", True)]  # the engine in a process of its own by default
+    # The engine in a process of its own by default, shared by the server's instances on cuda:1.
+    assert asked == [("cuda:1", True, f"gemma-triton/{os.getppid()}/gemma/1/cuda:1")]
     clean_env.setenv("GEMMA_ENGINE_PROCESS", "0")  # the engine on a thread of the stub instead
     with pytest.raises(model_py.EngineStartError):
         model_py.TritonPythonModel().initialize(triton_args("GPU", 1))
-    assert asked == [("cuda:1", True), ("cuda:1", False)]
+    assert asked[1:] == [("cuda:1", False, None)]
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "128"
 
 
