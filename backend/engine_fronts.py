@@ -104,12 +104,14 @@ class Fronts:
             front.send(("deltas", (plain, others)))
 
     def leave(self, front: Front, core: EngineCore) -> bool:
-        """Cancel what `front` has in flight and wait for their final deltas; the last front shuts the
-        core down instead (which cancels everything). True if the process is to exit."""
+        """Cancel what `front` has in flight and wait for their final deltas; a front alone shuts the
+        core down instead (which cancels everything and sends them too). True if the process is to
+        exit: the last front has left (fronts that leave at once, as a server's instances do when it
+        stops, find out which was last as they go)."""
         with self._lock:
-            last = len(self._by_slot) == 1
-            self._closing = last
-        if last:
+            alone = len(self._by_slot) == 1
+            self._closing = alone
+        if alone:
             core.shutdown()
         else:
             front.leaving = True
@@ -120,6 +122,10 @@ class Fronts:
             front.drained.wait(LEAVE_TIMEOUT_S)
         with self._lock:
             del self._by_slot[front.slot]
+            last = not self._by_slot
+            self._closing = self._closing or last
+        if last and not alone:
+            core.shutdown()
         return last
 
 

@@ -102,6 +102,20 @@ def test_a_front_that_leaves_cancels_only_its_own_and_the_last_stops_the_process
     assert wait_for(lambda: not alive(pid), timeout=30)
 
 
+def test_fronts_that_leave_at_once_stop_the_process(servable_checkpoint, name):
+    """As a server's instances do when it stops: each leaves thinking another stays; the last one out stops it."""
+    fronts = start_fronts(servable_checkpoint, name, 3)
+    pid = fronts[0].core._pid
+    handles = [front.submit(PROMPTS[0], LONG) for front in fronts]
+    threads = [threading.Thread(target=front.shutdown) for front in fronts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [h.result().finish_reason for h in handles] == ["cancelled"] * 3
+    assert wait_for(lambda: not alive(pid), timeout=30)
+
+
 def test_a_front_with_another_config_is_refused(servable_checkpoint, name):
     first = start_engine(config(servable_checkpoint), engine_process=True, shared_as=name)
     try:
