@@ -200,8 +200,8 @@ def _admit(connection: socket.socket, fronts: Fronts, core: EngineCore) -> None:
     reader, writer = connection.makefile("rb"), connection.makefile("wb")
     connection.close()  # the files keep the socket open
     try:
-        _, config, _ = pickle.load(reader)
-    except (EOFError, OSError, pickle.UnpicklingError):
+        _, config = pickle.load(reader)
+    except (EOFError, OSError, pickle.UnpicklingError, ValueError):  # not a front's join
         return
     refused: Optional[Exception] = None
     if config != core.config:

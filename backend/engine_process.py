@@ -143,11 +143,11 @@ class EngineCoreProcess:
         other than the running engine's is refused: raised here."""
         self._commands, self._events = connection.makefile("wb"), connection.makefile("rb")
         connection.close()  # the files keep it open
-        self._send(("join", config, None))
+        self._send(("join", config))
         try:
             kind, payload = pickle.load(self._events)
-        except (EOFError, OSError):  # it died meanwhile
-            kind, payload = "failed", EngineOverloadedError("gone")
+        except (EOFError, OSError):  # it died meanwhile: as good as shutting down
+            kind, payload = "failed", EngineOverloadedError("the shared engine exited")
         if kind == "ready":
             return payload
         self._commands.close(), self._events.close()
