@@ -131,7 +131,8 @@ BACKEND_LAYERS = (
     ("loader",),  # resolve and check a checkpoint, start an engine
     ("default_model", "self_check", "gguf_checkpoint"),  # the packaged model, checked (runs the engine)
     ("engine",),  # the request front
-    ("engine_process",),  # the core in a process of its own
+    ("engine_process",),  # the core in a process of its own: the fronts' side
+    ("engine_fronts",),  # the engine process's side: one core, one or more fronts
     ("engine_core",),  # scheduler + runner + the engine thread
     ("runner", "graphs", "scheduler", "kv_cache", "sampling", "grammar", "step_times", "outputs", "tokenizer",
      "te.runner", "speculative", "draft_model"),
