@@ -1,7 +1,8 @@
 """One engine process shared by several fronts (backend/engine_fronts.py), as a server's model
 instances share it: one process whatever the order they start in, each front's outputs its own and
 the same as an engine of its own, a front that leaves cancelling only its requests, the last one
-stopping the process, a config that differs refused, and a dead engine replaced by one shared again."""
+stopping the process (fronts that leave at once too), a config that differs refused, and a dead
+engine replaced by one shared again."""
 import dataclasses
 import os
 import signal
@@ -53,7 +54,7 @@ def start_fronts(checkpoint, name: str, n: int) -> list[Engine]:
     return fronts
 
 
-def test_fronts_started_at_once_share_one_process_and_each_gets_its_own_outputs(servable_checkpoint, name):
+def test_fronts_started_at_once_share_one_process_each_gets_its_own_outputs_and_leaving_at_once_stops_it(servable_checkpoint, name):
     own = start_engine(config(servable_checkpoint), engine_process=True)
     try:
         expected = [own.submit(p, GREEDY).result().token_ids for p in PROMPTS]
@@ -72,15 +73,28 @@ def test_fronts_started_at_once_share_one_process_and_each_gets_its_own_outputs(
         assert [front.reports_engine_stats for front in fronts].count(True) == 1
         assert all(s.kv_cache.used_blocks == 0 for s in stats)
         assert stats[0].step_times.steps == stats[2].step_times.steps > 0  # one engine's counters
+        # Leaving at once, as a server's instances do when it stops: each leaves thinking another
+        # stays, and the last one out stops the process.
+        pid = fronts[0].core._pid
+        handles = [front.submit(PROMPTS[0], LONG) for front in fronts]
+        threads = [threading.Thread(target=front.shutdown) for front in fronts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [h.result().finish_reason for h in handles] == ["cancelled"] * 3
+        assert wait_for(lambda: not alive(pid), timeout=30)
     finally:
         for front in fronts:
             front.shutdown()
 
 
-def test_a_front_that_leaves_cancels_only_its_own_and_the_last_stops_the_process(servable_checkpoint, name):
+def test_another_config_is_refused_a_front_that_leaves_cancels_only_its_own_and_the_last_stops_it(servable_checkpoint, name):
     first, second = start_fronts(servable_checkpoint, name, 2)
     pid = first.core._pid
     try:
+        with pytest.raises(ValueError, match="the shared engine runs another config"):
+            start_engine(config(servable_checkpoint, max_num_seqs=3), engine_process=True, shared_as=name)
         leaving = first.submit(PROMPTS[0], LONG)
         staying = second.submit(PROMPTS[1], dataclasses.replace(LONG, max_tokens=40))
         next(iter(leaving))
@@ -100,30 +114,6 @@ def test_a_front_that_leaves_cancels_only_its_own_and_the_last_stops_the_process
     finally:
         second.shutdown()
     assert wait_for(lambda: not alive(pid), timeout=30)
-
-
-def test_fronts_that_leave_at_once_stop_the_process(servable_checkpoint, name):
-    """As a server's instances do when it stops: each leaves thinking another stays; the last one out stops it."""
-    fronts = start_fronts(servable_checkpoint, name, 3)
-    pid = fronts[0].core._pid
-    handles = [front.submit(PROMPTS[0], LONG) for front in fronts]
-    threads = [threading.Thread(target=front.shutdown) for front in fronts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert [h.result().finish_reason for h in handles] == ["cancelled"] * 3
-    assert wait_for(lambda: not alive(pid), timeout=30)
-
-
-def test_a_front_with_another_config_is_refused(servable_checkpoint, name):
-    first = start_engine(config(servable_checkpoint), engine_process=True, shared_as=name)
-    try:
-        with pytest.raises(ValueError, match="the shared engine runs another config"):
-            start_engine(config(servable_checkpoint, max_num_seqs=3), engine_process=True, shared_as=name)
-        assert first.submit(PROMPTS[0], GREEDY).result().finish_reason == "length"
-    finally:
-        first.shutdown()
 
 
 def test_a_dead_shared_engine_fails_every_fronts_requests_and_is_replaced_by_one_again(servable_checkpoint, name):
