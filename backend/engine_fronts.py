@@ -73,8 +73,8 @@ class Fronts:
         with self._lock:
             if self._closing:
                 raise EngineOverloadedError("the shared engine is shutting down")
-            if len(self._by_slot) >= MAX_FRONTS:
-                raise EngineOverloadedError(f"the shared engine serves {MAX_FRONTS} fronts already")
+            if len(self._by_slot) >= MAX_FRONTS:  # a deployment's mistake, not a wait: the joining front raises it
+                raise ValueError(f"the shared engine serves {MAX_FRONTS} fronts already")
             front = self._by_slot[self._next_slot] = Front(self._next_slot, reader, writer)
             self._next_slot += 1
             return front
@@ -171,7 +171,7 @@ def serve_engine(commands: BinaryIO, events: BinaryIO, shared_as: Optional[str])
         listener.listen(MAX_FRONTS)
         threading.Thread(target=_accept, args=(listener, fronts, core), name="gemma-engine-accept",
                          daemon=True).start()
-    first.send(("ready", (core.limits, core.device, first.slot, os.getpid())))
+    _send_ready(first, core)
     threading.Thread(target=serve_front, args=(first, fronts, core), name="gemma-engine-front-0",
                      daemon=True).start()
     fronts.empty.wait()
@@ -209,13 +209,18 @@ def _admit(connection: socket.socket, fronts: Fronts, core: EngineCore) -> None:
     else:
         try:
             front = fronts.join(reader, writer)
-        except EngineOverloadedError as e:
+        except (EngineOverloadedError, ValueError) as e:
             refused = e
     if refused is not None:
         Front(-1, reader, writer).send(("failed", refused))
         return
-    front.send(("ready", (core.limits, core.device, front.slot, os.getpid())))
+    _send_ready(front, core)
     serve_front(front, fronts, core)
+
+
+def _send_ready(front: Front, core: EngineCore) -> None:
+    """What a front needs of the running core: its limits, device, the front's id slot, the pid to kill if hung."""
+    front.send(("ready", (core.limits, core.device, front.slot, os.getpid())))
 
 
 def pack_deltas(deltas: list[tuple[int, TokenDelta]]) -> tuple[list[int], list[tuple[int, TokenDelta]]]:

@@ -129,6 +129,9 @@ class EngineCoreProcess:
                     joined = self._join(connection, config)
                     if joined is not None:
                         return joined
+                    # It is shutting down and still holds the name: starting one now would fail to
+                    # take it. Join (or start) the next once this one is gone.
+                    continue
                 try:
                     lock.bind("\0" + shared_as + ".starting")
                 except OSError:  # another front is starting it: wait for it
@@ -140,7 +143,7 @@ class EngineCoreProcess:
 
     def _join(self, connection: socket.socket, config: EngineConfig) -> Optional[tuple]:
         """The join handshake; None if the engine is shutting down (the caller tries again). A config
-        other than the running engine's is refused: raised here."""
+        other than the running engine's, or one front too many, is refused: raised here."""
         self._commands, self._events = connection.makefile("wb"), connection.makefile("rb")
         connection.close()  # the files keep it open
         self._send(("join", config))

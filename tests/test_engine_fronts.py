@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from backend.engine import Engine
-from backend.engine_fronts import SLOT_SHIFT
+from backend.engine_fronts import MAX_FRONTS, SLOT_SHIFT, Fronts
 from backend.loader import start_engine
 from backend.params import EngineConfig, SamplingParams
 from tests.engine_runs import GREEDY, PROMPTS, wait_idle
@@ -145,3 +145,12 @@ def test_a_dead_shared_engine_fails_every_fronts_requests_and_is_replaced_by_one
         for front in fronts:
             if front is not None:
                 front.shutdown()
+
+
+def test_one_front_too_many_is_refused_as_a_mistake_not_a_wait():
+    """A joining front retries while an engine shuts down (EngineOverloadedError), but raises this."""
+    fronts = Fronts()
+    for _ in range(MAX_FRONTS):
+        fronts.join(None, None)
+    with pytest.raises(ValueError, match=f"serves {MAX_FRONTS} fronts already"):
+        fronts.join(None, None)
