@@ -174,12 +174,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def start(out: Path, config, gateway_workers: int):
-    """tritonserver running the engine `config` describes and the gateway (`gateway_workers` processes),
-    by benchmarks/serving.py's launchers."""
+def start(out: Path, config, gateway_workers: int, instances: int):
+    """tritonserver running the engine `config` describes behind `instances` model instances, and the
+    gateway (`gateway_workers` processes), by benchmarks/serving.py's launchers."""
     from . import serving
     print(f"starting tritonserver and the gateway (logs: {out})", file=sys.stderr, flush=True)
-    server = serving.start_server(out / "server.log", config)
+    server = serving.start_server(out / "server.log", config, instances)
     gateway = serving.start_gateway(server.grpc_url, out / "gateway.log", gateway_workers)
     if gateway is None:
         server.stop()
@@ -209,6 +209,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="AIPerf's --workers-max")
     parser.add_argument("--gateway-workers", type=int, default=1,
                         help="without --url: the gateway's --workers (processes; one caps a GPU server's streams)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="without --url: the server's model instances (stubs), all in front of one engine process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit-s", type=float, default=600, help="our own generator's limit per run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "aiperf")
@@ -233,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows, found = [], []
     try:
         if args.url is None:
-            server, gateway = start(args.out, engine_config(args), args.gateway_workers)
+            server, gateway = start(args.out, engine_config(args), args.gateway_workers, args.instances)
         url = args.url or gateway.url
         for endpoint in endpoints:
             for concurrency in concurrencies:
@@ -271,6 +273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {"input_tokens": args.input_tokens, "output_tokens": args.output_tokens, "pace_per_s": args.pace,
               "requests_per_client": args.requests_per_client, "min_tokens": args.min_tokens,
               "url": args.url or "gateway started here (default model)", "rows": rows, "problems": found}
+    if args.url is None:
+        report.update(instances=args.instances, gateway_workers=args.gateway_workers)
     (args.out / "aiperf.json").write_text(json.dumps(report, indent=1))
     if args.keep is not None:
         (args.keep / "aiperf.json").write_text(json.dumps(report, indent=1))
