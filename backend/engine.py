@@ -142,6 +142,11 @@ class Engine:
         return self.core.stats()
 
     @property
+    def started_here(self) -> bool:
+        """Whether this front started its engine (False where it joined a shared engine process)."""
+        return self.core.started_here
+
+    @property
     def reports_engine_stats(self) -> bool:
         """False where another front of a shared engine process exports its stats (as of the last stats())."""
         return self.core.reports_engine_stats

@@ -106,8 +106,9 @@ class EngineCore:
     (backend/loader.py resolves the default model and checks it before anything starts)."""
 
     # As an engine process's front sees it (backend/engine_process.py): one front, whose request ids
-    # start at 0 and who reports the engine's own metrics.
+    # start at 0, who started the engine and who reports the engine's own metrics.
     request_id_base = 0
+    started_here = True
     reports_engine_stats = True
 
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], publish: Publish):

@@ -76,6 +76,7 @@ class EngineCoreProcess:
         else:
             ready = self._join_or_start(config, eos_token_ids, shared_as)
         self.limits, self.device, slot, self._pid = ready
+        self.started_here = self._process is not None  # False where it joined a shared engine's process
         self.request_id_base = slot << SLOT_SHIFT  # this front's ids (backend/engine_fronts.py)
         self.reports_engine_stats = True  # False while another front of the shared engine reports them
         self._stats_lock = threading.Lock()

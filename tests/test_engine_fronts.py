@@ -140,6 +140,7 @@ def test_a_dead_shared_engine_fails_every_fronts_requests_and_is_replaced_by_one
             front.shutdown()
         fronts = fresh
         assert fresh[0].core._pid == fresh[1].core._pid
+        assert sorted(f.started_here for f in fresh) == [False, True]
         assert [f.submit(PROMPTS[1], GREEDY).result().finish_reason for f in fresh] == ["length", "length"]
     finally:
         for front in fronts:

@@ -394,7 +394,8 @@ class TritonPythonModel:
                 engine.shutdown()
                 return
             self.engine, self.unhealthy, self.engine_state = engine, None, "serving"
-            self.metrics.count_engine_restart()
+            if engine.started_here:  # one shared engine's death: each instance restarts, one starts the engine
+                self.metrics.count_engine_restart()
             pb_utils.Logger.log_info(f"gemma: engine restarted (attempt {attempt})")
             return
         # Every request from now on is refused naming both causes: what ended the engine, and why no
