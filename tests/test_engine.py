@@ -225,7 +225,10 @@ def test_the_last_output_carries_the_engines_request_phases(servable_checkpoint,
         first, second = first.result().phases, second.result().phases
         for phases in (first, second):
             assert phases.queue_s >= 0 and phases.prefill_s > 0 and phases.decode_s > 0
-        assert second.queue_s >= first.prefill_s + first.decode_s
+        # The second waits for the first to finish. It is queued by the time the first's prefill ends, not
+        # necessarily before it starts: on a busy machine the engine thread can start that prefill (and hold
+        # the GIL) before this thread's second submit runs.
+        assert second.queue_s >= first.decode_s
         one_token = eng.submit(PROMPTS[2], SamplingParams(max_tokens=1, temperature=0)).result().phases
         assert one_token.prefill_s > 0 and 0 <= one_token.decode_s < one_token.prefill_s
         # Ended by a stop string the front found: the engine's last delta comes after the output's end.
