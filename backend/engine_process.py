@@ -76,7 +76,6 @@ class EngineCoreProcess:
         else:
             ready = self._join_or_start(config, eos_token_ids, shared_as)
         self.limits, self.device, slot, self._pid = ready
-        self.started_here = self._process is not None  # False where it joined a shared engine's process
         self.request_id_base = slot << SLOT_SHIFT  # this front's ids (backend/engine_fronts.py)
         self.reports_engine_stats = True  # False while another front of the shared engine reports them
         self._stats_lock = threading.Lock()
@@ -159,6 +158,11 @@ class EngineCoreProcess:
             time.sleep(JOIN_POLL_S)
             return None
         raise payload
+
+    @property
+    def started_here(self) -> bool:
+        """False where this front joined a shared engine's process instead of starting it."""
+        return self._process is not None
 
     def add(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         # The front counts a request before it adds it (under its lock): 1 is this one alone, so the
