@@ -214,8 +214,8 @@ def test_preemption_async_scheduling_and_an_engine_process_keep_the_output(defau
     """Outputs equal the plain engine's: with a cache so small that sequences are preempted and
     recomputed, with the next step launched before the tokens are back, and in an engine process."""
     prompts = [BOOK_PROMPT, "A JSON record of a poem:\n", "A JSON record of a history book:\n"]
-    params = constrained({"json": BOOK}, max_tokens=48)
-    expected = [engine.submit(p, params).result() for p in prompts]
+    params = constrained({"json": BOOK}, max_tokens=32)
+    expected = [h.result() for h in [engine.submit(p, params) for p in prompts]]
     configs = [dict(kv_cache_bytes=5 * 16 * 2 * 18 * 256 * 4, max_num_seqs=3),  # 5 blocks of 16 tokens
                dict(async_scheduling="on")]
     for extra in configs:
