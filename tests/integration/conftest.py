@@ -81,9 +81,10 @@ def server(request) -> TritonServer:
     return s
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def default_server(tmp_path_factory) -> TritonServer:
-    """model_repository/ as shipped: the packaged Gemma 3 270M with the default settings."""
+    """model_repository/ as shipped: the packaged Gemma 3 270M with the default settings (one for the
+    session: three modules use it, and each start is ~12 s)."""
     _own_servers_only()
     (s,) = start_servers((tmp_path_factory.mktemp("triton-default") / "server.log", {}))
     yield s
