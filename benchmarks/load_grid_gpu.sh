@@ -7,9 +7,11 @@
 # outputs), removed when this script ends; the tokenizer; the random gemma-2b-shaped checkpoint. Then
 #   python3 -m benchmarks.load_grid ours --checkpoint $WORK/gemma-2b-random --out $OUT/ours.jsonl "$@"
 # under `timeout -s INT $LIMIT` (the interrupt stops the server; what was measured stays).
-#   OUT=DIR [LIMIT=540] [WORK=/tmp/gemma-serving] [PYTHON=python3] [LAYERS=18] bash benchmarks/load_grid_gpu.sh \
-#       [load_grid ours options]
-# Leaves under $OUT: ours.jsonl, progress.log (stderr), ours.server.log (its last 400 lines).
+#   OUT=DIR [LIMIT=540] [WORK=/tmp/gemma-serving] [PYTHON=python3] [LAYERS=18] [MONITOR=SECONDS] \
+#       bash benchmarks/load_grid_gpu.sh [load_grid ours options]
+# Leaves under $OUT: ours.jsonl, progress.log (stderr), ours.server.log (its last 400 lines), and with
+# MONITOR, monitor.log.gz: every MONITOR seconds, top and a `py-spy dump --nonblocking` of each Triton
+# Python stub (py-spy where installed), to tell whether the stubs or the engine process bound a run.
 set -uo pipefail
 repo=$(pwd)
 carry=$repo/.gpu-serving
@@ -31,8 +33,20 @@ sys.exit(bool(checkpoint_problems(Path(sys.argv[1]))))" "$ckpt"; then
   "$py" -m benchmarks.random_checkpoint --out "$ckpt" --tokenizer "$tok" --layers "${LAYERS:-18}" || exit 1
 fi
 
+monitor() {
+  while true; do
+    echo "=== $(date +%T)"; top -b -n1 -w 200 | head -25
+    for pid in $(pgrep -f triton_python_backend_stub); do
+      echo "--- stub $pid"; command -v py-spy > /dev/null && timeout 5 py-spy dump --nonblocking -p "$pid" 2>&1 | head -60
+    done
+    sleep "$MONITOR"
+  done > "$out/monitor.log"
+}
+if [[ -n ${MONITOR:-} ]]; then monitor & monitor_pid=$!; fi
+
 timeout -s INT -k 30 "${LIMIT:-540}" "$py" -m benchmarks.load_grid ours --checkpoint "$ckpt" --out "$out/ours.jsonl" \
   "$@" 2> >(tee "$out/progress.log" >&2)
 rc=$?
+if [[ -n ${monitor_pid:-} ]]; then kill "$monitor_pid"; wait "$monitor_pid" 2>/dev/null; gzip -f "$out/monitor.log"; fi
 tail -n 400 "$out/ours.server.log" > "$out/ours.server.log.tail" 2>/dev/null && mv "$out/ours.server.log.tail" "$out/ours.server.log"
 exit "$rc"
