@@ -215,7 +215,7 @@ def test_preemption_async_scheduling_and_an_engine_process_keep_the_output(defau
     recomputed, with the next step launched before the tokens are back, and in an engine process."""
     prompts = [BOOK_PROMPT, "A JSON record of a poem:\n", "A JSON record of a history book:\n"]
     params = constrained({"json": BOOK}, max_tokens=32)
-    expected = [h.result() for h in [engine.submit(p, params) for p in prompts]]
+    expected = [engine.submit(p, params).result() for p in prompts]
     configs = [dict(kv_cache_bytes=5 * 16 * 2 * 18 * 256 * 4, max_num_seqs=3),  # 5 blocks of 16 tokens
                dict(async_scheduling="on")]
     for extra in configs:
