@@ -176,10 +176,11 @@ class SamplingParams:
 
     @functools.cached_property  # asked of every sampling request at every step
     def samples_plainly(self) -> bool:
-        """Greedy, with nothing that reads or rules out tokens and no logprobs: its token is the argmax
-        of its raw logits, and the sampler needs nothing else of it."""
+        """Greedy, with no penalty, no bad words and no logprobs: its token is the argmax of its raw
+        logits, where EOS and its stop ids are -inf until min_tokens (backend.sampling.early_stops),
+        and the sampler needs nothing else of it."""
         return (self.greedy and not self.reads_token_history and not self.bad_words_token_ids
-                and self.min_tokens == 0 and self.logprobs is None)
+                and self.logprobs is None)
 
     @property
     def penalizes_occurrences(self) -> bool:

