@@ -120,11 +120,10 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineOverloadedError(self.exit_error or "the engine is shutting down")
-            # Requests not admitted yet count as waiting only beyond the free running slots (the
-            # unfinished ones are running + waiting): a burst that fits the batch is never refused.
-            if len(self._handles) - self.config.max_num_seqs >= self.config.max_queue_size:
-                raise EngineOverloadedError(
-                    f"{self.config.max_queue_size} requests are already waiting; retry later")
+            # This front's own requests (the unfinished ones are running + waiting); where fronts share
+            # an engine process, the engine also holds the bound for all of them (its "overloaded" end).
+            if self.config.queue_is_full(len(self._handles)):
+                raise EngineOverloadedError(self.config.queue_full_message())
             request_id = self._next_id
             self._next_id += 1
             handle = RequestHandle(request_id, len(prompt_ids), processor, functools.partial(self.end, request_id),

@@ -255,6 +255,11 @@ class EngineCore:
                                                  or self.scheduler.has_work() or self._grammar_news()):
                     self._lock.wait(self._next_grammar_deadline())
                 for seq in self._submitted:
+                    # Each front refuses beyond the queue bound what it submits itself; fronts sharing
+                    # this engine (backend/engine_fronts.py) could together exceed it.
+                    if self.config.queue_is_full(len(self._sequences)):
+                        self._refuse(seq)
+                        continue
                     self._sequences[seq.request_id] = seq
                     if (seq.params.reads_token_history or seq.params.structured_outputs is not None
                             or seq.speculation is not None):
@@ -448,6 +453,11 @@ class EngineCore:
         log.error("engine step failed", exc_info=exc)
         for scheduled in output.chunks:
             self._finish(scheduled.seq, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, seq: Sequence) -> None:
+        """End a request the engine never queued: "overloaded", which its front answers UNAVAILABLE."""
+        self._release_proposal_state(seq)
+        self._outbox.append((seq.request_id, TokenDelta([], "overloaded", self.config.queue_full_message())))
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         if seq.finish_reason is not None:  # already ended (e.g. cancelled while its step ran)

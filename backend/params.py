@@ -275,6 +275,15 @@ class EngineConfig:
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, not {self.max_queue_size}")
 
+    def queue_is_full(self, unfinished: int) -> bool:
+        """Whether a request beside `unfinished` ones (running and waiting) is refused. Those not yet
+        admitted count as waiting only beyond the free running slots: a burst that fits the batch is
+        never refused."""
+        return unfinished - self.max_num_seqs >= self.max_queue_size
+
+    def queue_full_message(self) -> str:
+        return f"{self.max_queue_size} requests are already waiting; retry later"
+
     def speculative(self) -> Optional["SpeculativeConfig"]:
         """`speculative_config` parsed; None when speculation is off."""
         return None if self.speculative_config is None else SpeculativeConfig.from_json(self.speculative_config)

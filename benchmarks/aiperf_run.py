@@ -174,8 +174,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def start(out: Path, config, gateway_workers: int, instances: int):
-    """tritonserver running the engine `config` describes behind `instances` model instances, and the
+def start(out: Path, config, gateway_workers: int, instances: Optional[int]):
+    """tritonserver running the engine `config` describes behind `instances` model instances (None: as
+    shipped), and the
     gateway (`gateway_workers` processes), by benchmarks/serving.py's launchers."""
     from . import serving
     print(f"starting tritonserver and the gateway (logs: {out})", file=sys.stderr, flush=True)
@@ -209,8 +210,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="AIPerf's --workers-max")
     parser.add_argument("--gateway-workers", type=int, default=1,
                         help="without --url: the gateway's --workers (processes; one caps a GPU server's streams)")
-    parser.add_argument("--instances", type=int, default=1,
-                        help="without --url: the server's model instances (stubs), all in front of one engine process")
+    parser.add_argument("--instances", type=int,
+                        help="without --url: the server's model instances (stubs), all in front of one engine "
+                        "process (default: as model_repository/gemma/config.pbtxt ships)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit-s", type=float, default=600, help="our own generator's limit per run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "aiperf")
@@ -274,7 +276,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "requests_per_client": args.requests_per_client, "min_tokens": args.min_tokens,
               "url": args.url or "gateway started here (default model)", "rows": rows, "problems": found}
     if args.url is None:
-        report.update(instances=args.instances, gateway_workers=args.gateway_workers)
+        from tests.support.server import shipped_instance_count
+        report.update(instances=args.instances or shipped_instance_count(), gateway_workers=args.gateway_workers)
     (args.out / "aiperf.json").write_text(json.dumps(report, indent=1))
     if args.keep is not None:
         (args.keep / "aiperf.json").write_text(json.dumps(report, indent=1))

@@ -377,8 +377,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     o.add_argument("--total-time-limit", type=float, default=480,
                    help="seconds for everything from this process's start; points left then are skipped")
     o.add_argument("--client-processes", type=int, default=1, help="the server target's closed-loop client processes")
-    o.add_argument("--instances", type=int, default=1,
-                   help="the server's model instances (stubs), all in front of one engine process")
+    o.add_argument("--instances", type=int,
+                   help="the server's model instances (stubs), all in front of one engine process "
+                   "(default: as model_repository/gemma/config.pbtxt ships)")
     o.add_argument("--out", type=Path, required=True, help="JSON lines")
     t = sub.add_parser("table", help="the markdown table of our records and vLLM's")
     t.add_argument("--ours", type=Path, nargs="+", required=True)
@@ -397,6 +398,8 @@ def run_ours(args: argparse.Namespace, started: float) -> int:
     from backend.engine_core import resolve_device
     from backend.loader import start_engine
     from backend.tokenizer import Tokenizer
+
+    from tests.support.server import shipped_instance_count
 
     from .run import machine
 
@@ -418,7 +421,8 @@ def run_ours(args: argparse.Namespace, started: float) -> int:
 
     emit({"kind": "load_grid_run", **machine(resolve_device(config.device)), "engine_config": dataclasses.asdict(config),
           "systems": args.systems, "load": dataclasses.asdict(load), "points": [p.label for p in grid],
-          "argv": sys.argv[1:], "serving_env": {k: os.environ.get(k, "") for k in serving.SERVING_SETTINGS}})
+          "argv": sys.argv[1:], "serving_env": {k: os.environ.get(k, "") for k in serving.SERVING_SETTINGS},
+          "instances": args.instances or shipped_instance_count()})
     engine = server = None
     targets = []
     try:

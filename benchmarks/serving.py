@@ -462,13 +462,14 @@ def server_env(config) -> dict[str, str]:
     return env
 
 
-def start_server(log_path: Path, config, instances: int = 1):
+def start_server(log_path: Path, config, instances: Optional[int] = None):
     """tritonserver on model_repository/ running the engine `config` describes (`server_env`), started
     and stopped by the same code as the integration tests' servers; with `instances`, that many model
-    instances (stubs) in front of the one engine. Returns an object with `grpc_url` and `stop()`."""
+    instances (stubs) in front of the one engine, else as many as config.pbtxt ships. Returns an object
+    with `grpc_url` and `stop()`."""
     from tests.support.server import repository_with_instances, start_servers
 
-    args = () if instances == 1 else repository_with_instances(Path(tempfile.mkdtemp()), instances)
+    args = () if instances is None else repository_with_instances(Path(tempfile.mkdtemp()), instances)
     (server,) = start_servers((log_path, server_env(config), args))
     return server
 

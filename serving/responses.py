@@ -8,7 +8,7 @@ without a server. The responses are the vLLM backend's:
   end with each choice's whole text, after the prompt when the request echoes it;
 - per-choice outputs hold one element per choice (n); `finish_reason` is "None" until a choice ends;
 - only the outputs the request asked for (GenerateRequest.outputs), `text_output` always;
-- a choice that ends "cancelled", "invalid" or "error" ends the whole request with an error, and nothing of it
+- a choice that ends "cancelled", "invalid", "overloaded" or "error" ends the whole request with an error, and nothing of it
   is sent after that.
 Errors carry a Triton error code and a message prefixed with the gRPC status name
 (gemma_protocol.tag_error): a gRPC stream error reaches the client as its message alone.
@@ -77,13 +77,15 @@ SHUTTING_DOWN = error_response("CANCELLED", "the model is shutting down", "cance
 
 
 def ended_early(out: RequestOutput, engine_died: bool) -> ErrorResponse:
-    """The error that ends a request when one of its choices ends "cancelled", "invalid" or "error": a
-    constraint the engine could not compile is INVALID_ARGUMENT; a failure because the engine died
-    under it is UNAVAILABLE (retrying will do), any other INTERNAL."""
+    """The error that ends a request when one of its choices ends "cancelled", "invalid", "overloaded"
+    or "error": a constraint the engine could not compile is INVALID_ARGUMENT; a full queue, or a
+    failure because the engine died under it, UNAVAILABLE (retrying will do); any other INTERNAL."""
     if out.finish_reason == "cancelled":
         return error_response("CANCELLED", "request cancelled", "cancelled")
     if out.finish_reason == "invalid":
         return error_response("INVALID_ARGUMENT", out.error, "invalid")
+    if out.finish_reason == "overloaded":  # the shared engine's queue bound (backend/engine_core.py)
+        return error_response("UNAVAILABLE", out.error, "overloaded")
     status = "UNAVAILABLE" if engine_died else "INTERNAL"
     return error_response(status, f"generation failed: {out.error}", "error")
 
@@ -122,7 +124,7 @@ class ResponseBuilder:
         since (which decides the error of a choice that ended "error")."""
         if self.ended:
             return None
-        if out.finish_reason in ("cancelled", "invalid", "error"):
+        if out.finish_reason in ("cancelled", "invalid", "overloaded", "error"):
             self.ended = True
             return ended_early(out, engine_died)
         response = self._add(choice, out)

@@ -1,8 +1,8 @@
 """One engine process shared by several fronts (backend/engine_fronts.py), as a server's model
 instances share it: one process whatever the order they start in, each front's outputs its own and
 the same as an engine of its own, a front that leaves cancelling only its requests, the last one
-stopping the process (fronts that leave at once too), a config that differs refused, and a dead
-engine replaced by one shared again."""
+stopping the process (fronts that leave at once too), a config that differs refused, the queue
+bound held for all fronts together, and a dead engine replaced by one shared again."""
 import dataclasses
 import os
 import signal
@@ -39,12 +39,12 @@ def alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
 
 
-def start_fronts(checkpoint, name: str, n: int) -> list[Engine]:
+def start_fronts(checkpoint, name: str, n: int, **kw) -> list[Engine]:
     """`n` fronts started at once, from threads, as Triton initializes its instances."""
     fronts: list = [None] * n
 
     def start(i):
-        fronts[i] = start_engine(config(checkpoint), engine_process=True, shared_as=name)
+        fronts[i] = start_engine(config(checkpoint, **kw), engine_process=True, shared_as=name)
     threads = [threading.Thread(target=start, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
@@ -114,6 +114,28 @@ def test_another_config_is_refused_a_front_that_leaves_cancels_only_its_own_and_
     finally:
         second.shutdown()
     assert wait_for(lambda: not alive(pid), timeout=30)
+
+
+def test_the_queue_bound_holds_for_the_fronts_together(servable_checkpoint, name):
+    """max_queue_size is the engine's: with one front's requests filling it, another front's request
+    ends "overloaded" (the server answers UNAVAILABLE), and one is taken again once there is room."""
+    first, second = start_fronts(servable_checkpoint, name, 2, max_num_seqs=1, max_queue_size=2)
+    try:
+        running = first.submit(PROMPTS[0], LONG)
+        assert wait_for(lambda: first.stats().num_running == 1)  # so it no longer counts as waiting
+        waiting = [first.submit(PROMPTS[1], LONG) for _ in range(2)]
+        assert wait_for(lambda: first.stats().num_waiting == 2)  # in the engine: its fronts' pipes race
+        refused = second.submit(PROMPTS[2], GREEDY).result()  # its own front holds none of the three
+        assert (refused.finish_reason, refused.token_ids) == ("overloaded", [])
+        assert refused.error == "2 requests are already waiting; retry later"
+        for handle in (running, *waiting):
+            handle.cancel()
+            assert handle.result().finish_reason in ("cancelled", "length")  # (the first may have ended)
+        assert second.submit(PROMPTS[2], GREEDY).result().num_output_tokens == GREEDY.max_tokens
+        assert wait_idle(second).kv_cache.used_blocks == 0
+    finally:
+        first.shutdown()
+        second.shutdown()
 
 
 def test_a_dead_shared_engine_fails_every_fronts_requests_and_is_replaced_by_one_again(servable_checkpoint, name):

@@ -115,6 +115,15 @@ def test_a_failed_choice_is_unavailable_when_the_engine_died_under_it_else_inter
     assert tagged(error) == (code, status, "generation failed: boom", "error")
 
 
+def test_a_choice_the_shared_engine_refused_ends_the_request_unavailable_as_a_full_queue():
+    """A shared engine's queue bound ends a choice "overloaded" (backend/engine_core.py): answered as
+    the front's own refusal is, UNAVAILABLE, and counted an overloaded outcome."""
+    responses = builder(stream=True, n=2)
+    error = responses.add(1, output("", [], finish="overloaded", error="2 requests are already waiting; retry later"))
+    assert tagged(error) == ("UNAVAILABLE", "UNAVAILABLE", "2 requests are already waiting; retry later", "overloaded")
+    assert responses.ended
+
+
 def test_a_request_refused_while_its_choices_were_submitted_sends_nothing_for_those_already_queued():
     responses = builder(stream=True, n=2)
     responses.end()

@@ -231,12 +231,21 @@ def engine_processes(server: TritonServer) -> list[int]:
     return pids
 
 
+INSTANCE_COUNT = re.compile(r"instance_group \[ \{ count: (\d+),")
+
+
+def shipped_instance_count() -> int:
+    """The count of model_repository/'s instance_group: the model instances per device as shipped."""
+    (count,) = INSTANCE_COUNT.findall((ROOT / "model_repository" / MODEL / "config.pbtxt").read_text())
+    return int(count)
+
+
 def repository_with_instances(directory: Path, count: int) -> tuple[str, ...]:
     """A model repository in `directory` like model_repository/ but with `count` instances of the model
     (its instance_group's count), the model's code linked, not copied; returns the tritonserver
     arguments that serve it (scripts/tritonserver.py takes the last --model-repository)."""
     config = (ROOT / "model_repository" / MODEL / "config.pbtxt").read_text()
-    config, found = re.subn(r"instance_group \[ \{ count: 1,", f"instance_group [ {{ count: {count},", config)
+    config, found = INSTANCE_COUNT.subn(f"instance_group [ {{ count: {count},", config)
     assert found == 1, "config.pbtxt's instance_group changed: update this"
     (directory / MODEL).mkdir(parents=True)
     (directory / MODEL / "config.pbtxt").write_text(config)
