@@ -674,8 +674,9 @@ def check_sampled_distribution(tmp_path, identical=True, speculative=lambda path
     path = write_checkpoint(tmp_path / "tiny4", "gemma3_text", seed=7, vocab_size=vocab)
     prompt = [2, 3, 0, 3, 0, 3, 0, 3]  # "3 0" recurs: drafts from the first token on
     params = [SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True) for s in range(n)]
-    on = Core(path, speculative(path), max_num_seqs=64, max_num_batched_tokens=512, **config)
-    off = Core(path, max_num_seqs=64, max_num_batched_tokens=512, **config)
+    # All n at once: beyond max_num_seqs + max_queue_size the engine would refuse them ("overloaded").
+    config = dict(max_num_seqs=64, max_num_batched_tokens=512, max_queue_size=n, **config)
+    on, off = Core(path, speculative(path), **config), Core(path, **config)
     try:
         with_speculation = [tuple(r[0]) for r in on.run([(prompt, p) for p in params])]
         assert on.stats().spec_decode.num_drafts > n / 2
