@@ -1,7 +1,7 @@
 """Two model instances (instance_group count 2) in front of one engine process, against a real
 tritonserver: each instance is a stub of its own that takes requests and sends responses, and both
-hand them to one engine (backend/engine_fronts.py), so the batch stays whole. The engine's own
-metrics come from one instance; a dead engine is replaced by one shared again."""
+hand them to one engine (backend/engine_fronts.py), so the batch stays whole and its queue bound holds
+for both. The engine's own metrics come from one instance; a dead engine is replaced by one shared again."""
 from __future__ import annotations
 
 import os
@@ -9,14 +9,16 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from gemma_protocol import split_error_status
 
-from tests.support.server import (TINY_SERVER_ENV, engine_processes, repository_with_instances,
+from tests.support.server import (LONG, TINY_SERVER_ENV, engine_processes, repository_with_instances,
                                   start_servers, stop_servers)
 from tests.support.waiting import wait_for
 
 INSTANCES = ("gemma_0_0", "gemma_0_1")
 PROMPT = "The capital of France is"
 GREEDY_8 = '{"temperature": 0, "max_tokens": 8, "ignore_eos": true}'
+GREEDY_LONG = f'{{"temperature": 0, "max_tokens": {LONG}, "ignore_eos": true}}'
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,27 @@ def test_both_instances_serve_from_one_engine_process(server):
     assert all(done[name] > before[name] for name in INSTANCES), done
     assert {r.text for r in results} == {results[0].text} and all(r.num_output_tokens == 8 for r in results)
     assert len(engine_processes(server)) == 1
+
+
+def test_the_queue_bound_holds_for_both_instances_together(server):
+    """8 running + 16 waiting fill the one engine whichever instance took each request: of a burst of
+    40, at least 16 are refused UNAVAILABLE (each instance alone would let in 24 of its own)."""
+    overloaded_before = server.metric("gemma_requests_total", outcome="overloaded")
+    errors: list = []
+    client = server.open_stream(errors.append)
+    try:
+        for i in range(40):
+            server.send(client, f"{PROMPT} {i}", stream=True, sampling_parameters=GREEDY_LONG)
+        assert wait_for(lambda: len(errors) >= 40 - 24, timeout=30), len(errors)
+        for error in errors:
+            status, message = split_error_status(error.message())
+            assert status == "UNAVAILABLE" and "16 requests are already waiting" in message, error.message()
+        assert wait_for(lambda: server.metric("gemma_requests_total", outcome="overloaded")
+                        == overloaded_before + len(errors))
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    assert wait_for(server.is_idle, timeout=30)  # every cancelled request ended, queued ones too
 
 
 def test_the_engines_own_metrics_come_from_one_instance(server):
